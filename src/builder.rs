@@ -1,0 +1,172 @@
+//! `PeftBuilder`: builds a model's layers from a `VarBuilder` and records every adaptable layer
+//! under its HF module path, so that `PeftModel` can find layers by name and model code carries
+//! no adapter code. A user's own candle model adopts the library by calling `b.linear(..)` /
+//! `b.conv2d(..)` here instead of `candle_nn::linear` / `candle_nn::conv2d`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::adapter::{Conv2dParams, LayerGeometry};
+use crate::error::{PeftError, Result};
+use crate::layer::{LayerHandle, PeftConv2d, PeftLinear};
+
+/// What the builder has seen: adaptable layers in build order, and the size of every base tensor.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    pub(crate) layers: Vec<LayerHandle>,
+    pub(crate) base_tensors: BTreeMap<String, usize>,
+}
+
+#[derive(Clone)]
+pub struct PeftBuilder<'a> {
+    vb: VarBuilder<'a>,
+    registry: Arc<Mutex<Registry>>,
+    training: Arc<AtomicBool>,
+}
+
+impl<'a> PeftBuilder<'a> {
+    pub fn new(vb: VarBuilder<'a>) -> Self {
+        Self {
+            vb,
+            registry: Arc::new(Mutex::new(Registry::default())),
+            training: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A builder one path segment deeper, sharing this one's registry.
+    pub fn pp<S: ToString>(&self, segment: S) -> Self {
+        Self {
+            vb: self.vb.pp(segment),
+            registry: self.registry.clone(),
+            training: self.training.clone(),
+        }
+    }
+
+    /// The current module path (`encoder.layer.0`).
+    pub fn prefix(&self) -> String {
+        self.vb.prefix()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.vb.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    /// The underlying `VarBuilder`, for code that needs candle-nn directly.
+    pub fn vb(&self) -> &VarBuilder<'a> {
+        &self.vb
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    fn path(&self, name: &str) -> String {
+        let prefix = self.prefix();
+        if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        }
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A frozen (non-adaptable) base tensor, e.g. a norm weight or an embedding table.
+    pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
+        let path = self.path(name);
+        let t = self
+            .vb
+            .get(shape, name)
+            .map_err(|e| PeftError::layer(&path, e.to_string()))?
+            .detach();
+        self.registry().base_tensors.insert(path, t.elem_count());
+        Ok(t)
+    }
+
+    /// An adaptable linear layer `name` with weight `[out, in]` (and bias `[out]`).
+    pub fn linear(
+        &self,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        name: &str,
+    ) -> Result<PeftLinear> {
+        let geometry = LayerGeometry::Linear {
+            in_features,
+            out_features,
+        };
+        Ok(PeftLinear::new(self.layer(name, geometry, bias)?))
+    }
+
+    /// An adaptable 2-D convolution `name` with kernel `[out, in/groups, kh, kw]`.
+    pub fn conv2d(
+        &self,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: (usize, usize),
+        params: Conv2dParams,
+        bias: bool,
+        name: &str,
+    ) -> Result<PeftConv2d> {
+        let path = self.path(name);
+        if params.groups == 0
+            || in_channels % params.groups != 0
+            || out_channels % params.groups != 0
+        {
+            return Err(PeftError::layer(
+                path,
+                format!(
+                    "groups {} must divide in_channels {in_channels} and out_channels {out_channels}",
+                    params.groups
+                ),
+            ));
+        }
+        let geometry = LayerGeometry::Conv2d {
+            in_channels,
+            out_channels,
+            kernel,
+            params,
+        };
+        Ok(PeftConv2d::new(self.layer(name, geometry, bias)?))
+    }
+
+    fn layer(&self, name: &str, geometry: LayerGeometry, bias: bool) -> Result<LayerHandle> {
+        let layer_vb = self.pp(name);
+        let weight = layer_vb.get(geometry.weight_shape(), "weight")?;
+        let bias = if bias {
+            Some(layer_vb.get(geometry.out_features(), "bias")?)
+        } else {
+            None
+        };
+        let handle = LayerHandle::new(
+            self.path(name),
+            geometry,
+            weight,
+            bias,
+            self.training.clone(),
+        )?;
+        self.registry().layers.push(handle.clone());
+        Ok(handle)
+    }
+
+    pub(crate) fn take_registry(
+        &self,
+    ) -> (Vec<LayerHandle>, BTreeMap<String, usize>, Arc<AtomicBool>) {
+        let r = self.registry();
+        (
+            r.layers.clone(),
+            r.base_tensors.clone(),
+            self.training.clone(),
+        )
+    }
+}

@@ -1,0 +1,236 @@
+//! Frozen base-layer ops whose backward returns only `dL/dx`.
+//!
+//! candle's `matmul` backward always computes the gradient of both operands, so a frozen weight
+//! still costs a weight-sized gradient in every backward pass (the whole model's worth for LoRA).
+//! These custom ops compute the same forward on candle's backend storage (CPU, and CUDA with
+//! `--features cuda`) and give backward only the input gradient.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+
+/// `y = x · Wᵀ` for `x: [.., in]`, `W: [out, in]`, with no gradient for `W`.
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl FrozenMatmul {
+    /// `(m, n, k)` of the 2-D product and the output shape, for an input laid out as `layout`.
+    fn dims(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize, Shape)> {
+        let (out_f, in_f) = self.weight.dims2()?;
+        let dims = layout.dims();
+        let Some((&last, lead)) = dims.split_last() else {
+            candle_core::bail!("frozen-matmul: scalar input");
+        };
+        if last != in_f {
+            candle_core::bail!(
+                "frozen-matmul: input has {last} features, the weight expects {in_f}"
+            );
+        }
+        let m: usize = lead.iter().product();
+        let mut out_dims = lead.to_vec();
+        out_dims.push(out_f);
+        Ok((m, out_f, in_f, Shape::from(out_dims)))
+    }
+
+    fn layouts(
+        &self,
+        layout: &Layout,
+        weight_layout: &Layout,
+    ) -> candle_core::Result<((usize, usize, usize, usize), Layout, Layout, Shape)> {
+        let (m, n, k, out_shape) = self.dims(layout)?;
+        if !layout.is_contiguous() {
+            candle_core::bail!("frozen-matmul: input must be contiguous");
+        }
+        let x_layout = Layout::contiguous_with_offset((m, k), layout.start_offset());
+        // Wᵀ as a strided view of W's storage: no copy.
+        let wt_layout = weight_layout.transpose(0, 1)?;
+        Ok(((1, m, n, k), x_layout, wt_layout, out_shape))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(w) = &*w_storage else {
+            candle_core::bail!("frozen-matmul: weight is not on the CPU");
+        };
+        let (bmnk, x_layout, wt_layout, out_shape) = self.layouts(layout, w_layout)?;
+        let y = x.matmul(w, bmnk, &x_layout, &wt_layout)?;
+        Ok((y, out_shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cuda(w) = &*w_storage else {
+            candle_core::bail!("frozen-matmul: weight is not on the GPU");
+        };
+        let (bmnk, x_layout, wt_layout, out_shape) = self.layouts(layout, w_layout)?;
+        let y = x.matmul(w, bmnk, &x_layout, &wt_layout)?;
+        Ok((y, out_shape))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (out_f, _) = self.weight.dims2()?;
+        let grad_2d = grad_y.reshape(((), out_f))?;
+        let grad_x = grad_2d.matmul(&self.weight)?.reshape(x.shape())?;
+        Ok(Some(grad_x))
+    }
+}
+
+/// `x · Wᵀ` with a frozen `W: [out, in]`; `x: [.., in]` of the same dtype and device.
+pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let weight = weight.contiguous()?.detach();
+    x.contiguous()?.apply_op1(FrozenMatmul { weight })
+}
+
+/// A 2-D convolution with a frozen kernel: backward gives only `dL/dx`.
+struct FrozenConv2d {
+    kernel: Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+}
+
+impl FrozenConv2d {
+    /// The forward on a detached copy of the input: no graph is recorded inside the op.
+    fn forward_detached(&self, x: Tensor) -> candle_core::Result<(Storage, Shape)> {
+        let y = x
+            .conv2d(
+                &self.kernel,
+                self.padding,
+                self.stride,
+                self.dilation,
+                self.groups,
+            )?
+            .contiguous()?;
+        let shape = y.shape().clone();
+        let (storage, layout) = y.storage_and_layout();
+        let offset = layout.start_offset();
+        if offset != 0 {
+            candle_core::bail!("frozen-conv2d: unexpected output offset {offset}");
+        }
+        let storage = match &*storage {
+            Storage::Cpu(s) => Storage::Cpu(s.clone()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Storage::Cuda(s.try_clone(layout)?),
+            _ => candle_core::bail!("frozen-conv2d: unsupported device"),
+        };
+        Ok((storage, shape))
+    }
+}
+
+impl CustomOp1 for FrozenConv2d {
+    fn name(&self) -> &'static str {
+        "frozen-conv2d"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = storage_tensor(Storage::Cpu(x.clone()), layout)?;
+        match self.forward_detached(x)? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("frozen-conv2d: output left the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let x = storage_tensor(Storage::Cuda(x.try_clone(layout)?), layout)?;
+        match self.forward_detached(x)? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("frozen-conv2d: output left the GPU"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (_, _, k_h, k_w) = self.kernel.dims4()?;
+        let (_, _, in_h, in_w) = x.dims4()?;
+        let (_, _, grad_h, grad_w) = grad_y.dims4()?;
+        // conv_transpose2d is the adjoint of conv2d. Rows and columns the forward's striding never
+        // read get zero gradient: candle takes one output_padding for both axes, so use the
+        // smaller one and zero-pad the other axis.
+        let covered = |g: usize, k: usize| {
+            (g - 1) * self.stride + self.dilation * (k - 1) + 1 - 2 * self.padding
+        };
+        let pad_h = in_h - covered(grad_h, k_h);
+        let pad_w = in_w - covered(grad_w, k_w);
+        let out_padding = pad_h.min(pad_w);
+        let transpose = |g: &Tensor, k: &Tensor| {
+            g.contiguous()?.conv_transpose2d(
+                &k.contiguous()?,
+                self.padding,
+                out_padding,
+                self.stride,
+                self.dilation,
+            )
+        };
+        let grad_x = if self.groups == 1 {
+            transpose(grad_y, &self.kernel)?
+        } else {
+            let grads = grad_y.chunk(self.groups, 1)?;
+            let kernels = self.kernel.chunk(self.groups, 0)?;
+            let parts = grads
+                .iter()
+                .zip(kernels.iter())
+                .map(|(g, k)| transpose(g, k))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 1)?
+        };
+        let grad_x = grad_x
+            .pad_with_zeros(2, 0, pad_h - out_padding)?
+            .pad_with_zeros(3, 0, pad_w - out_padding)?;
+        Ok(Some(grad_x))
+    }
+}
+
+/// A graph-free tensor over a contiguous copy of `storage` laid out as `layout`.
+fn storage_tensor(storage: Storage, layout: &Layout) -> candle_core::Result<Tensor> {
+    let t = Tensor::from_storage(
+        storage,
+        layout.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    if layout.is_contiguous() && layout.start_offset() == 0 {
+        return Ok(t);
+    }
+    candle_core::bail!("frozen-conv2d: input must be contiguous")
+}
+
+/// `conv2d(x, K)` with a frozen kernel `K: [out, in/groups, kh, kw]`.
+pub fn frozen_conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> candle_core::Result<Tensor> {
+    let op = FrozenConv2d {
+        kernel: kernel.contiguous()?.detach(),
+        padding,
+        stride,
+        dilation,
+        groups,
+    };
+    // The op reads the input storage from offset 0: give it a tensor of its own.
+    let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
+        x.clone()
+    } else {
+        x.force_contiguous()?
+    };
+    x.apply_op1(op)
+}

@@ -1,0 +1,3 @@
+//! File formats: PEFT adapter directories, merged exports, model sources.
+
+pub mod peft_format;

@@ -1,0 +1,178 @@
+//! HF PEFT's adapter directory: `adapter_config.json` + `adapter_model.safetensors`.
+//!
+//! Keys are `base_model.model.<module path>.<tensor>`, e.g.
+//! `base_model.model.encoder.layer.0.attention.self.query.lora_A.weight`. PEFT strips the adapter
+//! name when saving; files written from memory by other tools may still carry it
+//! (`lora_A.default.weight`, `classifier.modules_to_save.default.weight`), and both forms are read.
+//! The safetensors metadata is `{"format": "pt"}`. Writes go to a temporary file in the same
+//! directory and are renamed into place, so an interrupted save never destroys a good adapter.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::config::AdapterConfig;
+use crate::error::{PeftError, Result};
+
+pub const CONFIG_NAME: &str = "adapter_config.json";
+pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
+/// Prefix of every key in a PEFT adapter file.
+pub const KEY_PREFIX: &str = "base_model.model.";
+/// The PEFT version whose format we write.
+pub const PEFT_VERSION: &str = "0.21.2";
+
+/// An adapter directory as read from disk: the config and the tensors under their file keys.
+#[derive(Debug)]
+pub struct AdapterFile {
+    pub config: AdapterConfig,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// Reads and checks `dir/adapter_config.json`.
+pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
+    let path = dir.join(CONFIG_NAME);
+    if !path.is_file() {
+        return Err(PeftError::MissingAdapterConfig {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let text = fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| PeftError::Json {
+            path: path.clone(),
+            source,
+        })?;
+    AdapterConfig::from_json(&value).map_err(|e| match e {
+        PeftError::InvalidConfig { field, reason } => PeftError::InvalidConfig {
+            field,
+            reason: format!("{reason} (in {})", path.display()),
+        },
+        other => other,
+    })
+}
+
+/// Reads a whole adapter directory onto the CPU.
+pub fn read_adapter_dir(dir: &Path) -> Result<AdapterFile> {
+    let config = read_config(dir)?;
+    let tensors = read_safetensors(&dir.join(WEIGHTS_NAME), &Device::Cpu)?
+        .into_iter()
+        .collect();
+    Ok(AdapterFile { config, tensors })
+}
+
+/// Reads every tensor of a safetensors file, with an error naming the file when it is missing,
+/// truncated or malformed.
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let bytes = fs::read(path).map_err(|e| PeftError::io(path, e))?;
+    safetensors::SafeTensors::deserialize(&bytes).map_err(|e| PeftError::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| PeftError::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Splits a file key into `(module path, tensor name relative to the module)`, dropping the
+/// `base_model.model.` prefix and any adapter name PEFT keeps in memory. `prefixes` are the
+/// method's tensor-name heads (`lora_A`, …); a key with none of them is a whole-module tensor
+/// (`modules_to_save`): its last segment is the tensor name.
+pub fn split_key(key: &str, prefixes: &[&str]) -> (String, String) {
+    let key = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
+    let mut segments: Vec<&str> = key.split('.').collect();
+    if let Some(i) = segments.iter().position(|s| *s == "modules_to_save") {
+        // `<module>.modules_to_save.<adapter>.<param>`
+        if i + 2 < segments.len() {
+            segments.drain(i..i + 2);
+        }
+    }
+    if let Some(i) = segments.iter().position(|s| prefixes.contains(s)) {
+        let module = segments[..i].join(".");
+        let mut local: Vec<&str> = segments[i..].to_vec();
+        // `lora_A.<adapter>.weight` → `lora_A.weight`
+        if local.len() == 3 {
+            local.remove(1);
+        }
+        return (module, local.join("."));
+    }
+    match segments.split_last() {
+        Some((last, head)) => (head.join("."), last.to_string()),
+        None => (String::new(), key.to_string()),
+    }
+}
+
+/// Groups file tensors by module: module path → (tensor name → tensor).
+pub fn group_by_module(
+    tensors: BTreeMap<String, Tensor>,
+    prefixes: &[&str],
+) -> BTreeMap<String, BTreeMap<String, Tensor>> {
+    let mut out: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
+    for (key, t) in tensors {
+        let (module, local) = split_key(&key, prefixes);
+        out.entry(module).or_default().insert(local, t);
+    }
+    out
+}
+
+/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors`, each atomically.
+pub fn write_adapter_dir(
+    dir: &Path,
+    config: &AdapterConfig,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+    let mut json = config.to_json()?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("inference_mode".into(), serde_json::Value::Bool(true));
+    }
+    let text = serde_json::to_string_pretty(&json)
+        .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
+    write_safetensors(&dir.join(WEIGHTS_NAME), tensors)?;
+    write_atomic(&dir.join(CONFIG_NAME), text.as_bytes())
+}
+
+/// Writes tensors to a safetensors file with `{"format": "pt"}` metadata, atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut contiguous = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        contiguous.push((name.clone(), t.contiguous()?));
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::tensor::serialize(contiguous, Some(metadata)).map_err(|e| {
+        PeftError::Safetensors {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    write_atomic(path, &bytes)
+}
+
+/// The temporary file `write_atomic` writes before renaming: `.<name>.tmp` beside the target.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    let result = (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        if tmp.is_file() {
+            let _ = fs::remove_file(&tmp);
+        }
+        PeftError::io(path, e)
+    })
+}

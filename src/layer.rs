@@ -1,0 +1,468 @@
+//! `PeftLinear` and `PeftConv2d`: a frozen base layer plus named adapters.
+//!
+//! The base weight is a plain tensor, never a `Var`, and goes through the frozen ops of
+//! `crate::frozen`, so backward computes no weight gradient for it. Adapters add
+//! `Δ(x)` to the base output. A layer is a cheap handle (`Arc<RwLock<..>>`): the model holds one
+//! copy for its forward and the `PeftModel` registry holds another to add, merge and remove
+//! adapters after the model is built.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use candle_core::{DType, Module, Tensor, Var};
+
+use crate::adapter::{Adapter, LayerGeometry};
+use crate::error::{PeftError, Result};
+use crate::frozen::{frozen_conv2d, frozen_matmul};
+
+/// A trainable full copy of a layer (PEFT's `modules_to_save`).
+#[derive(Debug)]
+pub struct TrainableCopy {
+    pub weight: Var,
+    pub bias: Option<Var>,
+}
+
+#[derive(Debug)]
+struct LayerState {
+    name: String,
+    geometry: LayerGeometry,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    adapters: Vec<(String, Box<dyn Adapter>)>,
+    copies: Vec<(String, TrainableCopy)>,
+    active: Vec<String>,
+    enabled: bool,
+    /// Adapters merged into `weight`, in merge order (unmerged last-in, first-out).
+    merged: Vec<String>,
+    training: Arc<AtomicBool>,
+}
+
+/// A shared handle on one adaptable layer.
+#[derive(Clone, Debug)]
+pub struct LayerHandle(Arc<RwLock<LayerState>>);
+
+impl LayerHandle {
+    pub(crate) fn new(
+        name: String,
+        geometry: LayerGeometry,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        training: Arc<AtomicBool>,
+    ) -> Result<Self> {
+        if weight.dims() != geometry.weight_shape().as_slice() {
+            return Err(PeftError::ShapeMismatch {
+                key: format!("{name}.weight"),
+                expected: geometry.weight_shape(),
+                got: weight.dims().to_vec(),
+            });
+        }
+        Ok(Self(Arc::new(RwLock::new(LayerState {
+            name,
+            geometry,
+            weight: weight.detach(),
+            bias: bias.map(|b| b.detach()),
+            adapters: Vec::new(),
+            copies: Vec::new(),
+            active: Vec::new(),
+            enabled: true,
+            merged: Vec::new(),
+            training,
+        }))))
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, LayerState> {
+        // A panic elsewhere cannot leave the state half-written: every mutation below assigns
+        // whole fields after all fallible work is done.
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, LayerState> {
+        self.0.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The HF module path (`encoder.layer.0.attention.self.query`).
+    pub fn name(&self) -> String {
+        self.read().name.clone()
+    }
+
+    pub fn geometry(&self) -> LayerGeometry {
+        self.read().geometry
+    }
+
+    /// The current base weight (with merged adapters folded in, if any).
+    pub fn weight(&self) -> Tensor {
+        self.read().weight.clone()
+    }
+
+    pub fn bias(&self) -> Option<Tensor> {
+        self.read().bias.clone()
+    }
+
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.read()
+            .adapters
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    pub fn has_adapter(&self, name: &str) -> bool {
+        let s = self.read();
+        s.adapters.iter().any(|(n, _)| n == name) || s.copies.iter().any(|(n, _)| n == name)
+    }
+
+    pub fn merged_adapters(&self) -> Vec<String> {
+        self.read().merged.clone()
+    }
+
+    /// Attaches `adapter` under `name`. It becomes active only through `set_active`.
+    pub fn add_adapter(&self, name: &str, adapter: Box<dyn Adapter>) -> Result<()> {
+        let mut s = self.write();
+        if s.adapters.iter().any(|(n, _)| n == name) {
+            return Err(PeftError::DuplicateAdapter(format!(
+                "{name} (on `{}`)",
+                s.name
+            )));
+        }
+        s.adapters.push((name.to_string(), adapter));
+        Ok(())
+    }
+
+    /// Makes a trainable copy of the base weight and bias for adapter `name` (`modules_to_save`).
+    /// `saved` replaces the copied values (weight, bias) when loading a saved adapter.
+    pub fn add_trainable_copy(
+        &self,
+        name: &str,
+        saved: Option<(Tensor, Option<Tensor>)>,
+    ) -> Result<()> {
+        let mut s = self.write();
+        if s.copies.iter().any(|(n, _)| n == name) {
+            return Err(PeftError::DuplicateAdapter(format!(
+                "{name} (on `{}`)",
+                s.name
+            )));
+        }
+        let (weight, bias) = match saved {
+            Some((w, b)) => (w, b),
+            None => (s.weight.clone(), s.bias.clone()),
+        };
+        let expected = s.geometry.weight_shape();
+        if weight.dims() != expected.as_slice() {
+            return Err(PeftError::ShapeMismatch {
+                key: format!("{}.weight", s.name),
+                expected,
+                got: weight.dims().to_vec(),
+            });
+        }
+        let as_var = |t: &Tensor| -> Result<Var> {
+            Ok(Var::from_tensor(
+                &t.to_dtype(DType::F32)?.to_device(s.weight.device())?,
+            )?)
+        };
+        let copy = TrainableCopy {
+            weight: as_var(&weight)?,
+            bias: match &bias {
+                Some(b) => Some(as_var(b)?),
+                None => None,
+            },
+        };
+        s.copies.push((name.to_string(), copy));
+        Ok(())
+    }
+
+    /// Sets the active adapters (those this layer does not have are ignored).
+    pub fn set_active(&self, names: &[String]) {
+        self.write().active = names.to_vec();
+    }
+
+    /// Turns the adapters off (the layer computes the pristine base) or back on. Turning off
+    /// unmerges any merged adapter first, so a disabled layer never carries a merged delta.
+    pub fn set_enabled(&self, enabled: bool) -> Result<()> {
+        if !enabled && !self.read().merged.is_empty() {
+            self.unmerge()?;
+        }
+        self.write().enabled = enabled;
+        Ok(())
+    }
+
+    /// Removes adapter `name`. A merged adapter must be unmerged first.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let mut s = self.write();
+        if s.merged.iter().any(|n| n == name) {
+            return Err(PeftError::AlreadyMerged {
+                module: s.name.clone(),
+                adapter: name.to_string(),
+            });
+        }
+        s.adapters.retain(|(n, _)| n != name);
+        s.copies.retain(|(n, _)| n != name);
+        s.active.retain(|n| n != name);
+        Ok(())
+    }
+
+    /// Folds the deltas of `names` (those this layer has) into the base weight.
+    pub fn merge(&self, names: &[String]) -> Result<()> {
+        let mut s = self.write();
+        let mut weight = s.weight.clone();
+        let mut newly_merged = Vec::new();
+        for name in names {
+            let Some((_, adapter)) = s.adapters.iter().find(|(n, _)| n == name) else {
+                continue;
+            };
+            if s.merged.contains(name) {
+                return Err(PeftError::AlreadyMerged {
+                    module: s.name.clone(),
+                    adapter: name.clone(),
+                });
+            }
+            let delta = adapter.delta_weight()?.to_dtype(weight.dtype())?;
+            weight = (weight + delta.to_device(s.weight.device())?)?;
+            newly_merged.push(name.clone());
+        }
+        s.weight = weight;
+        s.merged.extend(newly_merged);
+        Ok(())
+    }
+
+    /// Subtracts every merged delta, last merged first.
+    pub fn unmerge(&self) -> Result<()> {
+        let mut s = self.write();
+        if s.merged.is_empty() {
+            return Err(PeftError::NotMerged {
+                module: s.name.clone(),
+            });
+        }
+        let mut weight = s.weight.clone();
+        for name in s.merged.iter().rev() {
+            let Some((_, adapter)) = s.adapters.iter().find(|(n, _)| n == name) else {
+                return Err(PeftError::UnknownAdapter {
+                    adapter: name.clone(),
+                    module: s.name.clone(),
+                });
+            };
+            let delta = adapter.delta_weight()?.to_dtype(weight.dtype())?;
+            weight = (weight - delta.to_device(s.weight.device())?)?;
+        }
+        s.weight = weight;
+        s.merged.clear();
+        Ok(())
+    }
+
+    /// Removes every adapter, first merging the active ones (and taking an active trainable
+    /// copy as the new base) when `merge` is set.
+    pub fn unload(&self, merge: bool) -> Result<()> {
+        let active = self.read().active.clone();
+        if merge {
+            let not_merged: Vec<String> = {
+                let s = self.read();
+                active
+                    .iter()
+                    .filter(|n| !s.merged.contains(n))
+                    .cloned()
+                    .collect()
+            };
+            self.merge(&not_merged)?;
+        } else if !self.read().merged.is_empty() {
+            self.unmerge()?;
+        }
+        let mut s = self.write();
+        if merge {
+            let copy = s.copies.iter().find(|(n, _)| active.contains(n));
+            if let Some((_, copy)) = copy {
+                let weight = copy
+                    .weight
+                    .as_tensor()
+                    .detach()
+                    .to_dtype(s.weight.dtype())?;
+                let bias = match (&copy.bias, &s.bias) {
+                    (Some(b), Some(old)) => Some(b.as_tensor().detach().to_dtype(old.dtype())?),
+                    _ => s.bias.clone(),
+                };
+                s.weight = weight;
+                s.bias = bias;
+            }
+        }
+        s.adapters.clear();
+        s.copies.clear();
+        s.active.clear();
+        s.merged.clear();
+        s.enabled = true;
+        Ok(())
+    }
+
+    /// Trainable vars of adapter `name` on this layer, names relative to the layer
+    /// (`lora_A.weight`; `weight`/`bias` for a trainable copy).
+    pub fn trainable_vars(&self, name: &str) -> Vec<(String, Var)> {
+        let s = self.read();
+        let mut vars = Vec::new();
+        if let Some((_, a)) = s.adapters.iter().find(|(n, _)| n == name) {
+            vars.extend(a.trainable_vars());
+        }
+        if let Some((_, c)) = s.copies.iter().find(|(n, _)| n == name) {
+            vars.push(("weight".to_string(), c.weight.clone()));
+            if let Some(b) = &c.bias {
+                vars.push(("bias".to_string(), b.clone()));
+            }
+        }
+        vars
+    }
+
+    /// What adapter `name` saves for this layer, names relative to the layer.
+    pub fn tensors_to_save(&self, name: &str) -> Vec<(String, Tensor)> {
+        let s = self.read();
+        let mut tensors = Vec::new();
+        if let Some((_, a)) = s.adapters.iter().find(|(n, _)| n == name) {
+            tensors.extend(a.tensors_to_save());
+        }
+        if let Some((_, c)) = s.copies.iter().find(|(n, _)| n == name) {
+            tensors.push(("weight".to_string(), c.weight.as_tensor().clone()));
+            if let Some(b) = &c.bias {
+                tensors.push(("bias".to_string(), b.as_tensor().clone()));
+            }
+        }
+        tensors
+    }
+
+    /// Runs `f` on adapter `name`, if this layer has it.
+    pub fn with_adapter<R>(&self, name: &str, f: impl FnOnce(&dyn Adapter) -> R) -> Option<R> {
+        let s = self.read();
+        s.adapters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| f(a.as_ref()))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let s = self.read();
+        let train = s.training.load(Ordering::Relaxed);
+        let copy = if s.enabled {
+            s.copies
+                .iter()
+                .find(|(n, _)| s.active.contains(n))
+                .map(|(_, c)| c)
+        } else {
+            None
+        };
+        let mut y = match copy {
+            Some(copy) => trainable_forward(&s, x, copy)?,
+            None => base_forward(&s, x)?,
+        };
+        if s.enabled {
+            for (name, adapter) in &s.adapters {
+                if s.active.contains(name) && !s.merged.contains(name) {
+                    let delta = adapter.forward_delta(x, train)?.to_dtype(y.dtype())?;
+                    y = (y + delta)?;
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// The frozen base: `x Wᵀ + b` or `conv2d(x, W) + b`, computed in the weight's dtype and
+/// returned in the input's.
+fn base_forward(s: &LayerState, x: &Tensor) -> Result<Tensor> {
+    let in_dtype = x.dtype();
+    let x = x.to_dtype(s.weight.dtype())?;
+    let y = match s.geometry {
+        LayerGeometry::Linear { .. } => frozen_matmul(&x, &s.weight)?,
+        LayerGeometry::Conv2d { params, .. } => frozen_conv2d(
+            &x,
+            &s.weight,
+            params.padding,
+            params.stride,
+            params.dilation,
+            params.groups,
+        )?,
+    };
+    let y = add_bias(s.geometry, y, s.bias.as_ref())?;
+    Ok(y.to_dtype(in_dtype)?)
+}
+
+/// A trainable copy's forward, with ordinary (differentiable) ops.
+fn trainable_forward(s: &LayerState, x: &Tensor, copy: &TrainableCopy) -> Result<Tensor> {
+    let in_dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let w = copy.weight.as_tensor();
+    let y = match s.geometry {
+        LayerGeometry::Linear { .. } => x.broadcast_matmul(&w.t()?)?,
+        LayerGeometry::Conv2d { params, .. } => x.conv2d(
+            w,
+            params.padding,
+            params.stride,
+            params.dilation,
+            params.groups,
+        )?,
+    };
+    let bias = copy.bias.as_ref().map(|b| b.as_tensor().clone());
+    let y = add_bias(s.geometry, y, bias.as_ref())?;
+    Ok(y.to_dtype(in_dtype)?)
+}
+
+fn add_bias(geometry: LayerGeometry, y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let Some(b) = bias else { return Ok(y) };
+    let b = b.to_dtype(y.dtype())?;
+    Ok(match geometry {
+        LayerGeometry::Linear { .. } => y.broadcast_add(&b)?,
+        LayerGeometry::Conv2d { out_channels, .. } => {
+            y.broadcast_add(&b.reshape((1, out_channels, 1, 1))?)?
+        }
+    })
+}
+
+/// An adaptable linear layer: `y = x Wᵀ + b + Σ Δ(x)`, `x: [.., in]`.
+#[derive(Clone, Debug)]
+pub struct PeftLinear(LayerHandle);
+
+impl PeftLinear {
+    pub(crate) fn new(handle: LayerHandle) -> Self {
+        Self(handle)
+    }
+
+    pub fn handle(&self) -> &LayerHandle {
+        &self.0
+    }
+
+    /// The forward with the library's error type.
+    pub fn forward_peft(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.forward(x)
+    }
+}
+
+impl Module for PeftLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(x).map_err(into_candle)
+    }
+}
+
+/// An adaptable 2-D convolution: `y = conv2d(x, W) + b + Σ Δ(x)`, `x: [N, C, H, W]`.
+#[derive(Clone, Debug)]
+pub struct PeftConv2d(LayerHandle);
+
+impl PeftConv2d {
+    pub(crate) fn new(handle: LayerHandle) -> Self {
+        Self(handle)
+    }
+
+    pub fn handle(&self) -> &LayerHandle {
+        &self.0
+    }
+
+    pub fn forward_peft(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.forward(x)
+    }
+}
+
+impl Module for PeftConv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(x).map_err(into_candle)
+    }
+}
+
+/// `Module::forward` must return candle's error: keep ours as its message source.
+fn into_candle(e: PeftError) -> candle_core::Error {
+    match e {
+        PeftError::Candle(e) => e,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
+}

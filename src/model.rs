@@ -1,0 +1,471 @@
+//! `PeftModel`: a model built through `PeftBuilder`, plus named adapters on its layers.
+//!
+//! Mirrors HF PEFT's model-level API: `add_adapter`, `set_active`, `disable`/`enable`,
+//! `delete_adapter`, `merge`/`unmerge`, `merge_and_unload`, `unload`, trainable parameters in a
+//! deterministic order, and adapter save/load in PEFT's format.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::builder::PeftBuilder;
+use crate::config::AdapterConfig;
+use crate::error::{PeftError, Result};
+use crate::init::seed_from_name;
+use crate::io::peft_format::{self, KEY_PREFIX};
+use crate::layer::LayerHandle;
+
+/// The name PEFT gives an adapter when none is given.
+pub const DEFAULT_ADAPTER: &str = "default";
+
+pub struct PeftModel<M> {
+    model: M,
+    layers: Vec<LayerHandle>,
+    base_tensors: BTreeMap<String, usize>,
+    training: Arc<AtomicBool>,
+    adapters: Vec<(String, AdapterConfig)>,
+    active: Vec<String>,
+    enabled: bool,
+    seed: u64,
+}
+
+impl<M> PeftModel<M> {
+    /// Wraps `model`, whose adaptable layers were built through `builder`.
+    pub fn new(model: M, builder: &PeftBuilder<'_>) -> Self {
+        let (layers, base_tensors, training) = builder.take_registry();
+        Self {
+            model,
+            layers,
+            base_tensors,
+            training,
+            adapters: Vec::new(),
+            active: Vec::new(),
+            enabled: true,
+            seed: 0,
+        }
+    }
+
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// Seed of the ChaCha RNG that initialises new adapters (default 0).
+    pub fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
+    }
+
+    /// Training mode: dropout on. Off by default.
+    pub fn train(&self) {
+        self.training.store(true, Ordering::Relaxed);
+    }
+
+    pub fn eval(&self) {
+        self.training.store(false, Ordering::Relaxed);
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+
+    /// Every adaptable layer's module path, in build order.
+    pub fn layer_names(&self) -> Vec<String> {
+        self.layers.iter().map(|l| l.name()).collect()
+    }
+
+    pub fn layer(&self, name: &str) -> Result<&LayerHandle> {
+        self.layers
+            .iter()
+            .find(|l| l.name() == name)
+            .ok_or_else(|| PeftError::UnknownModule(name.to_string()))
+    }
+
+    pub fn layers(&self) -> &[LayerHandle] {
+        &self.layers
+    }
+
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.adapters.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    pub fn adapter_config(&self, name: &str) -> Result<&AdapterConfig> {
+        self.adapters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c)
+            .ok_or_else(|| unknown_adapter(name))
+    }
+
+    pub fn active_adapters(&self) -> &[String] {
+        &self.active
+    }
+
+    /// The layers `config` targets and the layers it trains whole (`modules_to_save`).
+    /// A config that targets nothing is an error listing the layers that exist.
+    fn select(&self, config: &AdapterConfig) -> Result<(Vec<LayerHandle>, Vec<LayerHandle>)> {
+        let targeting = config.targeting();
+        let mut targets = Vec::new();
+        let mut to_save = Vec::new();
+        for layer in &self.layers {
+            let name = layer.name();
+            let is_target = targeting.is_target(&name)?;
+            let is_saved = targeting.is_module_to_save(&name);
+            if is_target && is_saved {
+                return Err(PeftError::config(
+                    "modules_to_save",
+                    format!("`{name}` is both a target and a module to save"),
+                ));
+            }
+            if is_target {
+                targets.push(layer.clone());
+            } else if is_saved {
+                to_save.push(layer.clone());
+            }
+        }
+        if targets.is_empty() {
+            let targets = targeting
+                .target_modules
+                .as_ref()
+                .map_or_else(|| "(none)".to_string(), |t| t.to_string());
+            return Err(PeftError::NoTargetMatch {
+                targets,
+                found: self.layer_names().join(", "),
+            });
+        }
+        if let Some(names) = &targeting.modules_to_save {
+            for wanted in names {
+                let found = to_save
+                    .iter()
+                    .any(|l| crate::config::suffix_match(&l.name(), wanted));
+                if !found {
+                    return Err(PeftError::config(
+                        "modules_to_save",
+                        format!(
+                            "`{wanted}` matches no adaptable layer; layers found: {}",
+                            self.layer_names().join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok((targets, to_save))
+    }
+
+    fn check_new_name(&self, name: &str) -> Result<()> {
+        if self.adapters.iter().any(|(n, _)| n == name) {
+            return Err(PeftError::DuplicateAdapter(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Attaches a freshly initialised adapter `name` to every layer `config` targets. The first
+    /// adapter added becomes the active one. On error the model is left unchanged.
+    pub fn add_adapter(&mut self, name: &str, config: impl Into<AdapterConfig>) -> Result<()> {
+        let config = config.into();
+        self.check_new_name(name)?;
+        config.validate()?;
+        let (targets, to_save) = self.select(&config)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ seed_from_name(name));
+        let mut built = Vec::with_capacity(targets.len());
+        for layer in &targets {
+            let device = layer.weight().device().clone();
+            let adapter =
+                config.init_adapter(&layer.name(), layer.geometry(), &device, &mut rng)?;
+            built.push((layer, adapter));
+        }
+        for (layer, adapter) in built {
+            layer.add_adapter(name, adapter)?;
+        }
+        for layer in &to_save {
+            layer.add_trainable_copy(name, None)?;
+        }
+        self.register(name, config);
+        Ok(())
+    }
+
+    fn register(&mut self, name: &str, config: AdapterConfig) {
+        self.adapters.push((name.to_string(), config));
+        if self.active.is_empty() {
+            self.active = vec![name.to_string()];
+            self.push_active();
+        }
+    }
+
+    fn push_active(&self) {
+        for layer in &self.layers {
+            layer.set_active(&self.active);
+        }
+    }
+
+    /// Loads a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) as
+    /// adapter `name`. Every tensor in the file must belong to a targeted layer or a module to
+    /// save, and every such layer must find its tensors with the right shapes.
+    pub fn load_adapter(&mut self, dir: impl AsRef<Path>, name: &str) -> Result<()> {
+        let dir = dir.as_ref();
+        self.check_new_name(name)?;
+        let file = peft_format::read_adapter_dir(dir)?;
+        let config = file.config;
+        let (targets, to_save) = self.select(&config)?;
+        let mut by_module = peft_format::group_by_module(file.tensors, config.tensor_prefixes());
+        let location = dir.display().to_string();
+        let mut built = Vec::new();
+        for layer in &targets {
+            let module = layer.name();
+            let tensors = by_module
+                .remove(&module)
+                .ok_or_else(|| PeftError::MissingTensor {
+                    key: format!("{KEY_PREFIX}{module}.*"),
+                    location: location.clone(),
+                })?;
+            let device = layer.weight().device().clone();
+            let adapter = config.load_adapter(&module, layer.geometry(), &tensors, &device)?;
+            built.push((layer, adapter));
+        }
+        let mut copies = Vec::new();
+        for layer in &to_save {
+            let module = layer.name();
+            let mut tensors =
+                by_module
+                    .remove(&module)
+                    .ok_or_else(|| PeftError::MissingTensor {
+                        key: format!("{KEY_PREFIX}{module}.weight"),
+                        location: location.clone(),
+                    })?;
+            let weight = tensors
+                .remove("weight")
+                .ok_or_else(|| PeftError::MissingTensor {
+                    key: format!("{KEY_PREFIX}{module}.weight"),
+                    location: location.clone(),
+                })?;
+            let bias = tensors.remove("bias");
+            copies.push((layer, weight, bias));
+        }
+        if let Some((module, tensors)) = by_module.into_iter().next() {
+            let local = tensors.keys().next().cloned().unwrap_or_default();
+            return Err(PeftError::UnexpectedTensor {
+                key: format!("{KEY_PREFIX}{module}.{local}"),
+                location,
+            });
+        }
+        for (layer, adapter) in built {
+            layer.add_adapter(name, adapter)?;
+        }
+        for (layer, weight, bias) in copies {
+            layer.add_trainable_copy(name, Some((weight, bias)))?;
+        }
+        self.register(name, config);
+        Ok(())
+    }
+
+    /// The tensors adapter `name` saves, under PEFT's file keys
+    /// (`base_model.model.<path>.lora_A.weight`), in layer order.
+    pub fn adapter_tensors(&self, name: &str) -> Result<Vec<(String, Tensor)>> {
+        self.adapter_config(name)?;
+        let mut out = Vec::new();
+        for layer in &self.layers {
+            let module = layer.name();
+            for (local, t) in layer.tensors_to_save(name) {
+                out.push((format!("{KEY_PREFIX}{module}.{local}"), t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Saves adapter `name` to `dir` in PEFT's format. Atomic: an interrupted save leaves the
+    /// previous files intact.
+    pub fn save_adapter(&self, name: &str, dir: impl AsRef<Path>) -> Result<()> {
+        let config = self.adapter_config(name)?;
+        let tensors = self.adapter_tensors(name)?;
+        peft_format::write_adapter_dir(dir.as_ref(), config, &tensors)
+    }
+
+    /// Activates `names` (they must exist); outputs of several active adapters add up.
+    pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            self.adapter_config(n)?;
+        }
+        self.active = names.iter().map(|n| n.to_string()).collect();
+        self.push_active();
+        Ok(())
+    }
+
+    /// Activates the single adapter `name`.
+    pub fn set_adapter(&mut self, name: &str) -> Result<()> {
+        self.set_active(&[name])
+    }
+
+    /// Switches every adapter off: the model computes the pristine base (merged adapters are
+    /// unmerged first).
+    pub fn disable(&mut self) -> Result<()> {
+        for layer in &self.layers {
+            layer.set_enabled(false)?;
+        }
+        self.enabled = false;
+        Ok(())
+    }
+
+    pub fn enable(&mut self) -> Result<()> {
+        for layer in &self.layers {
+            layer.set_enabled(true)?;
+        }
+        self.enabled = true;
+        Ok(())
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Removes adapter `name` from every layer. A merged adapter must be unmerged first.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.adapter_config(name)?;
+        for layer in &self.layers {
+            if layer.merged_adapters().iter().any(|n| n == name) {
+                return Err(PeftError::AlreadyMerged {
+                    module: layer.name(),
+                    adapter: name.to_string(),
+                });
+            }
+        }
+        for layer in &self.layers {
+            layer.delete(name)?;
+        }
+        self.adapters.retain(|(n, _)| n != name);
+        self.active.retain(|n| n != name);
+        Ok(())
+    }
+
+    /// Folds the active adapters into the base weights (PEFT's `merge_adapter`). Merging an
+    /// adapter that is already merged is an error.
+    pub fn merge(&mut self) -> Result<()> {
+        for layer in &self.layers {
+            if let Some(name) = layer
+                .merged_adapters()
+                .iter()
+                .find(|n| self.active.contains(n))
+            {
+                return Err(PeftError::AlreadyMerged {
+                    module: layer.name(),
+                    adapter: name.clone(),
+                });
+            }
+        }
+        for layer in &self.layers {
+            layer.merge(&self.active)?;
+        }
+        Ok(())
+    }
+
+    /// Undoes `merge`. Unmerging a model with nothing merged is an error.
+    pub fn unmerge(&mut self) -> Result<()> {
+        let merged: Vec<&LayerHandle> = self
+            .layers
+            .iter()
+            .filter(|l| !l.merged_adapters().is_empty())
+            .collect();
+        if merged.is_empty() {
+            return Err(PeftError::NotMerged {
+                module: "(every layer)".into(),
+            });
+        }
+        for layer in merged {
+            layer.unmerge()?;
+        }
+        Ok(())
+    }
+
+    /// Merges the active adapters into the base weights, removes every adapter, and returns the
+    /// plain model.
+    pub fn merge_and_unload(self) -> Result<M> {
+        for layer in &self.layers {
+            layer.unload(true)?;
+        }
+        Ok(self.model)
+    }
+
+    /// Removes every adapter without merging and returns the pristine model.
+    pub fn unload(self) -> Result<M> {
+        for layer in &self.layers {
+            layer.unload(false)?;
+        }
+        Ok(self.model)
+    }
+
+    /// The active adapters' trainable vars, in layer build order, named as PEFT names them in
+    /// memory (`base_model.model.<path>.lora_A.<adapter>.weight`,
+    /// `base_model.model.<path>.modules_to_save.<adapter>.weight`).
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for layer in &self.layers {
+            let module = layer.name();
+            for adapter in &self.active {
+                for (local, var) in layer.trainable_vars(adapter) {
+                    out.push((
+                        format!("{KEY_PREFIX}{module}.{}", in_memory_name(&local, adapter)),
+                        var,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn num_trainable_parameters(&self) -> usize {
+        self.trainable_vars()
+            .iter()
+            .map(|(_, v)| v.as_tensor().elem_count())
+            .sum()
+    }
+
+    /// Base parameters the builder loaded plus every adapter's trainables (PEFT's
+    /// `get_nb_trainable_parameters` total).
+    pub fn num_total_parameters(&self) -> usize {
+        let base: usize = self.base_tensors.values().sum();
+        let adapters: usize = self
+            .adapters
+            .iter()
+            .flat_map(|(name, _)| self.layers.iter().map(move |l| (name, l)))
+            .map(|(name, l)| {
+                l.trainable_vars(name)
+                    .iter()
+                    .map(|(_, v)| v.as_tensor().elem_count())
+                    .sum::<usize>()
+            })
+            .sum();
+        base + adapters
+    }
+
+    /// Every adaptable layer's current weight and bias under the base model's key names
+    /// (`<path>.weight`, `<path>.bias`), e.g. after `merge`.
+    pub fn layer_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for layer in &self.layers {
+            let module = layer.name();
+            out.push((format!("{module}.weight"), layer.weight()));
+            if let Some(b) = layer.bias() {
+                out.push((format!("{module}.bias"), b));
+            }
+        }
+        out
+    }
+}
+
+/// `lora_A.weight` → `lora_A.<adapter>.weight`; a trainable copy's `weight` →
+/// `modules_to_save.<adapter>.weight`.
+fn in_memory_name(local: &str, adapter: &str) -> String {
+    match local.split_once('.') {
+        Some((head, tail)) => format!("{head}.{adapter}.{tail}"),
+        None => format!("modules_to_save.{adapter}.{local}"),
+    }
+}
+
+fn unknown_adapter(name: &str) -> PeftError {
+    PeftError::UnknownAdapter {
+        adapter: name.to_string(),
+        module: String::new(),
+    }
+}
