@@ -1,0 +1,42 @@
+//! Shared test helpers: where the offline test models live. A missing model fails the test with
+//! a message naming the script that fetches it; tests never skip.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// `models/` at the repository root, or `$CANDLE_PEFT_MODELS`.
+pub fn models_dir() -> PathBuf {
+    match std::env::var_os("CANDLE_PEFT_MODELS") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"),
+    }
+}
+
+/// The all-MiniLM-L6-v2 folder (config.json, model.safetensors, tokenizer.json).
+pub fn minilm_dir() -> PathBuf {
+    let dir = models_dir().join("all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "MiniLM is missing at {}: run scripts/fetch-models.sh first",
+        dir.display()
+    );
+    dir
+}
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF file.
+pub fn smollm2_gguf() -> PathBuf {
+    let path = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "SmolLM2 is missing at {}: run scripts/fetch-models.sh first",
+        path.display()
+    );
+    path
+}
+
+/// A fixture folder copied from shared/fixtures.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
