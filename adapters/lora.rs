@@ -539,7 +539,8 @@ impl Adapter for LoraAdapter {
                 Ok((y * self.scaling)?.reshape(out_dims)?)
             }
             LayerGeometry::Conv2d { params, .. } => {
-                let h = x.conv2d(
+                let h = crate::frozen::conv2d_trainable(
+                    &x,
                     self.a.as_tensor(),
                     params.padding,
                     params.stride,

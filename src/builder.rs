@@ -59,6 +59,12 @@ impl<'a> PeftBuilder<'a> {
         self.vb.dtype()
     }
 
+    /// The shared training flag (`PeftModel::train` / `eval` set it), for model code that has
+    /// train-only behaviour such as dropout.
+    pub fn training_flag(&self) -> Arc<AtomicBool> {
+        self.training.clone()
+    }
+
     /// The underlying `VarBuilder`, for code that needs candle-nn directly.
     pub fn vb(&self) -> &VarBuilder<'a> {
         &self.vb

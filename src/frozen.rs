@@ -8,6 +8,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
+/// `(b, m, n, k)` of candle's storage matmul, the layouts of `x` and `Wᵀ`, and the output shape.
+type MatmulPlan = ((usize, usize, usize, usize), Layout, Layout, Shape);
+
 /// `y = x · Wᵀ` for `x: [.., in]`, `W: [out, in]`, with no gradient for `W`.
 struct FrozenMatmul {
     weight: Tensor,
@@ -32,11 +35,7 @@ impl FrozenMatmul {
         Ok((m, out_f, in_f, Shape::from(out_dims)))
     }
 
-    fn layouts(
-        &self,
-        layout: &Layout,
-        weight_layout: &Layout,
-    ) -> candle_core::Result<((usize, usize, usize, usize), Layout, Layout, Shape)> {
+    fn layouts(&self, layout: &Layout, weight_layout: &Layout) -> candle_core::Result<MatmulPlan> {
         let (m, n, k, out_shape) = self.dims(layout)?;
         if !layout.is_contiguous() {
             candle_core::bail!("frozen-matmul: input must be contiguous");
@@ -159,15 +158,16 @@ impl CustomOp1 for FrozenConv2d {
         let (_, _, k_h, k_w) = self.kernel.dims4()?;
         let (_, _, in_h, in_w) = x.dims4()?;
         let (_, _, grad_h, grad_w) = grad_y.dims4()?;
-        // conv_transpose2d is the adjoint of conv2d. Rows and columns the forward's striding never
-        // read get zero gradient: candle takes one output_padding for both axes, so use the
-        // smaller one and zero-pad the other axis.
+        // conv_transpose2d is the adjoint of conv2d; its output_padding (< stride) extends the
+        // output to the input's size, and the extra rows get their true gradient (they may be
+        // read through the conv's own padding, so they are not necessarily zero). candle takes
+        // one output_padding for both axes: use the larger one and cut the other axis back.
         let covered = |g: usize, k: usize| {
             (g - 1) * self.stride + self.dilation * (k - 1) + 1 - 2 * self.padding
         };
         let pad_h = in_h - covered(grad_h, k_h);
         let pad_w = in_w - covered(grad_w, k_w);
-        let out_padding = pad_h.min(pad_w);
+        let out_padding = pad_h.max(pad_w);
         let transpose = |g: &Tensor, k: &Tensor| {
             g.contiguous()?.conv_transpose2d(
                 &k.contiguous()?,
@@ -189,11 +189,39 @@ impl CustomOp1 for FrozenConv2d {
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Tensor::cat(&parts, 1)?
         };
-        let grad_x = grad_x
-            .pad_with_zeros(2, 0, pad_h - out_padding)?
-            .pad_with_zeros(3, 0, pad_w - out_padding)?;
+        let grad_x = grad_x.narrow(2, 0, in_h)?.narrow(3, 0, in_w)?;
         Ok(Some(grad_x))
     }
+}
+
+/// `conv2d(x, K)` with candle's differentiable op, for trainable kernels (LoRA's `A`, a
+/// `modules_to_save` copy). candle's conv2d backward derives one `output_padding` from the
+/// height and uses it for both axes, so it fails (shape mismatch) when striding leaves a
+/// different remainder on the two axes (e.g. 10×7 input, 3×3 kernel, stride 2, padding 1).
+/// Appending zero rows or columns at the bottom or right equalises the remainders without
+/// changing the output: the added zeros sit where the conv's own zero padding was, and the
+/// output size stays the same because the remainder stays below the stride.
+pub fn conv2d_trainable(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> candle_core::Result<Tensor> {
+    let (_, _, in_h, in_w) = x.dims4()?;
+    let (_, _, k_h, k_w) = kernel.dims4()?;
+    let remainder = |n: usize, k: usize| {
+        (n + 2 * padding)
+            .checked_sub(dilation * (k - 1) + 1)
+            .map(|v| v % stride)
+    };
+    let x = match (remainder(in_h, k_h), remainder(in_w, k_w)) {
+        (Some(rh), Some(rw)) if rh < rw => x.pad_with_zeros(2, 0, rw - rh)?,
+        (Some(rh), Some(rw)) if rw < rh => x.pad_with_zeros(3, 0, rh - rw)?,
+        _ => x.clone(),
+    };
+    x.conv2d(kernel, padding, stride, dilation, groups)
 }
 
 /// A graph-free tensor over a contiguous copy of `storage` laid out as `layout`.

@@ -386,7 +386,8 @@ fn trainable_forward(s: &LayerState, x: &Tensor, copy: &TrainableCopy) -> Result
     let w = copy.weight.as_tensor();
     let y = match s.geometry {
         LayerGeometry::Linear { .. } => x.broadcast_matmul(&w.t()?)?,
-        LayerGeometry::Conv2d { params, .. } => x.conv2d(
+        LayerGeometry::Conv2d { params, .. } => crate::frozen::conv2d_trainable(
+            &x,
             w,
             params.padding,
             params.stride,

@@ -454,6 +454,17 @@ impl<M> PeftModel<M> {
     }
 }
 
+impl<M> std::fmt::Debug for PeftModel<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeftModel")
+            .field("layers", &self.layer_names())
+            .field("adapters", &self.adapter_names())
+            .field("active", &self.active)
+            .field("enabled", &self.enabled)
+            .finish()
+    }
+}
+
 /// `lora_A.weight` → `lora_A.<adapter>.weight`; a trainable copy's `weight` →
 /// `modules_to_save.<adapter>.weight`.
 fn in_memory_name(local: &str, adapter: &str) -> String {

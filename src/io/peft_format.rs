@@ -118,7 +118,10 @@ pub fn group_by_module(
     out
 }
 
-/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors`, each atomically.
+/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors`. Both files are written
+/// to synced temporaries first and renamed into place only when both are complete, so a failed
+/// save leaves the previous adapter whole (weights and config never come from different saves,
+/// short of a crash between the two renames).
 pub fn write_adapter_dir(
     dir: &Path,
     config: &AdapterConfig,
@@ -131,23 +134,44 @@ pub fn write_adapter_dir(
     }
     let text = serde_json::to_string_pretty(&json)
         .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
-    write_safetensors(&dir.join(WEIGHTS_NAME), tensors)?;
-    write_atomic(&dir.join(CONFIG_NAME), text.as_bytes())
+    let weights_path = dir.join(WEIGHTS_NAME);
+    let config_path = dir.join(CONFIG_NAME);
+    let bytes = serialize_safetensors(&weights_path, tensors)?;
+    let weights_tmp = write_temp(&weights_path, &bytes)?;
+    let config_tmp = write_temp(&config_path, text.as_bytes()).inspect_err(|_| {
+        let _ = fs::remove_file(&weights_tmp);
+    })?;
+    let renamed = fs::rename(&weights_tmp, &weights_path)
+        .map_err(|e| PeftError::io(&weights_path, e))
+        .and_then(|()| {
+            fs::rename(&config_tmp, &config_path).map_err(|e| PeftError::io(&config_path, e))
+        });
+    if renamed.is_err() {
+        for tmp in [&weights_tmp, &config_tmp] {
+            if tmp.is_file() {
+                let _ = fs::remove_file(tmp);
+            }
+        }
+    }
+    renamed
 }
 
-/// Writes tensors to a safetensors file with `{"format": "pt"}` metadata, atomically.
-pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+/// The bytes of a safetensors file with `{"format": "pt"}` metadata; `path` is for errors.
+fn serialize_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let mut contiguous = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         contiguous.push((name.clone(), t.contiguous()?));
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::tensor::serialize(contiguous, Some(metadata)).map_err(|e| {
-        PeftError::Safetensors {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }
-    })?;
+    safetensors::tensor::serialize(contiguous, Some(metadata)).map_err(|e| PeftError::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Writes tensors to a safetensors file with `{"format": "pt"}` metadata, atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let bytes = serialize_safetensors(path, tensors)?;
     write_atomic(path, &bytes)
 }
 
@@ -162,17 +186,31 @@ pub fn temp_path(path: &Path) -> PathBuf {
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    let result = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
+    let tmp = write_temp(path, bytes)?;
+    fs::rename(&tmp, path).map_err(|e| {
         if tmp.is_file() {
             let _ = fs::remove_file(&tmp);
         }
         PeftError::io(path, e)
     })
+}
+
+/// Writes `bytes` to `temp_path(path)` and syncs it; returns the temporary's path. On failure
+/// the temporary is removed and the error names `path`.
+fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    let tmp = temp_path(path);
+    let result = (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            if tmp.is_file() {
+                let _ = fs::remove_file(&tmp);
+            }
+            Err(PeftError::io(path, e))
+        }
+    }
 }
