@@ -15,6 +15,7 @@ pub mod init;
 pub mod io;
 pub mod layer;
 pub mod model;
+pub mod models;
 
 pub use adapter::{Adapter, Conv2dParams, LayerGeometry, Method};
 pub use adapters::lora::{LoraAdapter, LoraConfig};
@@ -23,3 +24,4 @@ pub use config::{AdapterConfig, ModuleSelector, Targeting};
 pub use error::{PeftError, Result};
 pub use layer::{LayerHandle, PeftConv2d, PeftLinear};
 pub use model::{DEFAULT_ADAPTER, PeftModel};
+pub use models::bert::{BertConfig, BertModel};

@@ -1,0 +1,6 @@
+//! Model code built on [`crate::PeftBuilder`]: HF weight names and `config.json` structs, only
+//! differentiable ops, every linear layer adaptable.
+
+pub mod bert;
+
+pub use bert::{BertConfig, BertModel, HiddenAct, mean_pool};
