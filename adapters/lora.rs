@@ -57,6 +57,10 @@ pub struct LoraConfig {
     pub lora_alpha: f64,
     pub lora_dropout: f64,
     pub use_rslora: bool,
+    /// The base weight is stored `[in, out]` (GPT-2's `Conv1D`). Layers built by `PeftBuilder` are
+    /// `[out, in]`, so, as PEFT does for `nn.Linear`, it is ignored there; it is kept so a file
+    /// round-trips, and `candle-peft merge` honours it for checkpoints that store `[in, out]`.
+    pub fan_in_fan_out: bool,
     pub init_lora_weights: InitLoraWeights,
     pub rank_pattern: BTreeMap<String, usize>,
     pub alpha_pattern: BTreeMap<String, f64>,
@@ -80,6 +84,8 @@ struct LoraConfigFile {
     lora_dropout: f64,
     #[serde(default)]
     use_rslora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
     #[serde(default)]
     init_lora_weights: InitLoraWeights,
     #[serde(default)]
@@ -140,6 +146,7 @@ impl LoraConfig {
             lora_alpha,
             lora_dropout: 0.0,
             use_rslora: false,
+            fan_in_fan_out: false,
             init_lora_weights: InitLoraWeights::Bool(true),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
@@ -251,6 +258,7 @@ impl LoraConfig {
             lora_alpha: file.lora_alpha,
             lora_dropout: file.lora_dropout,
             use_rslora: file.use_rslora,
+            fan_in_fan_out: file.fan_in_fan_out,
             init_lora_weights: file.init_lora_weights,
             rank_pattern,
             alpha_pattern: file.alpha_pattern.unwrap_or_default(),
@@ -281,7 +289,7 @@ impl LoraConfig {
             "ensure_weight_tying": false,
             "eva_config": null,
             "exclude_modules": to_value(&t.exclude_modules)?,
-            "fan_in_fan_out": false,
+            "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": self.inference_mode,
             "init_lora_weights": to_value(&self.init_lora_weights)?,
             "kasa_config": null,

@@ -228,6 +228,13 @@ impl AdapterConfig {
         }
     }
 
+    /// Whether base weights are stored `[in, out]` (PEFT's `fan_in_fan_out`).
+    pub fn fan_in_fan_out(&self) -> bool {
+        match self {
+            AdapterConfig::Lora(c) => c.fan_in_fan_out,
+        }
+    }
+
     /// Checks every field, without looking at a model.
     pub fn validate(&self) -> Result<()> {
         match self {

@@ -37,7 +37,7 @@ use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use crate::adapter::{Adapter, Conv2dParams, LayerGeometry};
 use crate::error::{PeftError, Result};
 use crate::io::peft_format::{
-    self, CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, read_adapter_dir, temp_path, write_atomic,
+    self, KEY_PREFIX, WEIGHTS_NAME, read_adapter_dir, temp_path, write_atomic,
 };
 
 /// Hugging Face's default shard size (`max_shard_size="5GB"`).
@@ -670,8 +670,8 @@ fn plan_merge(
     if adapter.tensors.is_empty() {
         return Err(st_error(&weights_path, "the adapter file holds no tensors"));
     }
-    let fan_in_fan_out = read_fan_in_fan_out(adapter_dir)?;
     let config = adapter.config;
+    let fan_in_fan_out = config.fan_in_fan_out();
     let prefixes = config.tensor_prefixes();
     let modules = peft_format::group_by_module(adapter.tensors, prefixes);
 
@@ -791,22 +791,6 @@ fn plan_merge(
         })
         .collect();
     Ok((plan, merged_modules, replaced_tensors))
-}
-
-/// PEFT's `fan_in_fan_out` (GPT-2 style `Conv1D` weights stored `[in, out]`), read from the raw
-/// config since the typed config does not carry it.
-fn read_fan_in_fan_out(adapter_dir: &Path) -> Result<bool> {
-    let path = adapter_dir.join(CONFIG_NAME);
-    let text = fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| PeftError::Json {
-            path: path.clone(),
-            source,
-        })?;
-    Ok(value
-        .get("fan_in_fan_out")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false))
 }
 
 /// The layer geometry implied by a base weight's shape (and, for grouped convs, the adapter's).
