@@ -146,6 +146,49 @@ impl<'a> PeftBuilder<'a> {
         Ok(PeftConv2d::new(self.layer(name, geometry, bias)?))
     }
 
+    /// Like [`linear`](Self::linear), but a layer the checkpoint does not have (a new task head)
+    /// is created instead: weight `N(0, std²)` drawn from `rng` (HF initialises heads with
+    /// `std = initializer_range`, 0.02 for BERT), bias zero. Its tensors then count as base
+    /// tensors: train them through `modules_to_save`.
+    pub fn linear_or_init(
+        &self,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        name: &str,
+        std: f32,
+        rng: &mut rand_chacha::ChaCha8Rng,
+    ) -> Result<PeftLinear> {
+        if self.contains(&format!("{name}.weight")) {
+            return self.linear(in_features, out_features, bias, name);
+        }
+        let geometry = LayerGeometry::Linear {
+            in_features,
+            out_features,
+        };
+        let weight = crate::init::normal(rng, in_features * out_features, std);
+        let weight = Tensor::from_vec(weight, (out_features, in_features), self.device())?
+            .to_dtype(self.dtype())?;
+        let bias = if bias {
+            Some(Tensor::zeros(out_features, self.dtype(), self.device())?)
+        } else {
+            None
+        };
+        let path = self.path(name);
+        {
+            let mut registry = self.registry();
+            registry
+                .base_tensors
+                .insert(format!("{path}.weight"), in_features * out_features);
+            if bias.is_some() {
+                registry.base_tensors.insert(format!("{path}.bias"), out_features);
+            }
+        }
+        let handle = LayerHandle::new(path, geometry, weight, bias, self.training.clone())?;
+        self.registry().layers.push(handle.clone());
+        Ok(PeftLinear::new(handle))
+    }
+
     fn layer(&self, name: &str, geometry: LayerGeometry, bias: bool) -> Result<LayerHandle> {
         let layer_vb = self.pp(name);
         let weight = layer_vb.get(geometry.weight_shape(), "weight")?;
