@@ -11,9 +11,12 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 /// `(b, m, n, k)` of candle's storage matmul, the layouts of `x` and `Wᵀ`, and the output shape.
 type MatmulPlan = ((usize, usize, usize, usize), Layout, Layout, Shape);
 
-/// `y = x · Wᵀ` for `x: [.., in]`, `W: [out, in]`, with no gradient for `W`.
+/// `y = x · Wᵀ + b` for `x: [.., in]`, `W: [out, in]`, `b: [out]`, with no gradient for `W` or
+/// `b`. The bias is added inside the op: as a separate broadcast add, candle's backward would
+/// give the frozen bias an activation-sized gradient.
 struct FrozenMatmul {
     weight: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl FrozenMatmul {
@@ -58,7 +61,10 @@ impl CustomOp1 for FrozenMatmul {
             candle_core::bail!("frozen-matmul: weight is not on the CPU");
         };
         let (bmnk, x_layout, wt_layout, out_shape) = self.layouts(layout, w_layout)?;
-        let y = x.matmul(w, bmnk, &x_layout, &wt_layout)?;
+        let mut y = x.matmul(w, bmnk, &x_layout, &wt_layout)?;
+        if let Some(bias) = &self.bias {
+            add_bias_rows(&mut y, bias)?;
+        }
         Ok((y, out_shape))
     }
 
@@ -74,7 +80,21 @@ impl CustomOp1 for FrozenMatmul {
         };
         let (bmnk, x_layout, wt_layout, out_shape) = self.layouts(layout, w_layout)?;
         let y = x.matmul(w, bmnk, &x_layout, &wt_layout)?;
-        Ok((y, out_shape))
+        let Some(bias) = &self.bias else {
+            return Ok((y, out_shape));
+        };
+        let y = Tensor::from_storage(
+            Storage::Cuda(y),
+            out_shape.clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        )
+        .broadcast_add(bias)?;
+        let (storage, layout) = y.storage_and_layout();
+        let Storage::Cuda(y) = &*storage else {
+            candle_core::bail!("frozen-matmul: output left the GPU");
+        };
+        Ok((crate::ops::cuda_contiguous(y, layout)?, out_shape))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -85,15 +105,48 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
-/// `x · Wᵀ` with a frozen `W: [out, in]`; `x: [.., in]` of the same dtype and device.
-pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+/// `x · Wᵀ (+ b)` with a frozen `W: [out, in]` and `b: [out]`; `x: [.., in]` of the same dtype
+/// and device.
+pub fn frozen_matmul(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     let weight = weight.contiguous()?.detach();
-    x.contiguous()?.apply_op1(FrozenMatmul { weight })
+    let bias = match bias {
+        Some(b) => Some(b.to_dtype(weight.dtype())?.contiguous()?.detach()),
+        None => None,
+    };
+    x.contiguous()?.apply_op1(FrozenMatmul { weight, bias })
+}
+
+/// Adds `bias` to every row of the CPU matrix `y`, in place.
+fn add_bias_rows(y: &mut CpuStorage, bias: &Tensor) -> candle_core::Result<()> {
+    fn add<T: Copy + std::ops::AddAssign>(y: &mut [T], b: &[T]) {
+        for row in y.chunks_exact_mut(b.len()) {
+            for (v, &c) in row.iter_mut().zip(b) {
+                *v += c;
+            }
+        }
+    }
+    let (storage, layout) = bias.storage_and_layout();
+    let (Storage::Cpu(b), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("frozen-matmul: the bias must be a contiguous CPU tensor");
+    };
+    match (y, b) {
+        (CpuStorage::F32(y), CpuStorage::F32(b)) => add(y, &b[start..end]),
+        (CpuStorage::F64(y), CpuStorage::F64(b)) => add(y, &b[start..end]),
+        (CpuStorage::F16(y), CpuStorage::F16(b)) => add(y, &b[start..end]),
+        (CpuStorage::BF16(y), CpuStorage::BF16(b)) => add(y, &b[start..end]),
+        _ => candle_core::bail!("frozen-matmul: the bias dtype differs from the output's"),
+    }
+    Ok(())
 }
 
 /// A 2-D convolution with a frozen kernel: backward gives only `dL/dx`.
 struct FrozenConv2d {
     kernel: Tensor,
+    bias: Option<Tensor>,
     padding: usize,
     stride: usize,
     dilation: usize,
@@ -103,15 +156,18 @@ struct FrozenConv2d {
 impl FrozenConv2d {
     /// The forward on a detached copy of the input: no graph is recorded inside the op.
     fn forward_detached(&self, x: Tensor) -> candle_core::Result<(Storage, Shape)> {
-        let y = x
-            .conv2d(
-                &self.kernel,
-                self.padding,
-                self.stride,
-                self.dilation,
-                self.groups,
-            )?
-            .contiguous()?;
+        let y = x.conv2d(
+            &self.kernel,
+            self.padding,
+            self.stride,
+            self.dilation,
+            self.groups,
+        )?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            None => y,
+        }
+        .contiguous()?;
         let shape = y.shape().clone();
         let (storage, layout) = y.storage_and_layout();
         let offset = layout.start_offset();
@@ -121,7 +177,7 @@ impl FrozenConv2d {
         let storage = match &*storage {
             Storage::Cpu(s) => Storage::Cpu(s.clone()),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(s) => Storage::Cuda(s.try_clone(layout)?),
+            Storage::Cuda(s) => Storage::Cuda(crate::ops::cuda_contiguous(s, layout)?),
             _ => candle_core::bail!("frozen-conv2d: unsupported device"),
         };
         Ok((storage, shape))
@@ -147,7 +203,10 @@ impl CustomOp1 for FrozenConv2d {
         x: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let x = storage_tensor(Storage::Cuda(x.try_clone(layout)?), layout)?;
+        let x = storage_tensor(
+            Storage::Cuda(crate::ops::cuda_contiguous(x, layout)?),
+            &Layout::contiguous(layout.shape()),
+        )?;
         match self.forward_detached(x)? {
             (Storage::Cuda(s), shape) => Ok((s, shape)),
             _ => candle_core::bail!("frozen-conv2d: output left the GPU"),
@@ -238,10 +297,12 @@ fn storage_tensor(storage: Storage, layout: &Layout) -> candle_core::Result<Tens
     candle_core::bail!("frozen-conv2d: input must be contiguous")
 }
 
-/// `conv2d(x, K)` with a frozen kernel `K: [out, in/groups, kh, kw]`.
+/// `conv2d(x, K) (+ b)` with a frozen kernel `K: [out, in/groups, kh, kw]` and bias `b: [out]`.
+#[allow(clippy::too_many_arguments)]
 pub fn frozen_conv2d(
     x: &Tensor,
     kernel: &Tensor,
+    bias: Option<&Tensor>,
     padding: usize,
     stride: usize,
     dilation: usize,
@@ -249,6 +310,10 @@ pub fn frozen_conv2d(
 ) -> candle_core::Result<Tensor> {
     let op = FrozenConv2d {
         kernel: kernel.contiguous()?.detach(),
+        bias: match bias {
+            Some(b) => Some(b.to_dtype(kernel.dtype())?.detach()),
+            None => None,
+        },
         padding,
         stride,
         dilation,

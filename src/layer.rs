@@ -365,17 +365,17 @@ fn base_forward(s: &LayerState, x: &Tensor) -> Result<Tensor> {
     let in_dtype = x.dtype();
     let x = x.to_dtype(s.weight.dtype())?;
     let y = match s.geometry {
-        LayerGeometry::Linear { .. } => frozen_matmul(&x, &s.weight)?,
+        LayerGeometry::Linear { .. } => frozen_matmul(&x, &s.weight, s.bias.as_ref())?,
         LayerGeometry::Conv2d { params, .. } => frozen_conv2d(
             &x,
             &s.weight,
+            s.bias.as_ref(),
             params.padding,
             params.stride,
             params.dilation,
             params.groups,
         )?,
     };
-    let y = add_bias(s.geometry, y, s.bias.as_ref())?;
     Ok(y.to_dtype(in_dtype)?)
 }
 

@@ -15,6 +15,7 @@ pub mod init;
 pub mod io;
 pub mod layer;
 pub mod model;
+pub mod ops;
 pub mod models;
 
 pub use adapter::{Adapter, Conv2dParams, LayerGeometry, Method};

@@ -9,15 +9,16 @@
 //! prefix; it is detected and kept, so layer names (and PEFT adapter keys) are
 //! `bert.encoder.layer.N.…`, as PEFT names them for that model.
 //!
-//! The forward uses only ops with a backward (`ops::softmax` over the last dim,
-//! `ops::layer_norm_slow`, erf GELU), so gradients reach every adapter. The attention mask is
+//! The forward uses only ops with a backward (`crate::ops::{norm, masked_softmax}`, whose
+//! backward gives only the input gradient since norm weights and masks are frozen, and erf
+//! GELU), so gradients reach every adapter. The attention mask is
 //! additive as in transformers: masked keys get `(1 - mask) · finfo(dtype).min`.
 //! Dropout is not applied (the forward is transformers' `eval()` forward); adapters apply their
 //! own dropout in training.
 
 use std::path::Path;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -222,7 +223,7 @@ impl BertConfig {
     }
 }
 
-/// LayerNorm over the last dim, differentiable (`ops::layer_norm_slow`).
+/// LayerNorm over the last dim, with a backward for the input only (`crate::ops::norm`).
 #[derive(Clone, Debug)]
 pub struct BertLayerNorm {
     weight: Tensor,
@@ -247,11 +248,12 @@ impl BertLayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm_slow(
+        Ok(crate::ops::norm(
             x,
             &self.weight,
-            &self.bias,
-            self.eps as f32,
+            Some(&self.bias),
+            self.eps,
+            crate::ops::NormKind::LayerNorm,
         )?)
     }
 }
@@ -352,11 +354,7 @@ impl BertSelfAttention {
         let k = heads(self.key.forward_peft(x)?)?;
         let v = heads(self.value.forward_peft(x)?)?;
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = crate::ops::masked_softmax(&scores, mask)?;
         let context = probs
             .matmul(&v)?
             .transpose(1, 2)?

@@ -1,0 +1,315 @@
+//! Fused ops with a backward, for training paths.
+//!
+//! candle's fused `layer_norm`, `rms_norm` and `softmax_last_dim` have no backward (the gradient
+//! silently stops), and the differentiable compositions (`layer_norm_slow`, `ops::softmax`) run
+//! five to eight separate passes, each allocating, and give every frozen operand (norm weights,
+//! the attention mask) an activation-sized gradient nobody reads. These ops run one pass on the
+//! CPU (in f32, converting other dtypes; on CUDA they run candle's tensor ops inside the op) and their
+//! backward returns only `dL/dx`: norm weights and masks are frozen.
+//!
+//! - `norm(x, γ, β, eps, kind)`: over the last dim, `LayerNorm: y = (x − μ)·r·γ + β` with
+//!   `r = 1/√(var + eps)`, or `RmsNorm: y = x·r·γ` with `r = 1/√(mean(x²) + eps)`.
+//!   Backward with `x̂ = (x − μ)·r` (or `x·r`) and `g' = g·γ`:
+//!   LayerNorm `dx = r·(g' − mean(g') − x̂·mean(g'·x̂))`, RmsNorm `dx = r·(g' − x̂·mean(g'·x̂))`.
+//! - `masked_softmax(x, mask)`: `y = softmax(x + mask)` over the last dim, with a frozen additive
+//!   mask `[B, 1, 1 | Tq, Tk]` broadcast over `x: [B, H, Tq, Tk]`. Backward
+//!   `dx = y·(g − Σ g·y)`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
+
+/// Which normalisation `norm` computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    LayerNorm,
+    RmsNorm,
+}
+
+struct Norm {
+    gamma: Tensor,
+    beta: Option<Tensor>,
+    eps: f64,
+    kind: NormKind,
+}
+
+impl Norm {
+    /// The same math with candle's tensor ops: the fallback for dtypes and devices the CPU
+    /// kernel does not cover, and what backward recomputes `x̂` and `r` with.
+    fn normalized(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let x = x.to_dtype(DType::F32)?;
+        let centered = match self.kind {
+            NormKind::LayerNorm => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
+            NormKind::RmsNorm => x,
+        };
+        let r = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        Ok((centered.broadcast_mul(&r)?, r))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn tensor_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (xhat, _) = self.normalized(x)?;
+        let y = xhat.broadcast_mul(&self.gamma.to_dtype(DType::F32)?)?;
+        let y = match &self.beta {
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+            None => y,
+        };
+        y.to_dtype(x.dtype())
+    }
+}
+
+impl CustomOp1 for Norm {
+    fn name(&self) -> &'static str {
+        "frozen-norm"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = layout.shape().clone();
+        let mut converted = None;
+        let src = f32_input(x, layout, &mut converted)?;
+        let dim = shape.dims().last().copied().unwrap_or(1);
+        let gamma = self.gamma.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let beta = match &self.beta {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        if gamma.len() != dim || beta.as_ref().is_some_and(|b| b.len() != dim) {
+            candle_core::bail!(
+                "frozen-norm: weight has {} elements, input rows {dim}",
+                gamma.len()
+            );
+        }
+        let mut out = vec![0f32; src.len()];
+        for (row, dst) in src.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            let mean = match self.kind {
+                NormKind::LayerNorm => row.iter().map(|&v| f64::from(v)).sum::<f64>() / dim as f64,
+                NormKind::RmsNorm => 0.0,
+            };
+            let var = row
+                .iter()
+                .map(|&v| {
+                    let c = f64::from(v) - mean;
+                    c * c
+                })
+                .sum::<f64>()
+                / dim as f64;
+            let r = 1.0 / (var + self.eps).sqrt();
+            let (mean, r) = (mean as f32, r as f32);
+            match &beta {
+                Some(beta) => {
+                    for (((d, &v), &g), &b) in dst.iter_mut().zip(row).zip(&gamma).zip(beta) {
+                        *d = (v - mean) * r * g + b;
+                    }
+                }
+                None => {
+                    for ((d, &v), &g) in dst.iter_mut().zip(row).zip(&gamma) {
+                        *d = (v - mean) * r * g;
+                    }
+                }
+            }
+        }
+        Ok((output_storage(out, &shape, x.dtype())?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let t = cuda_tensor(x, layout)?;
+        into_cuda(self.tensor_forward(&t)?)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (xhat, r) = self.normalized(x)?;
+        let g = grad_y
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&self.gamma.to_dtype(DType::F32)?)?;
+        let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+        let mut inner = g.broadcast_sub(&xhat.broadcast_mul(&proj)?)?;
+        if self.kind == NormKind::LayerNorm {
+            inner = inner.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?;
+        }
+        Ok(Some(inner.broadcast_mul(&r)?.to_dtype(x.dtype())?))
+    }
+}
+
+/// Layer norm or RMS norm over the last dim with frozen `gamma` (and `beta`); gradient for `x`
+/// only.
+pub fn norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: Option<&Tensor>,
+    eps: f64,
+    kind: NormKind,
+) -> candle_core::Result<Tensor> {
+    let op = Norm {
+        gamma: gamma.detach(),
+        beta: beta.map(Tensor::detach),
+        eps,
+        kind,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+struct MaskedSoftmax {
+    mask: Option<Tensor>,
+}
+
+impl MaskedSoftmax {
+    #[cfg(feature = "cuda")]
+    fn tensor_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = match &self.mask {
+            Some(m) => x.broadcast_add(&m.to_dtype(x.dtype())?)?,
+            None => x.clone(),
+        };
+        candle_nn::ops::softmax_last_dim(&x)
+    }
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = layout.shape().clone();
+        let dims = shape.dims();
+        let &[b, h, tq, tk] = dims else {
+            candle_core::bail!("masked-softmax: expected [B, H, Tq, Tk], got {dims:?}");
+        };
+        // The mask as `[B, Mq, Tk]` with Mq = 1 or Tq.
+        let mask = match &self.mask {
+            Some(m) => {
+                let (mb, mh, mq, mk) = m.dims4()?;
+                if mb != b || mh != 1 || (mq != 1 && mq != tq) || mk != tk {
+                    candle_core::bail!(
+                        "masked-softmax: mask {:?} does not broadcast to {dims:?}",
+                        m.dims()
+                    );
+                }
+                Some((m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, mq))
+            }
+            None => None,
+        };
+        let mut converted = None;
+        let src = f32_input(x, layout, &mut converted)?;
+        let mut out = vec![0f32; src.len()];
+        for (row_idx, (row, dst)) in src
+            .chunks_exact(tk)
+            .zip(out.chunks_exact_mut(tk))
+            .enumerate()
+        {
+            let q = row_idx % tq;
+            let batch = row_idx / (h * tq);
+            let mask_row = mask.as_ref().map(|(m, mq)| {
+                let mq_idx = if *mq == 1 { 0 } else { q };
+                let offset = (batch * mq + mq_idx) * tk;
+                &m[offset..offset + tk]
+            });
+            match mask_row {
+                Some(m) => {
+                    for ((d, &v), &mv) in dst.iter_mut().zip(row).zip(m) {
+                        *d = v + mv;
+                    }
+                }
+                None => dst.copy_from_slice(row),
+            }
+            let max = dst.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for d in dst.iter_mut() {
+                *d = (*d - max).exp();
+                sum += *d;
+            }
+            let inv = 1.0 / sum;
+            for d in dst.iter_mut() {
+                *d *= inv;
+            }
+        }
+        Ok((output_storage(out, &shape, x.dtype())?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let t = cuda_tensor(x, layout)?;
+        into_cuda(self.tensor_forward(&t)?)
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dot = (grad_y * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * grad_y.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// `softmax(x + mask)` over the last dim of `x: [B, H, Tq, Tk]`, with a frozen additive `mask`
+/// of shape `[B, 1, 1 | Tq, Tk]`; gradient for `x` only.
+pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let op = MaskedSoftmax {
+        mask: mask.map(|m| m.detach()),
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// The input as contiguous f32 values: borrowed when it already is, converted otherwise.
+fn f32_input<'a>(
+    x: &'a CpuStorage,
+    layout: &Layout,
+    converted: &'a mut Option<CpuStorage>,
+) -> candle_core::Result<&'a [f32]> {
+    if let (CpuStorage::F32(data), Some((start, end))) = (x, layout.contiguous_offsets()) {
+        return Ok(&data[start..end]);
+    }
+    let c = converted.insert(x.to_dtype(layout, DType::F32)?);
+    match c {
+        CpuStorage::F32(data) => Ok(data.as_slice()),
+        _ => candle_core::bail!("fused op: conversion to f32 failed"),
+    }
+}
+
+/// The f32 result in the input's dtype.
+fn output_storage(out: Vec<f32>, shape: &Shape, dtype: DType) -> candle_core::Result<CpuStorage> {
+    let out = CpuStorage::F32(out);
+    if dtype == DType::F32 {
+        return Ok(out);
+    }
+    out.to_dtype(&Layout::contiguous(shape), dtype)
+}
+
+/// A contiguous copy, at offset 0, of the elements `layout` selects.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_contiguous(
+    x: &candle_core::CudaStorage,
+    layout: &Layout,
+) -> candle_core::Result<candle_core::CudaStorage> {
+    use candle_core::backend::BackendDevice;
+    // SAFETY: every element of the fresh buffer is written by copy_strided_src below.
+    let mut dst = unsafe { x.device().alloc_uninit(layout.shape(), x.dtype())? };
+    x.copy_strided_src(&mut dst, 0, layout)?;
+    Ok(dst)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_tensor(x: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<Tensor> {
+    Ok(Tensor::from_storage(
+        candle_core::Storage::Cuda(cuda_contiguous(x, layout)?),
+        layout.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn into_cuda(t: Tensor) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    let shape = t.shape().clone();
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        candle_core::bail!("fused op: result left the GPU");
+    };
+    Ok((cuda_contiguous(s, layout)?, shape))
+}

@@ -1,0 +1,210 @@
+//! The fused ops with a backward (`candle_peft::ops`) and the frozen matmul with bias, against
+//! candle's differentiable compositions: same values, same input gradient.
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use candle_peft::frozen::frozen_matmul;
+use candle_peft::ops::{NormKind, masked_softmax, norm};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Value and input gradient of `sum(f(x) · c)` for a fixed random `c`.
+fn value_and_grad(x: &Tensor, c: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> (Tensor, Tensor) {
+    let var = Var::from_tensor(x).unwrap();
+    let y = f(var.as_tensor());
+    let loss = (&y * c).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    (y, grads.get(var.as_tensor()).unwrap().clone())
+}
+
+#[test]
+fn layer_norm_matches_layer_norm_slow() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let x = (random(&mut rng, &[3, 5, 24], 2.0) + 0.7).unwrap();
+    let gamma = random(&mut rng, &[24], 1.0);
+    let beta = random(&mut rng, &[24], 1.0);
+    let c = random(&mut rng, &[3, 5, 24], 1.0);
+    let (y, gx) = value_and_grad(&x, &c, |x| {
+        norm(x, &gamma, Some(&beta), 1e-5, NormKind::LayerNorm).unwrap()
+    });
+    let (y_ref, gx_ref) = value_and_grad(&x, &c, |x| {
+        candle_nn::ops::layer_norm_slow(x, &gamma, &beta, 1e-5).unwrap()
+    });
+    assert!(
+        max_abs_diff(&y, &y_ref) < 1e-5,
+        "value {}",
+        max_abs_diff(&y, &y_ref)
+    );
+    assert!(
+        max_abs_diff(&gx, &gx_ref) < 1e-5,
+        "grad {}",
+        max_abs_diff(&gx, &gx_ref)
+    );
+    assert!(
+        gx.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 1e-2
+    );
+}
+
+#[test]
+fn rms_norm_matches_rms_norm_slow() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let x = random(&mut rng, &[4, 7, 16], 3.0);
+    let gamma = random(&mut rng, &[16], 1.0);
+    let c = random(&mut rng, &[4, 7, 16], 1.0);
+    let (y, gx) = value_and_grad(&x, &c, |x| {
+        norm(x, &gamma, None, 1e-6, NormKind::RmsNorm).unwrap()
+    });
+    let (y_ref, gx_ref) = value_and_grad(&x, &c, |x| {
+        candle_nn::ops::rms_norm_slow(x, &gamma, 1e-6).unwrap()
+    });
+    assert!(
+        max_abs_diff(&y, &y_ref) < 1e-5,
+        "value {}",
+        max_abs_diff(&y, &y_ref)
+    );
+    assert!(
+        max_abs_diff(&gx, &gx_ref) < 1e-5,
+        "grad {}",
+        max_abs_diff(&gx, &gx_ref)
+    );
+}
+
+#[test]
+fn norm_on_f16_and_strided_input() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let x = random(&mut rng, &[6, 8], 2.0);
+    let gamma = random(&mut rng, &[6], 1.0);
+    let beta = random(&mut rng, &[6], 1.0);
+    // A transposed (non-contiguous) input.
+    let xt = x.t().unwrap();
+    let y = norm(&xt, &gamma, Some(&beta), 1e-5, NormKind::LayerNorm).unwrap();
+    let y_ref =
+        candle_nn::ops::layer_norm_slow(&xt.contiguous().unwrap(), &gamma, &beta, 1e-5).unwrap();
+    assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+    let y16 = norm(
+        &xt.to_dtype(DType::F16).unwrap(),
+        &gamma,
+        Some(&beta),
+        1e-5,
+        NormKind::LayerNorm,
+    )
+    .unwrap();
+    assert_eq!(y16.dtype(), DType::F16);
+    assert!(max_abs_diff(&y16.to_dtype(DType::F32).unwrap(), &y_ref) < 1e-2);
+}
+
+#[test]
+fn masked_softmax_matches_softmax_of_masked_scores() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (b, h, t) = (2, 3, 5);
+    let x = random(&mut rng, &[b, h, t, t], 4.0);
+    let c = random(&mut rng, &[b, h, t, t], 1.0);
+    // A padding mask [B, 1, 1, T] (last two keys of batch 1 masked) and a causal one [B, 1, T, T].
+    let mut pad = vec![0f32; b * t];
+    pad[t + 3] = f32::MIN;
+    pad[t + 4] = f32::MIN;
+    let pad = Tensor::from_vec(pad, (b, 1, 1, t), &Device::Cpu).unwrap();
+    let causal: Vec<f32> = (0..b * t * t)
+        .map(|i| if (i % t) > (i / t) % t { -1e9 } else { 0.0 })
+        .collect();
+    let causal = Tensor::from_vec(causal, (b, 1, t, t), &Device::Cpu).unwrap();
+    for mask in [None, Some(&pad), Some(&causal)] {
+        let (y, gx) = value_and_grad(&x, &c, |x| masked_softmax(x, mask).unwrap());
+        let (y_ref, gx_ref) = value_and_grad(&x, &c, |x| {
+            let s = match mask {
+                Some(m) => x.broadcast_add(m).unwrap(),
+                None => x.clone(),
+            };
+            candle_nn::ops::softmax(&s, D::Minus1).unwrap()
+        });
+        assert!(
+            max_abs_diff(&y, &y_ref) < 1e-6,
+            "value {}",
+            max_abs_diff(&y, &y_ref)
+        );
+        assert!(
+            max_abs_diff(&gx, &gx_ref) < 1e-6,
+            "grad {}",
+            max_abs_diff(&gx, &gx_ref)
+        );
+    }
+    // Masked keys get zero probability.
+    let y = masked_softmax(&x, Some(&pad)).unwrap();
+    let masked = y.narrow(0, 1, 1).unwrap().narrow(3, 3, 2).unwrap();
+    assert_eq!(
+        masked
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+}
+
+#[test]
+fn masked_softmax_rejects_a_mask_that_does_not_broadcast() {
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros((2, 3, 1, 4), DType::F32, &Device::Cpu).unwrap();
+    let err = masked_softmax(&x, Some(&bad)).unwrap_err().to_string();
+    assert!(err.contains("does not broadcast"), "{err}");
+}
+
+#[test]
+fn frozen_matmul_with_bias_matches_linear_and_gives_only_the_input_gradient() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let x = random(&mut rng, &[2, 3, 8], 1.0);
+    let w = random(&mut rng, &[5, 8], 1.0);
+    let bias = random(&mut rng, &[5], 1.0);
+    let c = random(&mut rng, &[2, 3, 5], 1.0);
+    let (y, gx) = value_and_grad(&x, &c, |x| frozen_matmul(x, &w, Some(&bias)).unwrap());
+    let (y_ref, gx_ref) = value_and_grad(&x, &c, |x| {
+        x.broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap()
+    });
+    assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+    assert!(max_abs_diff(&gx, &gx_ref) < 1e-5);
+    // The only gradient in the store is the input's: no weight-, bias- or output-sized entries.
+    let var = Var::from_tensor(&x).unwrap();
+    let loss = (frozen_matmul(var.as_tensor(), &w, Some(&bias)).unwrap() * &c)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let sizes: Vec<usize> = grads
+        .get_ids()
+        .map(|id| grads.get_id(*id).unwrap().elem_count())
+        .filter(|&n| n != 1)
+        .collect();
+    assert!(
+        !sizes.contains(&40) && !sizes.contains(&5),
+        "gradient sizes {sizes:?}"
+    );
+}
