@@ -181,7 +181,9 @@ impl<'a> PeftBuilder<'a> {
                 .base_tensors
                 .insert(format!("{path}.weight"), in_features * out_features);
             if bias.is_some() {
-                registry.base_tensors.insert(format!("{path}.bias"), out_features);
+                registry
+                    .base_tensors
+                    .insert(format!("{path}.bias"), out_features);
             }
         }
         let handle = LayerHandle::new(path, geometry, weight, bias, self.training.clone())?;

@@ -71,8 +71,29 @@ pub enum PeftError {
     #[error("model `{id}` not found: {reason}")]
     ModelNotFound { id: String, reason: String },
 
+    #[error("loss is {loss} at step {step}; training stopped and the last good checkpoint is kept")]
+    NonFiniteLoss { step: usize, loss: f64 },
+
     #[error("{0}")]
     Unsupported(String),
+
+    /// A bad row or file of training/eval data; `line` is 1-based, 0 for the file as a whole
+    /// (then the message is `{path}: {reason}`).
+    #[error("{}: {reason}", data_location(.path, *.line))]
+    Data {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+}
+
+/// `path:line`, or `path` when `line` is 0.
+fn data_location(path: &std::path::Path, line: usize) -> String {
+    if line == 0 {
+        path.display().to_string()
+    } else {
+        format!("{}:{line}", path.display())
+    }
 }
 
 impl PeftError {

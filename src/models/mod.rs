@@ -2,5 +2,6 @@
 //! differentiable ops, every linear layer adaptable.
 
 pub mod bert;
+pub mod heads;
 
 pub use bert::{BertConfig, BertModel, HiddenAct, mean_pool};

@@ -1,0 +1,355 @@
+//! AdamW with decoupled weight decay and f32 state, following `torch.optim.AdamW`.
+//!
+//! For every parameter θ that has a gradient g, with its own step count t = 1, 2, …:
+//!
+//! ```text
+//! θ ← θ · (1 − lr·λ)                      (decoupled weight decay)
+//! m ← β₁·m + (1 − β₁)·g
+//! v ← β₂·v + (1 − β₂)·g²
+//! θ ← θ − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
+//! ```
+//!
+//! which is `θ ← θ − lr·(m̂/(√v̂ + ε) + λ·θ)` with the bias-corrected `m̂`, `v̂`. The moments
+//! `m` (`exp_avg`) and `v` (`exp_avg_sq`) are f32 whatever the parameter's dtype; the update is
+//! computed in f32 and cast back. A parameter with no gradient in the store is skipped and its
+//! step count does not advance (PyTorch skips parameters whose `grad` is `None`).
+//!
+//! Parameters are identified by the names of [`crate::PeftModel::trainable_vars`]. The state
+//! file is a safetensors file with, per parameter, `<name>.exp_avg`, `<name>.exp_avg_sq` (f32,
+//! the parameter's shape) and `<name>.step` (an i64 scalar), and metadata `optimizer`, `step`
+//! (calls to [`AdamW::step`]) and the hyper-parameters. It is written atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{PeftError, Result};
+use crate::io::peft_format::write_atomic;
+
+/// Suffix of the first-moment tensor of a parameter in the state file.
+pub const EXP_AVG: &str = "exp_avg";
+/// Suffix of the second-moment tensor of a parameter in the state file.
+pub const EXP_AVG_SQ: &str = "exp_avg_sq";
+/// Suffix of a parameter's step count in the state file.
+pub const STEP: &str = "step";
+
+/// AdamW hyper-parameters (PyTorch's defaults except `weight_decay`, which is HF PEFT
+/// training's usual 0.01; PyTorch's AdamW default is also 0.01).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+impl AdamWConfig {
+    /// Checks `0 ≤ β < 1`, `ε ≥ 0`, `λ ≥ 0`, all finite.
+    pub fn validate(&self) -> Result<()> {
+        for (field, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(PeftError::config(
+                    field,
+                    format!("must be in [0, 1), got {b}"),
+                ));
+            }
+        }
+        for (field, x) in [("eps", self.eps), ("weight_decay", self.weight_decay)] {
+            if !(x.is_finite() && x >= 0.0) {
+                return Err(PeftError::config(
+                    field,
+                    format!("must be finite and ≥ 0, got {x}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one [`AdamW::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepStats {
+    /// Parameters that had a gradient and were updated.
+    pub updated: usize,
+    /// Parameters with no gradient in the store, left as they were.
+    pub skipped: usize,
+}
+
+#[derive(Debug, Clone)]
+struct ParamState {
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: u64,
+}
+
+/// AdamW over named vars, with f32 moments.
+#[derive(Debug)]
+pub struct AdamW {
+    vars: Vec<(String, Var)>,
+    state: Vec<ParamState>,
+    config: AdamWConfig,
+    steps: u64,
+}
+
+impl AdamW {
+    /// An optimiser over `vars` (names must be unique; dtypes must be floating point), with zero
+    /// moments and step 0.
+    pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
+        config.validate()?;
+        let mut seen = BTreeMap::new();
+        let mut state = Vec::with_capacity(vars.len());
+        for (name, var) in &vars {
+            if seen.insert(name.as_str(), ()).is_some() {
+                return Err(PeftError::config(
+                    "trainable vars",
+                    format!("the name `{name}` appears twice"),
+                ));
+            }
+            if !var.dtype().is_float() {
+                return Err(PeftError::config(
+                    "trainable vars",
+                    format!("`{name}` has dtype {:?}, not a float", var.dtype()),
+                ));
+            }
+            let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            state.push(ParamState {
+                exp_avg: zeros.clone(),
+                exp_avg_sq: zeros,
+                step: 0,
+            });
+        }
+        Ok(Self {
+            vars,
+            state,
+            config,
+            steps: 0,
+        })
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// The vars this optimiser updates, in the order given to [`AdamW::new`].
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Number of calls to [`AdamW::step`] so far (restored by [`AdamW::load_state`]).
+    pub fn steps_taken(&self) -> u64 {
+        self.steps
+    }
+
+    /// The state of parameter `name`: `(exp_avg, exp_avg_sq, step)`.
+    pub fn state(&self, name: &str) -> Result<(&Tensor, &Tensor, u64)> {
+        let i = self.index(name)?;
+        let s = &self.state[i];
+        Ok((&s.exp_avg, &s.exp_avg_sq, s.step))
+    }
+
+    /// Replaces the state of parameter `name` (moments are cast to f32 and moved to the var's
+    /// device; their shape must be the var's).
+    pub fn set_state(
+        &mut self,
+        name: &str,
+        exp_avg: &Tensor,
+        exp_avg_sq: &Tensor,
+        step: u64,
+    ) -> Result<()> {
+        let i = self.index(name)?;
+        let var = &self.vars[i].1;
+        let exp_avg = state_tensor(&format!("{name}.{EXP_AVG}"), exp_avg, var)?;
+        let exp_avg_sq = state_tensor(&format!("{name}.{EXP_AVG_SQ}"), exp_avg_sq, var)?;
+        self.state[i] = ParamState {
+            exp_avg,
+            exp_avg_sq,
+            step,
+        };
+        Ok(())
+    }
+
+    fn index(&self, name: &str) -> Result<usize> {
+        self.vars
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| PeftError::MissingTensor {
+                key: name.to_string(),
+                location: "the optimiser's vars".to_string(),
+            })
+    }
+
+    /// One AdamW update of every var that has a gradient in `grads`, with learning rate `lr`.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepStats> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(PeftError::config(
+                "lr",
+                format!("must be finite and ≥ 0, got {lr}"),
+            ));
+        }
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.config;
+        let mut stats = StepStats::default();
+        for ((name, var), st) in self.vars.iter().zip(self.state.iter_mut()) {
+            let Some(grad) = grads.get(var.as_tensor()) else {
+                stats.skipped += 1;
+                continue;
+            };
+            if grad.dims() != var.dims() {
+                return Err(PeftError::ShapeMismatch {
+                    key: format!("gradient of {name}"),
+                    expected: var.dims().to_vec(),
+                    got: grad.dims().to_vec(),
+                });
+            }
+            let g = grad.to_dtype(DType::F32)?;
+            let t = st.step + 1;
+            let exp_avg = (st.exp_avg.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?;
+            let exp_avg_sq =
+                (st.exp_avg_sq.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?;
+            let t_i32 = i32::try_from(t).unwrap_or(i32::MAX);
+            let bias_correction1 = 1.0 - beta1.powi(t_i32);
+            let bias_correction2_sqrt = (1.0 - beta2.powi(t_i32)).sqrt();
+            let step_size = lr / bias_correction1;
+            let denom = (exp_avg_sq.sqrt()? / bias_correction2_sqrt)?.affine(1.0, eps)?;
+            let theta = var.as_detached_tensor().to_dtype(DType::F32)?;
+            let theta = theta.affine(1.0 - lr * weight_decay, 0.0)?;
+            let theta = (theta - (exp_avg.div(&denom)? * step_size)?)?;
+            var.set(&theta.to_dtype(var.dtype())?)?;
+            *st = ParamState {
+                exp_avg,
+                exp_avg_sq,
+                step: t,
+            };
+            stats.updated += 1;
+        }
+        self.steps += 1;
+        Ok(stats)
+    }
+
+    /// Writes the state to a safetensors file at `path`, atomically.
+    pub fn save_state(&self, path: &Path) -> Result<()> {
+        let mut tensors = Vec::with_capacity(3 * self.vars.len());
+        for ((name, var), st) in self.vars.iter().zip(&self.state) {
+            tensors.push((format!("{name}.{EXP_AVG}"), st.exp_avg.contiguous()?));
+            tensors.push((format!("{name}.{EXP_AVG_SQ}"), st.exp_avg_sq.contiguous()?));
+            let step = i64::try_from(st.step).map_err(|_| {
+                PeftError::config("step", format!("step count of {name} exceeds i64"))
+            })?;
+            tensors.push((format!("{name}.{STEP}"), Tensor::new(step, var.device())?));
+        }
+        let c = &self.config;
+        let metadata = HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("optimizer".to_string(), "AdamW".to_string()),
+            ("step".to_string(), self.steps.to_string()),
+            ("beta1".to_string(), c.beta1.to_string()),
+            ("beta2".to_string(), c.beta2.to_string()),
+            ("eps".to_string(), c.eps.to_string()),
+            ("weight_decay".to_string(), c.weight_decay.to_string()),
+        ]);
+        let bytes = safetensors::tensor::serialize(tensors, Some(metadata)).map_err(|e| {
+            PeftError::Safetensors {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Restores the state written by [`AdamW::save_state`]. Every var of this optimiser must
+    /// find its three tensors with the right shapes, and every tensor in the file must belong
+    /// to one of the vars; otherwise nothing changes and the error names the tensor. The
+    /// hyper-parameters stay those given to [`AdamW::new`].
+    pub fn load_state(&mut self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| PeftError::io(path, e))?;
+        let bad = |reason: String| PeftError::Safetensors {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| bad(e.to_string()))?;
+        let location = path.display().to_string();
+        let mut state = Vec::with_capacity(self.vars.len());
+        for (name, var) in &self.vars {
+            let mut take = |suffix: &str| {
+                let key = format!("{name}.{suffix}");
+                tensors
+                    .remove(&key)
+                    .map(|t| (key.clone(), t))
+                    .ok_or_else(|| PeftError::MissingTensor {
+                        key,
+                        location: location.clone(),
+                    })
+            };
+            let (k1, m) = take(EXP_AVG)?;
+            let (k2, v) = take(EXP_AVG_SQ)?;
+            let (k3, s) = take(STEP)?;
+            let exp_avg = state_tensor(&k1, &m, var)?;
+            let exp_avg_sq = state_tensor(&k2, &v, var)?;
+            if s.elem_count() != 1 {
+                return Err(PeftError::ShapeMismatch {
+                    key: k3,
+                    expected: vec![],
+                    got: s.dims().to_vec(),
+                });
+            }
+            let step = s.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+            if !(step.is_finite() && step >= 0.0 && step.fract() == 0.0) {
+                return Err(bad(format!("`{k3}` is {step}, not a step count")));
+            }
+            state.push(ParamState {
+                exp_avg,
+                exp_avg_sq,
+                step: step as u64,
+            });
+        }
+        if let Some(key) = tensors.keys().min() {
+            return Err(PeftError::UnexpectedTensor {
+                key: key.clone(),
+                location,
+            });
+        }
+        let steps = match meta.metadata().as_ref().and_then(|m| m.get("step")) {
+            Some(s) => s
+                .parse::<u64>()
+                .map_err(|_| bad(format!("metadata `step` is `{s}`, not a step count")))?,
+            None => state.iter().map(|s| s.step).max().unwrap_or(0),
+        };
+        self.state = state;
+        self.steps = steps;
+        Ok(())
+    }
+}
+
+/// `t` as an f32 state tensor for `var`: shape checked (error naming `key`), cast, moved.
+fn state_tensor(key: &str, t: &Tensor, var: &Var) -> Result<Tensor> {
+    if t.dims() != var.dims() {
+        return Err(PeftError::ShapeMismatch {
+            key: key.to_string(),
+            expected: var.dims().to_vec(),
+            got: t.dims().to_vec(),
+        });
+    }
+    Ok(t.to_dtype(DType::F32)?
+        .to_device(var.device())?
+        .contiguous()?)
+}

@@ -1,0 +1,528 @@
+//! The trainer on a synthetic regression task over the tiny LoRA model: decreasing and
+//! deterministic loss, exact resume from checkpoints, NaN handling, evaluation and bad configs.
+
+mod support;
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{Tensor, Var};
+use candle_peft::train::{
+    ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE, TrainerState, latest_checkpoint,
+};
+use candle_peft::{
+    DEFAULT_ADAPTER, EvalReport, PeftError, PeftModel, Schedule, TrainConfig, TrainReport,
+    TrainTask, Trainer, Warmup,
+};
+use support::{HIDDEN, Tiny, flat, lora_random_b, rand_tensor, rng, tiny_model};
+
+const TOKENS: usize = 5;
+
+struct Example {
+    x: Tensor,
+    y: Tensor,
+}
+
+/// Examples whose targets come from a teacher: the same tiny model with another adapter.
+fn examples(n: usize, seed: u64) -> Vec<Example> {
+    let teacher = model(77);
+    let mut r = rng(seed);
+    (0..n)
+        .map(|_| {
+            let x = rand_tensor(&mut r, &[TOKENS, HIDDEN], 1.0);
+            let y = teacher
+                .model()
+                .forward(&x.unsqueeze(0).unwrap())
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            Example { x, y }
+        })
+        .collect()
+}
+
+fn model(adapter_seed: u64) -> PeftModel<Tiny> {
+    let mut pm = tiny_model(1, adapter_seed);
+    pm.add_adapter(DEFAULT_ADAPTER, lora_random_b(&["q", "v", "head"], 2, 4.0))
+        .unwrap();
+    pm
+}
+
+/// Mean squared error of the student; `poison_call` makes that loss call (0-based) return a NaN
+/// loss, `fail_call` makes it return an error (a crash mid-run).
+struct Regression {
+    pm: PeftModel<Tiny>,
+    calls: Cell<usize>,
+    poison_call: Option<usize>,
+    fail_call: Option<usize>,
+}
+
+impl Regression {
+    fn new() -> Self {
+        Self {
+            pm: model(5),
+            calls: Cell::new(0),
+            poison_call: None,
+            fail_call: None,
+        }
+    }
+
+    fn mse(&self, batch: &[&Example]) -> candle_peft::Result<Tensor> {
+        let x = Tensor::stack(&batch.iter().map(|e| e.x.clone()).collect::<Vec<_>>(), 0)?;
+        let y = Tensor::stack(&batch.iter().map(|e| e.y.clone()).collect::<Vec<_>>(), 0)?;
+        let pred = self.pm.model().forward(&x)?;
+        Ok(pred.sub(&y)?.sqr()?.mean_all()?)
+    }
+}
+
+impl TrainTask for Regression {
+    type Example = Example;
+
+    fn loss(&self, batch: &[&Example]) -> candle_peft::Result<(Tensor, usize)> {
+        let call = self.calls.get();
+        self.calls.set(call + 1);
+        if self.fail_call == Some(call) {
+            return Err(PeftError::Unsupported("simulated crash".into()));
+        }
+        let mut loss = self.mse(batch)?;
+        if self.poison_call == Some(call) {
+            loss = (loss * f64::NAN)?;
+        }
+        Ok((loss, batch.len() * TOKENS))
+    }
+
+    fn evaluate(&self, examples: &[Example]) -> candle_peft::Result<EvalReport> {
+        let batch: Vec<&Example> = examples.iter().collect();
+        let loss = self.mse(&batch)?.to_scalar::<f32>()? as f64;
+        Ok(EvalReport {
+            loss,
+            metrics: BTreeMap::from([("rmse".to_string(), loss.sqrt())]),
+        })
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.pm.trainable_vars()
+    }
+
+    fn save_adapter(&self, dir: &Path) -> candle_peft::Result<()> {
+        self.pm.save_adapter(DEFAULT_ADAPTER, dir)
+    }
+
+    fn set_training(&self, training: bool) {
+        if training {
+            self.pm.train()
+        } else {
+            self.pm.eval()
+        }
+    }
+}
+
+/// 32 examples, 4 per micro-batch, 2 micro-batches per step: an epoch is 4 steps.
+fn config(steps: usize) -> TrainConfig {
+    TrainConfig {
+        steps,
+        batch_size: 4,
+        grad_accum: 2,
+        lr: 2e-2,
+        weight_decay: 0.01,
+        schedule: Schedule::Cosine,
+        warmup: Warmup::Ratio(0.1),
+        max_grad_norm: Some(1.0),
+        seed: 1234,
+        log_every: 1,
+        quiet: true,
+        ..TrainConfig::default()
+    }
+}
+
+fn run(task: &Regression, cfg: TrainConfig, data: &[Example]) -> candle_peft::Result<TrainReport> {
+    Trainer::new(cfg)?.run(task, data, None)
+}
+
+fn var_values(task: &Regression) -> Vec<(String, Vec<f32>)> {
+    task.trainable_vars()
+        .into_iter()
+        .map(|(n, v)| (n, flat(v.as_tensor())))
+        .collect()
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "loss sequences differ in length");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn loss_decreases_and_two_runs_are_identical() {
+    let data = examples(32, 3);
+    let a = Regression::new();
+    let before = var_values(&a);
+    let ra = run(&a, config(24), &data).unwrap();
+    let b = Regression::new();
+    let rb = run(&b, config(24), &data).unwrap();
+
+    assert_eq!(ra.losses.len(), 24);
+    let bits = |r: &TrainReport| r.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&ra), bits(&rb), "two runs with one seed differ");
+    assert_eq!(var_values(&a), var_values(&b));
+
+    let first: f64 = ra.losses[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = ra.losses[20..].iter().sum::<f64>() / 4.0;
+    println!("losses: {:?}", ra.losses);
+    println!("first epoch mean {first:.5}, last epoch mean {last:.5}");
+    assert!(
+        last < 0.7 * first,
+        "loss did not decrease: {first} → {last}"
+    );
+    assert!(ra.losses.iter().all(|l| l.is_finite()));
+
+    // The schedule ran: warmup ⌈0.1·24⌉ = 3 steps from 0, then cosine down.
+    assert_eq!(ra.lrs[0], 0.0);
+    assert!((ra.lrs[3] - 2e-2).abs() < 1e-15);
+    assert!(ra.lrs[23] < 1e-3);
+    assert!(ra.vars_without_grad.is_empty());
+    assert_eq!(ra.tokens, 24 * 2 * 4 * TOKENS);
+    assert_ne!(before, var_values(&a), "training changed nothing");
+
+    // Another seed gives another data order, hence another curve.
+    let c = Regression::new();
+    let rc = run(
+        &c,
+        TrainConfig {
+            seed: 99,
+            ..config(24)
+        },
+        &data,
+    )
+    .unwrap();
+    assert_ne!(bits(&ra), bits(&rc));
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run() {
+    let data = examples(32, 3);
+    let steps = 12;
+    let full_dir = tempfile::tempdir().unwrap();
+    let full_task = Regression::new();
+    let full = run(
+        &full_task,
+        TrainConfig {
+            checkpoint_every: Some(2),
+            out_dir: Some(full_dir.path().to_path_buf()),
+            ..config(steps)
+        },
+        &data,
+    )
+    .unwrap();
+    let names: Vec<String> = full
+        .checkpoints
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [2, 4, 6, 8, 10, 12].map(|s| format!("checkpoint-{s}"))
+    );
+
+    // A run that crashes during step 7 (its 13th loss call) after checkpoint-6.
+    let crash_dir = tempfile::tempdir().unwrap();
+    let crashing = Regression {
+        fail_call: Some(12),
+        ..Regression::new()
+    };
+    let crash_cfg = TrainConfig {
+        checkpoint_every: Some(2),
+        out_dir: Some(crash_dir.path().to_path_buf()),
+        ..config(steps)
+    };
+    let err = run(&crashing, crash_cfg.clone(), &data).unwrap_err();
+    assert!(err.to_string().contains("simulated crash"), "{err}");
+    let latest = latest_checkpoint(crash_dir.path()).unwrap().unwrap();
+    assert!(latest.ends_with("checkpoint-6"), "{}", latest.display());
+
+    // Resume a fresh model (different adapter init: every value must come from the checkpoint)
+    // from the output folder, i.e. its latest checkpoint.
+    let resumed_task = Regression {
+        pm: model(6),
+        ..Regression::new()
+    };
+    let resumed = run(
+        &resumed_task,
+        TrainConfig {
+            resume_from: Some(crash_dir.path().to_path_buf()),
+            ..crash_cfg
+        },
+        &data,
+    )
+    .unwrap();
+    assert_eq!(resumed.start_step, 6);
+    assert_eq!(resumed.global_step, steps);
+    let d = max_diff(&full.losses, &resumed.losses);
+    println!(
+        "resume at 6: max |Δloss| = {d:e} over {} steps",
+        full.losses.len()
+    );
+    assert!(d <= 1e-5, "resumed loss curve differs by {d}");
+    // Steps 7..12 are computed afresh after the resume; steps 1..6 come from trainer_state.json.
+    let fresh = max_diff(&full.losses[6..], &resumed.losses[6..]);
+    println!("resume at 6: max |Δloss| over the resumed steps 7..12 = {fresh:e}");
+    assert!(max_diff(&full.lrs, &resumed.lrs) <= 1e-15);
+    for ((n, a), (_, b)) in var_values(&full_task).iter().zip(var_values(&resumed_task)) {
+        let dv = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(dv <= 1e-5, "{n}: final weights differ by {dv}");
+    }
+
+    // Resuming exactly at an epoch boundary (step 4 = 32 examples) from a named checkpoint.
+    let at4 = Regression {
+        pm: model(8),
+        ..Regression::new()
+    };
+    let r4 = run(
+        &at4,
+        TrainConfig {
+            resume_from: Some(full_dir.path().join("checkpoint-4")),
+            ..config(steps)
+        },
+        &data,
+    )
+    .unwrap();
+    assert_eq!(r4.start_step, 4);
+    let d4 = max_diff(&full.losses, &r4.losses);
+    println!("resume at 4: max |Δloss| = {d4:e}");
+    assert!(d4 <= 1e-5, "resume at the epoch boundary differs by {d4}");
+
+    // The checkpoint's adapter folder is a PEFT adapter holding the trained weights.
+    let ck = full_dir.path().join("checkpoint-12");
+    for f in [OPTIMIZER_FILE, TRAINABLE_FILE, STATE_FILE] {
+        assert!(ck.join(f).is_file(), "{f} missing");
+    }
+    let mut reloaded = tiny_model(1, 0);
+    reloaded
+        .load_adapter(ck.join(ADAPTER_DIR), DEFAULT_ADAPTER)
+        .unwrap();
+    let trained: BTreeMap<String, Vec<f32>> = var_values(&full_task).into_iter().collect();
+    for (n, v) in reloaded.trainable_vars() {
+        assert_eq!(flat(v.as_tensor()), trained[&n], "{n}");
+    }
+    let state = TrainerState::read(&ck.join(STATE_FILE)).unwrap();
+    assert_eq!(
+        (state.global_step, state.epoch, state.position),
+        (12, 2, 32)
+    );
+    // No temporaries are left behind.
+    for entry in std::fs::read_dir(full_dir.path()).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(name.starts_with("checkpoint-"), "stray entry {name}");
+    }
+}
+
+#[test]
+fn nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
+    let data = examples(32, 3);
+    let out = tempfile::tempdir().unwrap();
+    // Loss call 6 is the first micro-batch of step 4.
+    let task = Regression {
+        poison_call: Some(6),
+        ..Regression::new()
+    };
+    let cfg = TrainConfig {
+        checkpoint_every: Some(2),
+        out_dir: Some(out.path().to_path_buf()),
+        ..config(10)
+    };
+    let err = run(&task, cfg.clone(), &data).unwrap_err();
+    match &err {
+        PeftError::NonFiniteLoss { step, loss } => {
+            assert_eq!(*step, 4);
+            assert!(loss.is_nan());
+        }
+        other => panic!("expected NonFiniteLoss, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("step 4") && msg.contains("NaN"), "{msg}");
+    println!("{msg}");
+
+    // checkpoint-2 is the last one, whole, and resuming from it continues the healthy curve.
+    let latest = latest_checkpoint(out.path()).unwrap().unwrap();
+    assert!(latest.ends_with("checkpoint-2"), "{}", latest.display());
+    let dirs: Vec<String> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dirs, ["checkpoint-2"]);
+    let state = TrainerState::read(&latest.join(STATE_FILE)).unwrap();
+    assert_eq!(state.global_step, 2);
+    assert_eq!(state.losses.len(), 2);
+
+    let healthy = Regression::new();
+    let reference = run(&healthy, config(10), &data).unwrap();
+    let resumed_task = Regression::new();
+    let resumed = run(
+        &resumed_task,
+        TrainConfig {
+            resume_from: Some(latest),
+            ..cfg
+        },
+        &data,
+    )
+    .unwrap();
+    let d = max_diff(&reference.losses, &resumed.losses);
+    assert!(d <= 1e-5, "resume after NaN differs by {d}");
+
+    // An infinite loss is caught the same way.
+    let inf_task = Regression::new();
+    struct Inf<'a>(&'a Regression);
+    impl TrainTask for Inf<'_> {
+        type Example = Example;
+        fn loss(&self, batch: &[&Example]) -> candle_peft::Result<(Tensor, usize)> {
+            let (l, n) = self.0.loss(batch)?;
+            Ok(((l + f64::INFINITY)?, n))
+        }
+        fn evaluate(&self, e: &[Example]) -> candle_peft::Result<EvalReport> {
+            self.0.evaluate(e)
+        }
+        fn trainable_vars(&self) -> Vec<(String, Var)> {
+            self.0.trainable_vars()
+        }
+        fn save_adapter(&self, dir: &Path) -> candle_peft::Result<()> {
+            self.0.save_adapter(dir)
+        }
+    }
+    let err = Trainer::new(config(3))
+        .unwrap()
+        .run(&Inf(&inf_task), &data, None)
+        .unwrap_err();
+    assert!(
+        matches!(err, PeftError::NonFiniteLoss { step: 1, loss } if loss == f64::INFINITY),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn evaluates_every_n_steps_and_after_the_last() {
+    let data = examples(32, 3);
+    let eval = examples(8, 4);
+    let task = Regression::new();
+    let report = Trainer::new(TrainConfig {
+        eval_every: Some(4),
+        quiet: false,
+        log_every: 5,
+        ..config(10)
+    })
+    .unwrap()
+    .run(&task, &data, Some(&eval))
+    .unwrap();
+    let steps: Vec<usize> = report.evals.iter().map(|e| e.step).collect();
+    assert_eq!(steps, [4, 8, 10]);
+    for e in &report.evals {
+        assert!((e.report.metrics["rmse"] - e.report.loss.sqrt()).abs() < 1e-12);
+    }
+    assert!(report.evals[2].report.loss < report.evals[0].report.loss);
+    assert!(
+        !task.pm.is_training(),
+        "the trainer leaves the task in eval mode"
+    );
+}
+
+#[test]
+fn bad_configs_and_mismatched_resumes_are_typed_errors() {
+    let field_of = |cfg: TrainConfig| match Trainer::new(cfg) {
+        Err(PeftError::InvalidConfig { field, .. }) => field,
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    };
+    assert_eq!(
+        field_of(TrainConfig {
+            batch_size: 0,
+            ..config(4)
+        }),
+        "batch_size"
+    );
+    assert_eq!(
+        field_of(TrainConfig {
+            checkpoint_every: Some(2),
+            ..config(4)
+        }),
+        "checkpoint_every"
+    );
+    assert_eq!(
+        field_of(TrainConfig {
+            warmup: Warmup::Ratio(2.0),
+            ..config(4)
+        }),
+        "warmup"
+    );
+    assert_eq!(
+        field_of(TrainConfig {
+            max_grad_norm: Some(-1.0),
+            ..config(4)
+        }),
+        "max_grad_norm"
+    );
+
+    let data = examples(32, 3);
+    let out = tempfile::tempdir().unwrap();
+    run(
+        &Regression::new(),
+        TrainConfig {
+            checkpoint_every: Some(2),
+            out_dir: Some(out.path().to_path_buf()),
+            ..config(2)
+        },
+        &data,
+    )
+    .unwrap();
+    let resume = |cfg: TrainConfig, data: &[Example]| match run(
+        &Regression::new(),
+        TrainConfig {
+            resume_from: Some(out.path().join("checkpoint-2")),
+            ..cfg
+        },
+        data,
+    ) {
+        Err(PeftError::InvalidConfig { field, .. }) => field,
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    };
+    assert_eq!(
+        resume(
+            TrainConfig {
+                seed: 1,
+                ..config(4)
+            },
+            &data
+        ),
+        "seed"
+    );
+    assert_eq!(
+        resume(
+            TrainConfig {
+                batch_size: 8,
+                ..config(4)
+            },
+            &data
+        ),
+        "batch_size"
+    );
+    assert_eq!(resume(config(4), &data[..30]), "train examples");
+    assert!(matches!(
+        run(
+            &Regression::new(),
+            TrainConfig {
+                resume_from: Some(out.path().join("nothing-here")),
+                ..config(4)
+            },
+            &data
+        ),
+        Err(PeftError::Io { .. })
+    ));
+    assert!(matches!(
+        run(&Regression::new(), config(4), &[]),
+        Err(PeftError::InvalidConfig { .. })
+    ));
+}
