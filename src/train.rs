@@ -126,7 +126,8 @@ pub struct TrainConfig {
     pub eval_every: Option<usize>,
     /// Checkpoint every N steps; with `out_dir` set, the last step is always checkpointed.
     pub checkpoint_every: Option<usize>,
-    /// A plain log line every N steps when stdout is not a terminal.
+    /// A plain log line every N steps when stderr is not a terminal. Progress goes to stderr,
+    /// which keeps stdout for results such as `--json`.
     pub log_every: usize,
     pub out_dir: Option<PathBuf>,
     /// A checkpoint folder, or an output folder (its highest `checkpoint-<step>` is used).
@@ -368,10 +369,10 @@ impl Progress {
         if config.quiet {
             return Progress::Quiet;
         }
-        if std::io::stdout().is_terminal() {
+        if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(
                 Some(config.steps as u64),
-                ProgressDrawTarget::stdout(),
+                ProgressDrawTarget::stderr(),
             );
             if let Ok(style) = ProgressStyle::with_template(
                 "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -423,7 +424,7 @@ impl Progress {
                 *tok += tokens;
                 *time += dt;
                 if step % *every == 0 || step == total {
-                    println!(
+                    eprintln!(
                         "step {step}/{total} loss {:.4} lr {lr:.1e} tok/s {:.0}",
                         *loss_sum / *steps as f64,
                         per_second(*tok, *time)
@@ -441,7 +442,7 @@ impl Progress {
         match self {
             Progress::Quiet => {}
             Progress::Bar { bar, .. } => bar.println(line),
-            Progress::Lines { .. } => println!("{line}"),
+            Progress::Lines { .. } => eprintln!("{line}"),
         }
     }
 
