@@ -208,3 +208,26 @@ fn frozen_matmul_with_bias_matches_linear_and_gives_only_the_input_gradient() {
         "gradient sizes {sizes:?}"
     );
 }
+
+#[test]
+fn gelu_erf_matches_candle_value_and_gradient() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let x = random(&mut rng, &[4, 33], 6.0);
+    let c = random(&mut rng, &[4, 33], 1.0);
+    let (y, gx) = value_and_grad(&x, &c, |x| candle_peft::ops::gelu_erf(x).unwrap());
+    let (y_ref, gx_ref) = value_and_grad(&x, &c, |x| x.gelu_erf().unwrap());
+    assert!(
+        max_abs_diff(&y, &y_ref) < 2e-6,
+        "value {}",
+        max_abs_diff(&y, &y_ref)
+    );
+    assert!(
+        max_abs_diff(&gx, &gx_ref) < 2e-6,
+        "grad {}",
+        max_abs_diff(&gx, &gx_ref)
+    );
+    let x16 = x.to_dtype(DType::F16).unwrap();
+    let y16 = candle_peft::ops::gelu_erf(&x16).unwrap();
+    assert_eq!(y16.dtype(), DType::F16);
+    assert!(max_abs_diff(&y16.to_dtype(DType::F32).unwrap(), &y_ref) < 1e-2);
+}

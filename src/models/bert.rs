@@ -47,7 +47,7 @@ pub enum HiddenAct {
 impl HiddenAct {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            HiddenAct::Gelu => x.gelu_erf()?,
+            HiddenAct::Gelu => crate::ops::gelu_erf(x)?,
             HiddenAct::GeluNew => x.gelu()?,
             HiddenAct::Relu => x.relu()?,
             HiddenAct::Silu => x.silu()?,
