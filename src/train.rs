@@ -259,11 +259,7 @@ pub struct TrainerState {
 
 impl TrainerState {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
-        serde_json::from_str(&text).map_err(|source| PeftError::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+        crate::io::read_json(path)
     }
 }
 

@@ -455,39 +455,9 @@ fn list_weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
 /// The shard files of a Hugging Face index, in sorted order; checks that each listed tensor is in
 /// the file the index names.
 fn read_index(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
-    let text = fs::read_to_string(index).map_err(|e| PeftError::io(index, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| PeftError::Json {
-            path: index.to_path_buf(),
-            source,
-        })?;
-    let map = value
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| {
-            PeftError::config(
-                "weight_map",
-                format!("missing or not an object in {}", index.display()),
-            )
-        })?;
     let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (name, file) in map {
-        let file = file.as_str().ok_or_else(|| {
-            PeftError::config(
-                format!("weight_map.{name}"),
-                format!("not a file name in {}", index.display()),
-            )
-        })?;
-        by_file
-            .entry(file.to_string())
-            .or_default()
-            .push(name.clone());
-    }
-    if by_file.is_empty() {
-        return Err(PeftError::config(
-            "weight_map",
-            format!("is empty in {}", index.display()),
-        ));
+    for (name, file) in crate::io::source::weight_map(index)? {
+        by_file.entry(file).or_default().push(name);
     }
     let mut files = Vec::with_capacity(by_file.len());
     for (file, names) in by_file {
@@ -1087,12 +1057,7 @@ fn copy_aux_files(src_dir: &Path, out_dir: &Path, dtype: Option<DType>) -> Resul
         let dst = out_dir.join(name);
         match dtype.and_then(torch_dtype_name) {
             Some(torch) if *name == "config.json" => {
-                let text = fs::read_to_string(&src).map_err(|e| PeftError::io(&src, e))?;
-                let mut value: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|source| PeftError::Json {
-                        path: src.clone(),
-                        source,
-                    })?;
+                let mut value: serde_json::Value = crate::io::read_json(&src)?;
                 if let Some(obj) = value.as_object_mut() {
                     obj.insert("torch_dtype".into(), torch.into());
                     // transformers ≥ 4.56 writes `dtype` instead.

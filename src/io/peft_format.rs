@@ -39,12 +39,7 @@ pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
             dir: dir.to_path_buf(),
         });
     }
-    let text = fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| PeftError::Json {
-            path: path.clone(),
-            source,
-        })?;
+    let value: serde_json::Value = crate::io::read_json(&path)?;
     AdapterConfig::from_json(&value).map_err(|e| match e {
         PeftError::InvalidConfig { field, reason } => PeftError::InvalidConfig {
             field,

@@ -260,14 +260,10 @@ fn no_safetensors(spec: &str, dir: &Path) -> PeftError {
     }
 }
 
-/// The distinct shard file names of a `model.safetensors.index.json`, sorted.
-pub fn shard_names(index: &Path) -> Result<Vec<String>> {
-    let text = fs::read_to_string(index).map_err(|e| PeftError::io(index, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| PeftError::Json {
-            path: index.to_path_buf(),
-            source,
-        })?;
+/// The `weight_map` of a `model.safetensors.index.json`: (tensor name, shard file name) pairs in
+/// the index's order. Every file must be a plain file name in the index's folder.
+pub fn weight_map(index: &Path) -> Result<Vec<(String, String)>> {
+    let value: serde_json::Value = crate::io::read_json(index)?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -277,7 +273,7 @@ pub fn shard_names(index: &Path) -> Result<Vec<String>> {
                 format!("missing or not an object in {}", index.display()),
             )
         })?;
-    let mut names = BTreeSet::new();
+    let mut pairs = Vec::with_capacity(map.len());
     for (key, file) in map {
         let file = file.as_str().ok_or_else(|| {
             PeftError::config(
@@ -291,14 +287,20 @@ pub fn shard_names(index: &Path) -> Result<Vec<String>> {
                 format!("`{file}` is not a plain file name (in {})", index.display()),
             ));
         }
-        names.insert(file.to_string());
+        pairs.push((key.clone(), file.to_string()));
     }
-    if names.is_empty() {
+    if pairs.is_empty() {
         return Err(PeftError::config(
             "weight_map",
             format!("is empty in {}", index.display()),
         ));
     }
+    Ok(pairs)
+}
+
+/// The distinct shard file names of a `model.safetensors.index.json`, sorted.
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let names: BTreeSet<String> = weight_map(index)?.into_iter().map(|(_, f)| f).collect();
     Ok(names.into_iter().collect())
 }
 

@@ -168,11 +168,7 @@ impl BertConfig {
     /// Reads and checks a `config.json` file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|source| PeftError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let cfg: Self = crate::io::read_json(path)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -461,11 +461,7 @@ pub fn write_classification_config(
     if labels.is_empty() {
         return Err(PeftError::config("id2label", "no label names"));
     }
-    let text = fs::read_to_string(base_config).map_err(|e| PeftError::io(base_config, e))?;
-    let mut value: Value = serde_json::from_str(&text).map_err(|source| PeftError::Json {
-        path: base_config.to_path_buf(),
-        source,
-    })?;
+    let mut value: Value = crate::io::read_json(base_config)?;
     let obj = value.as_object_mut().ok_or_else(|| {
         PeftError::config(
             "config.json",
@@ -498,11 +494,7 @@ pub fn write_classification_config(
 /// The label names of a classification `config.json` (`id2label`, ordered by id), or `None`
 /// when it has none. Ids must be `0..n`.
 pub fn labels_from_config(path: &Path) -> Result<Option<Vec<String>>> {
-    let text = fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
-    let value: Value = serde_json::from_str(&text).map_err(|source| PeftError::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let value: Value = crate::io::read_json(path)?;
     let Some(map) = value.get("id2label").and_then(Value::as_object) else {
         return Ok(None);
     };
