@@ -12,19 +12,7 @@ fn inputs() -> (Tensor, Tensor) {
     (t["input_ids"].clone(), t["attention_mask"].clone())
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use common::max_abs_diff;
 
 fn oracle_model(dir: &std::path::Path) -> oracle::BertModel {
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();

@@ -87,14 +87,7 @@ fn to_f32_vec(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    to_f32_vec(a)
-        .iter()
-        .zip(to_f32_vec(b))
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use common::max_abs_diff;
 
 /// The MiniLM merge checks shared by the library and binary tests.
 fn check_minilm_merge(out: &Path) {

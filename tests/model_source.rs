@@ -50,18 +50,7 @@ fn inputs() -> (Tensor, Tensor) {
     (t["input_ids"].clone(), t["attention_mask"].clone())
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use common::max_abs_diff;
 
 #[test]
 fn hub_id_resolves_offline_from_the_cache() {

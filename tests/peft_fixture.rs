@@ -33,19 +33,7 @@ fn forward(model: &BertModel) -> Tensor {
     model.forward(&ids, None, Some(&mask)).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use common::max_abs_diff;
 
 fn max_abs(a: &Tensor) -> f32 {
     a.abs()

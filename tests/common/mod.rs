@@ -40,3 +40,19 @@ pub fn fixture(name: &str) -> PathBuf {
         .join("tests/fixtures")
         .join(name)
 }
+
+/// `max |a − b|` over all elements (as f32); the shapes must agree.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let d = (a.to_dtype(candle_core::DType::F32).unwrap()
+        - b.to_dtype(candle_core::DType::F32).unwrap())
+    .unwrap();
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
