@@ -19,6 +19,7 @@ pub mod model;
 pub mod models;
 pub mod ops;
 pub mod optim;
+pub mod tasks;
 pub mod train;
 
 pub use adapter::{Adapter, Conv2dParams, LayerGeometry, Method};
@@ -30,4 +31,5 @@ pub use layer::{LayerHandle, PeftConv2d, PeftLinear};
 pub use model::{DEFAULT_ADAPTER, PeftModel};
 pub use models::bert::{BertConfig, BertModel};
 pub use optim::{AdamW, AdamWConfig, LrSchedule, Schedule, Warmup};
+pub use tasks::{ClassifyEval, ClassifyTask};
 pub use train::{EvalReport, TrainConfig, TrainReport, TrainTask, Trainer};

@@ -1,0 +1,162 @@
+//! `candle-peft eval --model <hub id|dir> [--adapter DIR] --data <tsv> [--task classify] [--json]`:
+//! accuracy, mean cross-entropy and the number of examples of a classifier on labelled data.
+//!
+//! The model is a `BertForSequenceClassification` export (e.g. `train --merge`'s `DIR/merged`),
+//! or a base model plus `--adapter` (whose saved classifier is the head). Label names come from
+//! the adapter's `labels.json`, else the model's `config.json` (`id2label`), else the data.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use candle_peft::DEFAULT_ADAPTER;
+use candle_peft::data::{LabeledDataset, read_tsv, read_tsv_with_labels};
+use candle_peft::io::export::read_safetensors_header;
+use candle_peft::io::peft_format::WEIGHTS_NAME;
+use candle_peft::io::source;
+use candle_peft::tasks::classify::{self, CLASSIFIER_MODULE, ClassifyTask};
+use clap::Args;
+use serde_json::json;
+use std::fmt::Write as _;
+
+use super::Task;
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model: a hub id or a local folder (e.g. the DIR/merged folder `train --merge` wrote).
+    #[arg(long)]
+    pub model: String,
+    /// An adapter folder (PEFT format) to apply to the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Labelled data: a TSV of `label<TAB>text` lines.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// classify (causal-lm is not implemented yet).
+    #[arg(long, default_value = "classify")]
+    pub task: String,
+    /// Print one JSON line: {"accuracy": …, "loss": …, "examples": …}.
+    #[arg(long)]
+    pub json: bool,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Maximum tokens per example (special tokens included).
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Seeds the classifier of a model that has none (a bare base model without --adapter).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also write the predicted label of every example to FILE, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub predictions: Option<PathBuf>,
+}
+
+/// Output rows of the adapter's saved classifier, read from the safetensors header.
+fn adapter_classifier_rows(dir: &std::path::Path) -> anyhow::Result<Option<usize>> {
+    let path = dir.join(WEIGHTS_NAME);
+    let header = read_safetensors_header(&path)
+        .with_context(|| format!("reading the adapter {}", dir.display()))?;
+    let suffixes = [
+        format!(".{CLASSIFIER_MODULE}.weight"),
+        format!(".{CLASSIFIER_MODULE}.modules_to_save.{DEFAULT_ADAPTER}.weight"),
+    ];
+    Ok(header
+        .tensors
+        .iter()
+        .find(|(k, _)| suffixes.iter().any(|s| k.ends_with(s.as_str())))
+        .and_then(|(_, info)| info.shape.first().copied()))
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    match args.task.parse::<Task>()? {
+        Task::Classify => {}
+        Task::CausalLm => bail!("--task causal-lm is not implemented yet (implemented: classify)"),
+    }
+    for (flag, v) in [("--batch", args.batch), ("--seq", args.seq)] {
+        if v == 0 {
+            bail!("{flag} must be at least 1 (got 0)");
+        }
+    }
+    if let Some(dir) = &args.adapter {
+        if !dir.is_dir() {
+            bail!("--adapter {} is not a folder", dir.display());
+        }
+    }
+    let model_source = source::resolve(&args.model)
+        .with_context(|| format!("resolving --model {}", args.model))?;
+
+    let known = match &args.adapter {
+        Some(dir) => classify::read_labels(dir)?,
+        None => None,
+    };
+    let known = match known {
+        Some(l) => Some(l),
+        None => classify::model_labels(&model_source)?,
+    };
+    let read = |labels: Option<&[String]>| -> anyhow::Result<LabeledDataset> {
+        match labels {
+            Some(l) => read_tsv_with_labels(&args.data, l),
+            None => read_tsv(&args.data),
+        }
+        .with_context(|| format!("reading --data {}", args.data.display()))
+    };
+    let (data, labels) = match known {
+        Some(labels) => (read(Some(&labels))?, labels),
+        None => {
+            let data = read(None)?;
+            let mut labels = data.labels.clone();
+            let rows = match &args.adapter {
+                Some(dir) => adapter_classifier_rows(dir)?,
+                None => None,
+            };
+            match rows {
+                // Integer labels the data does not all use: size the head from the adapter.
+                Some(rows) => {
+                    let ints = labels.iter().all(|l| l.bytes().all(|b| b.is_ascii_digit()));
+                    if ints && rows > labels.len() {
+                        labels = (0..rows).map(|i| i.to_string()).collect();
+                    }
+                }
+                None => eprintln!(
+                    "note: neither {} nor the adapter has a classifier; evaluating a freshly \
+                     initialised one (seed {})",
+                    args.model, args.seed
+                ),
+            }
+            (data, labels)
+        }
+    };
+
+    let device = Device::Cpu;
+    let mut task = ClassifyTask::from_source(&model_source, labels, args.seq, args.seed, &device)
+        .with_context(|| format!("loading {}", args.model))?
+        .with_eval_batch(args.batch);
+    if let Some(dir) = &args.adapter {
+        task.load_adapter(dir, DEFAULT_ADAPTER)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+    }
+    let r = task.evaluate_full(&data.examples)?;
+
+    if let Some(path) = &args.predictions {
+        let mut text = String::with_capacity(r.predictions.len() * 2);
+        for p in &r.predictions {
+            writeln!(text, "{}", task.labels()[*p])?;
+        }
+        std::fs::write(path, text)
+            .with_context(|| format!("writing --predictions {}", path.display()))?;
+    }
+
+    let mut o = String::new();
+    if args.json {
+        let value = json!({ "accuracy": r.accuracy, "loss": r.loss, "examples": r.examples });
+        writeln!(o, "{value}")?;
+    } else {
+        writeln!(
+            o,
+            "accuracy {:.4} ({}/{}), loss {:.4}",
+            r.accuracy, r.correct, r.examples, r.loss
+        )?;
+    }
+    super::print_stdout(&o)
+}

@@ -1,0 +1,409 @@
+//! `candle-peft train --model <hub id|dir> --task classify --data <tsv> --method lora --out DIR
+//! [--merge] …`: fine-tunes an adapter and writes `DIR/adapter/` (PEFT format, plus
+//! `labels.json`) and, with `--merge`, `DIR/merged/` (a `BertForSequenceClassification` folder
+//! that `train`, `eval`, candle-transformers and Python transformers load).
+//!
+//! `--steps 0` initialises the adapter (and the classifier) and saves it without training.
+//! Progress goes to stderr; stdout carries the results (one JSON line with `--json`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use candle_peft::data::{LabeledDataset, read_tsv, read_tsv_with_labels};
+use candle_peft::io::source;
+use candle_peft::models::heads::BertForSequenceClassification;
+use candle_peft::tasks::classify::{self, ClassifyTask};
+use candle_peft::train::EvalReport;
+use candle_peft::{
+    AdapterConfig, DEFAULT_ADAPTER, LoraConfig, Method, Schedule, TrainConfig, TrainTask, Trainer,
+    Warmup,
+};
+use clap::Args;
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+
+use super::Task;
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Base model: a hub id (org/name, looked up in the HF cache first) or a local folder.
+    #[arg(long)]
+    pub model: String,
+    /// What to train: classify (causal-lm is not implemented yet).
+    #[arg(long)]
+    pub task: String,
+    /// Training data: a TSV of `label<TAB>text` lines (a header line is detected and skipped).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Adapter method: lora (lora-pro, eva, corda, svfit, loldu, randlora, flora and salt are
+    /// not implemented yet).
+    #[arg(long)]
+    pub method: String,
+    /// Output folder: DIR/adapter/ and, with --merge, DIR/merged/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write merged weights to DIR/merged/.
+    #[arg(long)]
+    pub merge: bool,
+    /// Modules to adapt, comma-separated names or suffixes [default: query,value].
+    #[arg(long, value_delimiter = ',', conflicts_with = "config")]
+    pub targets: Option<Vec<String>>,
+    /// LoRA rank r [default: 8].
+    #[arg(long, conflicts_with = "config")]
+    pub rank: Option<usize>,
+    /// LoRA alpha (scaling alpha/r) [default: 16].
+    #[arg(long, conflicts_with = "config")]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapter's input [default: 0].
+    #[arg(long, conflicts_with = "config")]
+    pub dropout: Option<f64>,
+    /// A PEFT adapter_config.json (or a folder holding one) to use instead of --rank, --alpha,
+    /// --targets and --dropout.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Optimiser steps [default: one pass over the data].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Micro-batches per optimiser step.
+    #[arg(long = "grad-accum", default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Maximum tokens per example (special tokens included); batches are padded only to their
+    /// longest example.
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// AdamW weight decay.
+    #[arg(long = "weight-decay", default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Learning-rate schedule: constant, linear or cosine.
+    #[arg(long, default_value = "linear", value_parser = parse_schedule)]
+    pub schedule: Schedule,
+    /// Warmup: a step count (100) or a fraction of the steps (0.1).
+    #[arg(long, default_value = "0.1", value_parser = parse_warmup)]
+    pub warmup: Warmup,
+    /// Clip the global gradient norm to this (0 or `none`: no clipping).
+    #[arg(long = "max-grad-norm", default_value = "1.0", value_parser = parse_max_grad_norm)]
+    pub max_grad_norm: MaxGradNorm,
+    /// Seeds the data order, the adapter and classifier initialisation and dropout.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Validation data (a TSV like --data), evaluated after training and with --eval-every.
+    #[arg(long = "eval-data")]
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate on --eval-data every N steps.
+    #[arg(long = "eval-every")]
+    pub eval_every: Option<usize>,
+    /// Write DIR/checkpoint-<step>/ every N steps (and after the last step).
+    #[arg(long = "checkpoint-every")]
+    pub checkpoint_every: Option<usize>,
+    /// Resume from a checkpoint folder, or from the latest checkpoint in a folder (default:
+    /// --out).
+    #[arg(long, num_args = 0..=1, value_name = "DIR")]
+    pub resume: Option<Option<PathBuf>>,
+    /// Print one JSON line with the results.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `--max-grad-norm`: `None` turns clipping off.
+#[derive(Debug, Clone, Copy)]
+pub struct MaxGradNorm(pub Option<f64>);
+
+fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    s.parse::<Schedule>().map_err(|e| e.to_string())
+}
+
+fn parse_warmup(s: &str) -> Result<Warmup, String> {
+    s.parse::<Warmup>().map_err(|e| e.to_string())
+}
+
+fn parse_max_grad_norm(s: &str) -> Result<MaxGradNorm, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(MaxGradNorm(None));
+    }
+    match s.parse::<f64>() {
+        Ok(0.0) => Ok(MaxGradNorm(None)),
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(MaxGradNorm(Some(v))),
+        _ => Err(format!("`{s}` is not a positive number, 0 or `none`")),
+    }
+}
+
+/// The settings checks that need no file: they fail before anything is loaded.
+fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
+    for (flag, v) in [
+        ("--batch", args.batch),
+        ("--grad-accum", args.grad_accum),
+        ("--seq", args.seq),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be at least 1 (got 0)");
+        }
+    }
+    for (flag, v) in [
+        ("--eval-every", args.eval_every),
+        ("--checkpoint-every", args.checkpoint_every),
+    ] {
+        if v == Some(0) {
+            bail!("{flag} must be at least 1 (got 0)");
+        }
+    }
+    if args.eval_every.is_some() && args.eval_data.is_none() {
+        bail!("--eval-every needs --eval-data (a validation TSV)");
+    }
+    if !(args.lr.is_finite() && args.lr >= 0.0) {
+        bail!("--lr must be a finite number ≥ 0 (got {})", args.lr);
+    }
+    if !(args.weight_decay.is_finite() && args.weight_decay >= 0.0) {
+        bail!(
+            "--weight-decay must be a finite number ≥ 0 (got {})",
+            args.weight_decay
+        );
+    }
+    if let Some(r) = args.rank {
+        if r == 0 {
+            bail!("--rank must be at least 1 (got 0)");
+        }
+    }
+    if let Some(p) = args.dropout {
+        if !(0.0..1.0).contains(&p) {
+            bail!("--dropout must be in [0, 1) (got {p})");
+        }
+    }
+    if args.out.exists() && !args.out.is_dir() {
+        bail!(
+            "--out {} exists and is not a directory (the output must be a folder)",
+            args.out.display()
+        );
+    }
+    for sub in ["adapter", "merged"] {
+        let p = args.out.join(sub);
+        if p.exists() && !p.is_dir() {
+            bail!("{} exists and is not a directory", p.display());
+        }
+    }
+    Ok(())
+}
+
+/// The adapter config: `--config` or the flags, made for classification.
+fn adapter_config(args: &TrainArgs) -> anyhow::Result<AdapterConfig> {
+    let config = match &args.config {
+        Some(path) => {
+            let file = if path.is_dir() {
+                path.join(candle_peft::io::peft_format::CONFIG_NAME)
+            } else {
+                path.clone()
+            };
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading --config {}", file.display()))?;
+            let value: Value = serde_json::from_str(&text)
+                .with_context(|| format!("--config {}: invalid JSON", file.display()))?;
+            AdapterConfig::from_json(&value)
+                .with_context(|| format!("--config {}", file.display()))?
+        }
+        None => {
+            let targets = args
+                .targets
+                .clone()
+                .unwrap_or_else(|| vec!["query".into(), "value".into()]);
+            let targets: Vec<String> = targets
+                .into_iter()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect();
+            if targets.is_empty() {
+                bail!("--targets is empty (give module names such as query,value)");
+            }
+            let mut c =
+                LoraConfig::new(&targets, args.rank.unwrap_or(8), args.alpha.unwrap_or(16.0));
+            c.lora_dropout = args.dropout.unwrap_or(0.0);
+            AdapterConfig::Lora(c)
+        }
+    };
+    let mut config = classify::for_classification(config);
+    match &mut config {
+        AdapterConfig::Lora(c) => c.base_model_name_or_path = Some(args.model.clone()),
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// The method, or a clear error for the ones not implemented yet.
+pub fn check_method(name: &str) -> anyhow::Result<Method> {
+    let method = Method::from_cli_name(name)?;
+    if method != Method::Lora {
+        bail!(
+            "--method {method} is not implemented yet (implemented: lora; planned: lora-pro, \
+             eva, corda, svfit, loldu, randlora, flora, salt)"
+        );
+    }
+    Ok(method)
+}
+
+fn eval_json(r: &EvalReport) -> Value {
+    json!({
+        "accuracy": r.metrics.get("accuracy").copied().unwrap_or(f64::NAN),
+        "loss": r.loss,
+        "examples": r.metrics.get("examples").map(|v| *v as usize).unwrap_or(0),
+    })
+}
+
+fn read_data(path: &Path, labels: Option<&[String]>, what: &str) -> anyhow::Result<LabeledDataset> {
+    let data = match labels {
+        Some(l) => read_tsv_with_labels(path, l),
+        None => read_tsv(path),
+    };
+    data.with_context(|| format!("reading {what} {}", path.display()))
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    match args.task.parse::<Task>()? {
+        Task::Classify => {}
+        Task::CausalLm => bail!("--task causal-lm is not implemented yet (implemented: classify)"),
+    }
+    check_method(&args.method)?;
+    check_args(&args)?;
+    let config = adapter_config(&args)?;
+
+    let model_source = source::resolve(&args.model)
+        .with_context(|| format!("resolving --model {}", args.model))?;
+    // A classification export brings its labels; otherwise the training data defines them.
+    let model_labels = classify::model_labels(&model_source)?;
+    let train = read_data(&args.data, model_labels.as_deref(), "--data")?;
+    let labels = train.labels.clone();
+    let eval = match &args.eval_data {
+        Some(p) => Some(read_data(p, Some(&labels), "--eval-data")?),
+        None => None,
+    };
+
+    let device = Device::Cpu;
+    let mut task =
+        ClassifyTask::from_source(&model_source, labels.clone(), args.seq, args.seed, &device)
+            .with_context(|| format!("loading {}", args.model))?;
+    task.add_adapter(DEFAULT_ADAPTER, config)?;
+    let trainable = task.model().num_trainable_parameters();
+    let total = task.model().num_total_parameters();
+
+    let per_step = args.batch * args.grad_accum;
+    let steps = args.steps.unwrap_or_else(|| train.len().div_ceil(per_step));
+    let resume_from = args
+        .resume
+        .as_ref()
+        .map(|r| r.clone().unwrap_or_else(|| args.out.clone()));
+    let checkpoints = args.checkpoint_every.is_some() || resume_from.is_some();
+    let train_config = TrainConfig {
+        steps,
+        batch_size: args.batch,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        schedule: args.schedule,
+        warmup: args.warmup,
+        max_grad_norm: args.max_grad_norm.0,
+        seed: args.seed,
+        eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
+        out_dir: checkpoints.then(|| args.out.clone()),
+        resume_from,
+        quiet: args.quiet,
+        ..TrainConfig::default()
+    };
+    if !args.quiet {
+        eprintln!(
+            "{}: {} labels ({}), {} training examples; {} trainable of {} parameters ({:.3}%); \
+             {steps} steps of {per_step}",
+            args.model,
+            labels.len(),
+            labels.join(", "),
+            train.len(),
+            trainable,
+            total,
+            100.0 * trainable as f64 / total as f64
+        );
+    }
+    let trainer = Trainer::new(train_config)?;
+    let report = trainer.run(
+        &task,
+        &train.examples,
+        eval.as_ref().map(|d| d.examples.as_slice()),
+    )?;
+
+    let adapter_dir = args.out.join("adapter");
+    task.save_adapter(&adapter_dir)
+        .with_context(|| format!("saving the adapter to {}", adapter_dir.display()))?;
+
+    let final_eval = match &eval {
+        Some(data) => Some(match report.evals.last() {
+            Some(r) if r.step == report.global_step && report.global_step > report.start_step => {
+                r.report.clone()
+            }
+            _ => task.evaluate(&data.examples)?,
+        }),
+        None => None,
+    };
+
+    let merged_dir = if args.merge {
+        let dir = args.out.join("merged");
+        BertForSequenceClassification::export_merged(
+            task.into_model(),
+            &model_source,
+            &dir,
+            &labels,
+        )
+        .with_context(|| format!("writing the merged model to {}", dir.display()))?;
+        Some(dir)
+    } else {
+        None
+    };
+
+    let final_loss = report.losses.last().copied();
+    let mut o = String::new();
+    if args.json {
+        let value = json!({
+            "steps": report.global_step,
+            "final_loss": final_loss,
+            "losses": report.losses,
+            "eval": final_eval.as_ref().map(eval_json),
+            "labels": labels,
+            "train_examples": train.len(),
+            "trainable_parameters": trainable,
+            "adapter": adapter_dir,
+            "merged": merged_dir,
+            "seconds": report.seconds,
+        });
+        writeln!(o, "{value}")?;
+    } else {
+        match final_loss {
+            Some(l) => writeln!(
+                o,
+                "trained {} steps in {:.1}s, final loss {l:.4}",
+                report.global_step - report.start_step,
+                report.seconds
+            )?,
+            None => writeln!(o, "initialised without training (--steps 0)")?,
+        }
+        if let Some(r) = &final_eval {
+            let v = eval_json(r);
+            writeln!(
+                o,
+                "eval: accuracy {:.4} on {} examples, loss {:.4}",
+                v["accuracy"].as_f64().unwrap_or(f64::NAN),
+                v["examples"],
+                r.loss
+            )?;
+        }
+        writeln!(o, "adapter saved to {}", adapter_dir.display())?;
+        if let Some(d) = &merged_dir {
+            writeln!(o, "merged model written to {}", d.display())?;
+        }
+    }
+    super::print_stdout(&o)
+}
