@@ -2,8 +2,11 @@
 //! (clap derive) and a `run(args) -> anyhow::Result<()>`, a variant in [`Command`], and an arm
 //! in [`run`].
 
+pub mod bench;
+pub mod eval;
 pub mod inspect;
 pub mod merge;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -17,16 +20,25 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fine-tune an adapter; write OUT/adapter/ and, with --merge, OUT/merged/.
+    Train(Box<train::TrainArgs>),
+    /// Evaluate a model (optionally with an adapter) on labelled data.
+    Eval(eval::EvalArgs),
     /// Merge an adapter into a base model's weights and write a model folder (no model code).
     Merge(merge::MergeArgs),
     /// Show an adapter directory: method, targets, ranks, scaling, parameters and tensors.
     Inspect(inspect::InspectArgs),
+    /// Run a fixed benchmark workload (DESIGN.md) and report ms/step and peak memory.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train(args) => train::run(*args),
+        Command::Eval(args) => eval::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
@@ -38,5 +50,24 @@ pub fn print_stdout(text: &str) -> anyhow::Result<()> {
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),
+    }
+}
+
+/// `--task`: what a model is trained or evaluated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    Classify,
+    CausalLm,
+}
+
+impl std::str::FromStr for Task {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "classify" | "classification" | "seq-cls" => Ok(Task::Classify),
+            "causal-lm" | "causal_lm" | "clm" => Ok(Task::CausalLm),
+            other => anyhow::bail!("unknown --task `{other}` (expected classify or causal-lm)"),
+        }
     }
 }
