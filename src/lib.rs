@@ -3,6 +3,9 @@
 //! Build a model's layers through [`PeftBuilder`], wrap it in a [`PeftModel`], attach adapters,
 //! train the vars from [`PeftModel::trainable_vars`], save with [`PeftModel::save_adapter`] and
 //! export merged weights.
+//!
+//! The README follows; its Rust example is compiled as a doctest.
+#![doc = include_str!("../README.md")]
 
 pub mod adapter;
 #[path = "../adapters/mod.rs"]
