@@ -25,6 +25,11 @@ use candle_peft::models::heads::BertForSequenceClassification;
 use candle_peft::tasks::classify::{self, ClassifyTask};
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig, Schedule, TrainConfig, TrainTask, Trainer, Warmup};
 
+// mimalloc keeps freed activation buffers instead of returning them to the kernel (see the
+// binary's note in src/bin/candle-peft.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
 const SEED: u64 = 42;
 const MAX_LEN: usize = 128;

@@ -3,6 +3,12 @@
 
 mod cli;
 
+// Training allocates and frees activation-sized buffers at every op. glibc's malloc hands large
+// ones back to the kernel, so each step page-faults them in again; mimalloc keeps them
+// (measured on minilm-lora-train: ~15% faster steps).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 fn main() {
