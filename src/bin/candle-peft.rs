@@ -21,7 +21,10 @@ use clap::Parser;
 ///   element-wise ops on the calling thread is faster there (minilm-lora-train, 2 cores: ~5%).
 fn tune_runtime() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut settings = vec![("MIMALLOC_PURGE_DELAY", "-1"), ("MIMALLOC_LARGE_OS_PAGES", "1")];
+    let mut settings = vec![
+        ("MIMALLOC_PURGE_DELAY", "-1"),
+        ("MIMALLOC_LARGE_OS_PAGES", "1"),
+    ];
     if cores <= 2 {
         settings.push(("CANDLE_NUM_THREADS", "1"));
     }
