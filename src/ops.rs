@@ -19,6 +19,11 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Work per rayon task in the CPU kernels: small tensors stay on one thread.
+const ROWS_PER_TASK: usize = 64;
+const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
 /// Which normalisation `norm` computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,7 +88,8 @@ impl CustomOp1 for Norm {
             );
         }
         let mut out = vec![0f32; src.len()];
-        for (row, dst) in src.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let rows = src.par_chunks_exact(dim).zip(out.par_chunks_exact_mut(dim));
+        rows.with_min_len(ROWS_PER_TASK).for_each(|(row, dst)| {
             let mean = match self.kind {
                 NormKind::LayerNorm => row.iter().map(|&v| f64::from(v)).sum::<f64>() / dim as f64,
                 NormKind::RmsNorm => 0.0,
@@ -110,7 +116,7 @@ impl CustomOp1 for Norm {
                     }
                 }
             }
-        }
+        });
         Ok((output_storage(out, &shape, x.dtype())?, shape))
     }
 
@@ -188,7 +194,11 @@ impl CustomOp1 for GeluErf {
         let shape = layout.shape().clone();
         let mut converted = None;
         let src = f32_input(x, layout, &mut converted)?;
-        let out = src.iter().map(|&v| v * normal_cdf_pdf(v).0).collect();
+        let out = src
+            .par_iter()
+            .with_min_len(ELEMENTS_PER_TASK)
+            .map(|&v| v * normal_cdf_pdf(v).0)
+            .collect();
         Ok((output_storage(out, &shape, x.dtype())?, shape))
     }
 
@@ -234,8 +244,9 @@ impl candle_core::CustomOp2 for GeluErfGrad {
         let xs = f32_input(x, x_layout, &mut cx)?;
         let gs = f32_input(g, g_layout, &mut cg)?;
         let out = xs
-            .iter()
+            .par_iter()
             .zip(gs)
+            .with_min_len(ELEMENTS_PER_TASK)
             .map(|(&v, &g)| {
                 let (cdf, pdf) = normal_cdf_pdf(v);
                 g * (cdf + v * pdf)
@@ -309,37 +320,36 @@ impl CustomOp1 for MaskedSoftmax {
         let mut converted = None;
         let src = f32_input(x, layout, &mut converted)?;
         let mut out = vec![0f32; src.len()];
-        for (row_idx, (row, dst)) in src
-            .chunks_exact(tk)
-            .zip(out.chunks_exact_mut(tk))
-            .enumerate()
-        {
-            let q = row_idx % tq;
-            let batch = row_idx / (h * tq);
-            let mask_row = mask.as_ref().map(|(m, mq)| {
-                let mq_idx = if *mq == 1 { 0 } else { q };
-                let offset = (batch * mq + mq_idx) * tk;
-                &m[offset..offset + tk]
-            });
-            match mask_row {
-                Some(m) => {
-                    for ((d, &v), &mv) in dst.iter_mut().zip(row).zip(m) {
-                        *d = v + mv;
+        let rows = src.par_chunks_exact(tk).zip(out.par_chunks_exact_mut(tk));
+        rows.enumerate()
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(row_idx, (row, dst))| {
+                let q = row_idx % tq;
+                let batch = row_idx / (h * tq);
+                let mask_row = mask.as_ref().map(|(m, mq)| {
+                    let mq_idx = if *mq == 1 { 0 } else { q };
+                    let offset = (batch * mq + mq_idx) * tk;
+                    &m[offset..offset + tk]
+                });
+                match mask_row {
+                    Some(m) => {
+                        for ((d, &v), &mv) in dst.iter_mut().zip(row).zip(m) {
+                            *d = v + mv;
+                        }
                     }
+                    None => dst.copy_from_slice(row),
                 }
-                None => dst.copy_from_slice(row),
-            }
-            let max = dst.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for d in dst.iter_mut() {
-                *d = (*d - max).exp();
-                sum += *d;
-            }
-            let inv = 1.0 / sum;
-            for d in dst.iter_mut() {
-                *d *= inv;
-            }
-        }
+                let max = dst.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for d in dst.iter_mut() {
+                    *d = (*d - max).exp();
+                    sum += *d;
+                }
+                let inv = 1.0 / sum;
+                for d in dst.iter_mut() {
+                    *d *= inv;
+                }
+            });
         Ok((output_storage(out, &shape, x.dtype())?, shape))
     }
 
