@@ -468,16 +468,7 @@ pub fn write_classification_config(
             format!("{} is not a JSON object", base_config.display()),
         )
     })?;
-    let id2label: Map<String, Value> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i.to_string(), Value::from(l.as_str())))
-        .collect();
-    let label2id: Map<String, Value> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.clone(), Value::from(i)))
-        .collect();
+    let (id2label, label2id) = label_maps(labels);
     obj.insert("architectures".into(), Value::from(vec![ARCHITECTURE]));
     obj.insert("num_labels".into(), Value::from(labels.len()));
     obj.insert("id2label".into(), Value::Object(id2label));
@@ -489,6 +480,21 @@ pub fn write_classification_config(
     let text = serde_json::to_string_pretty(&value)
         .map_err(|e| PeftError::config("config.json", e.to_string()))?;
     write_atomic(out, format!("{text}\n").as_bytes())
+}
+
+/// transformers' `id2label` (`{"0": name, …}`) and `label2id` (`{name: 0, …}`) for `labels`.
+pub fn label_maps(labels: &[String]) -> (Map<String, Value>, Map<String, Value>) {
+    let id2label = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), Value::from(l.as_str())))
+        .collect();
+    let label2id = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), Value::from(i)))
+        .collect();
+    (id2label, label2id)
 }
 
 /// The label names of a classification `config.json` (`id2label`, ordered by id), or `None`

@@ -27,7 +27,7 @@ use std::fs;
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::config::AdapterConfig;
@@ -369,11 +369,7 @@ pub fn for_classification(config: impl Into<AdapterConfig>) -> AdapterConfig {
 /// `0`, `1`, …, so data labelled by id matches them.
 pub fn model_labels(source: &ModelSource) -> Result<Option<Vec<String>>> {
     let path = &source.config;
-    let text = fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
-    let value: Value = serde_json::from_str(&text).map_err(|source| PeftError::Json {
-        path: path.clone(),
-        source,
-    })?;
+    let value: Value = crate::io::read_json(path)?;
     let is_classifier = value
         .get("architectures")
         .and_then(Value::as_array)
@@ -397,16 +393,7 @@ pub fn model_labels(source: &ModelSource) -> Result<Option<Vec<String>>> {
 
 /// Writes `dir/labels.json` (atomically): `{"id2label": {"0": name, …}, "label2id": {…}}`.
 pub fn write_labels(dir: &Path, labels: &[String]) -> Result<()> {
-    let id2label: Map<String, Value> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i.to_string(), Value::from(l.as_str())))
-        .collect();
-    let label2id: Map<String, Value> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.clone(), Value::from(i)))
-        .collect();
+    let (id2label, label2id) = crate::models::heads::label_maps(labels);
     let value = serde_json::json!({ "id2label": id2label, "label2id": label2id });
     let text = serde_json::to_string_pretty(&value)
         .map_err(|e| PeftError::config(LABELS_FILE, e.to_string()))?;
