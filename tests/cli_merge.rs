@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use candle_peft::io::export::{MergeOptions, merge_adapter_into_base, parse_size};
@@ -33,27 +33,7 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_candle-peft"))
 }
 
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run candle-peft");
-    assert!(
-        out.status.success(),
-        "candle-peft failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Runs the binary expecting a clean failure: exit 1, `error: …` on stderr, no panic.
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run candle-peft");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.starts_with("error: "), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
-    stderr
-}
+use common::{run_err, run_ok};
 
 /// Every tensor of a safetensors file: name → (dtype, shape, raw bytes).
 fn raw(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {

@@ -23,27 +23,7 @@ fn bin() -> Command {
     cmd
 }
 
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run candle-peft");
-    assert!(
-        out.status.success(),
-        "candle-peft failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Runs the binary expecting a clean failure: exit 1, `error: …` on stderr, no panic.
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run candle-peft");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.starts_with("error: "), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
-    stderr
-}
+use common::{run_err, run_ok};
 
 /// The one JSON line a `--json` run prints.
 fn json_line(out: &Output) -> Value {

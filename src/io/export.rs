@@ -47,10 +47,8 @@ pub const SINGLE_FILE_NAME: &str = "model.safetensors";
 /// The shard index name.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 
-/// Non-weight files copied from the base folder when present.
-const COPY_FILES: &[&str] = &[
-    "config.json",
-    "generation_config.json",
+/// Tokenizer files a model folder may carry; exports copy those the base has.
+pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -61,6 +59,12 @@ const COPY_FILES: &[&str] = &[
     "tokenizer.model",
     "spiece.model",
     "sentencepiece.bpe.model",
+];
+
+/// The other non-weight files a merge copies from the base folder when present.
+const OTHER_COPY_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
     "chat_template.jinja",
     "chat_template.json",
     "preprocessor_config.json",
@@ -1049,7 +1053,7 @@ fn write_tensor_data<W: Write>(t: &Tensor, w: &mut W, path: &Path) -> Result<()>
 /// given. Returns the copied paths relative to the base folder.
 fn copy_aux_files(src_dir: &Path, out_dir: &Path, dtype: Option<DType>) -> Result<Vec<PathBuf>> {
     let mut copied = Vec::new();
-    for name in COPY_FILES {
+    for name in TOKENIZER_FILES.iter().chain(OTHER_COPY_FILES) {
         let src = src_dir.join(name);
         if !src.is_file() {
             continue;

@@ -61,16 +61,6 @@ use crate::models::bert::{BertConfig, BertModel};
 pub const ARCHITECTURE: &str = "BertForSequenceClassification";
 /// Tensor probed to tell a prefixed checkpoint from a bare one.
 const PROBE: &str = "embeddings.word_embeddings.weight";
-/// Tokenizer files copied into a merged export when the base has them.
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-];
 
 /// transformers' `BertForSequenceClassification`: BERT, pooler, dropout, classifier.
 #[derive(Clone, Debug)]
@@ -370,7 +360,7 @@ impl BertForSequenceClassification {
 
         fs::create_dir_all(out_dir).map_err(|e| PeftError::io(out_dir, e))?;
         let mut copied_files = Vec::new();
-        for name in TOKENIZER_FILES {
+        for name in crate::io::export::TOKENIZER_FILES {
             let from = base.dir.join(name);
             if from.is_file() {
                 let bytes = fs::read(&from).map_err(|e| PeftError::io(&from, e))?;
