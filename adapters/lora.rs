@@ -31,7 +31,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::adapter::{Adapter, LayerGeometry, Method};
-use crate::config::{Targeting, pattern_value};
+use crate::config::{
+    CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting, pattern_value,
+};
 use crate::error::{PeftError, Result};
 use crate::init;
 
@@ -324,6 +326,29 @@ impl LoraConfig {
         Ok(value)
     }
 
+    /// The config `--method lora` builds from the CLI flags (r 8, α 16, dropout 0 unless given;
+    /// no method options).
+    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
+        args.check_options(Method::Lora, &["use_rslora", "init_lora_weights"])?;
+        let mut c = Self::new(
+            &args.targets,
+            args.rank.unwrap_or(8),
+            args.alpha.unwrap_or(16.0),
+        );
+        c.lora_dropout = args.dropout.unwrap_or(0.0);
+        if let Some(v) = args.option::<bool>("use_rslora")? {
+            c.use_rslora = v;
+        }
+        if let Some(v) = args.options.get("init_lora_weights") {
+            c.init_lora_weights = match v.as_str() {
+                "true" => InitLoraWeights::Bool(true),
+                "false" => InitLoraWeights::Bool(false),
+                other => InitLoraWeights::Named(other.to_string()),
+            };
+        }
+        Ok(c)
+    }
+
     /// A fresh adapter for `module`, drawn from `rng`.
     pub fn init_adapter(
         &self,
@@ -407,6 +432,68 @@ impl LoraConfig {
             b,
             init::seed_from_name(module),
         ))
+    }
+}
+
+impl MethodConfig for LoraConfig {
+    fn method(&self) -> Method {
+        Method::Lora
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.targeting
+    }
+
+    fn set_task_type(&mut self, task_type: Option<String>) {
+        self.task_type = task_type;
+    }
+
+    fn set_base_model(&mut self, name: Option<String>) {
+        self.base_model_name_or_path = name;
+    }
+
+    fn validate(&self) -> Result<()> {
+        LoraConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        LoraConfig::to_peft_json(self)
+    }
+
+    fn tensor_prefixes(&self) -> &'static [&'static str] {
+        Self::TENSOR_PREFIXES
+    }
+
+    fn fan_in_fan_out(&self) -> bool {
+        self.fan_in_fan_out
+    }
+
+    fn init_adapter(
+        &self,
+        ctx: &InitContext<'_>,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(LoraConfig::init_adapter(
+            self,
+            ctx.module,
+            ctx.geometry,
+            ctx.device,
+            rng,
+        )?))
+    }
+
+    fn load_adapter(&self, ctx: &LoadContext<'_>) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(LoraConfig::load_adapter(
+            self,
+            ctx.module,
+            ctx.geometry,
+            ctx.tensors,
+            ctx.device,
+        )?))
     }
 }
 

@@ -209,6 +209,117 @@ pub fn pattern_value<V: Copy>(
     Ok(None)
 }
 
+/// What a method's init sees for one targeted layer.
+pub struct InitContext<'a> {
+    /// The module path (`model.layers.0.self_attn.q_proj`).
+    pub module: &'a str,
+    pub geometry: LayerGeometry,
+    /// The layer's current base weight (pristine unless another adapter is merged), in the
+    /// model's dtype, on the layer's device. Decomposition methods factorise it.
+    pub base_weight: &'a Tensor,
+    pub device: &'a Device,
+    /// Model-level tensors made by [`MethodConfig::init_shared`] for this adapter (RandLoRA's
+    /// bases), under their file keys. Empty for most methods.
+    pub shared: &'a BTreeMap<String, Tensor>,
+}
+
+/// What a method's loader sees for one layer of a saved adapter.
+pub struct LoadContext<'a> {
+    pub module: &'a str,
+    pub geometry: LayerGeometry,
+    /// The layer's saved tensors, named relative to the layer (`lora_A.weight`).
+    pub tensors: &'a BTreeMap<String, Tensor>,
+    /// The file's model-level tensors (keys outside `base_model.model.`), e.g.
+    /// `base_model.randlora_A`.
+    pub shared: &'a BTreeMap<String, Tensor>,
+    /// The base weight when the caller has it (`PeftModel::load_adapter` does; the streaming
+    /// merge does not). Methods that save all their frozen state never need it.
+    pub base_weight: Option<&'a Tensor>,
+    pub device: &'a Device,
+}
+
+/// One method's configuration. Each method implements it in its file under `adapters/`;
+/// [`AdapterConfig`] dispatches to it.
+pub trait MethodConfig: std::fmt::Debug + Send + Sync {
+    fn method(&self) -> Method;
+    fn targeting(&self) -> &Targeting;
+    fn targeting_mut(&mut self) -> &mut Targeting;
+    /// PEFT's `task_type` (`SEQ_CLS`, `CAUSAL_LM`).
+    fn set_task_type(&mut self, task_type: Option<String>);
+    /// PEFT's `base_model_name_or_path`.
+    fn set_base_model(&mut self, name: Option<String>);
+    /// Checks every field, without looking at a model.
+    fn validate(&self) -> Result<()>;
+    /// The JSON written to `adapter_config.json` (PEFT's field names; keys sorted).
+    fn to_peft_json(&self) -> Result<serde_json::Value>;
+    /// The first segments of this method's per-layer tensor names (`lora_A`, `lora_B`), used to
+    /// split a file key into module path and tensor name.
+    fn tensor_prefixes(&self) -> &'static [&'static str];
+    /// Whether base weights are stored `[in, out]` (PEFT's `fan_in_fan_out`).
+    fn fan_in_fan_out(&self) -> bool {
+        false
+    }
+    /// Model-level tensors made once per adapter, before any layer, from every targeted layer's
+    /// geometry (RandLoRA's shared bases). Keys are full file keys (`base_model.randlora_A`).
+    fn init_shared(
+        &self,
+        layers: &[(String, LayerGeometry)],
+        device: &Device,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let _ = (layers, device, rng);
+        Ok(BTreeMap::new())
+    }
+    /// A fresh adapter for one layer, drawn from `rng`.
+    fn init_adapter(&self, ctx: &InitContext<'_>, rng: &mut ChaCha8Rng)
+    -> Result<Box<dyn Adapter>>;
+    /// The adapter for one layer rebuilt from its saved tensors.
+    fn load_adapter(&self, ctx: &LoadContext<'_>) -> Result<Box<dyn Adapter>>;
+}
+
+/// The settings the CLI's flags give (`--targets`, `--rank`, `--alpha`, `--dropout`,
+/// `--opt key=value`), before a method turns them into its config.
+#[derive(Clone, Debug, Default)]
+pub struct CliAdapterArgs {
+    pub targets: Vec<String>,
+    pub rank: Option<usize>,
+    pub alpha: Option<f64>,
+    pub dropout: Option<f64>,
+    /// Method-specific options (`energy=0.95`, `sparse=true`); a method refuses keys it does
+    /// not know, naming them.
+    pub options: BTreeMap<String, String>,
+}
+
+impl CliAdapterArgs {
+    /// Fails naming the first option not in `known`.
+    pub fn check_options(&self, method: Method, known: &[&str]) -> Result<()> {
+        if let Some(k) = self.options.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(PeftError::config(
+                format!("--opt {k}"),
+                format!(
+                    "`{k}` is not an option of {method} (its options: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Option `key` parsed as `T`, if given.
+    pub fn option<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>> {
+        match self.options.get(key) {
+            None => Ok(None),
+            Some(v) => v.parse::<T>().map(Some).map_err(|_| {
+                PeftError::config(format!("--opt {key}"), format!("cannot parse `{v}`"))
+            }),
+        }
+    }
+}
+
 /// The config of one adapter, for any method this build supports.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AdapterConfig {
@@ -216,37 +327,44 @@ pub enum AdapterConfig {
 }
 
 impl AdapterConfig {
-    pub fn method(&self) -> Method {
+    /// The method's own config, behind the common interface.
+    pub fn inner(&self) -> &dyn MethodConfig {
         match self {
-            AdapterConfig::Lora(_) => Method::Lora,
+            AdapterConfig::Lora(c) => c,
         }
     }
 
-    pub fn targeting(&self) -> &Targeting {
+    pub fn inner_mut(&mut self) -> &mut dyn MethodConfig {
         match self {
-            AdapterConfig::Lora(c) => &c.targeting,
+            AdapterConfig::Lora(c) => c,
         }
+    }
+
+    pub fn method(&self) -> Method {
+        self.inner().method()
+    }
+
+    pub fn targeting(&self) -> &Targeting {
+        self.inner().targeting()
+    }
+
+    pub fn targeting_mut(&mut self) -> &mut Targeting {
+        self.inner_mut().targeting_mut()
     }
 
     /// Whether base weights are stored `[in, out]` (PEFT's `fan_in_fan_out`).
     pub fn fan_in_fan_out(&self) -> bool {
-        match self {
-            AdapterConfig::Lora(c) => c.fan_in_fan_out,
-        }
+        self.inner().fan_in_fan_out()
     }
 
     /// Checks every field, without looking at a model.
     pub fn validate(&self) -> Result<()> {
-        match self {
-            AdapterConfig::Lora(c) => c.validate(),
-        }
+        self.inner().validate()
     }
 
     /// The JSON written to `adapter_config.json` (PEFT's field names; keys sorted as PEFT sorts).
     pub fn to_json(&self) -> Result<serde_json::Value> {
-        match self {
-            AdapterConfig::Lora(c) => c.to_peft_json(),
-        }
+        self.inner().to_peft_json()
     }
 
     /// Reads `adapter_config.json` content, dispatching on `peft_type`. Unknown fields are ignored,
@@ -264,40 +382,47 @@ impl AdapterConfig {
         Ok(config)
     }
 
-    /// A fresh adapter for `module`, drawn from `rng`.
-    pub fn init_adapter(
+    /// The config `candle-peft train --method <method>` builds from its flags.
+    pub fn from_cli(method: Method, args: &CliAdapterArgs) -> Result<Self> {
+        let config = match method {
+            Method::Lora | Method::LoraPro => AdapterConfig::Lora(LoraConfig::from_cli(args)?),
+            other => {
+                return Err(PeftError::Unsupported(format!(
+                    "method {other} is not implemented yet"
+                )));
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Model-level tensors for a new adapter (see [`MethodConfig::init_shared`]).
+    pub fn init_shared(
         &self,
-        module: &str,
-        geometry: LayerGeometry,
+        layers: &[(String, LayerGeometry)],
         device: &Device,
         rng: &mut ChaCha8Rng,
-    ) -> Result<Box<dyn Adapter>> {
-        match self {
-            AdapterConfig::Lora(c) => Ok(Box::new(c.init_adapter(module, geometry, device, rng)?)),
-        }
+    ) -> Result<BTreeMap<String, Tensor>> {
+        self.inner().init_shared(layers, device, rng)
     }
 
-    /// The adapter for `module` rebuilt from its saved tensors (names relative to the layer).
-    pub fn load_adapter(
+    /// A fresh adapter for one layer, drawn from `rng`.
+    pub fn init_adapter(
         &self,
-        module: &str,
-        geometry: LayerGeometry,
-        tensors: &BTreeMap<String, Tensor>,
-        device: &Device,
+        ctx: &InitContext<'_>,
+        rng: &mut ChaCha8Rng,
     ) -> Result<Box<dyn Adapter>> {
-        match self {
-            AdapterConfig::Lora(c) => {
-                Ok(Box::new(c.load_adapter(module, geometry, tensors, device)?))
-            }
-        }
+        self.inner().init_adapter(ctx, rng)
     }
 
-    /// The first segments of this method's per-layer tensor names (`lora_A`, `lora_B`), used to
-    /// split a file key into module path and tensor name.
+    /// The adapter for one layer rebuilt from its saved tensors.
+    pub fn load_adapter(&self, ctx: &LoadContext<'_>) -> Result<Box<dyn Adapter>> {
+        self.inner().load_adapter(ctx)
+    }
+
+    /// The first segments of this method's per-layer tensor names (`lora_A`, `lora_B`).
     pub fn tensor_prefixes(&self) -> &'static [&'static str] {
-        match self {
-            AdapterConfig::Lora(_) => LoraConfig::TENSOR_PREFIXES,
-        }
+        self.inner().tensor_prefixes()
     }
 }
 

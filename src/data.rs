@@ -27,6 +27,11 @@
 //! shorter piece is dropped unless `keep_partial` is set; a text too short for even one sequence
 //! is then an error rather than an empty data set.
 //!
+//! **Instruction data** ([`read_jsonl_pairs`]): JSON Lines, one object per line with string
+//! fields `prompt` and `response` (other fields are ignored; blank lines are skipped). A line
+//! that is not a JSON object, lacks either field, or has an empty `response` is an error naming
+//! the line; so is a file without pairs.
+//!
 //! **Batches** ([`load_tokenizer`], [`encode_batch`], [`pad_batch`]): a tokenizer loaded with
 //! [`load_tokenizer`] has its file's padding removed (all-MiniLM-L6-v2's `tokenizer.json` ships
 //! `padding: Fixed(128)`) and truncation set to `max_len`. [`encode_batch`] pads each batch only
@@ -328,6 +333,57 @@ pub fn read_text(path: impl AsRef<Path>) -> Result<String> {
         return Err(data_error(path, 0, "no text: the file is empty"));
     }
     Ok(text)
+}
+
+/// One instruction example: the loss covers only the response's tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PromptResponse {
+    pub prompt: String,
+    pub response: String,
+}
+
+/// Reads a JSONL file of `{"prompt": …, "response": …}` objects.
+pub fn read_jsonl_pairs(path: impl AsRef<Path>) -> Result<Vec<PromptResponse>> {
+    let path = path.as_ref();
+    let text = read_text(path)?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| data_error(path, line_no, format!("invalid JSON: {e}")))?;
+        let field = |name: &str| -> Result<String> {
+            match value.get(name) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(_) => Err(data_error(
+                    path,
+                    line_no,
+                    format!("field `{name}` is not a string"),
+                )),
+                None => Err(data_error(
+                    path,
+                    line_no,
+                    format!("missing field `{name}` (each line needs `prompt` and `response`)"),
+                )),
+            }
+        };
+        if !value.is_object() {
+            return Err(data_error(path, line_no, "not a JSON object"));
+        }
+        let prompt = field("prompt")?;
+        let response = field("response")?;
+        if response.is_empty() {
+            return Err(data_error(path, line_no, "empty `response`"));
+        }
+        out.push(PromptResponse { prompt, response });
+    }
+    if out.is_empty() {
+        return Err(data_error(path, 0, "no prompt/response pairs in the file"));
+    }
+    Ok(out)
 }
 
 /// Cuts `ids` into consecutive sequences of `seq_len`. The last, shorter piece is kept only with

@@ -13,8 +13,9 @@ use candle_core::{Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::adapter::LayerGeometry;
 use crate::builder::PeftBuilder;
-use crate::config::AdapterConfig;
+use crate::config::{AdapterConfig, InitContext, LoadContext};
 use crate::error::{PeftError, Result};
 use crate::init::seed_from_name;
 use crate::io::peft_format::{self, KEY_PREFIX};
@@ -29,6 +30,8 @@ pub struct PeftModel<M> {
     base_tensors: BTreeMap<String, usize>,
     training: Arc<AtomicBool>,
     adapters: Vec<(String, AdapterConfig)>,
+    /// Model-level tensors per adapter (RandLoRA's shared bases), under their file keys.
+    shared: BTreeMap<String, BTreeMap<String, Tensor>>,
     active: Vec<String>,
     enabled: bool,
     seed: u64,
@@ -44,6 +47,7 @@ impl<M> PeftModel<M> {
             base_tensors,
             training,
             adapters: Vec::new(),
+            shared: BTreeMap::new(),
             active: Vec::new(),
             enabled: true,
             seed: 0,
@@ -98,6 +102,11 @@ impl<M> PeftModel<M> {
             .find(|(n, _)| n == name)
             .map(|(_, c)| c)
             .ok_or_else(|| unknown_adapter(name))
+    }
+
+    /// Adapter `name`'s model-level tensors (RandLoRA's shared bases), under their file keys.
+    pub fn shared_tensors(&self, name: &str) -> Option<&BTreeMap<String, Tensor>> {
+        self.shared.get(name)
     }
 
     pub fn active_adapters(&self) -> &[String] {
@@ -170,11 +179,22 @@ impl<M> PeftModel<M> {
         config.validate()?;
         let (targets, to_save) = self.select(&config)?;
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ seed_from_name(name));
+        let geometries: Vec<(String, LayerGeometry)> =
+            targets.iter().map(|l| (l.name(), l.geometry())).collect();
+        let shared_device = targets[0].weight().device().clone();
+        let shared = config.init_shared(&geometries, &shared_device, &mut rng)?;
         let mut built = Vec::with_capacity(targets.len());
         for layer in &targets {
-            let device = layer.weight().device().clone();
-            let adapter =
-                config.init_adapter(&layer.name(), layer.geometry(), &device, &mut rng)?;
+            let weight = layer.weight();
+            let module = layer.name();
+            let ctx = InitContext {
+                module: &module,
+                geometry: layer.geometry(),
+                base_weight: &weight,
+                device: weight.device(),
+                shared: &shared,
+            };
+            let adapter = config.init_adapter(&ctx, &mut rng)?;
             built.push((layer, adapter));
         }
         for (layer, adapter) in built {
@@ -183,12 +203,15 @@ impl<M> PeftModel<M> {
         for layer in &to_save {
             layer.add_trainable_copy(name, None)?;
         }
-        self.register(name, config);
+        self.register(name, config, shared);
         Ok(())
     }
 
-    fn register(&mut self, name: &str, config: AdapterConfig) {
+    fn register(&mut self, name: &str, config: AdapterConfig, shared: BTreeMap<String, Tensor>) {
         self.adapters.push((name.to_string(), config));
+        if !shared.is_empty() {
+            self.shared.insert(name.to_string(), shared);
+        }
         if self.active.is_empty() {
             self.active = vec![name.to_string()];
             self.push_active();
@@ -210,7 +233,8 @@ impl<M> PeftModel<M> {
         let file = peft_format::read_adapter_dir(dir)?;
         let config = file.config;
         let (targets, to_save) = self.select(&config)?;
-        let mut by_module = peft_format::group_by_module(file.tensors, config.tensor_prefixes());
+        let (shared, per_module) = peft_format::split_shared(file.tensors);
+        let mut by_module = peft_format::group_by_module(per_module, config.tensor_prefixes());
         let location = dir.display().to_string();
         let mut built = Vec::new();
         for layer in &targets {
@@ -221,8 +245,16 @@ impl<M> PeftModel<M> {
                     key: format!("{KEY_PREFIX}{module}.*"),
                     location: location.clone(),
                 })?;
-            let device = layer.weight().device().clone();
-            let adapter = config.load_adapter(&module, layer.geometry(), &tensors, &device)?;
+            let weight = layer.weight();
+            let ctx = LoadContext {
+                module: &module,
+                geometry: layer.geometry(),
+                tensors: &tensors,
+                shared: &shared,
+                base_weight: Some(&weight),
+                device: weight.device(),
+            };
+            let adapter = config.load_adapter(&ctx)?;
             built.push((layer, adapter));
         }
         let mut copies = Vec::new();
@@ -257,15 +289,18 @@ impl<M> PeftModel<M> {
         for (layer, weight, bias) in copies {
             layer.add_trainable_copy(name, Some((weight, bias)))?;
         }
-        self.register(name, config);
+        self.register(name, config, shared);
         Ok(())
     }
 
-    /// The tensors adapter `name` saves, under PEFT's file keys
-    /// (`base_model.model.<path>.lora_A.weight`), in layer order.
+    /// The tensors adapter `name` saves, under PEFT's file keys: model-level tensors first
+    /// (`base_model.randlora_A`), then `base_model.model.<path>.lora_A.weight` in layer order.
     pub fn adapter_tensors(&self, name: &str) -> Result<Vec<(String, Tensor)>> {
         self.adapter_config(name)?;
         let mut out = Vec::new();
+        if let Some(shared) = self.shared.get(name) {
+            out.extend(shared.iter().map(|(k, t)| (k.clone(), t.clone())));
+        }
         for layer in &self.layers {
             let module = layer.name();
             for (local, t) in layer.tensors_to_save(name) {
@@ -335,6 +370,7 @@ impl<M> PeftModel<M> {
             layer.delete(name)?;
         }
         self.adapters.retain(|(n, _)| n != name);
+        self.shared.remove(name);
         self.active.retain(|n| n != name);
         Ok(())
     }

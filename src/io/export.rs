@@ -35,6 +35,7 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 
 use crate::adapter::{Adapter, Conv2dParams, LayerGeometry};
+use crate::config::LoadContext;
 use crate::error::{PeftError, Result};
 use crate::io::peft_format::{
     self, KEY_PREFIX, WEIGHTS_NAME, read_adapter_dir, temp_path, write_atomic,
@@ -647,7 +648,8 @@ fn plan_merge(
     let config = adapter.config;
     let fan_in_fan_out = config.fan_in_fan_out();
     let prefixes = config.tensor_prefixes();
-    let modules = peft_format::group_by_module(adapter.tensors, prefixes);
+    let (shared, per_module) = peft_format::split_shared(adapter.tensors);
+    let modules = peft_format::group_by_module(per_module, prefixes);
 
     let mut sources: Vec<Option<Source>> = (0..model.tensors.len()).map(|_| None).collect();
     let mut merged_modules = Vec::new();
@@ -684,7 +686,14 @@ fn plan_merge(
             }
             let (geometry, transpose) =
                 geometry_for(&module, &key, &info.shape, &adapted, fan_in_fan_out)?;
-            let built = config.load_adapter(&module, geometry, &adapted, &Device::Cpu)?;
+            let built = config.load_adapter(&LoadContext {
+                module: &module,
+                geometry,
+                tensors: &adapted,
+                shared: &shared,
+                base_weight: None,
+                device: &Device::Cpu,
+            })?;
             let used: BTreeSet<String> = built
                 .tensors_to_save()
                 .into_iter()

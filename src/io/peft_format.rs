@@ -100,6 +100,16 @@ pub fn split_key(key: &str, prefixes: &[&str]) -> (String, String) {
     }
 }
 
+/// Splits off the model-level tensors: keys outside `base_model.model.` (RandLoRA's
+/// `base_model.randlora_A`). Returns `(model-level, per-module)`.
+pub fn split_shared(
+    tensors: BTreeMap<String, Tensor>,
+) -> (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
+    tensors
+        .into_iter()
+        .partition(|(key, _)| !key.starts_with(KEY_PREFIX))
+}
+
 /// Groups file tensors by module: module path → (tensor name → tensor).
 pub fn group_by_module(
     tensors: BTreeMap<String, Tensor>,

@@ -350,14 +350,17 @@ impl TrainTask for ClassifyTask {
 /// (unless an entry already names it) and `task_type` set to [`TASK_TYPE`].
 pub fn for_classification(config: impl Into<AdapterConfig>) -> AdapterConfig {
     let mut config = config.into();
-    match &mut config {
-        AdapterConfig::Lora(c) => {
-            let to_save = c.targeting.modules_to_save.get_or_insert_with(Vec::new);
-            if !to_save.iter().any(|m| m == CLASSIFIER_MODULE) {
-                to_save.push(CLASSIFIER_MODULE.to_string());
-            }
-            c.task_type = Some(TASK_TYPE.to_string());
+    {
+        let to_save = config
+            .targeting_mut()
+            .modules_to_save
+            .get_or_insert_with(Vec::new);
+        if !to_save.iter().any(|m| m == CLASSIFIER_MODULE) {
+            to_save.push(CLASSIFIER_MODULE.to_string());
         }
+        config
+            .inner_mut()
+            .set_task_type(Some(TASK_TYPE.to_string()));
     }
     config
 }

@@ -30,38 +30,64 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// What a workload reports: its headline figure, and anything else worth printing as JSON.
+pub struct BenchResult {
+    /// The JSON key of the headline figure (`ms_per_step`, `seconds`).
+    pub metric: &'static str,
+    pub value: f64,
+    /// The unit printed after the value (`ms/step`, `s`).
+    pub unit: &'static str,
+    /// How the value was taken, for the text line (`median of steps 3..12`).
+    pub how: String,
+    /// Extra JSON fields (per-step times, sizes).
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The workloads, for the error message on an unknown name.
+const WORKLOADS: &[&str] = &["minilm-lora-train"];
+
 pub fn run(args: BenchArgs) -> Result<()> {
     let result = match args.workload.as_str() {
         "minilm-lora-train" => minilm_lora_train(args.model.as_deref().unwrap_or(MINILM))?,
-        other => bail!("unknown workload `{other}` (available: minilm-lora-train)"),
+        other => bail!(
+            "unknown workload `{other}` (available: {})",
+            WORKLOADS.join(", ")
+        ),
     };
     let peak_rss_mb = peak_rss_mb()?;
+    let threads = candle_core::utils::get_num_threads();
     if args.json {
-        let line = serde_json::json!({
-            "workload": args.workload,
-            "ms_per_step": result.median_ms,
-            "peak_rss_mb": peak_rss_mb,
-            "steps_ms": result.steps_ms,
-            "threads": candle_core::utils::get_num_threads(),
-        });
-        super::print_stdout(&format!("{line}\n"))
+        let mut line = serde_json::Map::new();
+        line.insert("workload".into(), args.workload.clone().into());
+        line.insert(result.metric.into(), result.value.into());
+        line.insert("peak_rss_mb".into(), peak_rss_mb.into());
+        line.insert("threads".into(), threads.into());
+        line.extend(result.details);
+        super::print_stdout(&format!("{}\n", serde_json::Value::Object(line)))
     } else {
         super::print_stdout(&format!(
-            "{}: {:.1} ms/step (median of steps 3..{}), peak RSS {peak_rss_mb:.0} MB, {} threads\n",
-            args.workload,
-            result.median_ms,
-            result.steps_ms.len(),
-            candle_core::utils::get_num_threads()
+            "{}: {:.1} {} ({}), peak RSS {peak_rss_mb:.0} MB, {threads} threads\n",
+            args.workload, result.value, result.unit, result.how,
         ))
     }
 }
 
-struct StepTimes {
-    median_ms: f64,
-    steps_ms: Vec<f64>,
+/// The median of `times[skip..]`.
+pub fn median_after(times: &[f64], skip: usize) -> f64 {
+    let mut timed = times[skip.min(times.len())..].to_vec();
+    if timed.is_empty() {
+        return f64::NAN;
+    }
+    timed.sort_by(f64::total_cmp);
+    let n = timed.len();
+    if n % 2 == 0 {
+        (timed[n / 2 - 1] + timed[n / 2]) / 2.0
+    } else {
+        timed[n / 2]
+    }
 }
 
-fn minilm_lora_train(model: &str) -> Result<StepTimes> {
+fn minilm_lora_train(model: &str) -> Result<BenchResult> {
     let device = Device::Cpu;
     let src = source::resolve(model)?;
     let (mut model, cfg) = BertModel::from_source(&src, DType::F32, &device)?;
@@ -87,17 +113,19 @@ fn minilm_lora_train(model: &str) -> Result<StepTimes> {
         loss.to_scalar::<f32>()?;
         steps_ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
-    let mut timed = steps_ms[2..].to_vec();
-    timed.sort_by(f64::total_cmp);
-    let median_ms = (timed[timed.len() / 2 - 1] + timed[timed.len() / 2]) / 2.0;
-    Ok(StepTimes {
-        median_ms,
-        steps_ms,
+    let mut details = serde_json::Map::new();
+    details.insert("steps_ms".into(), steps_ms.clone().into());
+    Ok(BenchResult {
+        metric: "ms_per_step",
+        value: median_after(&steps_ms, 2),
+        unit: "ms/step",
+        how: format!("median of steps 3..{}", steps_ms.len()),
+        details,
     })
 }
 
 /// Peak resident set size of this process (`VmHWM`), in MB.
-fn peak_rss_mb() -> Result<f64> {
+pub fn peak_rss_mb() -> Result<f64> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let kb: f64 = status
