@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use candle_core::Device;
+use candle_peft::config::CliAdapterArgs;
 use candle_peft::data::{LabeledDataset, read_tsv, read_tsv_with_labels};
 use candle_peft::io::source;
 use candle_peft::models::heads::BertForSequenceClassification;
 use candle_peft::tasks::classify::{self, ClassifyTask};
 use candle_peft::train::EvalReport;
 use candle_peft::{
-    AdapterConfig, DEFAULT_ADAPTER, LoraConfig, Method, Schedule, TrainConfig, TrainTask, Trainer,
-    Warmup,
+    AdapterConfig, DEFAULT_ADAPTER, Method, Schedule, TrainConfig, TrainTask, Trainer, Warmup,
 };
 use clap::Args;
 use serde_json::{Value, json};
@@ -58,6 +58,9 @@ pub struct TrainArgs {
     /// Dropout on the adapter's input [default: 0].
     #[arg(long, conflicts_with = "config")]
     pub dropout: Option<f64>,
+    /// A method option, `key=value` (repeatable), e.g. `--opt use_rslora=true`.
+    #[arg(long, value_name = "KEY=VALUE", conflicts_with = "config")]
+    pub opt: Vec<String>,
     /// A PEFT adapter_config.json (or a folder holding one) to use instead of --rank, --alpha,
     /// --targets and --dropout.
     #[arg(long)]
@@ -138,7 +141,7 @@ fn parse_max_grad_norm(s: &str) -> Result<MaxGradNorm, String> {
 }
 
 /// The settings checks that need no file: they fail before anything is loaded.
-fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
+pub fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     for (flag, v) in [
         ("--batch", args.batch),
         ("--grad-accum", args.grad_accum),
@@ -193,8 +196,12 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The adapter config: `--config` or the flags, made for classification.
-fn adapter_config(args: &TrainArgs) -> anyhow::Result<AdapterConfig> {
+/// The adapter config: `--config` or the flags (default targets `default_targets`).
+pub fn adapter_config(
+    args: &TrainArgs,
+    method: Method,
+    default_targets: &[&str],
+) -> anyhow::Result<AdapterConfig> {
     let config = match &args.config {
         Some(path) => {
             let file = if path.is_dir() {
@@ -213,7 +220,7 @@ fn adapter_config(args: &TrainArgs) -> anyhow::Result<AdapterConfig> {
             let targets = args
                 .targets
                 .clone()
-                .unwrap_or_else(|| vec!["query".into(), "value".into()]);
+                .unwrap_or_else(|| default_targets.iter().map(|t| t.to_string()).collect());
             let targets: Vec<String> = targets
                 .into_iter()
                 .map(|t| t.trim().to_string())
@@ -222,30 +229,54 @@ fn adapter_config(args: &TrainArgs) -> anyhow::Result<AdapterConfig> {
             if targets.is_empty() {
                 bail!("--targets is empty (give module names such as query,value)");
             }
-            let mut c =
-                LoraConfig::new(&targets, args.rank.unwrap_or(8), args.alpha.unwrap_or(16.0));
-            c.lora_dropout = args.dropout.unwrap_or(0.0);
-            AdapterConfig::Lora(c)
+            let cli = CliAdapterArgs {
+                targets,
+                rank: args.rank,
+                alpha: args.alpha,
+                dropout: args.dropout,
+                options: parse_options(&args.opt)?,
+            };
+            AdapterConfig::from_cli(method, &cli)?
         }
     };
-    let mut config = classify::for_classification(config);
-    match &mut config {
-        AdapterConfig::Lora(c) => c.base_model_name_or_path = Some(args.model.clone()),
-    }
+    let mut config = config;
+    config.inner_mut().set_base_model(Some(args.model.clone()));
     config.validate()?;
     Ok(config)
 }
 
+/// The methods `train` can run in this build.
+const TRAINABLE_METHODS: &[Method] = &[Method::Lora];
+
 /// The method, or a clear error for the ones not implemented yet.
 pub fn check_method(name: &str) -> anyhow::Result<Method> {
     let method = Method::from_cli_name(name)?;
-    if method != Method::Lora {
+    if !TRAINABLE_METHODS.contains(&method) {
+        let implemented: Vec<String> = TRAINABLE_METHODS.iter().map(|m| m.to_string()).collect();
         bail!(
-            "--method {method} is not implemented yet (implemented: lora; planned: lora-pro, \
-             eva, corda, svfit, loldu, randlora, flora, salt)"
+            "--method {method} is not implemented yet (implemented: {})",
+            implemented.join(", ")
         );
     }
     Ok(method)
+}
+
+/// `--opt key=value` pairs.
+fn parse_options(opts: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for o in opts {
+        let Some((k, v)) = o.split_once('=') else {
+            bail!("--opt {o}: expected key=value");
+        };
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() {
+            bail!("--opt {o}: the key is empty");
+        }
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            bail!("--opt {k} is given twice");
+        }
+    }
+    Ok(out)
 }
 
 fn eval_json(r: &EvalReport) -> Value {
@@ -264,14 +295,40 @@ fn read_data(path: &Path, labels: Option<&[String]>, what: &str) -> anyhow::Resu
     data.with_context(|| format!("reading {what} {}", path.display()))
 }
 
+/// The trainer settings the flags give, for `steps` optimiser steps.
+pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
+    let resume_from = args
+        .resume
+        .as_ref()
+        .map(|r| r.clone().unwrap_or_else(|| args.out.clone()));
+    let checkpoints = args.checkpoint_every.is_some() || resume_from.is_some();
+    TrainConfig {
+        steps,
+        batch_size: args.batch,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        schedule: args.schedule,
+        warmup: args.warmup,
+        max_grad_norm: args.max_grad_norm.0,
+        seed: args.seed,
+        eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
+        out_dir: checkpoints.then(|| args.out.clone()),
+        resume_from,
+        quiet: args.quiet,
+        ..TrainConfig::default()
+    }
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     match args.task.parse::<Task>()? {
         Task::Classify => {}
         Task::CausalLm => bail!("--task causal-lm is not implemented yet (implemented: classify)"),
     }
-    check_method(&args.method)?;
+    let method = check_method(&args.method)?;
     check_args(&args)?;
-    let config = adapter_config(&args)?;
+    let config = classify::for_classification(adapter_config(&args, method, &["query", "value"])?);
 
     let model_source = source::resolve(&args.model)
         .with_context(|| format!("resolving --model {}", args.model))?;
@@ -294,28 +351,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 
     let per_step = args.batch * args.grad_accum;
     let steps = args.steps.unwrap_or_else(|| train.len().div_ceil(per_step));
-    let resume_from = args
-        .resume
-        .as_ref()
-        .map(|r| r.clone().unwrap_or_else(|| args.out.clone()));
-    let checkpoints = args.checkpoint_every.is_some() || resume_from.is_some();
-    let train_config = TrainConfig {
-        steps,
-        batch_size: args.batch,
-        grad_accum: args.grad_accum,
-        lr: args.lr,
-        weight_decay: args.weight_decay,
-        schedule: args.schedule,
-        warmup: args.warmup,
-        max_grad_norm: args.max_grad_norm.0,
-        seed: args.seed,
-        eval_every: args.eval_every,
-        checkpoint_every: args.checkpoint_every,
-        out_dir: checkpoints.then(|| args.out.clone()),
-        resume_from,
-        quiet: args.quiet,
-        ..TrainConfig::default()
-    };
+    let train_config = train_config(&args, steps);
     if !args.quiet {
         eprintln!(
             "{}: {} labels ({}), {} training examples; {} trainable of {} parameters ({:.3}%); \
