@@ -3,7 +3,7 @@
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_peft::frozen::frozen_matmul;
-use candle_peft::ops::{NormKind, masked_softmax, norm};
+use candle_peft::ops::{NormKind, cross_entropy_rows, masked_softmax, norm};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -230,4 +230,51 @@ fn gelu_erf_matches_candle_value_and_gradient() {
     let y16 = candle_peft::ops::gelu_erf(&x16).unwrap();
     assert_eq!(y16.dtype(), DType::F16);
     assert!(max_abs_diff(&y16.to_dtype(DType::F32).unwrap(), &y_ref) < 1e-2);
+}
+
+#[test]
+fn cross_entropy_rows_matches_candle_cross_entropy_and_its_gradient() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let (n, v) = (9, 301);
+    // Large logits check the max-shift; a non-contiguous view checks the layout handling.
+    let x = random(&mut rng, &[v, n], 30.0).t().unwrap();
+    let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+    let t = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+    let weights = random(&mut rng, &[n], 1.0);
+    let weighted = |rows: &Tensor| (rows * &weights).unwrap().sum_all().unwrap();
+
+    let ours_var = Var::from_tensor(&x).unwrap();
+    let rows = cross_entropy_rows(ours_var.as_tensor(), &targets).unwrap();
+    let ours_grad = weighted(&rows).backward().unwrap();
+    let ours_grad = ours_grad.get(ours_var.as_tensor()).unwrap();
+
+    let ref_var = Var::from_tensor(&x).unwrap();
+    let log_probs = candle_nn::ops::log_softmax(ref_var.as_tensor(), D::Minus1).unwrap();
+    let ref_rows = log_probs
+        .gather(&t.unsqueeze(1).unwrap(), 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .neg()
+        .unwrap();
+    let ref_grad = weighted(&ref_rows).backward().unwrap();
+    let ref_grad = ref_grad.get(ref_var.as_tensor()).unwrap();
+
+    assert!(max_abs_diff(&rows, &ref_rows) < 1e-4);
+    assert!(max_abs_diff(ours_grad, ref_grad) < 1e-5);
+    let mean = rows.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let candle_mean = candle_nn::loss::cross_entropy(&x, &t)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((mean - candle_mean).abs() < 1e-4, "{mean} vs {candle_mean}");
+}
+
+#[test]
+fn cross_entropy_rows_rejects_out_of_range_targets() {
+    let x = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
+    let e = cross_entropy_rows(&x, &[1, 5]).unwrap_err().to_string();
+    assert!(e.contains("target 5 is out of range for 5 classes"), "{e}");
+    let e = cross_entropy_rows(&x, &[1]).unwrap_err().to_string();
+    assert!(e.contains("1 targets for 2 rows"), "{e}");
 }
