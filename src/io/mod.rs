@@ -1,6 +1,7 @@
 //! File formats: PEFT adapter directories, merged exports, model sources.
 
 pub mod export;
+pub mod gguf;
 pub mod peft_format;
 pub mod source;
 

@@ -1,5 +1,5 @@
-//! Where a model comes from: a local Hugging Face folder, or a hub id resolved through the
-//! hf-hub cache.
+//! Where a model comes from: a local Hugging Face folder, a hub id resolved through the hf-hub
+//! cache, or a GGUF file.
 //!
 //! - A local folder holds `config.json`, the weights (`model.safetensors`, or the shards listed in
 //!   `model.safetensors.index.json`) and, optionally, `tokenizer.json`. A path to a single
@@ -9,7 +9,10 @@
 //!   On a cache miss the file is downloaded with hf-hub, unless `HF_HUB_OFFLINE` is set: hf-hub
 //!   0.5 does not read that variable, so it is honoured here, and a miss is then
 //!   [`PeftError::ModelNotFound`] naming `scripts/fetch-models.sh`.
-//! - `.gguf` files are not supported yet ([`PeftError::Unsupported`]).
+//! - A `.gguf` file resolves to itself ([`SourceKind::Gguf`]): its header is read to check that
+//!   it is GGUF and that its architecture is one `crate::io::gguf` maps (otherwise
+//!   [`PeftError::Unsupported`] naming it). The config and the tokenizer live in its metadata, so
+//!   `config` and `weights[0]` are the file itself and `tokenizer` is `None`.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -35,6 +38,8 @@ pub enum SourceKind {
     Local,
     /// A hub repository, resolved through the hub cache (and downloaded on a miss when online).
     Hub { repo_id: String, revision: String },
+    /// A GGUF file (llama.cpp): config, weights and tokenizer in one file.
+    Gguf,
 }
 
 /// A model's files on disk.
@@ -126,12 +131,12 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
     resolve_with(spec, &HubOptions::from_env())
 }
 
-/// Resolves `spec`: an existing path is local; a `.gguf` path is unsupported for now; anything
+/// Resolves `spec`: a `.gguf` path is a GGUF source; another existing path is local; anything
 /// else shaped like a hub id (`name` or `org/name`) goes through the hub cache.
 pub fn resolve_with(spec: &str, options: &HubOptions) -> Result<ModelSource> {
     let path = Path::new(spec);
     if is_gguf(path) {
-        return Err(gguf_unsupported(path));
+        return resolve_gguf(path);
     }
     if path.exists() {
         return resolve_local(path);
@@ -150,11 +155,29 @@ fn is_gguf(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-fn gguf_unsupported(path: &Path) -> PeftError {
-    PeftError::Unsupported(format!(
-        "{}: GGUF models are not supported yet; use a Hugging Face folder with safetensors weights",
-        path.display()
-    ))
+/// A `.gguf` file, after checking its header (GGUF magic, a supported architecture).
+pub fn resolve_gguf(path: &Path) -> Result<ModelSource> {
+    let spec = path.display().to_string();
+    if !path.is_file() {
+        return Err(PeftError::ModelNotFound {
+            id: spec,
+            reason: "no such GGUF file".to_string(),
+        });
+    }
+    crate::io::gguf::GgufModel::open(path)?;
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok(ModelSource {
+        spec,
+        kind: SourceKind::Gguf,
+        dir,
+        config: path.to_path_buf(),
+        weights: vec![path.to_path_buf()],
+        weights_index: None,
+        tokenizer: None,
+    })
 }
 
 /// `name` or `org/name`, each part made of ASCII letters, digits, `-`, `_` and `.`, not starting
@@ -173,11 +196,12 @@ pub fn looks_like_hub_id(spec: &str) -> bool {
     })
 }
 
-/// A local model folder, or a single `.safetensors` file with `config.json` beside it.
+/// A local model folder, a single `.safetensors` file with `config.json` beside it, or a
+/// `.gguf` file.
 pub fn resolve_local(path: &Path) -> Result<ModelSource> {
     let spec = path.display().to_string();
     if is_gguf(path) {
-        return Err(gguf_unsupported(path));
+        return resolve_gguf(path);
     }
     if path.is_file() {
         let is_safetensors = path

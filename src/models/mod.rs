@@ -3,5 +3,6 @@
 
 pub mod bert;
 pub mod heads;
+pub mod llama;
 
 pub use bert::{BertConfig, BertModel, HiddenAct, mean_pool};
