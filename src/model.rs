@@ -501,12 +501,16 @@ impl<M> std::fmt::Debug for PeftModel<M> {
     }
 }
 
-/// `lora_A.weight` → `lora_A.<adapter>.weight`; a trainable copy's `weight` →
-/// `modules_to_save.<adapter>.weight`.
+/// `lora_A.weight` → `lora_A.<adapter>.weight`; a parameter without a sub-name
+/// (`randlora_lambda`) → `randlora_lambda.<adapter>` (PEFT's ParameterDict naming); a trainable
+/// copy's `weight` / `bias` → `modules_to_save.<adapter>.weight`.
 fn in_memory_name(local: &str, adapter: &str) -> String {
     match local.split_once('.') {
         Some((head, tail)) => format!("{head}.{adapter}.{tail}"),
-        None => format!("modules_to_save.{adapter}.{local}"),
+        None if local == "weight" || local == "bias" => {
+            format!("modules_to_save.{adapter}.{local}")
+        }
+        None => format!("{local}.{adapter}"),
     }
 }
 

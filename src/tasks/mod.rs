@@ -4,7 +4,11 @@
 //!
 //! - [`classify::ClassifyTask`]: sequence classification on transformers'
 //!   `BertForSequenceClassification` (cross-entropy; accuracy).
+//! - [`causal_lm::CausalLmTask`]: next-token prediction on the Llama family, on packed text or
+//!   prompt/response pairs (cross-entropy; perplexity).
 
+pub mod causal_lm;
 pub mod classify;
 
+pub use causal_lm::{CausalLmTask, LmEval, LmExample};
 pub use classify::{ClassifyEval, ClassifyTask};

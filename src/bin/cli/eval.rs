@@ -29,13 +29,14 @@ pub struct EvalArgs {
     /// An adapter folder (PEFT format) to apply to the model.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Labelled data: a TSV of `label<TAB>text` lines.
+    /// Data: a TSV of `label<TAB>text` lines (classify), or a text or .jsonl file (causal-lm).
     #[arg(long)]
     pub data: PathBuf,
-    /// classify (causal-lm is not implemented yet).
+    /// classify (accuracy) or causal-lm (perplexity).
     #[arg(long, default_value = "classify")]
     pub task: String,
-    /// Print one JSON line: {"accuracy": …, "loss": …, "examples": …}.
+    /// Print one JSON line: {"accuracy", "loss", "examples"} or, for causal-lm,
+    /// {"perplexity", "loss", "tokens"}.
     #[arg(long)]
     pub json: bool,
     /// Examples per forward pass.
@@ -71,7 +72,7 @@ fn adapter_classifier_rows(dir: &std::path::Path) -> anyhow::Result<Option<usize
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     match args.task.parse::<Task>()? {
         Task::Classify => {}
-        Task::CausalLm => bail!("--task causal-lm is not implemented yet (implemented: classify)"),
+        Task::CausalLm => return super::causal::eval(args),
     }
     for (flag, v) in [("--batch", args.batch), ("--seq", args.seq)] {
         if v == 0 {

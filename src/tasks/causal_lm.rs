@@ -1,0 +1,404 @@
+//! Causal language modelling: next-token loss on packed text, or on the responses of
+//! instruction pairs, for the Llama family.
+//!
+//! ```text
+//! text data  : the whole file tokenised once (no special tokens), cut into sequences of seq_len
+//!              (HF run_clm's group_texts); every token after the first is a target
+//! JSONL data : ids = tokens(prompt) ++ tokens(response) ++ [eos], cut to seq_len; only the
+//!              response's tokens (and the eos) are targets: the prompt's labels are masked
+//! logits     = model(ids[.., :T], attention_mask)                          [B, T, V]
+//! loss       = mean over target positions t of −log softmax(logits[b, t−1])[ids[b, t]]
+//! perplexity = exp(total loss / total targets) over a data set
+//! ```
+//!
+//! The mean is over the batch's target tokens (HF's token-level mean), so padded positions and
+//! masked prompt tokens add nothing. Batches are right-padded to their longest sequence.
+
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use tokenizers::Tokenizer;
+
+use crate::config::AdapterConfig;
+use crate::data::{PromptResponse, read_jsonl_pairs, read_text, tokenize_and_chunk};
+use crate::error::{PeftError, Result};
+use crate::generate::{GenerationConfig, generate};
+use crate::io::source::ModelSource;
+use crate::model::{DEFAULT_ADAPTER, PeftModel};
+use crate::ops::cross_entropy_rows;
+use crate::models::llama::{LlamaConfig, LlamaForCausalLM, load_causal_tokenizer};
+use crate::train::{EvalReport, TrainTask};
+
+/// PEFT's `task_type` for causal language modelling.
+pub const TASK_TYPE: &str = "CAUSAL_LM";
+/// Sequences per forward pass in evaluation.
+pub const DEFAULT_EVAL_BATCH: usize = 4;
+
+/// The model being trained.
+pub type CausalModel = PeftModel<LlamaForCausalLM>;
+
+/// One training sequence: its token ids and the first position whose token is a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LmExample {
+    pub ids: Vec<u32>,
+    /// Tokens at positions `≥ loss_from` (and ≥ 1) are predicted; earlier ones are context only.
+    pub loss_from: usize,
+}
+
+impl LmExample {
+    /// Number of target tokens.
+    pub fn targets(&self) -> usize {
+        self.ids.len().saturating_sub(self.loss_from.max(1))
+    }
+}
+
+/// The outcome of an evaluation: mean loss per target token, its exponential, and the count.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LmEval {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub tokens: usize,
+}
+
+impl LmEval {
+    /// As an [`EvalReport`]: `loss`, and the metrics `perplexity` and `tokens`.
+    pub fn report(&self) -> EvalReport {
+        EvalReport {
+            loss: self.loss,
+            metrics: [
+                ("perplexity".to_string(), self.perplexity),
+                ("tokens".to_string(), self.tokens as f64),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+}
+
+/// A Llama-family model with its tokenizer, as a trainable task.
+pub struct CausalLmTask {
+    model: CausalModel,
+    config: LlamaConfig,
+    tokenizer: Tokenizer,
+    seq_len: usize,
+    pad_id: u32,
+    device: Device,
+    eval_batch: usize,
+}
+
+impl std::fmt::Debug for CausalLmTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CausalLmTask")
+            .field("model", &self.model)
+            .field("seq_len", &self.seq_len)
+            .finish()
+    }
+}
+
+impl CausalLmTask {
+    /// Loads a resolved model (HF folder, hub id or GGUF) in f32 with its tokenizer. Sequences
+    /// are cut to `seq_len` tokens; `seed` seeds the adapters added later.
+    pub fn from_source(
+        source: &ModelSource,
+        seq_len: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let tokenizer = load_causal_tokenizer(source)?;
+        let (mut model, config) = LlamaForCausalLM::from_source(source, DType::F32, device)?;
+        model.set_seed(seed);
+        Self::new(model, config, tokenizer, seq_len, device.clone())
+    }
+
+    pub fn new(
+        model: CausalModel,
+        config: LlamaConfig,
+        tokenizer: Tokenizer,
+        seq_len: usize,
+        device: Device,
+    ) -> Result<Self> {
+        if seq_len < 2 {
+            return Err(PeftError::config(
+                "seq_len",
+                format!("must be at least 2 (one context and one target token), got {seq_len}"),
+            ));
+        }
+        if seq_len > config.max_position_embeddings {
+            return Err(PeftError::config(
+                "seq_len",
+                format!(
+                    "{seq_len} is longer than the model's context ({} positions)",
+                    config.max_position_embeddings
+                ),
+            ));
+        }
+        let pad_id = config
+            .pad_token_id
+            .or(config.eos_token_ids.first().copied())
+            .unwrap_or_else(|| crate::data::pad_id(&tokenizer));
+        Ok(Self {
+            model,
+            config,
+            tokenizer,
+            seq_len,
+            pad_id,
+            device,
+            eval_batch: DEFAULT_EVAL_BATCH,
+        })
+    }
+
+    pub fn with_eval_batch(mut self, eval_batch: usize) -> Self {
+        self.eval_batch = eval_batch.max(1);
+        self
+    }
+
+    pub fn model(&self) -> &CausalModel {
+        &self.model
+    }
+
+    pub fn model_mut(&mut self) -> &mut CausalModel {
+        &mut self.model
+    }
+
+    pub fn into_model(self) -> CausalModel {
+        self.model
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// Adds a fresh adapter with `task_type` CAUSAL_LM.
+    pub fn add_adapter(&mut self, name: &str, config: impl Into<AdapterConfig>) -> Result<()> {
+        let mut config = config.into();
+        config
+            .inner_mut()
+            .set_task_type(Some(TASK_TYPE.to_string()));
+        self.model.add_adapter(name, config)
+    }
+
+    pub fn load_adapter(&mut self, dir: impl AsRef<Path>, name: &str) -> Result<()> {
+        self.model.load_adapter(dir, name)
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| PeftError::config("tokenizer", e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| PeftError::config("tokenizer", e.to_string()))
+    }
+
+    /// Packed sequences of `seq_len` from a text; `keep_partial` keeps the shorter last piece
+    /// (for evaluation, so no held-out token is dropped).
+    pub fn text_examples(&self, text: &str, keep_partial: bool) -> Result<Vec<LmExample>> {
+        let chunks = tokenize_and_chunk(&self.tokenizer, text, self.seq_len, keep_partial)?;
+        Ok(chunks
+            .into_iter()
+            .filter(|c| c.len() >= 2)
+            .map(|ids| LmExample { ids, loss_from: 0 })
+            .collect())
+    }
+
+    /// One example per pair: prompt then response then eos, the prompt masked. A prompt that
+    /// leaves no room for a response token within `seq_len` is an error naming the pair.
+    pub fn pair_examples(&self, pairs: &[PromptResponse]) -> Result<Vec<LmExample>> {
+        let mut out = Vec::with_capacity(pairs.len());
+        for (i, pair) in pairs.iter().enumerate() {
+            let mut ids = self.encode(&pair.prompt)?;
+            let loss_from = ids.len().max(1);
+            if loss_from >= self.seq_len {
+                return Err(PeftError::config(
+                    "seq_len",
+                    format!(
+                        "pair {} has a prompt of {} tokens: no room for the response in {} tokens",
+                        i + 1,
+                        ids.len(),
+                        self.seq_len
+                    ),
+                ));
+            }
+            ids.extend(self.encode(&pair.response)?);
+            if let Some(&eos) = self.config.eos_token_ids.first() {
+                ids.push(eos);
+            }
+            ids.truncate(self.seq_len);
+            out.push(LmExample { ids, loss_from });
+        }
+        Ok(out)
+    }
+
+    /// Reads training or evaluation data: `.jsonl` as prompt/response pairs, anything else as
+    /// plain text packed into sequences.
+    pub fn read_examples(&self, path: &Path, keep_partial: bool) -> Result<Vec<LmExample>> {
+        let is_jsonl = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
+        if is_jsonl {
+            self.pair_examples(&read_jsonl_pairs(path)?)
+        } else {
+            self.text_examples(&read_text(path)?, keep_partial)
+        }
+    }
+
+    /// Input ids, attention mask, flat target-row indices into `[B·T]` and their target ids.
+    fn batch_tensors(&self, batch: &[&LmExample]) -> Result<(Tensor, Tensor, Tensor, Vec<u32>)> {
+        let t = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        if t < 2 {
+            return Err(PeftError::config(
+                "batch",
+                "every sequence is shorter than 2 tokens",
+            ));
+        }
+        let b = batch.len();
+        let mut ids = vec![self.pad_id; b * t];
+        let mut mask = vec![0u32; b * t];
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (i, e) in batch.iter().enumerate() {
+            ids[i * t..i * t + e.ids.len()].copy_from_slice(&e.ids);
+            mask[i * t..i * t + e.ids.len()].fill(1);
+            for pos in e.loss_from.max(1)..e.ids.len() {
+                // The logits at pos − 1 predict the token at pos.
+                rows.push((i * t + pos - 1) as u32);
+                targets.push(e.ids[pos]);
+            }
+        }
+        if rows.is_empty() {
+            return Err(PeftError::config("batch", "the batch has no target tokens"));
+        }
+        let n = rows.len();
+        Ok((
+            Tensor::from_vec(ids, (b, t), &self.device)?,
+            Tensor::from_vec(mask, (b, t), &self.device)?,
+            Tensor::from_vec(rows, n, &self.device)?,
+            targets,
+        ))
+    }
+
+    /// Mean next-token loss over the batch's targets, and the number of targets.
+    pub fn batch_loss(&self, batch: &[&LmExample]) -> Result<(Tensor, usize)> {
+        let (ids, mask, rows, targets) = self.batch_tensors(batch)?;
+        let logits = self.model.model().forward(&ids, Some(&mask))?;
+        let (b, t, v) = logits.dims3()?;
+        let picked = logits.reshape((b * t, v))?.index_select(&rows, 0)?;
+        let loss = cross_entropy_rows(&picked, &targets)?.mean_all()?;
+        Ok((loss, targets.len()))
+    }
+
+    /// Loss and perplexity over `examples`, in eval mode, in batches.
+    pub fn evaluate_lm(&self, examples: &[LmExample]) -> Result<LmEval> {
+        let was_training = self.model.is_training();
+        self.model.eval();
+        let result = (|| -> Result<LmEval> {
+            let mut total = 0f64;
+            let mut tokens = 0usize;
+            for chunk in examples.chunks(self.eval_batch) {
+                let refs: Vec<&LmExample> = chunk.iter().collect();
+                let (loss, n) = self.batch_loss(&refs)?;
+                total += loss.detach().to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;
+                tokens += n;
+            }
+            if tokens == 0 {
+                return Err(PeftError::config(
+                    "eval data",
+                    "no target tokens to evaluate",
+                ));
+            }
+            let loss = total / tokens as f64;
+            Ok(LmEval {
+                loss,
+                perplexity: loss.exp(),
+                tokens,
+            })
+        })();
+        if was_training {
+            self.model.train();
+        }
+        result
+    }
+
+    /// Generates a continuation of `prompt` with the active adapters (eval mode); returns the
+    /// new text only.
+    pub fn generate_text(&self, prompt: &str, config: &GenerationConfig) -> Result<String> {
+        let was_training = self.model.is_training();
+        self.model.eval();
+        let ids = self.encode(prompt);
+        let result = ids.and_then(|ids| generate(self.model.model(), &ids, config));
+        if was_training {
+            self.model.train();
+        }
+        self.decode(&result?)
+    }
+
+    /// The model's end-of-sequence tokens (generation stops at any of them).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.config.eos_token_ids
+    }
+
+    /// Logits `[B, T, V]` for a batch of id sequences (right-padded, masked).
+    pub fn logits(&self, seqs: &[Vec<u32>]) -> Result<Tensor> {
+        let examples: Vec<LmExample> = seqs
+            .iter()
+            .map(|ids| LmExample {
+                ids: ids.clone(),
+                loss_from: 0,
+            })
+            .collect();
+        let refs: Vec<&LmExample> = examples.iter().collect();
+        let (ids, mask, _, _) = self.batch_tensors(&refs)?;
+        self.model.model().forward(&ids, Some(&mask))
+    }
+}
+
+impl TrainTask for CausalLmTask {
+    type Example = LmExample;
+
+    fn loss(&self, batch: &[&LmExample]) -> Result<(Tensor, usize)> {
+        self.batch_loss(batch)
+    }
+
+    fn evaluate(&self, examples: &[LmExample]) -> Result<EvalReport> {
+        Ok(self.evaluate_lm(examples)?.report())
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.model.trainable_vars()
+    }
+
+    fn save_adapter(&self, dir: &Path) -> Result<()> {
+        self.model.save_adapter(DEFAULT_ADAPTER, dir)
+    }
+
+    fn set_training(&self, training: bool) {
+        if training {
+            self.model.train();
+        } else {
+            self.model.eval();
+        }
+    }
+
+    fn lora_pairs(&self) -> Result<Vec<crate::optim::LoraPair>> {
+        crate::optim::lora_pairs(&self.model)
+    }
+}
+
+/// Index of the largest logit in each row of `[N, V]` logits.
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}

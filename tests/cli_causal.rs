@@ -1,0 +1,288 @@
+//! `candle-peft train/eval --task causal-lm` and `generate` on SmolLM2 (GGUF): the merged export
+//! and base + adapter give the same perplexity, `eval --json` prints perplexity, loss and tokens,
+//! JSONL instruction data trains, generation is deterministic and honours the adapter, and bad
+//! input fails with a message naming the problem.
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{run_err, run_ok};
+use serde_json::Value;
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
+    cmd.env("HF_HUB_OFFLINE", "1");
+    cmd
+}
+
+fn json_line(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().expect("a JSON line on stdout");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn gguf() -> String {
+    common::smollm2_gguf().display().to_string()
+}
+
+fn data(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/shakespeare")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A held-out file small enough for quick evaluations: the first ~1,500 characters of valid.txt.
+fn small_valid(dir: &Path) -> String {
+    let text = std::fs::read_to_string(data("valid.txt")).unwrap();
+    let cut = text.char_indices().nth(1500).map_or(text.len(), |(i, _)| i);
+    let p = dir.join("valid-small.txt");
+    std::fs::write(&p, &text[..cut]).unwrap();
+    p.display().to_string()
+}
+
+fn eval_json(model: &str, adapter: Option<&Path>, data: &str) -> Value {
+    let mut cmd = bin();
+    cmd.args([
+        "eval", "--task", "causal-lm", "--model", model, "--data", data, "--seq", "64", "--json",
+    ]);
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    json_line(&run_ok(&mut cmd))
+}
+
+#[test]
+fn train_merge_eval_and_generate_on_smollm2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let valid = small_valid(dir.path());
+    let trained = run_ok(bin().args([
+        "train",
+        "--task",
+        "causal-lm",
+        "--model",
+        &gguf(),
+        "--data",
+        &data("train.txt"),
+        "--method",
+        "lora",
+        "--targets",
+        "q_proj,v_proj",
+        "--rank",
+        "4",
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--seq",
+        "32",
+        "--lr",
+        "5e-3",
+        "--out",
+        out.to_str().unwrap(),
+        "--merge",
+        "--json",
+        "--quiet",
+    ]));
+    let report = json_line(&trained);
+    assert_eq!(report["steps"], 3);
+    assert_eq!(report["losses"].as_array().unwrap().len(), 3);
+    // 30 layers × (q_proj 576→576 + v_proj 576→192) at r = 4.
+    assert_eq!(
+        report["trainable_parameters"],
+        30 * (4 * (576 + 576) + 4 * (576 + 192))
+    );
+    let adapter = out.join("adapter");
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+
+    let base = eval_json(&gguf(), None, &valid);
+    let adapted = eval_json(&gguf(), Some(&adapter), &valid);
+    let merged = eval_json(&out.join("merged").display().to_string(), None, &valid);
+    for v in [&base, &adapted, &merged] {
+        let (ppl, loss) = (v["perplexity"].as_f64().unwrap(), v["loss"].as_f64().unwrap());
+        assert!((ppl - loss.exp()).abs() < 1e-6 * ppl, "{v}");
+        assert_eq!(v["tokens"], base["tokens"]);
+    }
+    let (pa, pm) = (
+        adapted["perplexity"].as_f64().unwrap(),
+        merged["perplexity"].as_f64().unwrap(),
+    );
+    assert!((pa - pm).abs() < 1e-3 * pa, "adapted {pa} vs merged {pm}");
+    assert_ne!(base["perplexity"], adapted["perplexity"]);
+
+    let generate = |extra: &[&str]| -> String {
+        let mut cmd = bin();
+        cmd.args([
+            "generate",
+            "--model",
+            &gguf(),
+            "--prompt",
+            "ROMEO:\n",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ]);
+        cmd.args(extra);
+        json_line(&run_ok(&mut cmd))["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let greedy = generate(&[]);
+    assert!(!greedy.is_empty());
+    assert_eq!(greedy, generate(&[]), "greedy decoding is deterministic");
+    let sampled = generate(&["--temperature", "0.9", "--top-p", "0.9", "--seed", "3"]);
+    assert_eq!(
+        sampled,
+        generate(&["--temperature", "0.9", "--top-p", "0.9", "--seed", "3"]),
+        "sampling with a seed is deterministic"
+    );
+    let adapter_arg = adapter.display().to_string();
+    let with_adapter = generate(&["--adapter", &adapter_arg]);
+    let merged_dir = out.join("merged").display().to_string();
+    let mut cmd = bin();
+    cmd.args([
+        "generate",
+        "--model",
+        &merged_dir,
+        "--prompt",
+        "ROMEO:\n",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]);
+    let from_merged = json_line(&run_ok(&mut cmd))["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(with_adapter, from_merged);
+}
+
+#[test]
+fn jsonl_instruction_data_trains_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("pairs.jsonl");
+    let lines: Vec<String> = (0..6)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("Q: what is {i} plus {i}?\nA:"),
+                "response": format!(" {}", 2 * i),
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let out = run_ok(bin().args([
+        "train",
+        "--task",
+        "causal-lm",
+        "--model",
+        &gguf(),
+        "--data",
+        jsonl.to_str().unwrap(),
+        "--eval-data",
+        jsonl.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--targets",
+        "q_proj,v_proj",
+        "--rank",
+        "2",
+        "--steps",
+        "2",
+        "--batch",
+        "3",
+        "--seq",
+        "32",
+        "--out",
+        dir.path().join("run").to_str().unwrap(),
+        "--json",
+        "--quiet",
+    ]));
+    let report = json_line(&out);
+    assert_eq!(report["train_sequences"], 6);
+    let eval = &report["eval"];
+    // Each pair's targets: the response's tokens plus the eos.
+    assert!(eval["tokens"].as_u64().unwrap() >= 12, "{eval}");
+    assert!(eval["perplexity"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn causal_lm_bad_input_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let long_prompt = "the ".repeat(9000);
+    let e = run_err(bin().args([
+        "generate",
+        "--model",
+        &gguf(),
+        "--prompt",
+        &long_prompt,
+        "--max-new-tokens",
+        "1",
+    ]));
+    assert!(e.contains("context"), "{e}");
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\"}\n").unwrap();
+    let e = run_err(bin().args([
+        "train",
+        "--task",
+        "causal-lm",
+        "--model",
+        &gguf(),
+        "--data",
+        bad.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--out",
+        dir.path().join("o").to_str().unwrap(),
+    ]));
+    assert!(e.contains("bad.jsonl:2") && e.contains("response"), "{e}");
+
+    let e = run_err(bin().args([
+        "eval",
+        "--task",
+        "causal-lm",
+        "--model",
+        &gguf(),
+        "--data",
+        &data("valid.txt"),
+        "--seq",
+        "100000",
+    ]));
+    assert!(e.contains("context"), "{e}");
+
+    // A Llama folder without a tokenizer.
+    let folder = dir.path().join("no-tokenizer");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("config.json"),
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": 10, "max_position_embeddings": 16,
+            "rms_norm_eps": 1e-5
+        })
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(folder.join("model.safetensors"), b"").unwrap();
+    let e = run_err(bin().args([
+        "eval",
+        "--task",
+        "causal-lm",
+        "--model",
+        folder.to_str().unwrap(),
+        "--data",
+        &data("valid.txt"),
+    ]));
+    assert!(e.to_lowercase().contains("tokenizer"), "{e}");
+}
