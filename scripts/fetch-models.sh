@@ -68,3 +68,18 @@ fi
 echo "fetch-models: MiniLM at $minilm" >&2
 echo "fetch-models: MiniLM hub cache at $repo_dir" >&2
 echo "fetch-models: SmolLM2 GGUF at $gguf" >&2
+
+# --- scikit-learn's 8×8 digits (for examples/conv_adapters.rs) -------------------------------
+# 1,797 images, one per line: 64 pixel values 0–16, then the label. From the scikit-learn wheel
+# (sklearn/datasets/data/digits.csv.gz, a copy of the UCI optical digits test set).
+digits=$dest/digits.csv
+if [ ! -f "$digits" ]; then
+    fetch_wheel scikit-learn
+    src=$(find "$wheels/scikit-learn/unpacked" -name digits.csv.gz | head -n 1)
+    "$python" -c 'import gzip, shutil, sys; shutil.copyfileobj(gzip.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$src" "$digits.tmp"
+    mv "$digits.tmp" "$digits"
+    # Only the data file is needed: drop the wheel (a later run fetches it again if needed).
+    rm -rf "$wheels/scikit-learn"
+fi
+echo "fetch-models: digits at $digits" >&2

@@ -9,10 +9,25 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_peft::AdapterConfig;
 use candle_peft::io::export::read_safetensors_header;
-use candle_peft::io::peft_format::{WEIGHTS_NAME, read_config, split_key};
+use candle_peft::io::peft_format::{KEY_PREFIX, WEIGHTS_NAME, read_config, split_key};
 use clap::Args;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
+
+/// Per-layer frozen state that SVFit, LoLDU and SALT save beside their trainables (listed, not
+/// counted as trainable).
+const FROZEN_TENSORS: &[&str] = &[
+    "svfit_S0.weight",
+    "svfit_U.weight",
+    "svfit_Vh.weight",
+    "loldu_D.weight",
+    "loldu_L.weight",
+    "loldu_U.weight",
+    "loldu_perm.weight",
+    "salt_U.weight",
+    "salt_S.weight",
+    "salt_Vh.weight",
+];
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -54,15 +69,28 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let mut trainable = 0usize;
     let mut sorted: Vec<_> = header.tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    // Model-level tensors (RandLoRA's shared bases, `base_model.randlora_A`) and their per-layer
+    // duplicates are frozen: listed, but neither modules nor trainable.
+    let shared_names: Vec<&str> = sorted
+        .iter()
+        .filter(|(k, _)| !k.starts_with(KEY_PREFIX))
+        .filter_map(|(k, _)| k.rsplit('.').next())
+        .collect();
     for (key, info) in sorted {
         let numel: usize = info.shape.iter().product();
-        trainable += numel;
         tensors.push(json!({
             "key": key,
             "dtype": info.dtype.to_string(),
             "shape": info.shape,
         }));
+        if !key.starts_with(KEY_PREFIX) {
+            continue;
+        }
         let (module, local) = split_key(key, prefixes);
+        if shared_names.contains(&local.as_str()) || FROZEN_TENSORS.contains(&local.as_str()) {
+            continue;
+        }
+        trainable += numel;
         let whole = !local
             .split('.')
             .next()

@@ -1,0 +1,636 @@
+//! FLoRA: a Tucker-structured low-rank update for N-D weights (Si et al., 2024, "Maintaining
+//! Structural Integrity in Parameter Spaces for Parameter Efficient Fine-tuning", first titled
+//! "FLoRA: Low-Rank Core Space for N-dimension", arXiv:2405.14739, ICLR 2025). Reference
+//! implementation: SJTU-DeepVisionLab/FLoRA. `peft_type` "FLORA" (PEFT has no FLoRA; the format
+//! is ours).
+//!
+//! Modes, in the reference's order `[in, out, spatial…]` (input first, not PyTorch's order):
+//! - linear (N = 2): `dims = [in, out]`, ranks `[r0, r1]`;
+//! - conv2d (N = 4): `dims = [in/g, out, kh, kw]`, ranks `[r0, r1, r2, r3]`. The mode-0 size is
+//!   `in/groups` (the reference uses `in` and so breaks on grouped and depthwise convs).
+//!
+//! Trainable, all of them: core `G: [r0, …, r_{N−1}]` and one factor `P_i: [d_i, r_i]` per mode;
+//! `Σ d_i·r_i + Π r_i` scalars. `r` in the config is one int (linear `[r, r]`; conv2d
+//! `[r, r, min(r, kh), min(r, kw)]`: a spatial rank above the kernel size adds nothing) or the
+//! per-mode list (`[16, 16, 2, 2]`), whose length must be the weight's order.
+//!
+//! Init: `P_i ~ N(0, 1/(2·r_i))` (the reference's `kaiming_normal_(a=√3)` with fan-in `r_i`),
+//! drawn from a seeded ChaCha RNG in mode order; `G = 0`, so `Δ = 0` exactly and at step 1 only
+//! `G` has a non-zero gradient. `init_weights = false` draws `G ~ N(0, 1)` (for tests).
+//!
+//! `ΔW = s · G ×₁ P0 ×₂ P1 ×₃ P2 ×₄ P3` with modes 0 and 1 swapped back to PyTorch's order:
+//! `ΔW[o, i, h, w] = s Σ G[a, b, c, d] P0[i, a] P1[o, b] P2[h, c] P3[w, d]`; linear
+//! `ΔW = s · P1 Gᵀ P0ᵀ`. `s = scale` is a plain multiplier (no `/r`).
+//!
+//! Forward (activation space, `x̂ = dropout(x)`):
+//! - linear: `Δ(x) = s · ((x̂ P0) G) P1ᵀ`;
+//! - conv2d, groups = 1: three convs, a 1×1 `in → r0` with `P0ᵀ`, a `kh×kw` `r0 → r1` with the
+//!   core kernel `K[b, a, h, w] = Σ_{c,d} G[a, b, c, d] P2[h, c] P3[w, d]` and the base's stride,
+//!   padding and dilation, and a 1×1 `r1 → out` with `P1`. Exact: zero padding commutes with
+//!   bias-free 1×1 channel mixes.
+//! - conv2d, groups > 1: `conv2d(x̂, ΔW, groups)` with the dense `ΔW: [out, in/g, kh, kw]`.
+//!
+//! File: per module `flora_layer.param_G` and `flora_layer.param_0 … param_{N−1}` (the
+//! reference's parameter names); the config holds `r`, `scale`, `flora_dropout`. No base weight is
+//! needed to load or merge.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::adapter::{Adapter, LayerGeometry, Method};
+use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, OneOrMany, Targeting};
+use crate::error::{PeftError, Result};
+use crate::frozen::conv2d_trainable;
+use crate::init;
+
+const PREFIX: &str = "flora_layer";
+
+/// `flora_layer.param_G`.
+pub fn core_name() -> String {
+    format!("{PREFIX}.param_G")
+}
+
+/// `flora_layer.param_<mode>`.
+pub fn factor_name(mode: usize) -> String {
+    format!("{PREFIX}.param_{mode}")
+}
+
+/// The mode sizes FLoRA factorises: `[in, out]` or `[in/groups, out, kh, kw]`.
+pub fn mode_sizes(geometry: LayerGeometry) -> Vec<usize> {
+    let shape = geometry.weight_shape();
+    let mut dims = vec![shape[1], shape[0]];
+    dims.extend_from_slice(&shape[2..]);
+    dims
+}
+
+/// `Σ d_i·r_i + Π r_i`: trainable scalars of one FLoRA adapter.
+pub fn trainable_parameters(dims: &[usize], ranks: &[usize]) -> usize {
+    let factors: usize = dims.iter().zip(ranks).map(|(d, r)| d * r).sum();
+    factors + ranks.iter().product::<usize>()
+}
+
+/// FLoRA's config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FloraConfig {
+    pub targeting: Targeting,
+    /// One rank for every mode, or one per mode (`[r0, r1]` linear, `[r0, r1, r2, r3]` conv2d).
+    pub r: OneOrMany<usize>,
+    /// `s`, a plain multiplier of `ΔW`.
+    pub scale: f64,
+    /// Dropout on the adapter's input (the reference's `drop_rate`).
+    pub flora_dropout: f64,
+    /// `false` draws `G ~ N(0, 1)`: not the identity (for tests).
+    pub init_weights: bool,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    pub revision: Option<String>,
+    pub inference_mode: bool,
+}
+
+#[derive(Deserialize)]
+struct FloraConfigFile {
+    #[serde(flatten)]
+    targeting: Targeting,
+    #[serde(default = "default_r")]
+    r: OneOrMany<usize>,
+    #[serde(default = "default_scale")]
+    scale: f64,
+    #[serde(default, alias = "drop_rate")]
+    flora_dropout: f64,
+    #[serde(default = "default_true")]
+    init_weights: bool,
+    #[serde(default)]
+    task_type: Option<String>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    revision: Option<String>,
+    #[serde(default)]
+    inference_mode: bool,
+}
+
+fn default_r() -> OneOrMany<usize> {
+    OneOrMany::One(8)
+}
+
+fn default_scale() -> f64 {
+    1.0
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| PeftError::config("adapter_config.json", e.to_string()))
+}
+
+impl FloraConfig {
+    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] = &[PREFIX];
+
+    /// A config targeting `targets` with ranks `r` (one int or per mode) and scale `scale`.
+    pub fn new<S: AsRef<str>>(targets: &[S], r: OneOrMany<usize>, scale: f64) -> Self {
+        Self {
+            targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
+            r,
+            scale,
+            flora_dropout: 0.0,
+            init_weights: true,
+            task_type: None,
+            base_model_name_or_path: None,
+            revision: None,
+            inference_mode: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.targeting.validate()?;
+        let ranks = self.r.to_vec();
+        if let OneOrMany::Many(list) = &self.r {
+            if !matches!(list.len(), 2 | 4) {
+                return Err(PeftError::config(
+                    "r",
+                    format!(
+                        "{list:?} has {} entries; FLoRA takes one rank per mode: 2 for a linear \
+                         layer ([in, out]), 4 for a conv2d ([in, out, kh, kw])",
+                        list.len()
+                    ),
+                ));
+            }
+        }
+        if let Some(i) = ranks.iter().position(|&r| r == 0) {
+            return Err(PeftError::config(
+                "r",
+                format!(
+                    "rank of mode {i} is 0 in {:?}; every rank must be at least 1",
+                    ranks
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.flora_dropout) {
+            return Err(PeftError::config(
+                "flora_dropout",
+                format!("must be in [0, 1), got {}", self.flora_dropout),
+            ));
+        }
+        if !self.scale.is_finite() {
+            return Err(PeftError::config("scale", "must be finite"));
+        }
+        Ok(())
+    }
+
+    /// The per-mode ranks for a layer; a list must have one entry per mode of the weight.
+    pub fn ranks_for(&self, module: &str, geometry: LayerGeometry) -> Result<Vec<usize>> {
+        let dims = mode_sizes(geometry);
+        let ranks = match &self.r {
+            OneOrMany::One(r) => {
+                let mut v = vec![*r, *r];
+                v.extend(dims[2..].iter().map(|&d| d.min(*r)));
+                v
+            }
+            OneOrMany::Many(list) => {
+                if list.len() != dims.len() {
+                    let kind = match geometry {
+                        LayerGeometry::Linear { .. } => "linear weight has 2 modes [in, out]",
+                        LayerGeometry::Conv2d { .. } => {
+                            "conv2d weight has 4 modes [in/groups, out, kh, kw]"
+                        }
+                    };
+                    return Err(PeftError::layer(
+                        module,
+                        format!(
+                            "FLoRA rank list {list:?} has {} entries but the {kind} = {dims:?}",
+                            list.len()
+                        ),
+                    ));
+                }
+                list.clone()
+            }
+        };
+        if let Some(i) = ranks.iter().position(|&r| r == 0) {
+            return Err(PeftError::layer(
+                module,
+                format!("FLoRA rank of mode {i} is 0 in {ranks:?}"),
+            ));
+        }
+        Ok(ranks)
+    }
+
+    pub fn from_peft_json(value: &Value) -> Result<Self> {
+        let file: FloraConfigFile = serde_json::from_value(value.clone())
+            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
+        Ok(Self {
+            targeting: file.targeting,
+            r: file.r,
+            scale: file.scale,
+            flora_dropout: file.flora_dropout,
+            init_weights: file.init_weights,
+            task_type: file.task_type,
+            base_model_name_or_path: file.base_model_name_or_path,
+            revision: file.revision,
+            inference_mode: file.inference_mode,
+        })
+    }
+
+    pub fn to_peft_json(&self) -> Result<Value> {
+        let t = &self.targeting;
+        Ok(json!({
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "exclude_modules": to_json(&t.exclude_modules)?,
+            "flora_dropout": self.flora_dropout,
+            "inference_mode": self.inference_mode,
+            "init_weights": self.init_weights,
+            "layers_pattern": to_json(&t.layers_pattern)?,
+            "layers_to_transform": to_json(&t.layers_to_transform)?,
+            "modules_to_save": to_json(&t.modules_to_save)?,
+            "peft_type": "FLORA",
+            "peft_version": crate::io::peft_format::PEFT_VERSION,
+            "r": to_json(&self.r)?,
+            "revision": self.revision,
+            "scale": self.scale,
+            "target_modules": to_json(&t.target_modules)?,
+            "task_type": self.task_type,
+        }))
+    }
+
+    /// The config `--method flora` builds: `--rank` (default 8) for every mode, `--alpha` as the
+    /// plain `scale` (default 1); `--opt r=16,16,2,2` sets per-mode ranks; `--opt
+    /// init_weights=false`.
+    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
+        args.check_options(Method::Flora, &["r", "init_weights"])?;
+        let r = match args.options.get("r") {
+            Some(list) => {
+                let ranks = list
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|_| {
+                        PeftError::config(
+                            "--opt r",
+                            format!("`{list}` is not a comma-separated list of ranks"),
+                        )
+                    })?;
+                if args.rank.is_some() {
+                    return Err(PeftError::config(
+                        "--opt r",
+                        "give either --rank or --opt r=…, not both",
+                    ));
+                }
+                OneOrMany::Many(ranks)
+            }
+            None => OneOrMany::One(args.rank.unwrap_or(8)),
+        };
+        let mut c = Self::new(&args.targets, r, args.alpha.unwrap_or(1.0));
+        c.flora_dropout = args.dropout.unwrap_or(0.0);
+        if let Some(v) = args.option::<bool>("init_weights")? {
+            c.init_weights = v;
+        }
+        Ok(c)
+    }
+
+    /// A fresh adapter for `module`, drawn from `rng`.
+    pub fn init_adapter(
+        &self,
+        module: &str,
+        geometry: LayerGeometry,
+        device: &Device,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<FloraAdapter> {
+        let ranks = self.ranks_for(module, geometry)?;
+        let dims = mode_sizes(geometry);
+        let mut factors = Vec::with_capacity(dims.len());
+        for (&d, &r) in dims.iter().zip(&ranks) {
+            let std = (1.0 / (2.0 * r as f64)).sqrt() as f32;
+            let v = init::normal(rng, d * r, std);
+            factors.push(Var::from_tensor(&Tensor::from_vec(v, (d, r), device)?)?);
+        }
+        let core_numel: usize = ranks.iter().product();
+        let core = if self.init_weights {
+            vec![0f32; core_numel]
+        } else {
+            init::normal(rng, core_numel, 1.0)
+        };
+        let core = Var::from_tensor(&Tensor::from_vec(core, ranks.as_slice(), device)?)?;
+        Ok(FloraAdapter::new(
+            geometry,
+            ranks,
+            self,
+            core,
+            factors,
+            rng.random(),
+        ))
+    }
+
+    /// The adapter for `module` from saved tensors (`flora_layer.param_G`, `param_0`, …).
+    pub fn load_adapter(
+        &self,
+        module: &str,
+        geometry: LayerGeometry,
+        tensors: &BTreeMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<FloraAdapter> {
+        let ranks = self.ranks_for(module, geometry)?;
+        let dims = mode_sizes(geometry);
+        let fetch = |name: &str, shape: &[usize]| -> Result<Var> {
+            let key = format!("{}{module}.{name}", crate::io::peft_format::KEY_PREFIX);
+            let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
+                key: key.clone(),
+                location: "the adapter file".into(),
+            })?;
+            if t.dims() != shape {
+                return Err(PeftError::ShapeMismatch {
+                    key,
+                    expected: shape.to_vec(),
+                    got: t.dims().to_vec(),
+                });
+            }
+            Ok(Var::from_tensor(
+                &t.to_dtype(DType::F32)?.to_device(device)?,
+            )?)
+        };
+        let core = fetch(&core_name(), &ranks)?;
+        let factors = dims
+            .iter()
+            .zip(&ranks)
+            .enumerate()
+            .map(|(i, (&d, &r))| fetch(&factor_name(i), &[d, r]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FloraAdapter::new(
+            geometry,
+            ranks,
+            self,
+            core,
+            factors,
+            init::seed_from_name(module),
+        ))
+    }
+}
+
+impl MethodConfig for FloraConfig {
+    fn method(&self) -> Method {
+        Method::Flora
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.targeting
+    }
+
+    fn set_task_type(&mut self, task_type: Option<String>) {
+        self.task_type = task_type;
+    }
+
+    fn set_base_model(&mut self, name: Option<String>) {
+        self.base_model_name_or_path = name;
+    }
+
+    fn validate(&self) -> Result<()> {
+        FloraConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        FloraConfig::to_peft_json(self)
+    }
+
+    fn tensor_prefixes(&self) -> &'static [&'static str] {
+        Self::TENSOR_PREFIXES
+    }
+
+    fn init_adapter(
+        &self,
+        ctx: &InitContext<'_>,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(FloraConfig::init_adapter(
+            self,
+            ctx.module,
+            ctx.geometry,
+            ctx.device,
+            rng,
+        )?))
+    }
+
+    fn load_adapter(&self, ctx: &LoadContext<'_>) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(FloraConfig::load_adapter(
+            self,
+            ctx.module,
+            ctx.geometry,
+            ctx.tensors,
+            ctx.device,
+        )?))
+    }
+}
+
+/// One FLoRA adapter on one layer.
+#[derive(Debug)]
+pub struct FloraAdapter {
+    geometry: LayerGeometry,
+    ranks: Vec<usize>,
+    scale: f64,
+    dropout: f32,
+    core: Var,
+    /// `P_i: [d_i, r_i]` in mode order `[in, out, kh, kw]`.
+    factors: Vec<Var>,
+    dropout_rng: Mutex<ChaCha8Rng>,
+}
+
+impl FloraAdapter {
+    fn new(
+        geometry: LayerGeometry,
+        ranks: Vec<usize>,
+        config: &FloraConfig,
+        core: Var,
+        factors: Vec<Var>,
+        dropout_seed: u64,
+    ) -> Self {
+        Self {
+            geometry,
+            ranks,
+            scale: config.scale,
+            dropout: config.flora_dropout as f32,
+            core,
+            factors,
+            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(dropout_seed)),
+        }
+    }
+
+    /// Per-mode ranks.
+    pub fn ranks(&self) -> &[usize] {
+        &self.ranks
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    pub fn core(&self) -> &Var {
+        &self.core
+    }
+
+    /// `P_i`, in mode order `[in, out, kh, kw]`.
+    pub fn factors(&self) -> &[Var] {
+        &self.factors
+    }
+
+    fn factor(&self, mode: usize) -> Result<&Tensor> {
+        self.factors
+            .get(mode)
+            .map(Var::as_tensor)
+            .ok_or_else(|| PeftError::Unsupported(format!("FLoRA has no factor for mode {mode}")))
+    }
+
+    /// The conv core kernel `K[b, a, h, w] = Σ_{c,d} G[a, b, c, d] P2[h, c] P3[w, d]`:
+    /// `[r1, r0, kh, kw]`, unscaled.
+    fn core_kernel(&self) -> Result<Tensor> {
+        let [r0, r1, r2, r3] = self.ranks[..] else {
+            return Err(PeftError::Unsupported(
+                "FLoRA core kernel needs a 4-mode adapter".into(),
+            ));
+        };
+        let p2 = self.factor(2)?;
+        let p3 = self.factor(3)?;
+        let (kh, kw) = (p2.dim(0)?, p3.dim(0)?);
+        let g = self.core.as_tensor();
+        // Contract d with P3, then c with P2.
+        let t = g.reshape((r0 * r1 * r2, r3))?.matmul(&p3.t()?)?; // [r0 r1 r2, kw]
+        let t = t
+            .reshape((r0 * r1, r2, kw))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((r0 * r1 * kw, r2))?
+            .matmul(&p2.t()?)?; // [r0 r1 kw, kh]
+        Ok(t.reshape((r0, r1, kw, kh))?
+            .permute((1, 0, 3, 2))?
+            .contiguous()?)
+    }
+
+    /// Scaled `ΔW` in the base weight's shape, differentiable in every parameter.
+    fn dense_delta(&self) -> Result<Tensor> {
+        let p0 = self.factor(0)?;
+        let p1 = self.factor(1)?;
+        let delta = match self.geometry {
+            LayerGeometry::Linear { .. } => {
+                // s · P1 Gᵀ P0ᵀ
+                p1.matmul(&self.core.as_tensor().t()?)?.matmul(&p0.t()?)?
+            }
+            LayerGeometry::Conv2d { .. } => {
+                let (r0, r1) = (self.ranks[0], self.ranks[1]);
+                let kernel = self.core_kernel()?; // [r1, r0, kh, kw]
+                let (_, _, kh, kw) = kernel.dims4()?;
+                let (in_g, out) = (p0.dim(0)?, p1.dim(0)?);
+                // Σ_b P1[o, b] K[b, a, h, w] → [out, r0, kh, kw]
+                let t = p1.matmul(&kernel.reshape((r1, r0 * kh * kw))?)?;
+                // Σ_a (·)[o, a, h, w] P0[i, a] → [out, kh, kw, in_g] → [out, in_g, kh, kw]
+                let t = t
+                    .reshape((out, r0, kh * kw))?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((out * kh * kw, r0))?
+                    .matmul(&p0.t()?)?;
+                t.reshape((out, kh, kw, in_g))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?
+            }
+        };
+        Ok((delta * self.scale)?)
+    }
+
+    fn apply_dropout(&self, x: Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.dropout <= 0.0 {
+            return Ok(x);
+        }
+        let mut rng = self
+            .dropout_rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        init::dropout(&x, self.dropout, &mut rng)
+    }
+}
+
+impl Adapter for FloraAdapter {
+    fn method(&self) -> Method {
+        Method::Flora
+    }
+
+    fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.apply_dropout(x.to_dtype(DType::F32)?, train)?;
+        match self.geometry {
+            LayerGeometry::Linear {
+                in_features,
+                out_features,
+            } => {
+                let mut out_dims = x.dims().to_vec();
+                let Some(last) = out_dims.last_mut() else {
+                    return Err(PeftError::Unsupported("FLoRA input is a scalar".into()));
+                };
+                *last = out_features;
+                let h = x.reshape(((), in_features))?.matmul(self.factor(0)?)?;
+                let h = h.matmul(self.core.as_tensor())?;
+                let y = h.matmul(&self.factor(1)?.t()?)?;
+                Ok((y * self.scale)?.reshape(out_dims)?)
+            }
+            LayerGeometry::Conv2d {
+                in_channels,
+                out_channels,
+                params,
+                ..
+            } => {
+                if params.groups != 1 {
+                    return Ok(conv2d_trainable(
+                        &x,
+                        &self.dense_delta()?,
+                        params.padding,
+                        params.stride,
+                        params.dilation,
+                        params.groups,
+                    )?);
+                }
+                let (r0, r1) = (self.ranks[0], self.ranks[1]);
+                let w1 = self.factor(0)?.t()?.reshape((r0, in_channels, 1, 1))?;
+                let h = conv2d_trainable(&x, &w1, 0, 1, 1, 1)?;
+                let h = conv2d_trainable(
+                    &h,
+                    &self.core_kernel()?,
+                    params.padding,
+                    params.stride,
+                    params.dilation,
+                    1,
+                )?;
+                let w3 = self.factor(1)?.reshape((out_channels, r1, 1, 1))?;
+                let y = conv2d_trainable(&h, &w3, 0, 1, 1, 1)?;
+                Ok((y * self.scale)?)
+            }
+        }
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        self.dense_delta()
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut vars = vec![(core_name(), self.core.clone())];
+        vars.extend(
+            self.factors
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (factor_name(i), p.clone())),
+        );
+        vars
+    }
+
+    fn tensors_to_save(&self) -> Vec<(String, Tensor)> {
+        self.trainable_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect()
+    }
+}

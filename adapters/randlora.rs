@@ -1,0 +1,883 @@
+//! RandLoRA: full-rank updates from shared random bases (Albert et al., 2025, "RandLoRA:
+//! Full-rank parameter-efficient fine-tuning of large models", arXiv:2502.00987, ICLR 2025), with
+//! Hugging Face PEFT's semantics and file format (`peft_type` "RANDLORA").
+//!
+//! Per adapted weight `W: [out, in]`: `k = min(in, out)`, `K = max(in, out)`, `n = ⌈k/r⌉`.
+//! - Shared, frozen, one pair per adapter (model level): `A: [r, 1, k_g]`, `B: [K_g, n_g, r]`,
+//!   sized from the element-wise largest `(out, in)` over the targeted layers:
+//!   `K_g = max(O_max, I_max)`, `k_g = min(O_max, I_max)`, `n_g = ⌈k_g/r⌉`. A layer uses the slices
+//!   `A_l = A[:, 0, :k]: [r, k]` and `B_l = B[:K, :n, :]: [K, n, r]`.
+//! - Trainable, per layer: `Λ = randlora_lambda: [r, n]` and `Γ = randlora_gamma: [n, k]`.
+//! - Scaling `s = randlora_alpha / r`.
+//!
+//! Init. Bases (PEFT's `_init_randlora_A_randlora_B`): `A ~ U(−1/√k_g, 1/√k_g)`, then the `n_g`
+//! chunks `B[:, b, :] ~ U(−1/√r, 1/√r)` in order b = 0…n_g−1; each tensor is then divided by its
+//! own (unbiased) std. `sparse` / `very_sparse`: `A` then `B` drawn `U(0, 1)` and mapped to
+//! −1 (u < 1/(2σ)), +1 (u > 1 − 1/(2σ)) or 0, with σ = 3 or √k_g, then divided by their std.
+//! The draws come from a ChaCha8 generator seeded with `projection_prng_key`: same distributions
+//! and normalisation as PEFT, **not** bit-identical to torch's Mersenne Twister (nor to PEFT's
+//! bf16/fp16 quantisation of the dense bases). This is why the bases are always saved
+//! (`save_projection` is written as `true`), and why a PEFT file without bases cannot be loaded.
+//! Per layer: `Λ = 0`, `Γ = 1/k` (PEFT's `reset_randlora_parameters`), so `Δ = 0` exactly;
+//! `init_weights = false` gives `Λ ~ N(0, 1)`, `Γ = 1/K` (PEFT's constructor values, for tests).
+//!
+//! Forward, pairing by flat position exactly as PEFT does (its `get_scaled_bases`):
+//! `Ã = (Λ[:, :, None] · A_l[:, None, :] · Γ[None]).reshape(r·n, k)`, so row `q = kk·n + b`;
+//! `B̃ = B_l.reshape(K, n·r)`, so column `q = b·r + kk`; `S = B̃ Ã: [K, k]`. Row and column are
+//! paired by `q` alone, which is a fixed permutation of the paper's `Σ_b B_b Λ_b A Γ_b`:
+//! statistically the same, numerically different, and what PEFT checkpoints need.
+//! - `in ≤ out`: `Δ(x) = s · (x̂ Ãᵀ) B̃ᵀ`, `ΔW = s · S`;
+//! - `in > out`: `Δ(x) = s · (x̂ B̃) Ã`, `ΔW = s · Sᵀ`;
+//!
+//! with `x̂ = dropout(x)`. The product with the frozen `B̃` goes through `crate::frozen`, so
+//! backward computes no gradient for it. At `Λ = 0` the gradient of `Γ` is exactly 0: step 1
+//! moves `Λ` only. With random non-zero `Λ`, `Γ`, `rank(ΔW) = k`: the update is full rank.
+//!
+//! Conv2d (our extension; PEFT adapts only linear layers): the kernel is flattened row-major to
+//! `W_flat: [out, in/g · kh · kw]` and treated as the linear weight above. For groups = 1 the
+//! forward is two convolutions: with `in_flat ≤ out`, `Ã` as a `[r·n, in, kh, kw]` kernel with
+//! the base's stride, padding and dilation, then `B̃` as a 1×1 kernel; otherwise `B̃ᵀ` as the
+//! `k×k` kernel and `Ãᵀ` as the 1×1. Grouped convs use the dense `ΔW` (the shared bottleneck
+//! mixes groups).
+//!
+//! File (PEFT's, verified against peft 0.21.2): `base_model.randlora_A`, `base_model.randlora_B`
+//! (model level) and per layer `randlora_lambda`, `randlora_gamma`, plus per-layer duplicates
+//! `randlora_A`, `randlora_B` of the full bases (PEFT writes them, and loads without warnings only
+//! when they are there). The reader takes the model-level bases, or a layer's duplicates when a
+//! file has no model-level ones.
+//!
+//! Several adapters: each has its own bases (sized from its own `r` and targets), so adapters
+//! with different `r` coexist on one model. PEFT shares one pair per model and refuses that;
+//! each of our files still loads in PEFT on its own.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::adapter::{Adapter, LayerGeometry, Method};
+use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting};
+use crate::error::{PeftError, Result};
+use crate::frozen::{conv2d_trainable, frozen_conv2d, frozen_matmul};
+use crate::init;
+
+/// File key of the shared basis `A: [r, 1, k_g]`.
+pub const SHARED_A_KEY: &str = "base_model.randlora_A";
+/// File key of the shared basis `B: [K_g, n_g, r]`.
+pub const SHARED_B_KEY: &str = "base_model.randlora_B";
+
+const LAMBDA: &str = "randlora_lambda";
+const GAMMA: &str = "randlora_gamma";
+const BASIS_A: &str = "randlora_A";
+const BASIS_B: &str = "randlora_B";
+
+/// `RandLoraConfig`, with PEFT's field names and defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RandLoraConfig {
+    pub targeting: Targeting,
+    /// Rank of each random basis. Fewer trainable parameters as `r` grows (`n = ⌈k/r⌉`).
+    pub r: usize,
+    pub randlora_alpha: f64,
+    pub randlora_dropout: f64,
+    /// Seed of the ChaCha generator that draws new bases.
+    pub projection_prng_key: u64,
+    /// Ternary bases with P(±1) = 1/6 each.
+    pub sparse: bool,
+    /// Ternary bases with P(±1) = 1/(2√k_g) each; wins over `sparse`, as in PEFT.
+    pub very_sparse: bool,
+    /// Kept so a file round-trips; layers built by `PeftBuilder` are `[out, in]` (see LoRA).
+    pub fan_in_fan_out: bool,
+    /// `false` draws `Λ ~ N(0, 1)` and sets `Γ = 1/K`: not the identity (for tests).
+    pub init_weights: bool,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    pub revision: Option<String>,
+    pub inference_mode: bool,
+}
+
+#[derive(Deserialize)]
+struct RandLoraConfigFile {
+    #[serde(flatten)]
+    targeting: Targeting,
+    #[serde(default = "default_r")]
+    r: usize,
+    #[serde(default = "default_alpha")]
+    randlora_alpha: f64,
+    #[serde(default)]
+    randlora_dropout: f64,
+    #[serde(default)]
+    projection_prng_key: u64,
+    #[serde(default)]
+    sparse: bool,
+    #[serde(default)]
+    very_sparse: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default = "default_true")]
+    init_weights: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    task_type: Option<String>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    revision: Option<String>,
+    #[serde(default)]
+    inference_mode: bool,
+}
+
+fn default_r() -> usize {
+    32
+}
+
+fn default_alpha() -> f64 {
+    640.0
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A float as a JSON integer when it is one (PEFT's `randlora_alpha` is an int).
+fn json_number(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        json!(v as i64)
+    } else {
+        json!(v)
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| PeftError::config("adapter_config.json", e.to_string()))
+}
+
+/// `(out, in)` of the weight RandLoRA adapts: a conv kernel counts as `[out, in/g·kh·kw]`.
+pub fn flat_dims(geometry: LayerGeometry) -> (usize, usize) {
+    let shape = geometry.weight_shape();
+    (shape[0], shape[1..].iter().product())
+}
+
+/// PEFT's number of bases `n = ⌈k/r⌉`.
+pub fn num_bases(k: usize, r: usize) -> usize {
+    k.div_ceil(r)
+}
+
+/// Trainable scalars of a RandLoRA adapter of rank `r` on layers of these shapes,
+/// `Σ r·n + n·k`, from the geometry alone (no weights are needed).
+pub fn trainable_parameters(r: usize, layers: &[LayerGeometry]) -> Result<usize> {
+    if r == 0 {
+        return Err(PeftError::config("r", "rank must be at least 1, got 0"));
+    }
+    Ok(layers
+        .iter()
+        .map(|&g| {
+            let (out, inp) = flat_dims(g);
+            let k = out.min(inp);
+            let n = num_bases(k, r);
+            r * n + n * k
+        })
+        .sum())
+}
+
+impl RandLoraConfig {
+    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] = &[LAMBDA, GAMMA, BASIS_A, BASIS_B];
+
+    /// A config targeting `targets` with basis rank `r` and `randlora_alpha`; other fields take
+    /// PEFT's defaults.
+    pub fn new<S: AsRef<str>>(targets: &[S], r: usize, randlora_alpha: f64) -> Self {
+        Self {
+            targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
+            r,
+            randlora_alpha,
+            randlora_dropout: 0.0,
+            projection_prng_key: 0,
+            sparse: false,
+            very_sparse: false,
+            fan_in_fan_out: false,
+            init_weights: true,
+            task_type: None,
+            base_model_name_or_path: None,
+            revision: None,
+            inference_mode: false,
+        }
+    }
+
+    /// `s = randlora_alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.randlora_alpha / self.r as f64
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.targeting.validate()?;
+        if self.r == 0 {
+            return Err(PeftError::config("r", "rank must be at least 1, got 0"));
+        }
+        if !(0.0..1.0).contains(&self.randlora_dropout) {
+            return Err(PeftError::config(
+                "randlora_dropout",
+                format!("must be in [0, 1), got {}", self.randlora_dropout),
+            ));
+        }
+        if !self.randlora_alpha.is_finite() {
+            return Err(PeftError::config("randlora_alpha", "must be finite"));
+        }
+        Ok(())
+    }
+
+    pub fn from_peft_json(value: &Value) -> Result<Self> {
+        let file: RandLoraConfigFile = serde_json::from_value(value.clone())
+            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
+        if let Some(bias) = file.bias.as_deref().filter(|b| *b != "none") {
+            return Err(PeftError::config(
+                "bias",
+                format!("`{bias}` is not supported (only \"none\")"),
+            ));
+        }
+        Ok(Self {
+            targeting: file.targeting,
+            r: file.r,
+            randlora_alpha: file.randlora_alpha,
+            randlora_dropout: file.randlora_dropout,
+            projection_prng_key: file.projection_prng_key,
+            sparse: file.sparse,
+            very_sparse: file.very_sparse,
+            fan_in_fan_out: file.fan_in_fan_out,
+            init_weights: file.init_weights,
+            task_type: file.task_type,
+            base_model_name_or_path: file.base_model_name_or_path,
+            revision: file.revision,
+            inference_mode: file.inference_mode,
+        })
+    }
+
+    /// Every field PEFT 0.21's `RandLoraConfig` writes. `save_projection` is always `true`:
+    /// the bases are always in the file (see the module docs).
+    pub fn to_peft_json(&self) -> Result<Value> {
+        let t = &self.targeting;
+        let mut value = json!({
+            "auto_mapping": null,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "bias": "none",
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "inference_mode": self.inference_mode,
+            "init_weights": self.init_weights,
+            "layers_pattern": to_json(&t.layers_pattern)?,
+            "layers_to_transform": to_json(&t.layers_to_transform)?,
+            "modules_to_save": to_json(&t.modules_to_save)?,
+            "peft_type": "RANDLORA",
+            "peft_version": crate::io::peft_format::PEFT_VERSION,
+            "projection_prng_key": self.projection_prng_key,
+            "r": self.r,
+            "randlora_alpha": json_number(self.randlora_alpha),
+            "randlora_dropout": self.randlora_dropout,
+            "revision": self.revision,
+            "save_projection": true,
+            "sparse": self.sparse,
+            "target_modules": to_json(&t.target_modules)?,
+            "task_type": self.task_type,
+            "very_sparse": self.very_sparse,
+        });
+        // PEFT's RandLoraConfig has no `exclude_modules`; write it only when it is used.
+        if let (Some(exclude), Some(obj)) = (&t.exclude_modules, value.as_object_mut()) {
+            obj.insert("exclude_modules".into(), to_json(exclude)?);
+        }
+        Ok(value)
+    }
+
+    /// The config `--method randlora` builds: r 32 and α = 20·r (PEFT's defaults) unless
+    /// given; options `sparse`, `very_sparse`, `projection_prng_key`, `init_weights`.
+    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
+        args.check_options(
+            Method::RandLora,
+            &[
+                "sparse",
+                "very_sparse",
+                "projection_prng_key",
+                "init_weights",
+            ],
+        )?;
+        let r = args.rank.unwrap_or(default_r());
+        let mut c = Self::new(&args.targets, r, args.alpha.unwrap_or(20.0 * r as f64));
+        c.randlora_dropout = args.dropout.unwrap_or(0.0);
+        if let Some(v) = args.option::<bool>("sparse")? {
+            c.sparse = v;
+        }
+        if let Some(v) = args.option::<bool>("very_sparse")? {
+            c.very_sparse = v;
+        }
+        if let Some(v) = args.option::<u64>("projection_prng_key")? {
+            c.projection_prng_key = v;
+        }
+        if let Some(v) = args.option::<bool>("init_weights")? {
+            c.init_weights = v;
+        }
+        Ok(c)
+    }
+
+    /// The shared bases for layers of these shapes, under their file keys.
+    pub fn make_bases(
+        &self,
+        layers: &[LayerGeometry],
+        device: &Device,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        if self.r == 0 {
+            return Err(PeftError::config("r", "rank must be at least 1, got 0"));
+        }
+        let (o_max, i_max) = layers
+            .iter()
+            .map(|&g| flat_dims(g))
+            .fold((0, 0), |(o, i), (go, gi)| (o.max(go), i.max(gi)));
+        if o_max == 0 || i_max == 0 {
+            return Err(PeftError::config(
+                "target_modules",
+                "RandLoRA needs at least one targeted layer with a non-empty weight",
+            ));
+        }
+        let r = self.r;
+        let (big, small) = (o_max.max(i_max), o_max.min(i_max));
+        let n_g = num_bases(small, r);
+        let mut rng = ChaCha8Rng::seed_from_u64(self.projection_prng_key);
+        let (a, b) = if self.very_sparse || self.sparse {
+            let sparsity = if self.very_sparse {
+                (small as f64).sqrt()
+            } else {
+                3.0
+            };
+            let a = ternary(&init::uniform(&mut rng, r * small, 0.0, 1.0), sparsity);
+            let b = ternary(&init::uniform(&mut rng, big * n_g * r, 0.0, 1.0), sparsity);
+            (a, b)
+        } else {
+            let bound_a = 1.0 / (small as f32).sqrt();
+            let a = init::uniform(&mut rng, r * small, -bound_a, bound_a);
+            // One `[K_g, 1, r]` chunk per basis, concatenated along dim 1.
+            let bound_b = 1.0 / (r as f32).sqrt();
+            let mut b = vec![0f32; big * n_g * r];
+            for basis in 0..n_g {
+                let chunk = init::uniform(&mut rng, big * r, -bound_b, bound_b);
+                for p in 0..big {
+                    let dst = (p * n_g + basis) * r;
+                    b[dst..dst + r].copy_from_slice(&chunk[p * r..(p + 1) * r]);
+                }
+            }
+            (a, b)
+        };
+        let a = divide_by_std(a, SHARED_A_KEY)?;
+        let b = divide_by_std(b, SHARED_B_KEY)?;
+        Ok(BTreeMap::from([
+            (
+                SHARED_A_KEY.to_string(),
+                Tensor::from_vec(a, (r, 1, small), device)?,
+            ),
+            (
+                SHARED_B_KEY.to_string(),
+                Tensor::from_vec(b, (big, n_g, r), device)?,
+            ),
+        ]))
+    }
+
+    fn layer_shape(&self, module: &str, geometry: LayerGeometry) -> Result<LayerShape> {
+        let (out, inp) = flat_dims(geometry);
+        if out == 0 || inp == 0 {
+            return Err(PeftError::layer(
+                module,
+                "RandLoRA needs a non-empty weight",
+            ));
+        }
+        let k = out.min(inp);
+        Ok(LayerShape {
+            r: self.r,
+            n: num_bases(k, self.r),
+            k,
+            big: out.max(inp),
+            in_is_small: inp <= out,
+        })
+    }
+
+    /// A fresh adapter for `module`, using the bases in `shared` (from [`Self::make_bases`]).
+    pub fn init_adapter(
+        &self,
+        module: &str,
+        geometry: LayerGeometry,
+        shared: &BTreeMap<String, Tensor>,
+        device: &Device,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<RandLoraAdapter> {
+        let shape = self.layer_shape(module, geometry)?;
+        let basis_a = shared_basis(shared, SHARED_A_KEY, module, "init_shared did not run")?;
+        let basis_b = shared_basis(shared, SHARED_B_KEY, module, "init_shared did not run")?;
+        let (r, n, k) = (shape.r, shape.n, shape.k);
+        let (lambda, gamma) = if self.init_weights {
+            (vec![0f32; r * n], vec![1.0 / k.max(n) as f32; n * k])
+        } else {
+            (
+                init::normal(rng, r * n, 1.0),
+                vec![1.0 / shape.big as f32; n * k],
+            )
+        };
+        let lambda = Var::from_tensor(&Tensor::from_vec(lambda, (r, n), device)?)?;
+        let gamma = Var::from_tensor(&Tensor::from_vec(gamma, (n, k), device)?)?;
+        RandLoraAdapter::new(
+            module,
+            geometry,
+            shape,
+            self,
+            lambda,
+            gamma,
+            (basis_a, basis_b),
+            device,
+            rng.random(),
+        )
+    }
+
+    /// The adapter for `module` from saved tensors: `randlora_lambda`, `randlora_gamma`, and the
+    /// bases from `shared` (model level) or, failing that, the layer's own duplicates.
+    pub fn load_adapter(
+        &self,
+        module: &str,
+        geometry: LayerGeometry,
+        tensors: &BTreeMap<String, Tensor>,
+        shared: &BTreeMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<RandLoraAdapter> {
+        let shape = self.layer_shape(module, geometry)?;
+        let fetch = |name: &str, dims: &[usize]| -> Result<Var> {
+            let key = format!("{}{module}.{name}", crate::io::peft_format::KEY_PREFIX);
+            let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
+                key: key.clone(),
+                location: "the adapter file".into(),
+            })?;
+            if t.dims() != dims {
+                return Err(PeftError::ShapeMismatch {
+                    key,
+                    expected: dims.to_vec(),
+                    got: t.dims().to_vec(),
+                });
+            }
+            Ok(Var::from_tensor(
+                &t.to_dtype(DType::F32)?.to_device(device)?,
+            )?)
+        };
+        let lambda = fetch(LAMBDA, &[shape.r, shape.n])?;
+        let gamma = fetch(GAMMA, &[shape.n, shape.k])?;
+        let missing = "the file has neither model-level nor per-layer bases; files saved with \
+                       save_projection=false cannot be loaded (torch's generator cannot be \
+                       reproduced)";
+        let basis = |shared_key: &str, local: &str| -> Result<Tensor> {
+            match (shared.get(shared_key), tensors.get(local)) {
+                (Some(t), _) | (None, Some(t)) => Ok(t.clone()),
+                (None, None) => Err(PeftError::MissingTensor {
+                    key: shared_key.to_string(),
+                    location: format!("the adapter file ({missing})"),
+                }),
+            }
+        };
+        let bases = (basis(SHARED_A_KEY, BASIS_A)?, basis(SHARED_B_KEY, BASIS_B)?);
+        RandLoraAdapter::new(
+            module,
+            geometry,
+            shape,
+            self,
+            lambda,
+            gamma,
+            bases,
+            device,
+            init::seed_from_name(module),
+        )
+    }
+}
+
+/// Maps `U(0, 1)` draws to −1 / 0 / +1 with P(±1) = 1/(2·sparsity) each.
+fn ternary(u: &[f32], sparsity: f64) -> Vec<f32> {
+    let lo = 1.0 / (2.0 * sparsity);
+    let hi = 1.0 - lo;
+    u.iter()
+        .map(|&v| {
+            let v = f64::from(v);
+            if v < lo {
+                -1.0
+            } else if v > hi {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// `v / std(v)` with torch's unbiased std over the whole tensor.
+fn divide_by_std(mut v: Vec<f32>, key: &str) -> Result<Vec<f32>> {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+    let var = v
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1.0);
+    let std = var.sqrt();
+    if !(std.is_finite() && std > 0.0) {
+        return Err(PeftError::config(
+            key,
+            format!(
+                "the random basis has std {std} ({} entries); it cannot be normalised \
+                 (use dense bases or larger layers)",
+                v.len()
+            ),
+        ));
+    }
+    for x in &mut v {
+        *x = (f64::from(*x) / std) as f32;
+    }
+    Ok(v)
+}
+
+fn shared_basis(
+    shared: &BTreeMap<String, Tensor>,
+    key: &str,
+    module: &str,
+    why: &str,
+) -> Result<Tensor> {
+    shared
+        .get(key)
+        .cloned()
+        .ok_or_else(|| PeftError::MissingTensor {
+            key: key.to_string(),
+            location: format!("the shared tensors of the adapter on `{module}` ({why})"),
+        })
+}
+
+impl MethodConfig for RandLoraConfig {
+    fn method(&self) -> Method {
+        Method::RandLora
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.targeting
+    }
+
+    fn set_task_type(&mut self, task_type: Option<String>) {
+        self.task_type = task_type;
+    }
+
+    fn set_base_model(&mut self, name: Option<String>) {
+        self.base_model_name_or_path = name;
+    }
+
+    fn validate(&self) -> Result<()> {
+        RandLoraConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        RandLoraConfig::to_peft_json(self)
+    }
+
+    fn tensor_prefixes(&self) -> &'static [&'static str] {
+        Self::TENSOR_PREFIXES
+    }
+
+    fn fan_in_fan_out(&self) -> bool {
+        self.fan_in_fan_out
+    }
+
+    fn init_shared(
+        &self,
+        layers: &[(String, LayerGeometry)],
+        device: &Device,
+        _rng: &mut ChaCha8Rng,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let geometries: Vec<LayerGeometry> = layers.iter().map(|(_, g)| *g).collect();
+        self.make_bases(&geometries, device)
+    }
+
+    fn init_adapter(
+        &self,
+        ctx: &InitContext<'_>,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(RandLoraConfig::init_adapter(
+            self,
+            ctx.module,
+            ctx.geometry,
+            ctx.shared,
+            ctx.device,
+            rng,
+        )?))
+    }
+
+    fn load_adapter(&self, ctx: &LoadContext<'_>) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(RandLoraConfig::load_adapter(
+            self,
+            ctx.module,
+            ctx.geometry,
+            ctx.tensors,
+            ctx.shared,
+            ctx.device,
+        )?))
+    }
+}
+
+/// Sizes of one adapted layer.
+#[derive(Clone, Copy, Debug)]
+struct LayerShape {
+    r: usize,
+    n: usize,
+    /// `min(in, out)` (flattened for conv).
+    k: usize,
+    /// `max(in, out)`.
+    big: usize,
+    /// `in ≤ out`: the trainable side `Ã` acts on the input.
+    in_is_small: bool,
+}
+
+/// One RandLoRA adapter on one layer.
+#[derive(Debug)]
+pub struct RandLoraAdapter {
+    geometry: LayerGeometry,
+    shape: LayerShape,
+    alpha: f64,
+    scaling: f64,
+    dropout: f32,
+    lambda: Var,
+    gamma: Var,
+    /// The adapter's full shared bases (saved as the per-layer duplicates PEFT writes).
+    basis_a: Tensor,
+    basis_b: Tensor,
+    /// `A_l = A[:, :, :k]: [r, 1, k]`.
+    a_slice: Tensor,
+    dropout_rng: Mutex<ChaCha8Rng>,
+}
+
+impl RandLoraAdapter {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        module: &str,
+        geometry: LayerGeometry,
+        shape: LayerShape,
+        config: &RandLoraConfig,
+        lambda: Var,
+        gamma: Var,
+        (basis_a, basis_b): (Tensor, Tensor),
+        device: &Device,
+        dropout_seed: u64,
+    ) -> Result<Self> {
+        let basis_a = basis_a.to_dtype(DType::F32)?.to_device(device)?;
+        let basis_b = basis_b.to_dtype(DType::F32)?.to_device(device)?;
+        let (r, n, k, big) = (shape.r, shape.n, shape.k, shape.big);
+        let a_ok = matches!(*basis_a.dims(), [ra, 1, ka] if ra == r && ka >= k);
+        if !a_ok {
+            return Err(PeftError::layer(
+                module,
+                format!(
+                    "randlora_A has shape {:?}; this layer needs [{r}, 1, ≥{k}] (r = {r}, \
+                     min(in, out) = {k})",
+                    basis_a.dims()
+                ),
+            ));
+        }
+        let b_ok = matches!(*basis_b.dims(), [kb, nb, rb] if rb == r && kb >= big && nb >= n);
+        if !b_ok {
+            return Err(PeftError::layer(
+                module,
+                format!(
+                    "randlora_B has shape {:?}; this layer needs [≥{big}, ≥{n}, {r}] \
+                     (max(in, out) = {big}, n = ⌈{k}/{r}⌉ = {n})",
+                    basis_b.dims()
+                ),
+            ));
+        }
+        let a_slice = basis_a.narrow(2, 0, k)?.contiguous()?;
+        Ok(Self {
+            geometry,
+            shape,
+            alpha: config.randlora_alpha,
+            scaling: config.scaling(),
+            dropout: config.randlora_dropout as f32,
+            lambda,
+            gamma,
+            basis_a,
+            basis_b,
+            a_slice,
+            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(dropout_seed)),
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.r
+    }
+
+    /// `n = ⌈k/r⌉`.
+    pub fn num_bases(&self) -> usize {
+        self.shape.n
+    }
+
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+
+    /// `s = randlora_alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    pub fn lambda(&self) -> &Var {
+        &self.lambda
+    }
+
+    pub fn gamma(&self) -> &Var {
+        &self.gamma
+    }
+
+    /// The full shared bases `(A, B)` this adapter slices.
+    pub fn bases(&self) -> (&Tensor, &Tensor) {
+        (&self.basis_a, &self.basis_b)
+    }
+
+    /// `Ã: [r·n, k]`, row `q = kk·n + b`; differentiable in `Λ` and `Γ`.
+    pub fn scaled_a(&self) -> Result<Tensor> {
+        let LayerShape { r, n, k, .. } = self.shape;
+        let lambda = self.lambda.as_tensor().reshape((r, n, 1))?;
+        let gamma = self.gamma.as_tensor().reshape((1, n, k))?;
+        let a = lambda.broadcast_mul(&self.a_slice)?.broadcast_mul(&gamma)?;
+        Ok(a.reshape((r * n, k))?)
+    }
+
+    /// `B̃ = B[:K, :n, :].reshape(K, n·r)`, column `q = b·r + kk`; frozen. A view of the shared
+    /// basis when this layer uses all of it, a copy otherwise (as in PEFT).
+    pub fn flat_b(&self) -> Result<Tensor> {
+        let LayerShape { r, n, big, .. } = self.shape;
+        let b = self.basis_b.narrow(0, 0, big)?.narrow(1, 0, n)?;
+        Ok(b.contiguous()?.reshape((big, n * r))?)
+    }
+
+    /// `ΔW` as a function of the trainables (scaled), in the base weight's shape.
+    fn dense_delta(&self) -> Result<Tensor> {
+        let s = self.flat_b()?.matmul(&self.scaled_a()?)?;
+        let flat = if self.shape.in_is_small { s } else { s.t()? };
+        Ok((flat * self.scaling)?.reshape(self.geometry.weight_shape())?)
+    }
+
+    fn apply_dropout(&self, x: Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.dropout <= 0.0 {
+            return Ok(x);
+        }
+        let mut rng = self
+            .dropout_rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        init::dropout(&x, self.dropout, &mut rng)
+    }
+
+    fn linear_delta(&self, x: &Tensor, in_features: usize, out_features: usize) -> Result<Tensor> {
+        let mut out_dims = x.dims().to_vec();
+        let Some(last) = out_dims.last_mut() else {
+            return Err(PeftError::Unsupported("RandLoRA input is a scalar".into()));
+        };
+        *last = out_features;
+        let x2 = x.reshape(((), in_features))?;
+        let a = self.scaled_a()?;
+        let b = self.flat_b()?;
+        let y = if self.shape.in_is_small {
+            // [T, in]·[in, rn] then the frozen [rn, out] product.
+            let h = x2.matmul(&a.t()?)?;
+            frozen_matmul(&h, &b, None)?
+        } else {
+            // The frozen [in, nr] product, then [T, nr]·[rn, out].
+            let h = frozen_matmul(&x2, &b.t()?, None)?;
+            h.matmul(&a)?
+        };
+        Ok((y * self.scaling)?.reshape(out_dims)?)
+    }
+
+    fn conv_delta(&self, x: &Tensor) -> Result<Tensor> {
+        let LayerGeometry::Conv2d {
+            in_channels,
+            out_channels,
+            kernel: (kh, kw),
+            params,
+        } = self.geometry
+        else {
+            return Err(PeftError::Unsupported(
+                "RandLoRA conv path on a linear layer".into(),
+            ));
+        };
+        if params.groups != 1 {
+            let delta = self.dense_delta()?;
+            return Ok(conv2d_trainable(
+                x,
+                &delta,
+                params.padding,
+                params.stride,
+                params.dilation,
+                params.groups,
+            )?);
+        }
+        let q = self.shape.r * self.shape.n;
+        let a = self.scaled_a()?;
+        let b = self.flat_b()?;
+        let y = if self.shape.in_is_small {
+            let k1 = a.reshape((q, in_channels, kh, kw))?;
+            let h = conv2d_trainable(x, &k1, params.padding, params.stride, params.dilation, 1)?;
+            let k2 = b.reshape((out_channels, q, 1, 1))?;
+            frozen_conv2d(&h, &k2, None, 0, 1, 1, 1)?
+        } else {
+            let k1 = b.t()?.contiguous()?.reshape((q, in_channels, kh, kw))?;
+            let h = frozen_conv2d(
+                x,
+                &k1,
+                None,
+                params.padding,
+                params.stride,
+                params.dilation,
+                1,
+            )?;
+            let k2 = a.t()?.contiguous()?.reshape((out_channels, q, 1, 1))?;
+            conv2d_trainable(&h, &k2, 0, 1, 1, 1)?
+        };
+        Ok((y * self.scaling)?)
+    }
+}
+
+impl Adapter for RandLoraAdapter {
+    fn method(&self) -> Method {
+        Method::RandLora
+    }
+
+    fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.apply_dropout(x.to_dtype(DType::F32)?, train)?;
+        match self.geometry {
+            LayerGeometry::Linear {
+                in_features,
+                out_features,
+            } => self.linear_delta(&x, in_features, out_features),
+            LayerGeometry::Conv2d { .. } => self.conv_delta(&x),
+        }
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        self.dense_delta()
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        vec![
+            (LAMBDA.to_string(), self.lambda.clone()),
+            (GAMMA.to_string(), self.gamma.clone()),
+        ]
+    }
+
+    fn tensors_to_save(&self) -> Vec<(String, Tensor)> {
+        vec![
+            (LAMBDA.to_string(), self.lambda.as_tensor().clone()),
+            (GAMMA.to_string(), self.gamma.as_tensor().clone()),
+            (BASIS_A.to_string(), self.basis_a.clone()),
+            (BASIS_B.to_string(), self.basis_b.clone()),
+        ]
+    }
+}
