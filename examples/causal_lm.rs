@@ -41,8 +41,12 @@ fn main() -> Result<()> {
         .into();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let gguf = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let model_source = source::resolve(&gguf.display().to_string())
-        .with_context(|| format!("{} (run `bash scripts/fetch-models.sh` first)", gguf.display()))?;
+    let model_source = source::resolve(&gguf.display().to_string()).with_context(|| {
+        format!(
+            "{} (run `bash scripts/fetch-models.sh` first)",
+            gguf.display()
+        )
+    })?;
     let device = Device::Cpu;
     let mut task = CausalLmTask::from_source(&model_source, SEQ, SEED, &device)?;
     let train = task.read_examples(&root.join("data/shakespeare/train.txt"), false)?;

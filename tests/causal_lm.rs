@@ -26,7 +26,10 @@ fn tiny_task(seq_len: usize) -> CausalLmTask {
 /// `−log softmax(logits[b, t−1])[ids[b, t]]` for one position, from a full forward of one
 /// unpadded sequence.
 fn token_nll(task: &CausalLmTask, ids: &[u32], pos: usize) -> f64 {
-    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = task.model().model().forward(&input, None).unwrap();
     let row = logits.get(0).unwrap().get(pos - 1).unwrap();
     let log_probs = candle_nn::ops::log_softmax(&row, D::Minus1).unwrap();
@@ -62,7 +65,11 @@ fn loss_is_the_mean_over_target_tokens_only() {
         expected += token_nll(&task, &b.ids, pos);
     }
     expected /= n as f64;
-    let got = loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let got = loss
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
 }
 
@@ -98,7 +105,11 @@ fn loss_gradient_reaches_every_adapter_var_and_ignores_padding() {
     let (long_only, n_long) = task.batch_loss(&[&long]).unwrap();
     let s = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
     let combined = (s(&alone) * n_alone as f64 + s(&long_only) * n_long as f64) / n_both as f64;
-    assert!((s(&both) - combined).abs() < 1e-5, "{} vs {combined}", s(&both));
+    assert!(
+        (s(&both) - combined).abs() < 1e-5,
+        "{} vs {combined}",
+        s(&both)
+    );
 
     let grads = both.backward().unwrap();
     let vars = task.trainable_vars();
@@ -107,7 +118,13 @@ fn loss_gradient_reaches_every_adapter_var_and_ignores_padding() {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(norm > 0.0, "zero gradient for {name}");
     }
 }
@@ -167,7 +184,11 @@ fn jsonl_errors_name_the_line() {
         ),
         ("[1, 2]\n", 1, "not a JSON object"),
         ("{\"prompt\": 3, \"response\": \"b\"}\n", 1, "not a string"),
-        ("{\"prompt\": \"a\", \"response\": \"\"}\n", 1, "empty `response`"),
+        (
+            "{\"prompt\": \"a\", \"response\": \"\"}\n",
+            1,
+            "empty `response`",
+        ),
     ] {
         let p = write("bad.jsonl", text);
         let err = read_jsonl_pairs(&p).unwrap_err().to_string();

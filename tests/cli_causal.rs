@@ -46,7 +46,16 @@ fn small_valid(dir: &Path) -> String {
 fn eval_json(model: &str, adapter: Option<&Path>, data: &str) -> Value {
     let mut cmd = bin();
     cmd.args([
-        "eval", "--task", "causal-lm", "--model", model, "--data", data, "--seq", "64", "--json",
+        "eval",
+        "--task",
+        "causal-lm",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--seq",
+        "64",
+        "--json",
     ]);
     if let Some(a) = adapter {
         cmd.arg("--adapter").arg(a);
@@ -107,7 +116,10 @@ fn train_merge_eval_and_generate_on_smollm2() {
     let adapted = eval_json(&gguf(), Some(&adapter), &valid);
     let merged = eval_json(&out.join("merged").display().to_string(), None, &valid);
     for v in [&base, &adapted, &merged] {
-        let (ppl, loss) = (v["perplexity"].as_f64().unwrap(), v["loss"].as_f64().unwrap());
+        let (ppl, loss) = (
+            v["perplexity"].as_f64().unwrap(),
+            v["loss"].as_f64().unwrap(),
+        );
         assert!((ppl - loss.exp()).abs() < 1e-6 * ppl, "{v}");
         assert_eq!(v["tokens"], base["tokens"]);
     }
@@ -231,7 +243,11 @@ fn causal_lm_bad_input_is_named() {
     assert!(e.contains("context"), "{e}");
 
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\"}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\"}\n",
+    )
+    .unwrap();
     let e = run_err(bin().args([
         "train",
         "--task",

@@ -1285,6 +1285,7 @@ fn lora_alpha_written_as_int_or_float() {
             assert_eq!(c.lora_alpha, 2.5);
             assert_eq!(c.resolve("model.blocks.0.q").unwrap(), (4, 2.5, 0.625));
         }
+        other => panic!("expected a LoRA config, got {other:?}"),
     }
 }
 

@@ -25,8 +25,8 @@ use crate::error::{PeftError, Result};
 use crate::generate::{GenerationConfig, generate};
 use crate::io::source::ModelSource;
 use crate::model::{DEFAULT_ADAPTER, PeftModel};
-use crate::ops::cross_entropy_rows;
 use crate::models::llama::{LlamaConfig, LlamaForCausalLM, load_causal_tokenizer};
+use crate::ops::cross_entropy_rows;
 use crate::train::{EvalReport, TrainTask};
 
 /// PEFT's `task_type` for causal language modelling.

@@ -105,8 +105,7 @@ pub fn smollm2_merge(model: Option<&str>) -> Result<BenchResult> {
     let adapter_dir = work.join("adapter");
     let out_dir = work.join("merged");
     if work.exists() {
-        std::fs::remove_dir_all(&work)
-            .with_context(|| format!("clearing {}", work.display()))?;
+        std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
     }
     let device = Device::Cpu;
     let src = source::resolve(&spec).with_context(|| format!("resolving {spec}"))?;
@@ -154,9 +153,7 @@ pub fn smollm2_merge(model: Option<&str>) -> Result<BenchResult> {
         metric: "seconds",
         value: seconds,
         unit: "s",
-        how: format!(
-            "wall time of `candle-peft merge`, whose peak RSS was {child_peak_mb:.0} MB"
-        ),
+        how: format!("wall time of `candle-peft merge`, whose peak RSS was {child_peak_mb:.0} MB"),
         details,
     })
 }

@@ -41,7 +41,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let method = check_method(&args.method)?;
     check_args(&args)?;
     let mut config = adapter_config(&args, method, LLAMA_TARGETS)?;
-    config.inner_mut().set_task_type(Some(TASK_TYPE.to_string()));
+    config
+        .inner_mut()
+        .set_task_type(Some(TASK_TYPE.to_string()));
     let model_source = source::resolve(&args.model)
         .with_context(|| format!("resolving --model {}", args.model))?;
     let device = Device::Cpu;
