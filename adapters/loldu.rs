@@ -1,0 +1,496 @@
+//! LoLDU: Lower-Diag-Upper low-rank adaptation (Shi et al., 2024, "LoLDU: Low-Rank Adaptation
+//! via Lower-Diag-Upper Decomposition for Parameter-Efficient Fine-Tuning", arXiv:2410.13618;
+//! reference code `SKDDJ/LoLDU`).
+//!
+//! Shapes, for a base weight `W: [out, in]` (linear) or `[out, in_g, kh, kw]` flattened to
+//! `[out, in_g·kh·kw]` (conv2d), `k = min` of the two:
+//! - init: the LU decomposition of the whole weight with partial (row) pivoting,
+//!   `W[perm[i], :] = (L U)[i, :]` (`W = P L U`, `torch.linalg.lu`'s convention; see
+//!   [`crate::linalg::lu`]), `D = diag(U)`, `Ū = U / D` row by row, so `W = P L diag(D) Ū`. Keep
+//!   the first r pivots (not the r largest): `L_r = L[:, :r]`, `D_r = D[:r]`, `Ū_r = Ū[:r, :]`.
+//!   A (numerically) zero pivot among them is an error.
+//! - trainable: `z: [r]`, initialised to `D_r`. Frozen: `L_r`, `Ū_r`, `D_r`, `perm`; the scale
+//!   `σ = lora_alpha / r` (`lora_alpha = 1` as the reference's `from_linear`).
+//! - `ΔW = σ · (P L_r) diag(z − D_r) Ū_r`: exactly 0 at init. The reference instead overwrites the
+//!   base with `W − σ P L_r diag(D_r) Ū_r` and adds `σ P L_r diag(z) Ū_r`; the function is the
+//!   same, but ours keeps the pristine base, so disabling and unmerging return W.
+//! - forward (activation space): `Δ(x) = σ · ((x Ū_rᵀ) ⊙ (z − D_r)) (P L_r)ᵀ`; `P L_r` is `L_r`
+//!   with its rows scattered by `perm`, never a dense `P`.
+//! - conv2d (an extension: the reference's `from_conv2d` fails on 4-D weights): the flattened
+//!   weight as above, applied as a conv with the r filters of `Ū_r`, a per-channel scale and a
+//!   1×1 conv with `σ P L_r`.
+//!
+//! Weight decay on `z` would pull the pivots towards 0 (away from the pretrained weight).
+//!
+//! File (`peft_type` "LOLDU"), per adapted module: `loldu_z.weight` ([r]), `loldu_D.weight`
+//! (`D_r`, [r]), `loldu_L.weight` (`L_r`, [out, r]), `loldu_U.weight` (`Ū_r`, [r, in_flat]),
+//! all f32, and `loldu_perm.weight` (u32, [out]). The reference saves only `z` and redoes the LU
+//! on load; storing the factors makes the file independent of the LU's rounding and lets a merge
+//! run without the base weight.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::adapter::{Adapter, LayerGeometry, Method};
+use crate::adapters::factored::{
+    Factors, erased, flat_dims, parse_precision, reject_lora_flags, saved_len, saved_tensor,
+    weight_matrix,
+};
+use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting};
+use crate::error::{PeftError, Result};
+use crate::linalg::{self, Precision};
+
+const Z: &str = "loldu_z.weight";
+const D: &str = "loldu_D.weight";
+const L: &str = "loldu_L.weight";
+const U: &str = "loldu_U.weight";
+const PERM: &str = "loldu_perm.weight";
+
+/// LoLDU's configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LolduConfig {
+    pub targeting: Targeting,
+    /// Pivots kept per module.
+    pub r: usize,
+    /// `σ = lora_alpha / r`.
+    pub lora_alpha: f64,
+    /// Precision of the LU (the factors are stored in f32 either way).
+    pub lu_dtype: Precision,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    pub revision: Option<String>,
+    pub inference_mode: bool,
+}
+
+#[derive(Deserialize)]
+struct LolduConfigFile {
+    #[serde(flatten)]
+    targeting: Targeting,
+    #[serde(default = "default_r")]
+    r: usize,
+    #[serde(default = "default_alpha")]
+    lora_alpha: f64,
+    #[serde(default)]
+    lu_dtype: Option<String>,
+    #[serde(default)]
+    task_type: Option<String>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    revision: Option<String>,
+    #[serde(default)]
+    inference_mode: bool,
+}
+
+fn default_r() -> usize {
+    8
+}
+
+fn default_alpha() -> f64 {
+    1.0
+}
+
+impl LolduConfig {
+    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] =
+        &["loldu_z", "loldu_D", "loldu_L", "loldu_U", "loldu_perm"];
+
+    /// A config targeting `targets` with `r` pivots and `lora_alpha = 1` (σ = 1/r).
+    pub fn new<S: AsRef<str>>(targets: &[S], r: usize) -> Self {
+        Self {
+            targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
+            r,
+            lora_alpha: default_alpha(),
+            lu_dtype: Precision::F64,
+            task_type: None,
+            base_model_name_or_path: None,
+            revision: None,
+            inference_mode: false,
+        }
+    }
+
+    /// `σ = lora_alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.lora_alpha / self.r as f64
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.targeting.validate()?;
+        if self.r == 0 {
+            return Err(PeftError::config("r", "rank must be at least 1, got 0"));
+        }
+        if !self.lora_alpha.is_finite() {
+            return Err(PeftError::config("lora_alpha", "must be finite"));
+        }
+        Ok(())
+    }
+
+    pub fn from_peft_json(value: &Value) -> Result<Self> {
+        let file: LolduConfigFile = serde_json::from_value(value.clone())
+            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
+        Ok(Self {
+            targeting: file.targeting,
+            r: file.r,
+            lora_alpha: file.lora_alpha,
+            lu_dtype: parse_precision("lu_dtype", file.lu_dtype.as_deref(), Precision::F64)?,
+            task_type: file.task_type,
+            base_model_name_or_path: file.base_model_name_or_path,
+            revision: file.revision,
+            inference_mode: file.inference_mode,
+        })
+    }
+
+    pub fn to_peft_json(&self) -> Result<Value> {
+        let t = &self.targeting;
+        let v = |x: &dyn erased::ToValue| x.to_value();
+        Ok(json!({
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "exclude_modules": v(&t.exclude_modules)?,
+            "inference_mode": self.inference_mode,
+            "layers_pattern": v(&t.layers_pattern)?,
+            "layers_to_transform": v(&t.layers_to_transform)?,
+            "lora_alpha": self.lora_alpha,
+            "lu_dtype": self.lu_dtype.name(),
+            "modules_to_save": v(&t.modules_to_save)?,
+            "peft_type": Method::Loldu.peft_type(),
+            "peft_version": crate::io::peft_format::PEFT_VERSION,
+            "r": self.r,
+            "revision": self.revision,
+            "target_modules": v(&t.target_modules)?,
+            "task_type": self.task_type,
+        }))
+    }
+
+    /// `--method loldu`: `--rank` is r (default 8), `--alpha` is `lora_alpha` (default 1).
+    /// Option: `lu_dtype`. No dropout.
+    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
+        args.check_options(Method::Loldu, &["lu_dtype"])?;
+        reject_lora_flags(Method::Loldu, args)?;
+        let mut c = Self::new(&args.targets, args.rank.unwrap_or_else(default_r));
+        c.lora_alpha = args.alpha.unwrap_or_else(default_alpha);
+        c.lu_dtype = parse_precision(
+            "--opt lu_dtype",
+            args.options.get("lu_dtype").map(String::as_str),
+            c.lu_dtype,
+        )?;
+        Ok(c)
+    }
+
+    /// A fresh adapter on a layer whose weight is `base_weight`.
+    pub fn init_adapter(
+        &self,
+        module: &str,
+        geometry: LayerGeometry,
+        base_weight: &Tensor,
+        device: &Device,
+    ) -> Result<LolduAdapter> {
+        let w = weight_matrix(module, geometry, base_weight)?;
+        let (out, in_flat) = flat_dims(geometry);
+        let r = self.r;
+        let k = out.min(in_flat);
+        if r > k {
+            return Err(PeftError::layer(
+                module,
+                format!("LoLDU rank {r} exceeds min(out, in) = min({out}, {in_flat}) = {k}"),
+            ));
+        }
+        let lu = linalg::lu(&w, self.lu_dtype)?;
+        let pivots =
+            lu.u.narrow(0, 0, r)?
+                .narrow(1, 0, r)?
+                .to_dtype(DType::F64)?
+                .to_device(&Device::Cpu)?
+                .to_vec2::<f64>()?;
+        // A pivot at rounding level relative to the weight's scale is a zero pivot: dividing
+        // by it would fill Ū with noise of magnitude 1/ε.
+        let scale = w
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        let tol = scale * k as f64 * self.lu_dtype.epsilon();
+        for (j, row) in pivots.iter().enumerate() {
+            if row[j].abs() <= tol {
+                return Err(PeftError::layer(
+                    module,
+                    format!(
+                        "LoLDU: pivot {j} of the LU of the weight is zero ({:e}, weight scale {scale:e}): \
+                         the weight is singular within its first {r} pivots; use a smaller rank \
+                         (at most {j}) or another method",
+                        row[j]
+                    ),
+                ));
+            }
+        }
+        let to_f32 = |t: Tensor| -> Result<Tensor> {
+            Ok(t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?)
+        };
+        let d = Tensor::from_vec(
+            pivots
+                .iter()
+                .enumerate()
+                .map(|(j, row)| row[j])
+                .collect::<Vec<f64>>(),
+            r,
+            &Device::Cpu,
+        )?;
+        // Ū_r = U[:r, :] / D_r, in the LU's precision before rounding to f32.
+        let u_bar =
+            lu.u.to_device(&Device::Cpu)?
+                .narrow(0, 0, r)?
+                .broadcast_div(&d.to_dtype(lu.u.dtype())?.reshape((r, 1))?)?;
+        let l = lu.l.narrow(1, 0, r)?;
+        let perm = Tensor::from_vec(lu.perm.clone(), out, device)?;
+        let d = to_f32(d)?;
+        LolduAdapter::new(
+            geometry,
+            self.scaling(),
+            to_f32(l)?,
+            to_f32(u_bar)?,
+            d.clone(),
+            perm,
+            Var::from_tensor(&d)?,
+        )
+    }
+
+    /// The adapter of one module from its saved tensors (the base weight is not needed).
+    pub fn load_adapter(
+        &self,
+        module: &str,
+        geometry: LayerGeometry,
+        tensors: &BTreeMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<LolduAdapter> {
+        let (out, in_flat) = flat_dims(geometry);
+        let r = saved_len(module, tensors, Z)?;
+        if r != self.r {
+            return Err(PeftError::layer(
+                module,
+                format!(
+                    "the file holds {r} pivots but the config says r = {}",
+                    self.r
+                ),
+            ));
+        }
+        if r > out.min(in_flat) {
+            return Err(PeftError::layer(
+                module,
+                format!("the file's rank {r} exceeds min(out, in) = min({out}, {in_flat})"),
+            ));
+        }
+        let get = |name: &str, shape: &[usize], dtype: DType| {
+            saved_tensor(module, tensors, name, shape, dtype, device)
+        };
+        let z = get(Z, &[r], DType::F32)?;
+        let d = get(D, &[r], DType::F32)?;
+        let l = get(L, &[out, r], DType::F32)?;
+        let u_bar = get(U, &[r, in_flat], DType::F32)?;
+        let perm = get(PERM, &[out], DType::U32)?;
+        check_permutation(module, &perm)?;
+        LolduAdapter::new(
+            geometry,
+            self.scaling(),
+            l,
+            u_bar,
+            d,
+            perm,
+            Var::from_tensor(&z)?,
+        )
+    }
+}
+
+/// `perm` must hold every row index exactly once.
+fn check_permutation(module: &str, perm: &Tensor) -> Result<()> {
+    let values = perm.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
+    let mut seen = vec![false; values.len()];
+    for &p in &values {
+        match seen.get_mut(p as usize) {
+            Some(s) if !*s => *s = true,
+            _ => {
+                return Err(PeftError::layer(
+                    module,
+                    format!(
+                        "{PERM} is not a permutation of 0..{} (entry {p})",
+                        values.len()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl MethodConfig for LolduConfig {
+    fn method(&self) -> Method {
+        Method::Loldu
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.targeting
+    }
+
+    fn set_task_type(&mut self, task_type: Option<String>) {
+        self.task_type = task_type;
+    }
+
+    fn set_base_model(&mut self, name: Option<String>) {
+        self.base_model_name_or_path = name;
+    }
+
+    fn validate(&self) -> Result<()> {
+        LolduConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        LolduConfig::to_peft_json(self)
+    }
+
+    fn tensor_prefixes(&self) -> &'static [&'static str] {
+        Self::TENSOR_PREFIXES
+    }
+
+    fn init_adapter(
+        &self,
+        ctx: &InitContext<'_>,
+        _rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(LolduConfig::init_adapter(
+            self,
+            ctx.module,
+            ctx.geometry,
+            ctx.base_weight,
+            ctx.device,
+        )?))
+    }
+
+    fn load_adapter(&self, ctx: &LoadContext<'_>) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(LolduConfig::load_adapter(
+            self,
+            ctx.module,
+            ctx.geometry,
+            ctx.tensors,
+            ctx.device,
+        )?))
+    }
+}
+
+/// One LoLDU adapter on one layer.
+#[derive(Debug)]
+pub struct LolduAdapter {
+    /// `A = Ū_r`, `B = P L_r`.
+    factors: Factors,
+    scaling: f64,
+    l: Tensor,
+    d: Tensor,
+    perm: Tensor,
+    z: Var,
+}
+
+impl LolduAdapter {
+    fn new(
+        geometry: LayerGeometry,
+        scaling: f64,
+        l: Tensor,
+        u_bar: Tensor,
+        d: Tensor,
+        perm: Tensor,
+        z: Var,
+    ) -> Result<Self> {
+        // (P L_r)[perm[i], :] = L_r[i, :], so row j of P L_r is row inverse[j] of L_r.
+        let perm_host = perm.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
+        let mut inverse = vec![0u32; perm_host.len()];
+        for (i, &p) in perm_host.iter().enumerate() {
+            inverse[p as usize] = i as u32;
+        }
+        let inverse = Tensor::from_vec(inverse, perm_host.len(), l.device())?;
+        let pl = l.index_select(&inverse, 0)?;
+        Ok(Self {
+            factors: Factors::new(geometry, u_bar, pl)?,
+            scaling,
+            l,
+            d,
+            perm,
+            z,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.factors.k()
+    }
+
+    /// `σ = lora_alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    /// `L_r: [out, r]` (unit lower trapezoidal, before the row permutation).
+    pub fn l(&self) -> &Tensor {
+        &self.l
+    }
+
+    /// `P L_r: [out, r]`.
+    pub fn permuted_l(&self) -> &Tensor {
+        self.factors.b()
+    }
+
+    /// `Ū_r: [r, in_flat]` (unit diagonal).
+    pub fn u_bar(&self) -> &Tensor {
+        self.factors.a()
+    }
+
+    /// `D_r`, the first r pivots.
+    pub fn pivots(&self) -> &Tensor {
+        &self.d
+    }
+
+    /// `perm` (u32, [out]): row i of `L U` is row `perm[i]` of W.
+    pub fn perm(&self) -> &Tensor {
+        &self.perm
+    }
+
+    pub fn z(&self) -> &Var {
+        &self.z
+    }
+
+    /// `σ (z − D_r)`.
+    fn core(&self) -> Result<Tensor> {
+        Ok((self.z.as_tensor().sub(&self.d)? * self.scaling)?)
+    }
+}
+
+impl Adapter for LolduAdapter {
+    fn method(&self) -> Method {
+        Method::Loldu
+    }
+
+    fn forward_delta(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        let (h, spatial) = self.factors.project_in(x)?;
+        let h = h.broadcast_mul(&self.core()?)?;
+        self.factors.project_out(&h, spatial)
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        self.factors.dense_diag(&self.core()?)
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        vec![(Z.to_string(), self.z.clone())]
+    }
+
+    fn tensors_to_save(&self) -> Vec<(String, Tensor)> {
+        vec![
+            (Z.to_string(), self.z.as_tensor().clone()),
+            (D.to_string(), self.d.clone()),
+            (L.to_string(), self.l.clone()),
+            (U.to_string(), self.factors.a().clone()),
+            (PERM.to_string(), self.perm.clone()),
+        ]
+    }
+}

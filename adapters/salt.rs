@@ -1,0 +1,715 @@
+//! SALT: Singular-value Adaptation with Low-rank Transformation (Elsayed et al., 2025, "SALT:
+//! Parameter-Efficient Fine-Tuning via Singular Value Adaptation with Low-Rank
+//! Transformation", arXiv:2503.16055; reference code `BioMedIA-MBZUAI/SALT`, the SAM2 variant).
+//!
+//! Shapes, for a base weight `W: [out, in]` (linear) or `[out, in_g, kh, kw]` flattened to
+//! `[out, in_g·kh·kw]` (conv2d), `k = min` of the two:
+//! - init: the full thin SVD `W = U diag(σ) Vᵀ` with canonical signs (see [`crate::linalg`]),
+//!   split at `r_t` into the top block (`U_t`, `σ_t`, `V_t`) and the rest (`U_s`, `σ_s`, `V_s`,
+//!   size `k − r_t`). `r_t` is given, or `max(1, ⌊k · ratio_salt⌋)` (ratio 0.1).
+//! - trainable: scale `α: [r_t]` (ones), shift `β: [r_t]` (zeros), `X: [k − r_t, r_lora]`
+//!   (`U(±√(6/r_lora))`, Kaiming-uniform for ReLU), `Y: [r_lora, k − r_t]` (zeros). `r_lora` is
+//!   clamped to `k − r_t` (with a warning): a larger `X Y` is no more expressive than the full
+//!   `(k − r_t)²` block and costs more parameters. Trainable count `2 r_t + 2 (k − r_t) r_lora`.
+//! - the reference's effective weight is `U ReLU(S_new) Vᵀ` with
+//!   `S_new = blockdiag(diag(α ⊙ σ_t + β), diag(σ_s) + X Y)`, the ReLU on every entry (so off-
+//!   diagonal entries of `X Y` are clipped too). Relative to the pristine W:
+//!   `ΔW = U_t diag(ReLU(α ⊙ σ_t + β) − σ_t) V_tᵀ + U_s (ReLU(diag(σ_s) + X Y) − diag(σ_s)) V_sᵀ`,
+//!   exactly 0 at init (`σ ≥ 0`, `Y = 0`), while `U ReLU(S_new) Vᵀ` would carry the SVD's
+//!   reconstruction error.
+//! - ReLU has zero gradient at 0, as in PyTorch (candle's `relu` passes it): at init the
+//!   off-diagonal entries of the residual block are exactly 0, and this decides whether `Y`'s
+//!   first gradient reaches them.
+//! - forward (activation space): `h = x V` (`[.., k]`), `h_t ← h_t ⊙ (ReLU(α⊙σ_t+β) − σ_t)`,
+//!   `h_s ← h_s Mᵀ` with `M = ReLU(diag(σ_s) + X Y) − diag(σ_s)`, `Δ(x) = [h_t, h_s] Uᵀ`;
+//!   conv2d: a conv with the k filters of `Vᵀ`, the same mixing per pixel, a 1×1 conv with `U`.
+//! - regulariser (the reference returns it with every forward; here a separate term, see
+//!   [`SaltAdapter::regularizer`] and [`regularizer`]):
+//!   `‖α ⊙ σ_t + β − σ_t‖₂ + ‖X Y‖_F`, for the trainer to add with a weight of its choice.
+//!
+//! Signs: the residual block is not diagonal and the ReLU is sign-sensitive, so flipping one
+//! residual pair `(u_j, v_j) → (−u_j, −v_j)` leaves W unchanged but changes the adapted layer.
+//! Factors are therefore always put in canonical form (entry of largest magnitude of each `u_j`
+//! positive), at init and on load. Repeated singular values leave the vectors undetermined
+//! beyond sign; a warning names the layer when the spectrum has near-ties.
+//!
+//! File (`peft_type` "SALT"), per adapted module: `salt_scale.weight` (α), `salt_shift.weight`
+//! (β), `salt_X.weight`, `salt_Y.weight` (absent when `k = r_t`), and with `store_factors`
+//! (default true) the frozen factors `salt_U.weight` ([out, k]), `salt_S.weight` ([k]),
+//! `salt_Vh.weight` ([k, in_flat]), all f32. Without them the file is small, but loading
+//! needs the pristine base weight to redo the SVD (a merge without model code cannot).
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::adapter::{Adapter, LayerGeometry, Method};
+use crate::adapters::factored::{
+    Factors, erased, flat_dims, parse_precision, reject_lora_flags, relu_zero_grad, saved_len,
+    saved_tensor, weight_matrix,
+};
+use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting};
+use crate::error::{PeftError, Result};
+use crate::linalg::{self, Precision};
+use crate::model::PeftModel;
+
+/// The sign rule recorded in the config (see [`crate::linalg`]).
+pub const SVD_SIGN_RULE: &str = "max_abs_entry_of_u_positive";
+
+const SCALE: &str = "salt_scale.weight";
+const SHIFT: &str = "salt_shift.weight";
+const X: &str = "salt_X.weight";
+const Y: &str = "salt_Y.weight";
+const U: &str = "salt_U.weight";
+const SIGMA: &str = "salt_S.weight";
+const VH: &str = "salt_Vh.weight";
+
+/// Relative gap below which two singular values count as tied (their vectors are then not
+/// unique, and a new SVD may rotate them).
+const TIE_TOLERANCE: f64 = 1e-6;
+
+/// SALT's configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SaltConfig {
+    pub targeting: Targeting,
+    /// Singular values that get scale and shift; `None` takes `max(1, ⌊k · ratio_salt⌋)`.
+    pub r_t: Option<usize>,
+    pub ratio_salt: f64,
+    /// Rank of the update inside the residual block (clamped to `k − r_t`).
+    pub r_lora: usize,
+    /// Save `U`, `σ`, `Vᵀ` in the adapter file.
+    pub store_factors: bool,
+    /// Precision of the SVD (the factors are stored in f32 either way).
+    pub svd_dtype: Precision,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    pub revision: Option<String>,
+    pub inference_mode: bool,
+}
+
+#[derive(Deserialize)]
+struct SaltConfigFile {
+    #[serde(flatten)]
+    targeting: Targeting,
+    #[serde(default)]
+    r_t: Option<usize>,
+    #[serde(default = "default_ratio")]
+    ratio_salt: f64,
+    #[serde(default = "default_r_lora")]
+    r_lora: usize,
+    #[serde(default = "default_store_factors")]
+    store_factors: bool,
+    #[serde(default)]
+    svd_dtype: Option<String>,
+    #[serde(default)]
+    task_type: Option<String>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    revision: Option<String>,
+    #[serde(default)]
+    inference_mode: bool,
+}
+
+fn default_ratio() -> f64 {
+    0.1
+}
+
+fn default_r_lora() -> usize {
+    8
+}
+
+fn default_store_factors() -> bool {
+    true
+}
+
+impl SaltConfig {
+    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] = &[
+        "salt_scale",
+        "salt_shift",
+        "salt_X",
+        "salt_Y",
+        "salt_U",
+        "salt_S",
+        "salt_Vh",
+    ];
+
+    /// A config targeting `targets` with `r_t` from `ratio_salt = 0.1`, the given `r_lora`, and
+    /// stored factors.
+    pub fn new<S: AsRef<str>>(targets: &[S], r_lora: usize) -> Self {
+        Self {
+            targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
+            r_t: None,
+            ratio_salt: default_ratio(),
+            r_lora,
+            store_factors: true,
+            svd_dtype: Precision::F64,
+            task_type: None,
+            base_model_name_or_path: None,
+            revision: None,
+            inference_mode: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.targeting.validate()?;
+        if self.r_t == Some(0) {
+            return Err(PeftError::config("r_t", "must be at least 1, got 0"));
+        }
+        if !(self.ratio_salt > 0.0 && self.ratio_salt <= 1.0) {
+            return Err(PeftError::config(
+                "ratio_salt",
+                format!("must be in (0, 1], got {}", self.ratio_salt),
+            ));
+        }
+        if self.r_lora == 0 {
+            return Err(PeftError::config("r_lora", "must be at least 1, got 0"));
+        }
+        Ok(())
+    }
+
+    /// `(r_t, r_lora)` for a layer with `k = min(out, in_flat)`, after the clamp.
+    pub fn ranks(&self, module: &str, out: usize, in_flat: usize) -> Result<(usize, usize)> {
+        let k = out.min(in_flat);
+        let r_t = match self.r_t {
+            Some(r) if r > k => {
+                return Err(PeftError::layer(
+                    module,
+                    format!("SALT r_t = {r} exceeds min(out, in) = min({out}, {in_flat}) = {k}"),
+                ));
+            }
+            Some(r) => r,
+            None => ((k as f64 * self.ratio_salt).floor() as usize).clamp(1, k),
+        };
+        let rest = k - r_t;
+        let r_lora = if self.r_lora > rest {
+            eprintln!(
+                "warning: SALT on `{module}`: r_lora = {} exceeds k − r_t = {k} − {r_t} = {rest}; \
+                 using r_lora = {rest}",
+                self.r_lora
+            );
+            rest
+        } else {
+            self.r_lora
+        };
+        Ok((r_t, r_lora))
+    }
+
+    pub fn from_peft_json(value: &Value) -> Result<Self> {
+        let file: SaltConfigFile = serde_json::from_value(value.clone())
+            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
+        Ok(Self {
+            targeting: file.targeting,
+            r_t: file.r_t,
+            ratio_salt: file.ratio_salt,
+            r_lora: file.r_lora,
+            store_factors: file.store_factors,
+            svd_dtype: parse_precision("svd_dtype", file.svd_dtype.as_deref(), Precision::F64)?,
+            task_type: file.task_type,
+            base_model_name_or_path: file.base_model_name_or_path,
+            revision: file.revision,
+            inference_mode: file.inference_mode,
+        })
+    }
+
+    pub fn to_peft_json(&self) -> Result<Value> {
+        let t = &self.targeting;
+        let v = |x: &dyn erased::ToValue| x.to_value();
+        Ok(json!({
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "exclude_modules": v(&t.exclude_modules)?,
+            "inference_mode": self.inference_mode,
+            "layers_pattern": v(&t.layers_pattern)?,
+            "layers_to_transform": v(&t.layers_to_transform)?,
+            "modules_to_save": v(&t.modules_to_save)?,
+            "peft_type": Method::Salt.peft_type(),
+            "peft_version": crate::io::peft_format::PEFT_VERSION,
+            "r_lora": self.r_lora,
+            "r_t": self.r_t,
+            "ratio_salt": self.ratio_salt,
+            "relu": "full",
+            "revision": self.revision,
+            "store_factors": self.store_factors,
+            "svd_dtype": self.svd_dtype.name(),
+            "svd_sign_rule": SVD_SIGN_RULE,
+            "target_modules": v(&t.target_modules)?,
+            "task_type": self.task_type,
+        }))
+    }
+
+    /// `--method salt`: `--rank` is `r_lora` (default 8). Options: `r_t`, `ratio_salt`,
+    /// `store_factors`, `svd_dtype`. No alpha, no dropout.
+    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
+        args.check_options(
+            Method::Salt,
+            &["r_t", "ratio_salt", "store_factors", "svd_dtype"],
+        )?;
+        reject_lora_flags(Method::Salt, args)?;
+        let mut c = Self::new(&args.targets, args.rank.unwrap_or_else(default_r_lora));
+        c.r_t = args.option::<usize>("r_t")?;
+        if let Some(ratio) = args.option::<f64>("ratio_salt")? {
+            if c.r_t.is_some() {
+                return Err(PeftError::config(
+                    "--opt ratio_salt",
+                    "give either r_t or ratio_salt, not both",
+                ));
+            }
+            c.ratio_salt = ratio;
+        }
+        if let Some(store) = args.option::<bool>("store_factors")? {
+            c.store_factors = store;
+        }
+        c.svd_dtype = parse_precision(
+            "--opt svd_dtype",
+            args.options.get("svd_dtype").map(String::as_str),
+            c.svd_dtype,
+        )?;
+        Ok(c)
+    }
+
+    /// The canonical SVD factors `(U [out, k], σ [k], Vᵀ [k, in_flat])` of a base weight, f32 on
+    /// `device`.
+    fn factors_of(
+        &self,
+        module: &str,
+        geometry: LayerGeometry,
+        base_weight: &Tensor,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let w = weight_matrix(module, geometry, base_weight)?;
+        let svd = linalg::thin_svd(&w, self.svd_dtype)?;
+        warn_on_ties(module, &svd.s)?;
+        let to_f32 = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?)
+        };
+        Ok((to_f32(&svd.u)?, to_f32(&svd.s)?, to_f32(&svd.v.t()?)?))
+    }
+
+    /// A fresh adapter on a layer whose weight is `base_weight`; `X` is drawn from `rng`.
+    pub fn init_adapter(
+        &self,
+        module: &str,
+        geometry: LayerGeometry,
+        base_weight: &Tensor,
+        device: &Device,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<SaltAdapter> {
+        let (out, in_flat) = flat_dims(geometry);
+        let (r_t, r_lora) = self.ranks(module, out, in_flat)?;
+        let (u, s, vh) = self.factors_of(module, geometry, base_weight, device)?;
+        let rest = out.min(in_flat) - r_t;
+        let scale = Var::from_tensor(&Tensor::ones(r_t, DType::F32, device)?)?;
+        let shift = Var::from_tensor(&Tensor::zeros(r_t, DType::F32, device)?)?;
+        let lora = if r_lora > 0 {
+            let bound = (6.0 / r_lora as f32).sqrt();
+            let x = crate::init::uniform(rng, rest * r_lora, -bound, bound);
+            let x = Var::from_tensor(&Tensor::from_vec(x, (rest, r_lora), device)?)?;
+            let y = Var::from_tensor(&Tensor::zeros((r_lora, rest), DType::F32, device)?)?;
+            Some((x, y))
+        } else {
+            None
+        };
+        SaltAdapter::new(
+            geometry,
+            u,
+            s,
+            vh,
+            r_t,
+            scale,
+            shift,
+            lora,
+            self.store_factors,
+        )
+    }
+
+    /// The adapter of one module from its saved tensors. Without stored factors the SVD of
+    /// `base_weight` (the pristine weight) is redone; without either it is an error.
+    pub fn load_adapter(
+        &self,
+        module: &str,
+        geometry: LayerGeometry,
+        tensors: &BTreeMap<String, Tensor>,
+        base_weight: Option<&Tensor>,
+        device: &Device,
+    ) -> Result<SaltAdapter> {
+        let (out, in_flat) = flat_dims(geometry);
+        let k = out.min(in_flat);
+        let get = |name: &str, shape: &[usize]| {
+            saved_tensor(module, tensors, name, shape, DType::F32, device)
+        };
+        let r_t = saved_len(module, tensors, SCALE)?;
+        if self.r_t.is_some_and(|want| want != r_t) {
+            return Err(PeftError::layer(
+                module,
+                format!(
+                    "the file holds r_t = {r_t} but the config says {:?}",
+                    self.r_t
+                ),
+            ));
+        }
+        if r_t == 0 || r_t > k {
+            return Err(PeftError::layer(
+                module,
+                format!(
+                    "the file's r_t = {r_t} is not in 1..=min(out, in) = min({out}, {in_flat})"
+                ),
+            ));
+        }
+        let rest = k - r_t;
+        let scale = Var::from_tensor(&get(SCALE, &[r_t])?)?;
+        let shift = Var::from_tensor(&get(SHIFT, &[r_t])?)?;
+        let lora = if rest > 0 {
+            let r_lora = match tensors.get(X).map(|x| x.dims()) {
+                Some(&[_, r]) => r,
+                _ => self.r_lora.min(rest),
+            };
+            let x = get(X, &[rest, r_lora])?;
+            let y = get(Y, &[r_lora, rest])?;
+            Some((Var::from_tensor(&x)?, Var::from_tensor(&y)?))
+        } else {
+            None
+        };
+        let (u, s, vh) = if tensors.contains_key(U) {
+            let u = get(U, &[out, k])?;
+            let s = get(SIGMA, &[k])?;
+            let vh = get(VH, &[k, in_flat])?;
+            // Files written elsewhere may hold other signs; the adapter's meaning depends on them.
+            let (u, v) = linalg::canonicalize_svd_signs(&u, &vh.t()?)?;
+            (u.contiguous()?, s, v.t()?.contiguous()?)
+        } else {
+            let Some(w) = base_weight else {
+                return Err(PeftError::layer(
+                    module,
+                    "this SALT adapter was saved with store_factors = false, so its SVD \
+                     factors must be recomputed from the pristine base weight, which this \
+                     loader does not have (a merge without model code); load it with \
+                     PeftModel::load_adapter on the base model, or save it with \
+                     store_factors = true",
+                ));
+            };
+            self.factors_of(module, geometry, w, device)?
+        };
+        SaltAdapter::new(
+            geometry,
+            u,
+            s,
+            vh,
+            r_t,
+            scale,
+            shift,
+            lora,
+            self.store_factors,
+        )
+    }
+}
+
+/// Warns when the spectrum has near-tied non-zero singular values.
+fn warn_on_ties(module: &str, s: &Tensor) -> Result<()> {
+    let s = s
+        .to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f64>()?;
+    let Some(&top) = s.first() else { return Ok(()) };
+    let ties = s
+        .windows(2)
+        .filter(|p| p[1] > TIE_TOLERANCE * top && p[0] - p[1] <= TIE_TOLERANCE * top)
+        .count();
+    if ties > 0 {
+        eprintln!(
+            "warning: SALT on `{module}`: {ties} pair(s) of singular values are tied within \
+             {TIE_TOLERANCE:e}·σ₁; their singular vectors are not unique, so a new SVD of this \
+             weight may not reproduce the adapter (keep store_factors = true)"
+        );
+    }
+    Ok(())
+}
+
+impl MethodConfig for SaltConfig {
+    fn method(&self) -> Method {
+        Method::Salt
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.targeting
+    }
+
+    fn set_task_type(&mut self, task_type: Option<String>) {
+        self.task_type = task_type;
+    }
+
+    fn set_base_model(&mut self, name: Option<String>) {
+        self.base_model_name_or_path = name;
+    }
+
+    fn validate(&self) -> Result<()> {
+        SaltConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        SaltConfig::to_peft_json(self)
+    }
+
+    fn tensor_prefixes(&self) -> &'static [&'static str] {
+        Self::TENSOR_PREFIXES
+    }
+
+    fn init_adapter(
+        &self,
+        ctx: &InitContext<'_>,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(SaltConfig::init_adapter(
+            self,
+            ctx.module,
+            ctx.geometry,
+            ctx.base_weight,
+            ctx.device,
+            rng,
+        )?))
+    }
+
+    fn load_adapter(&self, ctx: &LoadContext<'_>) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(SaltConfig::load_adapter(
+            self,
+            ctx.module,
+            ctx.geometry,
+            ctx.tensors,
+            ctx.base_weight,
+            ctx.device,
+        )?))
+    }
+}
+
+/// One SALT adapter on one layer.
+#[derive(Debug)]
+pub struct SaltAdapter {
+    /// `A = Vᵀ` (all k rows), `B = U`.
+    factors: Factors,
+    sigma: Tensor,
+    r_t: usize,
+    scale: Var,
+    shift: Var,
+    /// `(X, Y)`; `None` when the residual block is empty (`r_t = k`) or `r_lora` is 0.
+    lora: Option<(Var, Var)>,
+    store_factors: bool,
+}
+
+impl SaltAdapter {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        geometry: LayerGeometry,
+        u: Tensor,
+        sigma: Tensor,
+        vh: Tensor,
+        r_t: usize,
+        scale: Var,
+        shift: Var,
+        lora: Option<(Var, Var)>,
+        store_factors: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            factors: Factors::new(geometry, vh, u)?,
+            sigma,
+            r_t,
+            scale,
+            shift,
+            lora,
+            store_factors,
+        })
+    }
+
+    /// `k = min(out, in_flat)`.
+    pub fn k(&self) -> usize {
+        self.factors.k()
+    }
+
+    pub fn r_t(&self) -> usize {
+        self.r_t
+    }
+
+    /// The LoRA rank inside the residual block (0 when there is none).
+    pub fn r_lora(&self) -> usize {
+        self.lora.as_ref().map_or(0, |(x, _)| x.dims()[1])
+    }
+
+    /// `U: [out, k]`.
+    pub fn u(&self) -> &Tensor {
+        self.factors.b()
+    }
+
+    /// `σ: [k]`.
+    pub fn sigma(&self) -> &Tensor {
+        &self.sigma
+    }
+
+    /// `Vᵀ: [k, in_flat]`.
+    pub fn vh(&self) -> &Tensor {
+        self.factors.a()
+    }
+
+    fn sigma_top(&self) -> Result<Tensor> {
+        Ok(self.sigma.narrow(0, 0, self.r_t)?)
+    }
+
+    fn rest(&self) -> usize {
+        self.k() - self.r_t
+    }
+
+    /// `α ⊙ σ_t + β`.
+    fn top_values(&self) -> Result<Tensor> {
+        Ok(self
+            .scale
+            .as_tensor()
+            .mul(&self.sigma_top()?)?
+            .add(self.shift.as_tensor())?)
+    }
+
+    /// `ReLU(α ⊙ σ_t + β) − σ_t`.
+    fn top_delta(&self) -> Result<Tensor> {
+        Ok(relu_zero_grad(&self.top_values()?)?.sub(&self.sigma_top()?)?)
+    }
+
+    /// `M = ReLU(diag(σ_s) + X Y) − diag(σ_s)`, `[k − r_t, k − r_t]`; `None` without `X, Y`.
+    fn rest_delta(&self) -> Result<Option<Tensor>> {
+        let Some((x, y)) = &self.lora else {
+            return Ok(None);
+        };
+        let diag = Tensor::eye(self.rest(), DType::F32, self.sigma.device())?.broadcast_mul(
+            &self
+                .sigma
+                .narrow(0, self.r_t, self.rest())?
+                .reshape((1, self.rest()))?,
+        )?;
+        let xy = x.as_tensor().matmul(y.as_tensor())?;
+        Ok(Some(relu_zero_grad(&diag.add(&xy)?)?.sub(&diag)?))
+    }
+
+    /// `‖α ⊙ σ_t + β − σ_t‖₂ + ‖X Y‖_F`, differentiable in the trainables. Its gradient at a zero
+    /// norm is 0 (the subgradient PyTorch's `norm` takes), never NaN.
+    pub fn regularizer(&self) -> Result<Tensor> {
+        let top = self.top_values()?.sub(&self.sigma_top()?)?;
+        let mut reg = safe_norm(&top)?;
+        if let Some((x, y)) = &self.lora {
+            reg = reg.add(&safe_norm(&x.as_tensor().matmul(y.as_tensor())?)?)?;
+        }
+        Ok(reg)
+    }
+
+    /// The `k × k` core `blockdiag(diag(top), M)`.
+    fn core(&self) -> Result<Tensor> {
+        let k = self.k();
+        let top = self.top_delta()?;
+        let top_block = Tensor::eye(self.r_t, DType::F32, self.sigma.device())?
+            .broadcast_mul(&top.reshape((1, self.r_t))?)?;
+        let top_rows = top_block.pad_with_zeros(1, 0, k - self.r_t)?;
+        match self.rest_delta()? {
+            None => Ok(top_rows.pad_with_zeros(0, 0, k - self.r_t)?),
+            Some(m) => {
+                let rest_rows = m.pad_with_zeros(1, self.r_t, 0)?;
+                Ok(Tensor::cat(&[top_rows, rest_rows], 0)?)
+            }
+        }
+    }
+}
+
+/// `‖v‖₂` over all entries with gradient `v / ‖v‖` (0 at `v = 0`): the norm's value times a
+/// detached unit direction, since candle's `sqrt` backward is infinite at 0.
+fn safe_norm(v: &Tensor) -> Result<Tensor> {
+    let norm = v
+        .detach()
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if norm == 0.0 {
+        return Ok(v.sum_all()?.affine(0.0, 0.0)?);
+    }
+    let direction = (v.detach() / norm)?;
+    Ok(v.mul(&direction)?.sum_all()?)
+}
+
+impl Adapter for SaltAdapter {
+    fn method(&self) -> Method {
+        Method::Salt
+    }
+
+    fn forward_delta(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        let (h, spatial) = self.factors.project_in(x)?;
+        let last = h.rank() - 1;
+        let top = h
+            .narrow(last, 0, self.r_t)?
+            .broadcast_mul(&self.top_delta()?)?;
+        let h = match self.rest_delta()? {
+            None => top,
+            Some(m) => {
+                let rest = h.narrow(last, self.r_t, self.rest())?;
+                let rest = rest.broadcast_matmul(&m.t()?)?;
+                Tensor::cat(&[top, rest], last)?
+            }
+        };
+        self.factors.project_out(&h, spatial)
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        self.factors.dense(&self.core()?)
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut vars = vec![
+            (SCALE.to_string(), self.scale.clone()),
+            (SHIFT.to_string(), self.shift.clone()),
+        ];
+        if let Some((x, y)) = &self.lora {
+            vars.push((X.to_string(), x.clone()));
+            vars.push((Y.to_string(), y.clone()));
+        }
+        vars
+    }
+
+    fn tensors_to_save(&self) -> Vec<(String, Tensor)> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .trainable_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        if self.store_factors {
+            tensors.push((U.to_string(), self.factors.b().clone()));
+            tensors.push((SIGMA.to_string(), self.sigma.clone()));
+            tensors.push((VH.to_string(), self.factors.a().clone()));
+        }
+        tensors
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+/// The sum of [`SaltAdapter::regularizer`] over every layer carrying the SALT adapter `name`
+/// (`None` when no layer has one); add `weight · reg` to the training loss.
+pub fn regularizer<M>(model: &PeftModel<M>, name: &str) -> Result<Option<Tensor>> {
+    let mut total: Option<Tensor> = None;
+    for layer in model.layers() {
+        let reg = layer.with_adapter(name, |a| {
+            a.as_any()
+                .and_then(|any| any.downcast_ref::<SaltAdapter>())
+                .map(SaltAdapter::regularizer)
+        });
+        if let Some(Some(reg)) = reg {
+            let reg = reg?;
+            total = Some(match total {
+                None => reg,
+                Some(t) => t.add(&reg)?,
+            });
+        }
+    }
+    Ok(total)
+}
