@@ -179,6 +179,12 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     /// that cannot be re-derived from the base weight. Names as in `trainable_vars`.
     fn tensors_to_save(&self) -> Vec<(String, Tensor)>;
 
+    /// The adapter as `Any`, for code that needs its concrete type (the LoRA-Pro optimiser
+    /// downcasts to `LoraAdapter`). Adapters that allow this return `Some(self)`.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// Number of trainable scalars.
     fn num_trainable(&self) -> usize {
         self.trainable_vars()

@@ -1,5 +1,5 @@
-//! The training loop: seeded batches, gradient accumulation, clipping, AdamW with a scheduled
-//! learning rate, periodic evaluation, atomic checkpoints and exact resume.
+//! The training loop: seeded batches, gradient accumulation, clipping, AdamW (or LoRA-Pro) with
+//! a scheduled learning rate, periodic evaluation, atomic checkpoints and exact resume.
 //!
 //! One optimiser step `s` (1-based `global_step`) does:
 //!
@@ -13,6 +13,10 @@
 //! loss(s) = (1/grad_accum) Σ_j L_j
 //! ```
 //!
+//! With [`OptimizerKind::LoraPro`] the last update is LoRA-Pro's (optim::lora_pro) on every LoRA
+//! pair the task reports ([`TrainTask::lora_pairs`]), on the same accumulated and clipped `G`,
+//! once per step; other trainable vars still get AdamW.
+//!
 //! Data order: examples are drawn from a permutation of `0..n` that a ChaCha8 RNG seeded with
 //! `seed` shuffles at the start of every epoch (the identity permutation, shuffled). Batches run
 //! across epoch boundaries, so every micro-batch has exactly `batch_size` examples. The
@@ -24,7 +28,7 @@
 //! ```text
 //! out/checkpoint-<step>/adapter/                the task's adapter (PEFT format)
 //! out/checkpoint-<step>/trainable.safetensors   every trainable var, by name (exact resume)
-//! out/checkpoint-<step>/optimizer.safetensors   AdamW state (optim::adamw)
+//! out/checkpoint-<step>/optimizer.safetensors   AdamW or LoRA-Pro state (optim::adamw, lora_pro)
 //! out/checkpoint-<step>/trainer_state.json      step, data position, RNG state, loss history
 //! ```
 //!
@@ -51,8 +55,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{PeftError, Result};
 use crate::io::peft_format::{read_safetensors, write_atomic, write_safetensors};
+use crate::optim::lora_pro::{self, LoraPair, LoraPro, LoraProConfig, LoraProMode};
 use crate::optim::{
-    AdamW, AdamWConfig, GradAccumulator, LrSchedule, Schedule, Warmup, clip_grad_norm, grad_norm,
+    AdamW, AdamWConfig, GradAccumulator, LrSchedule, Schedule, StepStats, Warmup, clip_grad_norm,
+    grad_norm,
 };
 
 /// Name of the adapter folder inside a checkpoint.
@@ -85,6 +91,21 @@ pub trait TrainTask {
 
     /// Switches train-only behaviour such as dropout.
     fn set_training(&self, _training: bool) {}
+
+    /// The LoRA adapters LoRA-Pro steps (e.g. [`crate::optim::lora_pairs`] of the task's
+    /// `PeftModel`). The default reports none, which LoRA-Pro refuses.
+    fn lora_pairs(&self) -> Result<Vec<LoraPair>> {
+        Ok(Vec::new())
+    }
+}
+
+/// The optimiser a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptimizerKind {
+    #[default]
+    AdamW,
+    /// LoRA-Pro in the given mode (see [`crate::optim::lora_pro`]).
+    LoraPro(LoraProMode),
 }
 
 /// The outcome of one evaluation.
@@ -120,6 +141,8 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     pub warmup: Warmup,
     pub max_grad_norm: Option<f64>,
+    /// AdamW (default) or LoRA-Pro; β, ε and weight decay above apply to both.
+    pub optimizer: OptimizerKind,
     /// Seeds the data order.
     pub seed: u64,
     /// Evaluate every N steps (and after the last step), when eval examples are given.
@@ -150,6 +173,7 @@ impl Default for TrainConfig {
             schedule: Schedule::Linear,
             warmup: Warmup::Steps(0),
             max_grad_norm: Some(1.0),
+            optimizer: OptimizerKind::AdamW,
             seed: 42,
             eval_every: None,
             checkpoint_every: None,
@@ -168,6 +192,18 @@ impl TrainConfig {
             beta2: self.beta2,
             eps: self.eps,
             weight_decay: self.weight_decay,
+        }
+    }
+
+    /// LoRA-Pro's settings: the mode and Adam's hyper-parameters of this config.
+    pub fn lora_pro(&self, mode: LoraProMode) -> LoraProConfig {
+        LoraProConfig {
+            mode,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            ..LoraProConfig::default()
         }
     }
 
@@ -489,7 +525,7 @@ impl Trainer {
             return Err(PeftError::config("trainable vars", "the task has none"));
         }
         let schedule = LrSchedule::new(cfg.schedule, cfg.lr, cfg.warmup, cfg.steps)?;
-        let mut opt = AdamW::new(vars.clone(), cfg.adamw())?;
+        let mut opt = Optimizer::new(task, &vars, cfg)?;
 
         let mut history = History::default();
         let mut sampler = Sampler::new(train.len(), cfg.seed);
@@ -768,7 +804,7 @@ fn save_checkpoint<T: TrainTask>(
     out: &Path,
     task: &T,
     vars: &[(String, Var)],
-    opt: &AdamW,
+    opt: &Optimizer,
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let step = state.global_step;
@@ -813,4 +849,74 @@ fn save_checkpoint<T: TrainTask>(
         return Err(e);
     }
     Ok(target)
+}
+
+/// The optimiser of a run.
+#[derive(Debug)]
+enum Optimizer {
+    AdamW(AdamW),
+    LoraPro(LoraPro),
+}
+
+impl Optimizer {
+    fn new<T: TrainTask>(task: &T, vars: &[(String, Var)], cfg: &TrainConfig) -> Result<Self> {
+        Ok(match cfg.optimizer {
+            OptimizerKind::AdamW => Optimizer::AdamW(AdamW::new(vars.to_vec(), cfg.adamw())?),
+            OptimizerKind::LoraPro(mode) => Optimizer::LoraPro(LoraPro::new(
+                vars.to_vec(),
+                task.lora_pairs()?,
+                cfg.lora_pro(mode),
+            )?),
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Optimizer::AdamW(_) => "AdamW",
+            Optimizer::LoraPro(_) => lora_pro::OPTIMIZER_NAME,
+        }
+    }
+
+    fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64) -> Result<StepStats> {
+        match self {
+            Optimizer::AdamW(o) => o.step(grads, lr),
+            Optimizer::LoraPro(o) => o.step(grads, lr),
+        }
+    }
+
+    fn save_state(&self, path: &Path) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.save_state(path),
+            Optimizer::LoraPro(o) => o.save_state(path),
+        }
+    }
+
+    /// Restores the state, after checking that the file comes from the same optimiser.
+    fn load_state(&mut self, path: &Path) -> Result<()> {
+        let bytes = fs::read(path).map_err(|e| PeftError::io(path, e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+            PeftError::Safetensors {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+        let saved = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("optimizer").cloned());
+        if let Some(saved) = saved.filter(|s| s != self.name()) {
+            return Err(PeftError::config(
+                "optimizer",
+                format!(
+                    "{} holds {saved} state, but this run uses {}",
+                    path.display(),
+                    self.name()
+                ),
+            ));
+        }
+        match self {
+            Optimizer::AdamW(o) => o.load_state(path),
+            Optimizer::LoraPro(o) => o.load_state(path),
+        }
+    }
 }

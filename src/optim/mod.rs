@@ -8,9 +8,11 @@
 pub mod accumulate;
 pub mod adamw;
 pub mod clip;
+pub mod lora_pro;
 pub mod schedule;
 
 pub use accumulate::{GradAccumulator, average_grads};
 pub use adamw::{AdamW, AdamWConfig, StepStats};
 pub use clip::{clip_grad_norm, grad_norm};
+pub use lora_pro::{LoraPair, LoraPro, LoraProConfig, LoraProMode, lora_pairs};
 pub use schedule::{LrSchedule, Schedule, Warmup};
