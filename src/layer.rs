@@ -35,6 +35,19 @@ struct LayerState {
     /// Adapters merged into `weight`, in merge order (unmerged last-in, first-out).
     merged: Vec<String>,
     training: Arc<AtomicBool>,
+    observer: Option<ObserverSlot>,
+}
+
+/// Sees a layer's input at the start of every forward (calibration passes read activations
+/// through it). An error aborts the forward.
+pub type InputObserver = Arc<dyn Fn(&Tensor) -> Result<()> + Send + Sync>;
+
+struct ObserverSlot(InputObserver);
+
+impl std::fmt::Debug for ObserverSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InputObserver")
+    }
 }
 
 /// A shared handle on one adaptable layer.
@@ -67,6 +80,7 @@ impl LayerHandle {
             enabled: true,
             merged: Vec::new(),
             training,
+            observer: None,
         }))))
     }
 
@@ -323,6 +337,12 @@ impl LayerHandle {
         tensors
     }
 
+    /// Installs (or, with `None`, removes) the observer called with this layer's input at the
+    /// start of every forward.
+    pub fn set_input_observer(&self, observer: Option<InputObserver>) {
+        self.write().observer = observer.map(ObserverSlot);
+    }
+
     /// Runs `f` on adapter `name`, if this layer has it.
     pub fn with_adapter<R>(&self, name: &str, f: impl FnOnce(&dyn Adapter) -> R) -> Option<R> {
         let s = self.read();
@@ -334,6 +354,9 @@ impl LayerHandle {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = self.read();
+        if let Some(observer) = &s.observer {
+            (observer.0)(x)?;
+        }
         let train = s.training.load(Ordering::Relaxed);
         let copy = if s.enabled {
             s.copies
