@@ -66,6 +66,8 @@ pub struct LoraConfig {
     pub init_lora_weights: InitLoraWeights,
     pub rank_pattern: BTreeMap<String, usize>,
     pub alpha_pattern: BTreeMap<String, f64>,
+    /// PEFT's `eva_config`, for adapters made by EVA (`crate::adapters::eva`).
+    pub eva_config: Option<crate::adapters::eva::EvaConfig>,
     pub task_type: Option<String>,
     pub base_model_name_or_path: Option<String>,
     pub revision: Option<String>,
@@ -94,6 +96,8 @@ struct LoraConfigFile {
     rank_pattern: Option<BTreeMap<String, f64>>,
     #[serde(default)]
     alpha_pattern: Option<BTreeMap<String, f64>>,
+    #[serde(default)]
+    eva_config: Option<crate::adapters::eva::EvaConfig>,
     #[serde(default)]
     task_type: Option<String>,
     #[serde(default)]
@@ -152,6 +156,7 @@ impl LoraConfig {
             init_lora_weights: InitLoraWeights::Bool(true),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
+            eva_config: None,
             task_type: None,
             base_model_name_or_path: None,
             revision: None,
@@ -192,6 +197,9 @@ impl LoraConfig {
                     ),
                 ));
             }
+        }
+        if let Some(eva) = &self.eva_config {
+            eva.validate()?;
         }
         Ok(())
     }
@@ -264,6 +272,7 @@ impl LoraConfig {
             init_lora_weights: file.init_lora_weights,
             rank_pattern,
             alpha_pattern: file.alpha_pattern.unwrap_or_default(),
+            eva_config: file.eva_config,
             task_type: file.task_type,
             base_model_name_or_path: file.base_model_name_or_path,
             revision: file.revision,
@@ -289,7 +298,7 @@ impl LoraConfig {
             "bias": "none",
             "corda_config": null,
             "ensure_weight_tying": false,
-            "eva_config": null,
+            "eva_config": to_value(&self.eva_config)?,
             "exclude_modules": to_value(&t.exclude_modules)?,
             "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": self.inference_mode,
@@ -629,9 +638,10 @@ impl Adapter for LoraAdapter {
                 };
                 *last = self.geometry.out_features();
                 let x2 = x.reshape(((), in_features))?;
-                let h = x2.matmul(&self.a.as_tensor().t()?)?;
+                // Scaling the rank-r intermediate costs r/out of scaling the output.
+                let h = (x2.matmul(&self.a.as_tensor().t()?)? * self.scaling)?;
                 let y = h.matmul(&self.b.as_tensor().t()?)?;
-                Ok((y * self.scaling)?.reshape(out_dims)?)
+                Ok(y.reshape(out_dims)?)
             }
             LayerGeometry::Conv2d { params, .. } => {
                 let h = crate::frozen::conv2d_trainable(
@@ -681,6 +691,10 @@ impl Adapter for LoraAdapter {
             ("lora_A.weight".to_string(), self.a.as_tensor().clone()),
             ("lora_B.weight".to_string(), self.b.as_tensor().clone()),
         ]
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 

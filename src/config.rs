@@ -18,7 +18,11 @@ use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use crate::adapter::{Adapter, LayerGeometry, Method};
+use crate::adapters::corda::CordaConfig;
+use crate::adapters::flora::FloraConfig;
 use crate::adapters::lora::LoraConfig;
+use crate::adapters::randlora::RandLoraConfig;
+use crate::adapters::{loldu::LolduConfig, salt::SaltConfig, svfit::SvfitConfig};
 use crate::error::{PeftError, Result};
 
 /// `target_modules` / `exclude_modules`: a list of names or suffixes, or one regex.
@@ -324,6 +328,12 @@ impl CliAdapterArgs {
 #[derive(Clone, Debug, PartialEq)]
 pub enum AdapterConfig {
     Lora(LoraConfig),
+    Corda(CordaConfig),
+    RandLora(RandLoraConfig),
+    Flora(FloraConfig),
+    Svfit(SvfitConfig),
+    Loldu(LolduConfig),
+    Salt(SaltConfig),
 }
 
 impl AdapterConfig {
@@ -331,12 +341,24 @@ impl AdapterConfig {
     pub fn inner(&self) -> &dyn MethodConfig {
         match self {
             AdapterConfig::Lora(c) => c,
+            AdapterConfig::Corda(c) => c,
+            AdapterConfig::RandLora(c) => c,
+            AdapterConfig::Flora(c) => c,
+            AdapterConfig::Svfit(c) => c,
+            AdapterConfig::Loldu(c) => c,
+            AdapterConfig::Salt(c) => c,
         }
     }
 
     pub fn inner_mut(&mut self) -> &mut dyn MethodConfig {
         match self {
             AdapterConfig::Lora(c) => c,
+            AdapterConfig::Corda(c) => c,
+            AdapterConfig::RandLora(c) => c,
+            AdapterConfig::Flora(c) => c,
+            AdapterConfig::Svfit(c) => c,
+            AdapterConfig::Loldu(c) => c,
+            AdapterConfig::Salt(c) => c,
         }
     }
 
@@ -376,6 +398,12 @@ impl AdapterConfig {
             .ok_or_else(|| PeftError::config("peft_type", "missing or not a string"))?;
         let config = match peft_type {
             "LORA" => AdapterConfig::Lora(LoraConfig::from_peft_json(value)?),
+            "CORDA" => AdapterConfig::Corda(CordaConfig::from_peft_json(value)?),
+            "RANDLORA" => AdapterConfig::RandLora(RandLoraConfig::from_peft_json(value)?),
+            "FLORA" => AdapterConfig::Flora(FloraConfig::from_peft_json(value)?),
+            "SVFIT" => AdapterConfig::Svfit(SvfitConfig::from_peft_json(value)?),
+            "LOLDU" => AdapterConfig::Loldu(LolduConfig::from_peft_json(value)?),
+            "SALT" => AdapterConfig::Salt(SaltConfig::from_peft_json(value)?),
             other => return Err(PeftError::UnknownPeftType(other.to_string())),
         };
         config.validate()?;
@@ -386,11 +414,13 @@ impl AdapterConfig {
     pub fn from_cli(method: Method, args: &CliAdapterArgs) -> Result<Self> {
         let config = match method {
             Method::Lora | Method::LoraPro => AdapterConfig::Lora(LoraConfig::from_cli(args)?),
-            other => {
-                return Err(PeftError::Unsupported(format!(
-                    "method {other} is not implemented yet"
-                )));
-            }
+            Method::Eva => AdapterConfig::Lora(crate::adapters::eva::lora_config_from_cli(args)?),
+            Method::Corda => AdapterConfig::Corda(CordaConfig::from_cli(args)?),
+            Method::RandLora => AdapterConfig::RandLora(RandLoraConfig::from_cli(args)?),
+            Method::Flora => AdapterConfig::Flora(FloraConfig::from_cli(args)?),
+            Method::Svfit => AdapterConfig::Svfit(SvfitConfig::from_cli(args)?),
+            Method::Loldu => AdapterConfig::Loldu(LolduConfig::from_cli(args)?),
+            Method::Salt => AdapterConfig::Salt(SaltConfig::from_cli(args)?),
         };
         config.validate()?;
         Ok(config)
@@ -429,5 +459,41 @@ impl AdapterConfig {
 impl From<LoraConfig> for AdapterConfig {
     fn from(c: LoraConfig) -> Self {
         AdapterConfig::Lora(c)
+    }
+}
+
+impl From<RandLoraConfig> for AdapterConfig {
+    fn from(c: RandLoraConfig) -> Self {
+        AdapterConfig::RandLora(c)
+    }
+}
+
+impl From<FloraConfig> for AdapterConfig {
+    fn from(c: FloraConfig) -> Self {
+        AdapterConfig::Flora(c)
+    }
+}
+
+impl From<CordaConfig> for AdapterConfig {
+    fn from(c: CordaConfig) -> Self {
+        AdapterConfig::Corda(c)
+    }
+}
+
+impl From<SvfitConfig> for AdapterConfig {
+    fn from(c: SvfitConfig) -> Self {
+        AdapterConfig::Svfit(c)
+    }
+}
+
+impl From<LolduConfig> for AdapterConfig {
+    fn from(c: LolduConfig) -> Self {
+        AdapterConfig::Loldu(c)
+    }
+}
+
+impl From<SaltConfig> for AdapterConfig {
+    fn from(c: SaltConfig) -> Self {
+        AdapterConfig::Salt(c)
     }
 }

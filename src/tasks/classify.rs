@@ -344,6 +344,10 @@ impl TrainTask for ClassifyTask {
             self.model.eval()
         }
     }
+
+    fn lora_pairs(&self) -> Result<Vec<crate::optim::LoraPair>> {
+        crate::optim::lora_pairs(&self.model)
+    }
 }
 
 /// `config` made for sequence classification: [`CLASSIFIER_MODULE`] added to `modules_to_save`

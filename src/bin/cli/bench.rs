@@ -44,11 +44,23 @@ pub struct BenchResult {
 }
 
 /// The workloads, for the error message on an unknown name.
-const WORKLOADS: &[&str] = &["minilm-lora-train"];
+const WORKLOADS: &[&str] = &[
+    "minilm-lora-train",
+    "smollm2-lora-train",
+    "smollm2-merge",
+    "svd-init-smollm2",
+    "eva-corda-init-smollm2",
+];
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let result = match args.workload.as_str() {
         "minilm-lora-train" => minilm_lora_train(args.model.as_deref().unwrap_or(MINILM))?,
+        "smollm2-lora-train" => super::bench_llm::smollm2_lora_train(args.model.as_deref())?,
+        "smollm2-merge" => super::bench_llm::smollm2_merge(args.model.as_deref())?,
+        "svd-init-smollm2" => super::bench_svd::svd_init_smollm2(args.model.as_deref())?,
+        "eva-corda-init-smollm2" | "eva-init-smollm2" | "corda-init-smollm2" => {
+            super::bench_calib::run(&args.workload, args.model.as_deref())?
+        }
         other => bail!(
             "unknown workload `{other}` (available: {})",
             WORKLOADS.join(", ")

@@ -3,6 +3,12 @@
 //! in [`run`].
 
 pub mod bench;
+mod bench_calib;
+mod bench_llm;
+mod bench_svd;
+mod calibration;
+pub mod causal;
+pub mod convert;
 pub mod eval;
 pub mod inspect;
 pub mod merge;
@@ -24,10 +30,14 @@ pub enum Command {
     Train(Box<train::TrainArgs>),
     /// Evaluate a model (optionally with an adapter) on labelled data.
     Eval(eval::EvalArgs),
+    /// Generate text from a prompt with a causal LM (optionally with an adapter).
+    Generate(causal::GenerateArgs),
     /// Merge an adapter into a base model's weights and write a model folder (no model code).
     Merge(merge::MergeArgs),
     /// Show an adapter directory: method, targets, ranks, scaling, parameters and tensors.
     Inspect(inspect::InspectArgs),
+    /// Convert an adapter to a plain PEFT LoRA on the original base (CorDA → rank-2r LoRA).
+    Convert(convert::ConvertArgs),
     /// Run a fixed benchmark workload (DESIGN.md) and report ms/step and peak memory.
     Bench(bench::BenchArgs),
 }
@@ -36,8 +46,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => train::run(*args),
         Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => causal::generate(args),
         Command::Merge(args) => merge::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

@@ -14,11 +14,10 @@ use candle_peft::config::CliAdapterArgs;
 use candle_peft::data::{LabeledDataset, read_tsv, read_tsv_with_labels};
 use candle_peft::io::source;
 use candle_peft::models::heads::BertForSequenceClassification;
+use candle_peft::optim::LoraProMode;
 use candle_peft::tasks::classify::{self, ClassifyTask};
-use candle_peft::train::EvalReport;
-use candle_peft::{
-    AdapterConfig, DEFAULT_ADAPTER, Method, Schedule, TrainConfig, TrainTask, Trainer, Warmup,
-};
+use candle_peft::train::{EvalReport, OptimizerKind};
+use candle_peft::{AdapterConfig, Method, Schedule, TrainConfig, TrainTask, Trainer, Warmup};
 use clap::Args;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
@@ -30,10 +29,12 @@ pub struct TrainArgs {
     /// Base model: a hub id (org/name, looked up in the HF cache first) or a local folder.
     #[arg(long)]
     pub model: String,
-    /// What to train: classify (causal-lm is not implemented yet).
+    /// What to train: classify or causal-lm.
     #[arg(long)]
     pub task: String,
-    /// Training data: a TSV of `label<TAB>text` lines (a header line is detected and skipped).
+    /// Training data: for classify a TSV of `label<TAB>text` lines (a header line is detected
+    /// and skipped); for causal-lm a text file (packed into --seq-token sequences) or a .jsonl
+    /// file of {"prompt", "response"} lines (loss on the response only).
     #[arg(long)]
     pub data: PathBuf,
     /// Adapter method: lora (lora-pro, eva, corda, svfit, loldu, randlora, flora and salt are
@@ -93,6 +94,10 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this (0 or `none`: no clipping).
     #[arg(long = "max-grad-norm", default_value = "1.0", value_parser = parse_max_grad_norm)]
     pub max_grad_norm: MaxGradNorm,
+    /// LoRA-Pro's variant (--method lora-pro): full (the paper's; keeps two f32 moments of each
+    /// adapted weight's full size) or efficient (AdamW on the adjusted gradients; LoRA's memory).
+    #[arg(long = "lora-pro-mode", value_parser = parse_lora_pro_mode)]
+    pub lora_pro_mode: Option<LoraProMode>,
     /// Seeds the data order, the adapter and classifier initialisation and dropout.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -109,6 +114,16 @@ pub struct TrainArgs {
     /// --out).
     #[arg(long, num_args = 0..=1, value_name = "DIR")]
     pub resume: Option<Option<PathBuf>>,
+    /// EVA / CorDA: calibration data, in --data's format [default: the training data].
+    #[arg(long = "calib-data")]
+    pub calib_data: Option<PathBuf>,
+    /// EVA / CorDA: calibration batches of --batch examples (EVA cycles them until its
+    /// components converge).
+    #[arg(long = "calib-batches", default_value_t = 32)]
+    pub calib_batches: usize,
+    /// CorDA: ipm (the largest components train; default) or kpm (the smallest).
+    #[arg(long = "corda-mode", value_name = "ipm|kpm")]
+    pub corda_mode: Option<String>,
     /// Print one JSON line with the results.
     #[arg(long)]
     pub json: bool,
@@ -123,6 +138,10 @@ pub struct MaxGradNorm(pub Option<f64>);
 
 fn parse_schedule(s: &str) -> Result<Schedule, String> {
     s.parse::<Schedule>().map_err(|e| e.to_string())
+}
+
+fn parse_lora_pro_mode(s: &str) -> Result<LoraProMode, String> {
+    s.parse::<LoraProMode>().map_err(|e| e.to_string())
 }
 
 fn parse_warmup(s: &str) -> Result<Warmup, String> {
@@ -142,6 +161,9 @@ fn parse_max_grad_norm(s: &str) -> Result<MaxGradNorm, String> {
 
 /// The settings checks that need no file: they fail before anything is loaded.
 pub fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
+    if args.lora_pro_mode.is_some() && Method::from_cli_name(&args.method)? != Method::LoraPro {
+        bail!("--lora-pro-mode needs --method lora-pro");
+    }
     for (flag, v) in [
         ("--batch", args.batch),
         ("--grad-accum", args.grad_accum),
@@ -246,7 +268,17 @@ pub fn adapter_config(
 }
 
 /// The methods `train` can run in this build.
-const TRAINABLE_METHODS: &[Method] = &[Method::Lora];
+const TRAINABLE_METHODS: &[Method] = &[
+    Method::Lora,
+    Method::LoraPro,
+    Method::Eva,
+    Method::Corda,
+    Method::RandLora,
+    Method::Flora,
+    Method::Svfit,
+    Method::Loldu,
+    Method::Salt,
+];
 
 /// The method, or a clear error for the ones not implemented yet.
 pub fn check_method(name: &str) -> anyhow::Result<Method> {
@@ -311,6 +343,10 @@ pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
         schedule: args.schedule,
         warmup: args.warmup,
         max_grad_norm: args.max_grad_norm.0,
+        optimizer: match Method::from_cli_name(&args.method) {
+            Ok(Method::LoraPro) => OptimizerKind::LoraPro(args.lora_pro_mode.unwrap_or_default()),
+            _ => OptimizerKind::AdamW,
+        },
         seed: args.seed,
         eval_every: args.eval_every,
         checkpoint_every: args.checkpoint_every,
@@ -324,7 +360,7 @@ pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     match args.task.parse::<Task>()? {
         Task::Classify => {}
-        Task::CausalLm => bail!("--task causal-lm is not implemented yet (implemented: classify)"),
+        Task::CausalLm => return super::causal::train(args),
     }
     let method = check_method(&args.method)?;
     check_args(&args)?;
@@ -345,7 +381,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut task =
         ClassifyTask::from_source(&model_source, labels.clone(), args.seq, args.seed, &device)
             .with_context(|| format!("loading {}", args.model))?;
-    task.add_adapter(DEFAULT_ADAPTER, config)?;
+    super::calibration::add_classify_adapter(&mut task, config, method, &args, &train.examples)?;
     let trainable = task.model().num_trainable_parameters();
     let total = task.model().num_total_parameters();
 
