@@ -37,6 +37,7 @@ impl RowStatistic for Recorder {
 type Seen = Arc<Mutex<Vec<Tensor>>>;
 
 /// A recorder per group, with the lists by leader name.
+#[allow(clippy::type_complexity)]
 fn recorders() -> (
     Arc<Mutex<HashMap<String, Seen>>>,
     impl FnMut(&InputGroup, &[LayerHandle]) -> Result<Recorder>,

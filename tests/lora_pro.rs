@@ -1129,7 +1129,7 @@ fn cli_trains_lora_pro_in_both_modes_and_writes_a_peft_lora_adapter() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !err.contains("panicked"), "{err}");
     assert!(err.contains("full, efficient"), "{err}");
-    let mut lora = cli_train(dir.path(), &["--lora-pro-mode", "full"]);
+    let lora = cli_train(dir.path(), &["--lora-pro-mode", "full"]);
     let args: Vec<String> = lora
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())

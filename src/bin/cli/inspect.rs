@@ -103,7 +103,11 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         });
         entry.params += numel;
         entry.saved_whole &= whole;
-        if local == "lora_A.weight" {
+        // LoRA's rank is lora_A's first dimension; SVFit's and LoLDU's, their trained vector's.
+        if matches!(
+            local.as_str(),
+            "lora_A.weight" | "svfit_S.weight" | "loldu_z.weight"
+        ) {
             entry.rank = info.shape.first().copied();
         }
     }
