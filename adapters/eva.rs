@@ -13,7 +13,8 @@
 //!    `X − μ` (first batch) or of `[diag(S)·Vᵀ; X − mean(X); √(n·N/(n+N))·(μ_old − mean(X))]`;
 //!    `components = Vᵀ[:k]` with each row's largest-magnitude entry positive (sklearn's
 //!    `svd_flip`), `explained_variance_ratio = S² / Σ_j σ²_j·n`. The SVD is PEFT's randomised
-//!    `svd_lowrank` (q = 2k, 4 power iterations, seed 42) where that is cheaper, exact otherwise.
+//!    `svd_lowrank` (q = 2k, 4 subspace iterations, a seeded test matrix; exact when q reaches
+//!    the matrix's smaller side).
 //! 2. **Convergence.** After every fit (but the first) component `i` has converged when
 //!    `cos(components_t[i], components_{t−1}[i]) ≥ τ`. A layer is done when its first `r_l`
 //!    components (for its current `r_l`, step 3) have converged; it then stops fitting, and
@@ -45,6 +46,8 @@
 use std::collections::BTreeMap;
 
 use candle_core::{D, DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::Method;
@@ -55,7 +58,7 @@ use crate::calibrate::{
 use crate::config::{CliAdapterArgs, ModuleSelector};
 use crate::error::{PeftError, Result};
 use crate::layer::LayerHandle;
-use crate::linalg::{self, Precision, TruncatedSvdOptions};
+use crate::linalg::{self, Precision};
 use crate::model::PeftModel;
 
 /// PEFT's `EvaConfig`, written as `eva_config` in `adapter_config.json`.
@@ -190,7 +193,8 @@ pub enum PcaSvd {
     /// The exact thin SVD.
     Exact,
     /// PEFT's `svd_lowrank`: `oversample` extra random directions (PEFT: q = 2k, i.e. k),
-    /// `power_iters` subspace iterations (PEFT: 4), seeded; the exact SVD when that is cheaper.
+    /// `power_iters` subspace iterations (PEFT: 4), seeded; the exact SVD when `k + oversample`
+    /// reaches the smaller side of the matrix.
     LowRank {
         oversample: usize,
         power_iters: usize,
@@ -324,29 +328,22 @@ impl IncrementalPca {
             _ => x.broadcast_sub(&mean)?,
         };
         let k = self.n_components;
-        let svd = match self.svd {
-            PcaSvd::Exact => linalg::thin_svd(&stacked, Precision::F64)?,
+        let (s, v) = match self.svd {
+            PcaSvd::Exact => {
+                let svd = linalg::thin_svd(&stacked, Precision::F64)?;
+                (svd.s, svd.v)
+            }
             PcaSvd::LowRank {
                 oversample,
                 power_iters,
                 seed,
-            } => linalg::truncated_svd(
-                &stacked,
-                k,
-                &TruncatedSvdOptions {
-                    precision: Precision::F64,
-                    oversample,
-                    power_iters,
-                    seed,
-                    ..TruncatedSvdOptions::default()
-                },
-            )?,
+            } => svd_lowrank(&stacked, k + oversample, power_iters, seed)?,
         };
         // sklearn's svd_flip on V: the largest-magnitude entry of each component is positive,
         // which keeps a component's sign stable from batch to batch (U's rows are the batch's).
-        let (v, _) = linalg::canonicalize_svd_signs(&svd.v, &svd.v)?;
+        let (v, _) = linalg::canonicalize_svd_signs(&v, &v)?;
         let components = v.narrow(1, 0, k)?.t()?.contiguous()?;
-        let s = svd.s.narrow(0, 0, k)?;
+        let s = s.narrow(0, 0, k)?;
         let total_var = (&var * total)?.sum_all()?.to_scalar::<f64>()?;
         let ratio = if total_var > 0.0 {
             (s.sqr()? / total_var)?
@@ -361,6 +358,36 @@ impl IncrementalPca {
         self.explained_variance_ratio = Some(ratio);
         Ok(())
     }
+}
+
+/// torch's `svd_lowrank(a, q, niter)` as PEFT's IPCA calls it: a Gaussian test matrix (seeded,
+/// so every call draws the same one, as PEFT's `fork_rng` + `manual_seed` does), `niter` subspace
+/// iterations re-orthonormalised after every product, then the SVD of the small `Qᵀ a`. A fixed
+/// amount of work, approximate for the trailing triplets; `linalg::truncated_svd` instead
+/// iterates to convergence or falls back to the exact SVD, which on the flat spectra of layer
+/// inputs costs more than the exact SVD alone. Returns `(S [q], V [n, q])`; the exact thin SVD
+/// when `q` reaches `min(m, n)`.
+fn svd_lowrank(a: &Tensor, q: usize, niter: usize, seed: u64) -> Result<(Tensor, Tensor)> {
+    let (m, n) = a.dims2()?;
+    if q >= m.min(n) {
+        let svd = linalg::thin_svd(a, Precision::F64)?;
+        return Ok((svd.s, svd.v));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let omega: Vec<f64> = crate::init::normal(&mut rng, n * q, 1.0)
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let omega = Tensor::from_vec(omega, (n, q), a.device())?;
+    let orthonormal = |x: Tensor| -> Result<Tensor> { Ok(linalg::qr(&x, Precision::F64)?.q) };
+    let mut basis = orthonormal(a.matmul(&omega)?)?;
+    for _ in 0..niter {
+        let z = orthonormal(a.t()?.matmul(&basis)?)?;
+        basis = orthonormal(a.matmul(&z)?)?;
+    }
+    let small = basis.t()?.matmul(a)?;
+    let svd = linalg::thin_svd(&small, Precision::F64)?;
+    Ok((svd.s, svd.v))
 }
 
 /// Row-wise cosine similarity of two `[k, d]` matrices (torch's, with its 1e-8 floor).
@@ -410,6 +437,11 @@ impl EvaStatistic {
 
     pub fn fits(&self) -> usize {
         self.fits
+    }
+
+    /// Batches skipped for having fewer usable rows than components.
+    pub fn skipped(&self) -> usize {
+        self.skipped
     }
 }
 
