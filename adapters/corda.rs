@@ -9,7 +9,9 @@
 //!    tokens only, see `crate::calibrate`; PEFT and the reference take every token, which is the
 //!    same for unpadded batch-size-1 calibration and wrong otherwise). Per batch `X: [N, in]`:
 //!    `X ← X / |max(X)|` (the signed maximum, then its magnitude, as the reference does),
-//!    `C += Xᵀ X`; at the end `C /= number of batches`. Accumulated in f64.
+//!    `C += Xᵀ X`; at the end `C /= number of batches`. Accumulated in f32 on the model's device,
+//!    as PEFT does (one `[in, in]` matrix per input group is the pass's memory); the
+//!    decomposition then runs in f64.
 //! 2. **Damping**: `damp = 0.01`; `Ĉ = C + damp·mean(diag C)·I`, `Ĉ⁻¹ = inv(Ĉ)`; while
 //!    `‖Ĉ Ĉ⁻¹ − I‖_F ≥ 0.05` (or `Ĉ` is numerically singular) `damp *= 2`. The damping is always
 //!    applied, so a rank-deficient `C` (fewer tokens than `in`) still inverts.
@@ -713,7 +715,7 @@ impl CovarianceStatistic {
     pub fn covariance(&self) -> Result<Tensor> {
         match &self.sum {
             Some(sum) if self.batches > 0 => {
-                let c = (sum.to_device(&Device::Cpu)? / self.batches as f64)?;
+                let c = (sum.to_device(&Device::Cpu)?.to_dtype(DType::F64)? / self.batches as f64)?;
                 // A non-finite input entry reaches the sum, so one check at the end finds it.
                 if let Some((i, v)) = linalg::first_non_finite(&c)? {
                     let n = c.dim(0)?;
@@ -756,7 +758,7 @@ impl RowStatistic for CovarianceStatistic {
             ));
         }
         let x = (rows / scale)?;
-        let xtx = x.t()?.matmul(&x)?.to_dtype(DType::F64)?;
+        let xtx = x.t()?.matmul(&x)?;
         self.sum = Some(match self.sum.take() {
             Some(s) => (s + xtx)?,
             None => xtx,
