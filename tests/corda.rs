@@ -63,7 +63,7 @@ fn covariance_follows_the_reference_normalisation() {
         x.t().unwrap().matmul(&x).unwrap()
     };
     let want = ((term(&x1) + term(&x2)).unwrap() / 2.0).unwrap();
-    // The per-batch products run in f32, the sum in f64.
+    // The products and their sum run in f32.
     let scale = want
         .abs()
         .unwrap()
