@@ -502,37 +502,7 @@ fn check_shape(module: &str, what: &str, t: &Tensor, expected: &[usize]) -> Resu
 }
 
 impl MethodConfig for CordaConfig {
-    fn method(&self) -> Method {
-        Method::Corda
-    }
-
-    fn targeting(&self) -> &Targeting {
-        &self.targeting
-    }
-
-    fn targeting_mut(&mut self) -> &mut Targeting {
-        &mut self.targeting
-    }
-
-    fn set_task_type(&mut self, task_type: Option<String>) {
-        self.task_type = task_type;
-    }
-
-    fn set_base_model(&mut self, name: Option<String>) {
-        self.base_model_name_or_path = name;
-    }
-
-    fn validate(&self) -> Result<()> {
-        CordaConfig::validate(self)
-    }
-
-    fn to_peft_json(&self) -> Result<Value> {
-        CordaConfig::to_peft_json(self)
-    }
-
-    fn tensor_prefixes(&self) -> &'static [&'static str] {
-        Self::TENSOR_PREFIXES
-    }
+    crate::config::method_config_plumbing!(Method::Corda);
 
     fn init_adapter(
         &self,

@@ -324,37 +324,7 @@ fn check_permutation(module: &str, perm: &Tensor) -> Result<()> {
 }
 
 impl MethodConfig for LolduConfig {
-    fn method(&self) -> Method {
-        Method::Loldu
-    }
-
-    fn targeting(&self) -> &Targeting {
-        &self.targeting
-    }
-
-    fn targeting_mut(&mut self) -> &mut Targeting {
-        &mut self.targeting
-    }
-
-    fn set_task_type(&mut self, task_type: Option<String>) {
-        self.task_type = task_type;
-    }
-
-    fn set_base_model(&mut self, name: Option<String>) {
-        self.base_model_name_or_path = name;
-    }
-
-    fn validate(&self) -> Result<()> {
-        LolduConfig::validate(self)
-    }
-
-    fn to_peft_json(&self) -> Result<Value> {
-        LolduConfig::to_peft_json(self)
-    }
-
-    fn tensor_prefixes(&self) -> &'static [&'static str] {
-        Self::TENSOR_PREFIXES
-    }
+    crate::config::method_config_plumbing!(Method::Loldu);
 
     fn init_adapter(
         &self,

@@ -267,37 +267,7 @@ impl SvfitConfig {
 }
 
 impl MethodConfig for SvfitConfig {
-    fn method(&self) -> Method {
-        Method::Svfit
-    }
-
-    fn targeting(&self) -> &Targeting {
-        &self.targeting
-    }
-
-    fn targeting_mut(&mut self) -> &mut Targeting {
-        &mut self.targeting
-    }
-
-    fn set_task_type(&mut self, task_type: Option<String>) {
-        self.task_type = task_type;
-    }
-
-    fn set_base_model(&mut self, name: Option<String>) {
-        self.base_model_name_or_path = name;
-    }
-
-    fn validate(&self) -> Result<()> {
-        SvfitConfig::validate(self)
-    }
-
-    fn to_peft_json(&self) -> Result<Value> {
-        SvfitConfig::to_peft_json(self)
-    }
-
-    fn tensor_prefixes(&self) -> &'static [&'static str] {
-        Self::TENSOR_PREFIXES
-    }
+    crate::config::method_config_plumbing!(Method::Svfit);
 
     fn init_adapter(
         &self,

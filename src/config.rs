@@ -242,6 +242,46 @@ pub struct LoadContext<'a> {
     pub device: &'a Device,
 }
 
+/// The [`MethodConfig`] methods every method's config implements the same way: the method, its
+/// `targeting`, `task_type` and `base_model_name_or_path` fields, and its inherent `validate`,
+/// `to_peft_json` and `TENSOR_PREFIXES`. Used inside `impl MethodConfig for …`.
+macro_rules! method_config_plumbing {
+    ($method:expr) => {
+        fn method(&self) -> $crate::adapter::Method {
+            $method
+        }
+
+        fn targeting(&self) -> &$crate::config::Targeting {
+            &self.targeting
+        }
+
+        fn targeting_mut(&mut self) -> &mut $crate::config::Targeting {
+            &mut self.targeting
+        }
+
+        fn set_task_type(&mut self, task_type: Option<String>) {
+            self.task_type = task_type;
+        }
+
+        fn set_base_model(&mut self, name: Option<String>) {
+            self.base_model_name_or_path = name;
+        }
+
+        fn validate(&self) -> $crate::error::Result<()> {
+            Self::validate(self)
+        }
+
+        fn to_peft_json(&self) -> $crate::error::Result<serde_json::Value> {
+            Self::to_peft_json(self)
+        }
+
+        fn tensor_prefixes(&self) -> &'static [&'static str] {
+            Self::TENSOR_PREFIXES
+        }
+    };
+}
+pub(crate) use method_config_plumbing;
+
 /// One method's configuration. Each method implements it in its file under `adapters/`;
 /// [`AdapterConfig`] dispatches to it.
 pub trait MethodConfig: std::fmt::Debug + Send + Sync {

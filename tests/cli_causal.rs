@@ -3,18 +3,13 @@
 //! JSONL instruction data trains, generation is deterministic and honours the adapter, and bad
 //! input fails with a message naming the problem.
 mod common;
+use common::bin;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::{run_err, run_ok};
 use serde_json::Value;
-
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
-    cmd.env("HF_HUB_OFFLINE", "1");
-    cmd
-}
 
 fn json_line(out: &Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -2,6 +2,7 @@
 //! PEFT's own merged weights as the oracle on MiniLM, a sharded synthetic round trip checked
 //! against `W + s·B·A` computed by hand, dtype conversion, and bad inputs.
 mod common;
+use common::bin;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -27,10 +28,6 @@ fn fixture() -> PathBuf {
 
 fn adapter_dir() -> PathBuf {
     fixture().join("adapter")
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_candle-peft"))
 }
 
 use common::{run_err, run_ok};

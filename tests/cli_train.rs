@@ -3,6 +3,7 @@
 //! initial adapter, resume continues a run, and bad input fails with a message naming the
 //! problem. Also the library's `ClassifyTask` under the `Trainer`.
 mod common;
+use common::bin;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -16,12 +17,6 @@ use candle_peft::models::heads::BertForSequenceClassification;
 use candle_peft::tasks::classify::{self, ClassifyTask};
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig, Schedule, TrainConfig, TrainTask, Trainer, Warmup};
 use serde_json::Value;
-
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
-    cmd.env("HF_HUB_OFFLINE", "1");
-    cmd
-}
 
 use common::{run_err, run_ok};
 
@@ -37,15 +32,6 @@ fn sst2(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("data/sst2")
         .join(name)
-}
-
-/// The header and the first `rows` examples of an SST-2 file, written to `dir/name`.
-fn subset(dir: &Path, file: &str, rows: usize) -> PathBuf {
-    let text = fs::read_to_string(sst2(file)).unwrap();
-    let lines: Vec<&str> = text.lines().take(rows + 1).collect();
-    let path = dir.join(file);
-    fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
 }
 
 /// `per_class` examples of each label of the SST-2 training file, in file order within a label,
@@ -122,7 +108,7 @@ fn merged_export_evaluates_like_base_plus_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     // Enough training that both labels are predicted.
     let train = balanced(tmp.path(), 32);
-    let valid = subset(tmp.path(), "valid.tsv", 48);
+    let valid = common::sst2_subset(tmp.path(), "valid.tsv", 48);
     let out = tmp.path().join("run");
     let report = json_line(&run_ok(&mut train_cmd(
         &train,
@@ -218,7 +204,7 @@ fn merged_export_evaluates_like_base_plus_adapter() {
 #[test]
 fn same_seed_same_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let train = subset(tmp.path(), "train.tsv", 32);
+    let train = common::sst2_subset(tmp.path(), "train.tsv", 32);
     let run = |name: &str, seed: &str| {
         let out = tmp.path().join(name);
         let r = json_line(&run_ok(&mut train_cmd(
@@ -248,7 +234,7 @@ fn same_seed_same_run() {
 #[test]
 fn steps_zero_saves_the_initial_adapter() {
     let tmp = tempfile::tempdir().unwrap();
-    let train = subset(tmp.path(), "train.tsv", 16);
+    let train = common::sst2_subset(tmp.path(), "train.tsv", 16);
     let out = tmp.path().join("init");
     let r = json_line(&run_ok(&mut train_cmd(
         &train,
@@ -305,7 +291,7 @@ fn steps_zero_saves_the_initial_adapter() {
 #[test]
 fn resume_continues_from_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let train = subset(tmp.path(), "train.tsv", 32);
+    let train = common::sst2_subset(tmp.path(), "train.tsv", 32);
     let first = tmp.path().join("first");
     let full = json_line(&run_ok(&mut train_cmd(
         &train,
@@ -340,7 +326,7 @@ fn resume_continues_from_a_checkpoint() {
 #[test]
 fn bad_input_fails_with_a_clear_message() {
     let tmp = tempfile::tempdir().unwrap();
-    let good = subset(tmp.path(), "train.tsv", 16);
+    let good = common::sst2_subset(tmp.path(), "train.tsv", 16);
     let out = tmp.path().join("out");
 
     // A line without a tab: the message names file and line.

@@ -4,10 +4,10 @@
 //! fine-tuned model on the original base, bad calibration data names the layer, and the CLI runs
 //! end to end on all-MiniLM-L6-v2.
 mod common;
+use common::bin;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -484,24 +484,10 @@ fn minilm_corda_init_is_exact() {
     assert_eq!(max_abs_diff(&base, &init), 0.0);
 }
 
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
-    cmd.env("HF_HUB_OFFLINE", "1");
-    cmd
-}
-
-fn subset(dir: &Path, rows: usize) -> PathBuf {
-    let text = std::fs::read_to_string(sst2()).unwrap();
-    let lines: Vec<&str> = text.lines().take(rows + 1).collect();
-    let out = dir.join("train.tsv");
-    std::fs::write(&out, lines.join("\n") + "\n").unwrap();
-    out
-}
-
 #[test]
 fn cli_train_corda_convert_and_merge() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = subset(tmp.path(), 40);
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 40);
     let out = tmp.path().join("run");
     let minilm = common::minilm_dir();
     let minilm_s = minilm.to_str().unwrap();

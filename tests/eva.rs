@@ -3,10 +3,10 @@
 //! calibration data. Synthetic layers (whose inputs are the test's data) for exact checks;
 //! all-MiniLM-L6-v2 for the real pass, the file round trip and the CLI end to end.
 mod common;
+use common::bin;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -659,25 +659,10 @@ fn minilm_eva_init_save_and_reload() {
 // ---------------------------------------------------------------------------------------------
 // The CLI, end to end
 
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
-    cmd.env("HF_HUB_OFFLINE", "1");
-    cmd
-}
-
-fn subset(dir: &Path, rows: usize) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/sst2/train.tsv");
-    let text = std::fs::read_to_string(path).unwrap();
-    let lines: Vec<&str> = text.lines().take(rows + 1).collect();
-    let out = dir.join("train.tsv");
-    std::fs::write(&out, lines.join("\n") + "\n").unwrap();
-    out
-}
-
 #[test]
 fn cli_train_eva_then_reload_and_merge() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = subset(tmp.path(), 48);
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 48);
     let out = tmp.path().join("run");
     let minilm = common::minilm_dir();
     let run = run_ok(bin().args([

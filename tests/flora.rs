@@ -4,11 +4,11 @@
 //! merge/unmerge, save/load, bad input, and the CLI (train, inspect, merge).
 
 mod common;
+use common::bin;
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{Device, Module, Tensor, Var};
 use candle_peft::adapters::flora::{self, FloraConfig, mode_sizes};
@@ -504,24 +504,10 @@ fn bad_input_is_refused_clearly() {
 // CLI
 // =============================================================================================
 
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
-    cmd.env("HF_HUB_OFFLINE", "1");
-    cmd
-}
-
 #[test]
 fn cli_train_inspect_merge() {
     let tmp = tempfile::tempdir().unwrap();
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sst2/train.tsv"))
-            .unwrap();
-    let data = tmp.path().join("train.tsv");
-    std::fs::write(
-        &data,
-        text.lines().take(17).collect::<Vec<_>>().join("\n") + "\n",
-    )
-    .unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 16);
     let out = tmp.path().join("run");
     let minilm = common::minilm_dir();
     common::run_ok(

@@ -1062,14 +1062,9 @@ fn lora_pro_on_a_non_lora_adapter_is_a_clear_error() {
 
 /// `candle-peft train --method lora-pro` on 24 SST-2 sentences, 2 steps of 4.
 fn cli_train(out: &Path, extra: &[&str]) -> std::process::Command {
-    let data = out.join("train.tsv");
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sst2/train.tsv"))
-            .unwrap();
-    let lines: Vec<&str> = text.lines().take(25).collect();
-    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_candle-peft"));
-    cmd.env("HF_HUB_OFFLINE", "1").args([
+    let data = common::sst2_subset(out, "train.tsv", 24);
+    let mut cmd = common::bin();
+    cmd.args([
         "train",
         "--model",
         &common::minilm_dir().display().to_string(),

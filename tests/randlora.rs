@@ -8,11 +8,11 @@
 //! checks of methods-b §2(g) instead.
 
 mod common;
+use common::bin;
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::Optimizer;
@@ -902,12 +902,6 @@ fn bad_input_is_refused_clearly() {
 // CLI: train, inspect, merge
 // =============================================================================================
 
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
-    cmd.env("HF_HUB_OFFLINE", "1");
-    cmd
-}
-
 /// ΔW of `module` rebuilt from an adapter directory's tensors, as the streaming merge builds it.
 fn delta_from_dir(adapter: &Path, file_module: &str, geometry: LayerGeometry) -> Tensor {
     let config = candle_peft::io::peft_format::read_config(adapter).unwrap();
@@ -937,15 +931,7 @@ fn delta_from_dir(adapter: &Path, file_module: &str, geometry: LayerGeometry) ->
 #[test]
 fn cli_train_inspect_merge() {
     let tmp = tempfile::tempdir().unwrap();
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sst2/train.tsv"))
-            .unwrap();
-    let data = tmp.path().join("train.tsv");
-    std::fs::write(
-        &data,
-        text.lines().take(17).collect::<Vec<_>>().join("\n") + "\n",
-    )
-    .unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 16);
     let out = tmp.path().join("run");
     let minilm = common::minilm_dir();
     common::run_ok(

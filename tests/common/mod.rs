@@ -2,7 +2,8 @@
 //! a message naming the script that fetches it; tests never skip.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// `models/` at the repository root, or `$CANDLE_PEFT_MODELS`.
 pub fn models_dir() -> PathBuf {
@@ -78,4 +79,23 @@ pub fn run_err(cmd: &mut std::process::Command) -> String {
     assert!(stderr.starts_with("error: "), "stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "stderr: {stderr}");
     stderr
+}
+
+/// The `candle-peft` binary, with the hub offline (tests never reach the network).
+pub fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
+    cmd.env("HF_HUB_OFFLINE", "1");
+    cmd
+}
+
+/// The header line and the first `rows` examples of `data/sst2/<file>`, written to `dir/<file>`.
+pub fn sst2_subset(dir: &Path, file: &str, rows: usize) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/sst2")
+        .join(file);
+    let text = std::fs::read_to_string(&source).unwrap();
+    let lines: Vec<&str> = text.lines().take(rows + 1).collect();
+    let path = dir.join(file);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
 }
