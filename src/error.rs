@@ -47,7 +47,9 @@ pub enum PeftError {
     #[error("tensor `{key}` in {location} belongs to no adapted module")]
     UnexpectedTensor { key: String, location: String },
 
-    #[error("unknown peft_type `{0}` (this build supports: LORA)")]
+    #[error(
+        "unknown peft_type `{0}` (this build supports: LORA, CORDA, SVFIT, LOLDU, SALT, RANDLORA, FLORA)"
+    )]
     UnknownPeftType(String),
 
     #[error("{dir}: missing adapter_config.json")]

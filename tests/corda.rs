@@ -532,6 +532,16 @@ fn cli_train_corda_convert_and_merge() {
     .unwrap();
     assert_eq!(json["peft_type"], "CORDA");
     assert_eq!(json["corda_config"]["corda_method"], "kpm");
+    // inspect counts A and B (r = 4 on 12 query/value layers of 384 → 384) and the classifier
+    // (384·2 + 2), not the frozen A0 and B0.
+    let inspected = run_ok(bin().arg("inspect").arg(&adapter).arg("--json"));
+    let report: Value =
+        serde_json::from_str(String::from_utf8_lossy(&inspected.stdout).trim()).unwrap();
+    assert_eq!(
+        report["trainable_params"],
+        12 * (4 * 384 + 384 * 4) + 770,
+        "{report}"
+    );
 
     // convert --to peft-lora, then reload both on the original base.
     let lora_dir = tmp.path().join("lora");

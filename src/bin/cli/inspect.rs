@@ -14,9 +14,11 @@ use clap::Args;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 
-/// Per-layer frozen state that SVFit, LoLDU and SALT save beside their trainables (listed, not
-/// counted as trainable).
+/// Per-layer frozen state that SVFit, LoLDU, SALT and CorDA save beside their trainables
+/// (listed, not counted as trainable).
 const FROZEN_TENSORS: &[&str] = &[
+    "corda_A0.weight",
+    "corda_B0.weight",
     "svfit_S0.weight",
     "svfit_U.weight",
     "svfit_Vh.weight",

@@ -37,8 +37,7 @@ pub struct TrainArgs {
     /// file of {"prompt", "response"} lines (loss on the response only).
     #[arg(long)]
     pub data: PathBuf,
-    /// Adapter method: lora (lora-pro, eva, corda, svfit, loldu, randlora, flora and salt are
-    /// not implemented yet).
+    /// Adapter method: lora, lora-pro, eva, corda, svfit, loldu, randlora, flora or salt.
     #[arg(long)]
     pub method: String,
     /// Output folder: DIR/adapter/ and, with --merge, DIR/merged/.
@@ -47,13 +46,15 @@ pub struct TrainArgs {
     /// Also write merged weights to DIR/merged/.
     #[arg(long)]
     pub merge: bool,
-    /// Modules to adapt, comma-separated names or suffixes [default: query,value].
+    /// Modules to adapt, comma-separated names or suffixes [default: query,value for classify;
+    /// q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj for causal-lm].
     #[arg(long, value_delimiter = ',', conflicts_with = "config")]
     pub targets: Option<Vec<String>>,
-    /// LoRA rank r [default: 8].
+    /// The method's rank (LoRA and LoLDU r [8], RandLoRA r [32], SVFit r [from energy],
+    /// SALT r_lora [8], FLoRA r per mode).
     #[arg(long, conflicts_with = "config")]
     pub rank: Option<usize>,
-    /// LoRA alpha (scaling alpha/r) [default: 16].
+    /// LoRA-family alpha (scaling alpha/r) [default: 16; RandLoRA 20·r]; FLoRA's scale.
     #[arg(long, conflicts_with = "config")]
     pub alpha: Option<f64>,
     /// Dropout on the adapter's input [default: 0].
