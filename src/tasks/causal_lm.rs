@@ -294,10 +294,13 @@ impl CausalLmTask {
     /// Mean next-token loss over the batch's targets, and the number of targets.
     pub fn batch_loss(&self, batch: &[&LmExample]) -> Result<(Tensor, usize)> {
         let (ids, mask, rows, targets) = self.batch_tensors(batch)?;
-        let logits = self.model.model().forward(&ids, Some(&mask))?;
-        let (b, t, v) = logits.dims3()?;
-        let picked = logits.reshape((b * t, v))?.index_select(&rows, 0)?;
-        let loss = cross_entropy_rows(&picked, &targets)?.mean_all()?;
+        let model = self.model.model();
+        let hidden = model.forward_hidden(&ids, Some(&mask))?;
+        let (b, t, h) = hidden.dims3()?;
+        // The head runs only on positions that predict a target: padding, masked prompt tokens
+        // and each sequence's last position never reach the [rows, vocab] product.
+        let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+        let loss = cross_entropy_rows(&model.logits(&picked)?, &targets)?.mean_all()?;
         Ok((loss, targets.len()))
     }
 
