@@ -38,6 +38,8 @@ const BATCH: usize = 16;
 const LR: f64 = 1e-3;
 
 fn main() -> Result<()> {
+    // Allocator and thread-pool settings for training (see candle_peft::runtime).
+    candle_peft::runtime::tune_cpu_runtime();
     let started = Instant::now();
     let out: PathBuf = std::env::args()
         .nth(1)

@@ -25,6 +25,7 @@ pub mod model;
 pub mod models;
 pub mod ops;
 pub mod optim;
+pub mod runtime;
 pub mod tasks;
 pub mod train;
 
