@@ -31,6 +31,11 @@
 //!   products are the same computation on the same numbers, so `Δ = 0` exactly and the adapted
 //!   model is the base model bit for bit; `W + Δ` is PEFT's `W_res + s·B A`.
 //! - `ΔW = s·(B A − B₀ A₀)`: merge and unmerge are `W ± ΔW`, disabling gives the pristine model.
+//! - Weight decay skips `A` and `B` ([`Adapter::no_weight_decay`]): they start at `B₀`, `A₀`,
+//!   which carry r components of W itself, so decaying them shrinks `s·B A` and with it those
+//!   components of the adapted weight (`ΔW ≈ −2ηλ·s·B₀ A₀` after one step with zero gradient),
+//!   where LoRA's decay pulls towards the base. (PEFT leaves decay to the training script; HF
+//!   `Trainer` with `weight_decay > 0` would decay them.)
 //!
 //! **File** (`peft_type` "CORDA", ours; PEFT has no CorDA file type): the `adapter_config.json`
 //! fields of PEFT's `LoraConfig` that apply (`r`, `lora_alpha`, `lora_dropout`, `use_rslora`,
@@ -655,6 +660,10 @@ impl Adapter for CordaAdapter {
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
+    }
+
+    fn no_weight_decay(&self) -> Vec<String> {
+        vec![LORA_A.to_string(), LORA_B.to_string()]
     }
 }
 

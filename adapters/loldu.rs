@@ -20,7 +20,8 @@
 //!   weight as above, applied as a conv with the r filters of `Ū_r`, a per-channel scale and a
 //!   1×1 conv with `σ P L_r`.
 //!
-//! Weight decay on `z` would pull the pivots towards 0 (away from the pretrained weight).
+//! Weight decay on `z` would pull the pivots towards 0 (away from the pretrained weight), so
+//! [`Adapter::no_weight_decay`] names it and the trainer's AdamW skips it.
 //!
 //! File (`peft_type` "LOLDU"), per adapted module: `loldu_z.weight` ([r]), `loldu_D.weight`
 //! (`D_r`, [r]), `loldu_L.weight` (`L_r`, [out, r]), `loldu_U.weight` (`Ū_r`, [r, in_flat]),
@@ -452,6 +453,10 @@ impl Adapter for LolduAdapter {
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {
         vec![(Z.to_string(), self.z.clone())]
+    }
+
+    fn no_weight_decay(&self) -> Vec<String> {
+        vec![Z.to_string()]
     }
 
     fn tensors_to_save(&self) -> Vec<(String, Tensor)> {

@@ -25,7 +25,15 @@
 //!   conv2d: a conv with the k filters of `Vᵀ`, the same mixing per pixel, a 1×1 conv with `U`.
 //! - regulariser (the reference returns it with every forward; here a separate term, see
 //!   [`SaltAdapter::regularizer`] and [`regularizer`]):
-//!   `‖α ⊙ σ_t + β − σ_t‖₂ + ‖X Y‖_F`, for the trainer to add with a weight of its choice.
+//!   `‖α ⊙ σ_t + β − σ_t‖₂ + ‖X Y‖_F` per layer. With `reg_weight = λ > 0` in the config
+//!   (`--opt reg_weight=λ`; default 0, and configs written without the field load as 0) the
+//!   trainer minimises `task loss + λ · Σ_layers reg` ([`crate::PeftModel::regularization_loss`]):
+//!   the reported training loss includes the term, evaluation losses do not. It is 0 at init
+//!   (`α = 1`, `β = 0`, `Y = 0`), so it only starts to count once the adapter has moved.
+//! - weight decay: `α` is exempt ([`Adapter::no_weight_decay`]): decaying it towards 0 shrinks
+//!   `α ⊙ σ_t`, i.e. removes the top singular values from the pretrained layer even with a zero
+//!   gradient. `β`, `X` and `Y` decay as usual: `β = 0` and `X Y = 0` are the pristine layer
+//!   (at `α = 1`), so decay pulls them towards the base, like LoRA's factors.
 //!
 //! Signs: the residual block is not diagonal and the ReLU is sign-sensitive, so flipping one
 //! residual pair `(u_j, v_j) → (−u_j, −v_j)` leaves W unchanged but changes the adapted layer.
@@ -84,6 +92,8 @@ pub struct SaltConfig {
     pub store_factors: bool,
     /// Precision of the SVD (the factors are stored in f32 either way).
     pub svd_dtype: Precision,
+    /// Weight `λ` of the regulariser in the training loss (0: not added).
+    pub reg_weight: f64,
     pub task_type: Option<String>,
     pub base_model_name_or_path: Option<String>,
     pub revision: Option<String>,
@@ -104,6 +114,8 @@ struct SaltConfigFile {
     store_factors: bool,
     #[serde(default)]
     svd_dtype: Option<String>,
+    #[serde(default)]
+    reg_weight: f64,
     #[serde(default)]
     task_type: Option<String>,
     #[serde(default)]
@@ -147,6 +159,7 @@ impl SaltConfig {
             r_lora,
             store_factors: true,
             svd_dtype: Precision::F64,
+            reg_weight: 0.0,
             task_type: None,
             base_model_name_or_path: None,
             revision: None,
@@ -167,6 +180,12 @@ impl SaltConfig {
         }
         if self.r_lora == 0 {
             return Err(PeftError::config("r_lora", "must be at least 1, got 0"));
+        }
+        if !(self.reg_weight.is_finite() && self.reg_weight >= 0.0) {
+            return Err(PeftError::config(
+                "reg_weight",
+                format!("must be finite and ≥ 0, got {}", self.reg_weight),
+            ));
         }
         Ok(())
     }
@@ -208,6 +227,7 @@ impl SaltConfig {
             r_lora: file.r_lora,
             store_factors: file.store_factors,
             svd_dtype: parse_precision("svd_dtype", file.svd_dtype.as_deref(), Precision::F64)?,
+            reg_weight: file.reg_weight,
             task_type: file.task_type,
             base_model_name_or_path: file.base_model_name_or_path,
             revision: file.revision,
@@ -230,6 +250,7 @@ impl SaltConfig {
             "r_lora": self.r_lora,
             "r_t": self.r_t,
             "ratio_salt": self.ratio_salt,
+            "reg_weight": self.reg_weight,
             "relu": "full",
             "revision": self.revision,
             "store_factors": self.store_factors,
@@ -241,11 +262,17 @@ impl SaltConfig {
     }
 
     /// `--method salt`: `--rank` is `r_lora` (default 8). Options: `r_t`, `ratio_salt`,
-    /// `store_factors`, `svd_dtype`. No alpha, no dropout.
+    /// `store_factors`, `svd_dtype`, `reg_weight`. No alpha, no dropout.
     pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
         args.check_options(
             Method::Salt,
-            &["r_t", "ratio_salt", "store_factors", "svd_dtype"],
+            &[
+                "r_t",
+                "ratio_salt",
+                "store_factors",
+                "svd_dtype",
+                "reg_weight",
+            ],
         )?;
         reject_lora_flags(Method::Salt, args)?;
         let mut c = Self::new(&args.targets, args.rank.unwrap_or_else(default_r_lora));
@@ -261,6 +288,9 @@ impl SaltConfig {
         }
         if let Some(store) = args.option::<bool>("store_factors")? {
             c.store_factors = store;
+        }
+        if let Some(w) = args.option::<f64>("reg_weight")? {
+            c.reg_weight = w;
         }
         c.svd_dtype = parse_precision(
             "--opt svd_dtype",
@@ -429,6 +459,10 @@ fn warn_on_ties(module: &str, s: &Tensor) -> Result<()> {
 
 impl MethodConfig for SaltConfig {
     crate::config::method_config_plumbing!(Method::Salt);
+
+    fn regularizer_weight(&self) -> f64 {
+        self.reg_weight
+    }
 
     fn init_adapter(
         &self,
@@ -661,10 +695,19 @@ impl Adapter for SaltAdapter {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
+
+    fn no_weight_decay(&self) -> Vec<String> {
+        vec![SCALE.to_string()]
+    }
+
+    fn regularizer_loss(&self) -> Option<Result<Tensor>> {
+        Some(SaltAdapter::regularizer(self))
+    }
 }
 
 /// The sum of [`SaltAdapter::regularizer`] over every layer carrying the SALT adapter `name`
-/// (`None` when no layer has one); add `weight · reg` to the training loss.
+/// (`None` when no layer has one), unweighted. The trainer adds `reg_weight ·` this sum through
+/// [`PeftModel::regularization_loss`]; a loop of your own adds `weight · reg` itself.
 pub fn regularizer<M>(model: &PeftModel<M>, name: &str) -> Result<Option<Tensor>> {
     let mut total: Option<Tensor> = None;
     for layer in model.layers() {

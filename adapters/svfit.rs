@@ -16,6 +16,7 @@
 //! - gradient: `∂L/∂σ'ᵢ = u_iᵀ G v_i`, the diagonal of `U_rᵀ G V_r` with `G = ∂L/∂W`.
 //!
 //! Weight decay must not touch `σ'`: it would shrink the principal spectrum of W towards 0.
+//! [`Adapter::no_weight_decay`] names it, and the trainer's AdamW skips it.
 //!
 //! File (`peft_type` "SVFIT"), per adapted module: `svfit_S.weight` (`σ'`, [r]),
 //! `svfit_S0.weight` (`σ_r`, [r]), `svfit_U.weight` ([out, r]), `svfit_Vh.weight`
@@ -364,6 +365,10 @@ impl Adapter for SvfitAdapter {
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {
         vec![(SIGMA.to_string(), self.sigma.clone())]
+    }
+
+    fn no_weight_decay(&self) -> Vec<String> {
+        vec![SIGMA.to_string()]
     }
 
     fn tensors_to_save(&self) -> Vec<(String, Tensor)> {

@@ -179,6 +179,14 @@ impl<T: TrainTask> TrainTask for Restricted<'_, T> {
     fn lora_pairs(&self) -> candle_peft::Result<Vec<LoraPair>> {
         self.inner.lora_pairs()
     }
+
+    fn no_weight_decay_vars(&self) -> Vec<String> {
+        self.inner.no_weight_decay_vars()
+    }
+
+    fn regularization_loss(&self) -> candle_peft::Result<Option<Tensor>> {
+        self.inner.regularization_loss()
+    }
 }
 
 /// Replaces the LoRA adapter on every targeted layer by a trainable copy of the layer's weight
@@ -434,6 +442,8 @@ fn summary(w: &Workload) {
 }
 
 fn main() -> Result<()> {
+    // Allocator and thread-pool settings for training (see candle_peft::runtime).
+    candle_peft::runtime::tune_cpu_runtime();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut what = "all".to_string();
     let mut steps: Option<usize> = None;

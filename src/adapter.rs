@@ -179,6 +179,20 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     /// that cannot be re-derived from the base weight. Names as in `trainable_vars`.
     fn tensors_to_save(&self) -> Vec<(String, Tensor)>;
 
+    /// `x Wᵀ + b + Δ(x)` as one op, for a linear layer whose only live adapter is this one,
+    /// when the adapter has such a path for these operands; `None` sends the layer to the base
+    /// op plus [`forward_delta`](Self::forward_delta). Same values, fewer passes over the
+    /// activations in training (see `crate::fused_lora`).
+    fn fused_linear_forward(
+        &self,
+        _x: &Tensor,
+        _weight: &Tensor,
+        _bias: Option<&Tensor>,
+        _train: bool,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
+
     /// The adapter as `Any`, for code that needs its concrete type (the LoRA-Pro optimiser
     /// downcasts to `LoraAdapter`). Adapters that allow this return `Some(self)`.
     fn as_any(&self) -> Option<&dyn std::any::Any> {
@@ -191,5 +205,22 @@ pub trait Adapter: Send + Sync + fmt::Debug {
             .iter()
             .map(|(_, v)| v.as_tensor().elem_count())
             .sum()
+    }
+
+    /// The trainables (local names, as [`trainable_vars`](Self::trainable_vars) gives them)
+    /// that weight decay must leave alone: those that start at a value taken from the base
+    /// weight. Decay pulls a var towards 0, which for them is away from the pretrained layer
+    /// even when the gradient is zero; for a var whose zero is the base model (LoRA's factors)
+    /// it is the usual pull towards the base. Default: none.
+    fn no_weight_decay(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// This layer's unweighted regulariser, for methods that define one (SALT), on the graph of
+    /// the trainables. The trainer adds it times the adapter config's
+    /// [`regularizer_weight`](crate::config::MethodConfig::regularizer_weight) to the training
+    /// loss; it is never part of the forward. Default: none.
+    fn regularizer_loss(&self) -> Option<Result<Tensor>> {
+        None
     }
 }

@@ -303,6 +303,11 @@ pub trait MethodConfig: std::fmt::Debug + Send + Sync {
     fn fan_in_fan_out(&self) -> bool {
         false
     }
+    /// The weight of the method's regulariser ([`Adapter::regularizer_loss`]) in the training
+    /// loss; 0 (the default, and every method without one) adds nothing.
+    fn regularizer_weight(&self) -> f64 {
+        0.0
+    }
     /// Model-level tensors made once per adapter, before any layer, from every targeted layer's
     /// geometry (RandLoRA's shared bases). Keys are full file keys (`base_model.randlora_A`).
     fn init_shared(
@@ -417,6 +422,11 @@ impl AdapterConfig {
     /// Whether base weights are stored `[in, out]` (PEFT's `fan_in_fan_out`).
     pub fn fan_in_fan_out(&self) -> bool {
         self.inner().fan_in_fan_out()
+    }
+
+    /// The weight of the method's regulariser in the training loss (0: none).
+    pub fn regularizer_weight(&self) -> f64 {
+        self.inner().regularizer_weight()
     }
 
     /// Checks every field, without looking at a model.

@@ -450,6 +450,65 @@ impl<M> PeftModel<M> {
         out
     }
 
+    /// The names, as [`trainable_vars`](Self::trainable_vars) gives them, of the active
+    /// adapters' trainables that weight decay must skip ([`Adapter::no_weight_decay`]: SVFit's
+    /// σ', LoLDU's z, SALT's scale, CorDA's factors), in the same order.
+    ///
+    /// [`Adapter::no_weight_decay`]: crate::adapter::Adapter::no_weight_decay
+    pub fn no_weight_decay_vars(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for layer in &self.layers {
+            let module = layer.name();
+            for adapter in &self.active {
+                let locals = layer
+                    .with_adapter(adapter, |a| a.no_weight_decay())
+                    .unwrap_or_default();
+                for local in locals {
+                    out.push(format!(
+                        "{KEY_PREFIX}{module}.{}",
+                        in_memory_name(&local, adapter)
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// `Σ_adapters w · Σ_layers reg` over the active adapters whose config gives a regulariser
+    /// weight `w > 0` ([`AdapterConfig::regularizer_weight`]; SALT's `reg_weight`), with `reg`
+    /// each layer's [`Adapter::regularizer_loss`]: the term the trainer adds to the training
+    /// loss. `None` when no active adapter asks for one.
+    ///
+    /// [`Adapter::regularizer_loss`]: crate::adapter::Adapter::regularizer_loss
+    pub fn regularization_loss(&self) -> Result<Option<Tensor>> {
+        let mut total: Option<Tensor> = None;
+        for adapter in &self.active {
+            let weight = self.adapter_config(adapter)?.regularizer_weight();
+            if weight == 0.0 {
+                continue;
+            }
+            let mut sum: Option<Tensor> = None;
+            for layer in &self.layers {
+                let Some(Some(reg)) = layer.with_adapter(adapter, |a| a.regularizer_loss()) else {
+                    continue;
+                };
+                let reg = reg?;
+                sum = Some(match sum {
+                    None => reg,
+                    Some(s) => s.add(&reg)?,
+                });
+            }
+            if let Some(sum) = sum {
+                let term = sum.affine(weight, 0.0)?;
+                total = Some(match total {
+                    None => term,
+                    Some(t) => t.add(&term)?,
+                });
+            }
+        }
+        Ok(total)
+    }
+
     pub fn num_trainable_parameters(&self) -> usize {
         self.trainable_vars()
             .iter()

@@ -6,10 +6,12 @@
 //! ```text
 //! lr   = schedule(s − 1)                              (see optim::schedule)
 //! for each of grad_accum micro-batches of batch_size examples:
-//!     (L_j, tokens_j) = task.loss(batch_j);  G_j = ∇L_j          (L_j must be finite)
+//!     (ℓ_j, tokens_j) = task.loss(batch_j)
+//!     L_j  = ℓ_j + task.regularization_loss()                   (a weighted regulariser, if any)
+//!     G_j  = ∇L_j                                                (L_j must be finite)
 //! G    = (1/grad_accum) Σ_j G_j                                   (optim::accumulate)
 //! ‖G‖  = global L2 norm; clipped to max_grad_norm when set        (optim::clip)
-//! θ    ← AdamW(θ, G, lr)                                          (optim::adamw)
+//! θ    ← AdamW(θ, G, lr)      (no decay on task.no_weight_decay_vars())    (optim::adamw)
 //! loss(s) = (1/grad_accum) Σ_j L_j
 //! ```
 //!
@@ -97,6 +99,20 @@ pub trait TrainTask {
     fn lora_pairs(&self) -> Result<Vec<LoraPair>> {
         Ok(Vec::new())
     }
+
+    /// The names, among those of [`trainable_vars`](Self::trainable_vars), that weight decay
+    /// must skip (e.g. [`crate::PeftModel::no_weight_decay_vars`]). Default: none.
+    fn no_weight_decay_vars(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// A one-element term added to every micro-batch's loss before the backward pass, on the
+    /// graph of the trainable vars: a weighted regulariser such as SALT's
+    /// ([`crate::PeftModel::regularization_loss`]). It is part of the reported training loss,
+    /// not of [`evaluate`](Self::evaluate). Default: none.
+    fn regularization_loss(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// The optimiser a run uses.
@@ -134,6 +150,8 @@ pub struct TrainConfig {
     /// Micro-batches per optimiser step.
     pub grad_accum: usize,
     pub lr: f64,
+    /// Decoupled weight decay, for every trainable except the task's
+    /// [`TrainTask::no_weight_decay_vars`].
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -250,7 +268,8 @@ impl TrainConfig {
 /// resume (read back from the checkpoint).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainReport {
-    /// Mean loss of each step; `losses[i]` is step `i + 1`.
+    /// Mean loss of each step (the task's loss plus its regularisation term, see
+    /// [`TrainTask::regularization_loss`]); `losses[i]` is step `i + 1`.
     pub losses: Vec<f64>,
     /// Learning rate of each step.
     pub lrs: Vec<f64>,
@@ -586,6 +605,10 @@ impl Trainer {
                 let idx = sampler.next_batch(cfg.batch_size);
                 let batch: Vec<&T::Example> = idx.iter().map(|&i| &train[i]).collect();
                 let (loss, n_tokens) = task.loss(&batch)?;
+                let loss = match task.regularization_loss()? {
+                    Some(reg) => add_scalar_term(&loss, &reg)?,
+                    None => loss,
+                };
                 let value = scalar(&loss)?;
                 if !value.is_finite() {
                     progress.finish();
@@ -708,6 +731,19 @@ fn scalar(loss: &Tensor) -> Result<f64> {
         .flatten_all()?
         .to_dtype(DType::F64)?
         .to_vec1::<f64>()?[0])
+}
+
+/// `loss + term` for two one-element tensors, in the loss's shape and dtype.
+fn add_scalar_term(loss: &Tensor, term: &Tensor) -> Result<Tensor> {
+    if term.elem_count() != 1 {
+        return Err(PeftError::ShapeMismatch {
+            key: "regularization loss".into(),
+            expected: vec![],
+            got: term.dims().to_vec(),
+        });
+    }
+    let term = term.to_dtype(loss.dtype())?.reshape(loss.shape())?;
+    Ok(loss.add(&term)?)
 }
 
 /// A checkpoint folder, or the latest checkpoint of an output folder.
@@ -860,12 +896,16 @@ enum Optimizer {
 
 impl Optimizer {
     fn new<T: TrainTask>(task: &T, vars: &[(String, Var)], cfg: &TrainConfig) -> Result<Self> {
+        let no_decay = task.no_weight_decay_vars();
         Ok(match cfg.optimizer {
-            OptimizerKind::AdamW => Optimizer::AdamW(AdamW::new(vars.to_vec(), cfg.adamw())?),
-            OptimizerKind::LoraPro(mode) => Optimizer::LoraPro(LoraPro::new(
+            OptimizerKind::AdamW => {
+                Optimizer::AdamW(AdamW::with_no_decay(vars.to_vec(), cfg.adamw(), &no_decay)?)
+            }
+            OptimizerKind::LoraPro(mode) => Optimizer::LoraPro(LoraPro::with_no_decay(
                 vars.to_vec(),
                 task.lora_pairs()?,
                 cfg.lora_pro(mode),
+                &no_decay,
             )?),
         })
     }

@@ -1,18 +1,25 @@
 //! SALT: identity at init, activation-space forward against the dense `W + ΔW` and against the
 //! reference's `U ReLU(S_new) Vᵀ`, merge/unmerge, finite differences, ReLU's zero gradient at 0,
 //! the SVD identities and the sign canonicalisation, the regulariser, parameter counts,
-//! save/load with and without stored factors, the CLI (train, merge, inspect) and bad input.
+//! save/load with and without stored factors, the CLI (train, merge, inspect) and bad input;
+//! `reg_weight`: the trainer adds `λ · reg` to the training loss (library and CLI).
 
 mod common;
 mod decomp;
 mod support;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_peft::adapters::salt::{self, SaltConfig};
-use candle_peft::{AdapterConfig, LayerHandle, PeftError};
+use candle_peft::data::read_tsv;
+use candle_peft::io::source::{self, ModelSource};
+use candle_peft::{
+    AdapterConfig, ClassifyTask, LayerHandle, PeftError, TrainConfig, TrainTask, Trainer, Warmup,
+};
 use decomp::*;
+use rand::Rng;
 use support::*;
 
 const TARGETS: &[&str] = &["lin", "conv", "q", "v"];
@@ -442,6 +449,12 @@ fn bad_input_is_refused_clearly() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("r_lora"), "{msg}");
+    for w in [-1.0, f64::NAN] {
+        let mut c = SaltConfig::new(&["q"], 2);
+        c.reg_weight = w;
+        let msg = pm.add_adapter(ADAPTER, c).unwrap_err().to_string();
+        assert!(msg.contains("reg_weight"), "{msg}");
+    }
     nan_weight_is_refused(SaltConfig::new(&["lin"], 2).into());
 }
 
@@ -450,16 +463,266 @@ fn config_json_round_trip() {
     let mut c = SaltConfig::new(&["q", "v"], 4);
     c.r_t = Some(3);
     c.store_factors = false;
-    let json = AdapterConfig::from(c.clone()).to_json().unwrap();
+    c.reg_weight = 0.25;
+    let mut json = AdapterConfig::from(c.clone()).to_json().unwrap();
     assert_eq!(json["peft_type"], "SALT");
     assert_eq!(json["r_t"], 3);
     assert_eq!(json["r_lora"], 4);
     assert_eq!(json["store_factors"], false);
+    assert_eq!(json["reg_weight"], 0.25);
     assert_eq!(json["svd_sign_rule"], salt::SVD_SIGN_RULE);
+    let back = AdapterConfig::from_json(&json).unwrap();
+    assert_eq!(back.regularizer_weight(), 0.25);
+    assert_eq!(back, AdapterConfig::from(c.clone()));
+    // Files written before the field existed load with no regulariser.
+    json.as_object_mut().unwrap().remove("reg_weight");
+    let old = AdapterConfig::from_json(&json).unwrap();
+    assert_eq!(old.regularizer_weight(), 0.0);
     assert_eq!(
-        AdapterConfig::from_json(&json).unwrap(),
-        AdapterConfig::from(c)
+        old,
+        AdapterConfig::from(SaltConfig {
+            reg_weight: 0.0,
+            ..c
+        })
     );
+}
+
+/// `Σ_layers ‖α ⊙ σ_t + β − σ_t‖₂ + ‖X Y‖_F` in f64, from the tensors alone, over groups of
+/// (local name → tensor) per layer.
+fn reg_by_hand<'a>(layers: impl IntoIterator<Item = &'a BTreeMap<String, Tensor>>) -> f64 {
+    let v = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let mut total = 0.0;
+    for s in layers {
+        let sigma = v(&s["salt_S.weight"]);
+        let alpha = v(&s["salt_scale.weight"]);
+        let beta = v(&s["salt_shift.weight"]);
+        let top: f64 = (0..alpha.len())
+            .map(|i| (alpha[i] * sigma[i] + beta[i] - sigma[i]).powi(2))
+            .sum();
+        let x = s["salt_X.weight"].to_dtype(DType::F64).unwrap();
+        let y = s["salt_Y.weight"].to_dtype(DType::F64).unwrap();
+        let xy: f64 = v(&x.matmul(&y).unwrap()).iter().map(|e| e * e).sum();
+        total += top.sqrt() + xy.sqrt();
+    }
+    total
+}
+
+/// MiniLM with the classifier's dropout off (an edited copy of its config.json): a
+/// training-mode loss is then a function of the vars and the batch alone.
+fn minilm_without_dropout(dir: &Path) -> ModelSource {
+    let mut src = source::resolve_local(&common::minilm_dir()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&src.config).unwrap()).unwrap();
+    config["classifier_dropout"] = serde_json::json!(0.0);
+    let path = dir.join("config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    src.config = path;
+    src
+}
+
+/// SALT (r_t 4, r_lora 2) on MiniLM's six `query` layers with `reg_weight`, every SALT
+/// trainable then moved off its init by the same seeded amounts (at init the regulariser is
+/// exactly 0, which would make the comparison vacuous).
+fn salt_classify_task(src: &ModelSource, reg_weight: f64) -> ClassifyTask {
+    let labels = vec!["0".to_string(), "1".to_string()];
+    let mut task = ClassifyTask::from_source(src, labels, 32, 7, &Device::Cpu).unwrap();
+    let mut c = SaltConfig::new(&["query"], 2);
+    c.r_t = Some(4);
+    c.reg_weight = reg_weight;
+    task.add_adapter(ADAPTER, c).unwrap();
+    let at_init = salt::regularizer(task.model(), ADAPTER).unwrap().unwrap();
+    assert_eq!(at_init.to_scalar::<f32>().unwrap(), 0.0);
+    let mut r = rng(21);
+    for (name, var) in task.model().trainable_vars() {
+        let amount = if name.contains("salt_scale") {
+            0.2
+        } else if name.contains("salt_shift") {
+            0.1
+        } else if name.contains("salt_Y") {
+            0.02
+        } else {
+            continue;
+        };
+        let v: Vec<f32> = flat(var.as_tensor())
+            .iter()
+            .map(|x| x + amount * (2.0 * r.random::<f32>() - 1.0))
+            .collect();
+        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    task
+}
+
+#[test]
+fn trainer_loss_adds_the_weighted_regulariser() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = minilm_without_dropout(tmp.path());
+    let data = read_tsv(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sst2/train.tsv")).unwrap();
+    let examples: Vec<_> = data.examples.into_iter().take(8).collect();
+    let lambda = 0.01;
+    let cfg = TrainConfig {
+        steps: 1,
+        batch_size: examples.len(),
+        lr: 1e-3,
+        warmup: Warmup::Steps(0),
+        quiet: true,
+        ..TrainConfig::default()
+    };
+
+    let with_reg = salt_classify_task(&src, lambda);
+    // Both sides on their own: the task's loss on the whole batch (step 1 sees the same
+    // examples, shuffled), and the regulariser from the saved tensors.
+    with_reg.set_training(true);
+    let refs: Vec<_> = examples.iter().collect();
+    let task_loss = f64::from(with_reg.loss(&refs).unwrap().0.to_scalar::<f32>().unwrap());
+    let per_layer: Vec<BTreeMap<String, Tensor>> = with_reg
+        .model()
+        .layers()
+        .iter()
+        .map(saved)
+        // The classifier carries the adapter too, as a `modules_to_save` copy.
+        .filter(|s| s.contains_key("salt_S.weight"))
+        .collect();
+    assert_eq!(per_layer.len(), 6);
+    let reg = reg_by_hand(&per_layer);
+    assert!(
+        lambda * reg > 1e-2,
+        "λ·reg = {} is too small to test",
+        lambda * reg
+    );
+    let term = with_reg.regularization_loss().unwrap().unwrap();
+    let term = f64::from(term.to_scalar::<f32>().unwrap());
+    assert!(
+        (term - lambda * reg).abs() <= 1e-5,
+        "{term} vs {}",
+        lambda * reg
+    );
+
+    let report = Trainer::new(cfg.clone())
+        .unwrap()
+        .run(&with_reg, &examples, None)
+        .unwrap();
+    let want = task_loss + lambda * reg;
+    assert!(
+        (report.losses[0] - want).abs() <= 1e-5,
+        "step 1 loss {} vs task {task_loss} + λ·reg {}",
+        report.losses[0],
+        lambda * reg
+    );
+
+    // λ = 0: no term at all, and the step-1 loss is the task's.
+    let without = salt_classify_task(&src, 0.0);
+    assert!(without.regularization_loss().unwrap().is_none());
+    let report = Trainer::new(cfg)
+        .unwrap()
+        .run(&without, &examples, None)
+        .unwrap();
+    assert!(
+        (report.losses[0] - task_loss).abs() <= 1e-5,
+        "{} vs {task_loss}",
+        report.losses[0]
+    );
+}
+
+/// The JSON line of a `--json` run.
+fn json_out(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap();
+    serde_json::from_str(line).unwrap()
+}
+
+#[test]
+fn cli_reg_weight_adds_the_regulariser_to_the_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sst2/train.tsv"))
+            .unwrap();
+    let mut rows = vec!["label\tsentence"];
+    rows.extend(text.lines().skip(1).take(8));
+    let data = tmp.path().join("train.tsv");
+    std::fs::write(&data, rows.join("\n") + "\n").unwrap();
+    let train = |out: &Path, extra: &[&str]| {
+        let mut cmd = bin();
+        cmd.args(["train", "--model"])
+            .arg(common::minilm_dir())
+            .args(["--task", "classify", "--data"])
+            .arg(&data)
+            .args(["--method", "salt", "--targets", "query", "--rank", "2"])
+            .args([
+                "--opt", "r_t=4", "--steps", "2", "--batch", "8", "--lr", "1e-2",
+            ])
+            .args([
+                "--warmup",
+                "0",
+                "--checkpoint-every",
+                "1",
+                "--json",
+                "--quiet",
+            ])
+            .arg("--out")
+            .arg(out)
+            .args(extra);
+        cmd
+    };
+    let lambda = 0.5;
+    let (out_reg, out_plain) = (tmp.path().join("reg"), tmp.path().join("plain"));
+    let with_reg = json_out(&common::run_ok(&mut train(
+        &out_reg,
+        &["--opt", "reg_weight=0.5"],
+    )));
+    let plain = json_out(&common::run_ok(&mut train(&out_plain, &[])));
+    let losses = |v: &serde_json::Value| -> Vec<f64> {
+        v["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_f64().unwrap())
+            .collect()
+    };
+    let (l_reg, l_plain) = (losses(&with_reg), losses(&plain));
+    // At init the regulariser and its gradient are 0: step 1 is the same in both runs (same
+    // seed, same dropout masks), so step 2 starts from the same vars and differs by λ·reg.
+    assert_eq!(l_reg[0], l_plain[0]);
+    let adapter = out_reg.join("checkpoint-1/adapter/adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&adapter, &Device::Cpu).unwrap();
+    let mut per_layer: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
+    for (key, t) in tensors {
+        if let Some(at) = key.find(".salt_") {
+            per_layer
+                .entry(key[..at].to_string())
+                .or_default()
+                .insert(key[at + 1..].to_string(), t);
+        }
+    }
+    assert_eq!(per_layer.len(), 6);
+    let reg = reg_by_hand(per_layer.values());
+    assert!(lambda * reg > 1e-3, "λ·reg = {}", lambda * reg);
+    let diff = l_reg[1] - l_plain[1];
+    assert!(
+        (diff - lambda * reg).abs() <= 1e-5,
+        "step-2 difference {diff} vs λ·reg {}",
+        lambda * reg
+    );
+    let config = |out: &Path| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(config(&out_reg)["reg_weight"], lambda);
+    assert_eq!(config(&out_plain)["reg_weight"], 0.0);
+    let msg = common::run_err(&mut train(
+        &tmp.path().join("bad"),
+        &["--opt", "reg_weight=-1"],
+    ));
+    assert!(msg.contains("reg_weight"), "{msg}");
 }
 
 #[test]

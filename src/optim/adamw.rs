@@ -9,7 +9,10 @@
 //! θ ← θ − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
 //! ```
 //!
-//! which is `θ ← θ − lr·(m̂/(√v̂ + ε) + λ·θ)` with the bias-corrected `m̂`, `v̂`. The moments
+//! which is `θ ← θ − lr·(m̂/(√v̂ + ε) + λ·θ)` with the bias-corrected `m̂`, `v̂`. Vars named
+//! in the exempt set of [`AdamW::with_no_decay`] skip the first line (PyTorch's parameter group
+//! with `weight_decay = 0`): the trainer exempts trainables that start at a value taken from
+//! the base weight ([`crate::PeftModel::no_weight_decay_vars`]). The moments
 //! `m` (`exp_avg`) and `v` (`exp_avg_sq`) are f32 whatever the parameter's dtype; the update is
 //! computed in f32 and cast back. A parameter with no gradient in the store is skipped and its
 //! step count does not advance (PyTorch skips parameters whose `grad` is `None`).
@@ -19,7 +22,7 @@
 //! the parameter's shape) and `<name>.step` (an i64 scalar), and metadata `optimizer`, `step`
 //! (calls to [`AdamW::step`]) and the hyper-parameters. It is written atomically.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
@@ -100,14 +103,27 @@ struct ParamState {
 pub struct AdamW {
     vars: Vec<(String, Var)>,
     state: Vec<ParamState>,
+    /// Per var, in `vars` order: whether weight decay applies to it.
+    decays: Vec<bool>,
     config: AdamWConfig,
     steps: u64,
 }
 
 impl AdamW {
     /// An optimiser over `vars` (names must be unique; dtypes must be floating point), with zero
-    /// moments and step 0.
+    /// moments and step 0. Weight decay applies to every var.
     pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
+        Self::with_no_decay(vars, config, &[] as &[String])
+    }
+
+    /// As [`AdamW::new`], but the vars named in `no_decay` get no weight decay. Names that are
+    /// not among `vars` are ignored, so one model-wide list serves optimisers over part of the
+    /// vars (LoRA-Pro's inner AdamW, a task that trains a subset).
+    pub fn with_no_decay<S: AsRef<str>>(
+        vars: Vec<(String, Var)>,
+        config: AdamWConfig,
+        no_decay: &[S],
+    ) -> Result<Self> {
         config.validate()?;
         let mut seen = BTreeMap::new();
         let mut state = Vec::with_capacity(vars.len());
@@ -131,9 +147,15 @@ impl AdamW {
                 step: 0,
             });
         }
+        let exempt: HashSet<&str> = no_decay.iter().map(|n| n.as_ref()).collect();
+        let decays = vars
+            .iter()
+            .map(|(name, _)| !exempt.contains(name.as_str()))
+            .collect();
         Ok(Self {
             vars,
             state,
+            decays,
             config,
             steps: 0,
         })
@@ -141,6 +163,16 @@ impl AdamW {
 
     pub fn config(&self) -> &AdamWConfig {
         &self.config
+    }
+
+    /// The names of the vars that weight decay skips, in var order.
+    pub fn no_decay_vars(&self) -> Vec<&str> {
+        self.vars
+            .iter()
+            .zip(&self.decays)
+            .filter(|(_, decays)| !**decays)
+            .map(|((name, _), _)| name.as_str())
+            .collect()
     }
 
     /// The vars this optimiser updates, in the order given to [`AdamW::new`].
@@ -206,7 +238,12 @@ impl AdamW {
             weight_decay,
         } = self.config;
         let mut stats = StepStats::default();
-        for ((name, var), st) in self.vars.iter().zip(self.state.iter_mut()) {
+        for (((name, var), st), &decays) in self
+            .vars
+            .iter()
+            .zip(self.state.iter_mut())
+            .zip(&self.decays)
+        {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 stats.skipped += 1;
                 continue;
@@ -218,7 +255,9 @@ impl AdamW {
                     got: grad.dims().to_vec(),
                 });
             }
-            let g = grad.to_dtype(DType::F32)?;
+            // Detached: a gradient an op built from tracked tensors would otherwise tie the
+            // moments, which live across steps, to this step's whole graph.
+            let g = grad.detach().to_dtype(DType::F32)?;
             let t = st.step + 1;
             let exp_avg = (st.exp_avg.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?;
             let exp_avg_sq =
@@ -229,7 +268,11 @@ impl AdamW {
             let step_size = lr / bias_correction1;
             let denom = (exp_avg_sq.sqrt()? / bias_correction2_sqrt)?.affine(1.0, eps)?;
             let theta = var.as_detached_tensor().to_dtype(DType::F32)?;
-            let theta = theta.affine(1.0 - lr * weight_decay, 0.0)?;
+            let theta = if decays {
+                theta.affine(1.0 - lr * weight_decay, 0.0)?
+            } else {
+                theta
+            };
             let theta = (theta - (exp_avg.div(&denom)? * step_size)?)?;
             var.set(&theta.to_dtype(var.dtype())?)?;
             *st = ParamState {

@@ -34,7 +34,8 @@
 //! factors); clipping acts on the raw gradients before the adjustment; A and B are paired by
 //! module, never by position. Weight decay is decoupled and acts on A and B only (the
 //! reference's full mode decays the frozen base, which would break adapter-only checkpoints).
-//! Vars outside a LoRA pair (a `modules_to_save` classifier) get plain AdamW.
+//! Vars outside a LoRA pair (a `modules_to_save` classifier) get plain AdamW. Vars named in the
+//! exempt set of [`LoraPro::with_no_decay`] get no weight decay, inside a pair or outside.
 //!
 //! State file (safetensors, written atomically): the AdamW part under AdamW's keys
 //! (`<var>.exp_avg`, `<var>.exp_avg_sq`, `<var>.step`); in full mode, per pair,
@@ -222,6 +223,10 @@ struct Slot {
     exp_avg: Option<Tensor>,
     exp_avg_sq: Option<Tensor>,
     step: u64,
+    /// Whether weight decay applies to A and to B (full mode; efficient mode leaves decay to
+    /// the inner AdamW).
+    decay_a: bool,
+    decay_b: bool,
 }
 
 impl Slot {
@@ -313,7 +318,19 @@ impl LoraPro {
         pairs: Vec<LoraPair>,
         config: LoraProConfig,
     ) -> Result<Self> {
+        Self::with_no_decay(vars, pairs, config, &[] as &[String])
+    }
+
+    /// As [`LoraPro::new`], but the vars named in `no_decay` get no weight decay (see
+    /// [`AdamW::with_no_decay`]; names not among `vars` are ignored).
+    pub fn with_no_decay<S: AsRef<str>>(
+        vars: Vec<(String, Var)>,
+        pairs: Vec<LoraPair>,
+        config: LoraProConfig,
+        no_decay: &[S],
+    ) -> Result<Self> {
         config.validate()?;
+        let exempt: HashSet<&str> = no_decay.iter().map(|n| n.as_ref()).collect();
         if pairs.is_empty() {
             return Err(PeftError::config(
                 "optimizer",
@@ -363,6 +380,8 @@ impl LoraPro {
                 }
                 LoraProMode::Efficient => (None, None),
             };
+            let decay_a = !exempt.contains(a_name.as_str());
+            let decay_b = !exempt.contains(b_name.as_str());
             slots.push(Slot {
                 pair,
                 a_name,
@@ -372,6 +391,8 @@ impl LoraPro {
                 exp_avg,
                 exp_avg_sq,
                 step: 0,
+                decay_a,
+                decay_b,
             });
         }
         let adam_vars = match config.mode {
@@ -381,7 +402,7 @@ impl LoraPro {
                 .collect(),
             LoraProMode::Efficient => vars,
         };
-        let adamw = AdamW::new(adam_vars, config.adamw())?;
+        let adamw = AdamW::with_no_decay(adam_vars, config.adamw(), no_decay)?;
         Ok(Self {
             config,
             slots,
@@ -490,11 +511,11 @@ impl LoraPro {
             let adam_direction = ((&m / bias_correction1)? / denom)?;
             let (lora_ga, lora_gb) = factors.lora_gradients(&adam_direction)?;
             let (delta_a, delta_b) = factors.adjust(&lora_ga, &lora_gb)?;
-            let decay = 1.0 - lr * weight_decay;
+            let decay = |on: bool| if on { 1.0 - lr * weight_decay } else { 1.0 };
             let a = slot.matrix(slot.pair.a.as_tensor(), 0)?;
             let b = slot.matrix(slot.pair.b.as_tensor(), 1)?;
-            let a_new = ((a * decay)? - (delta_a * lr)?)?;
-            let b_new = ((b * decay)? - (delta_b * lr)?)?;
+            let a_new = ((a * decay(slot.decay_a))? - (delta_a * lr)?)?;
+            let b_new = ((b * decay(slot.decay_b))? - (delta_b * lr)?)?;
             updates.push((i, a_new, b_new, m, v, t));
         }
         for (i, a_new, b_new, m, v, t) in updates {

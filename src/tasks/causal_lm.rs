@@ -399,6 +399,14 @@ impl TrainTask for CausalLmTask {
     fn lora_pairs(&self) -> Result<Vec<crate::optim::LoraPair>> {
         crate::optim::lora_pairs(&self.model)
     }
+
+    fn no_weight_decay_vars(&self) -> Vec<String> {
+        self.model.no_weight_decay_vars()
+    }
+
+    fn regularization_loss(&self) -> Result<Option<Tensor>> {
+        self.model.regularization_loss()
+    }
 }
 
 /// Index of the largest logit in each row of `[N, V]` logits.

@@ -348,6 +348,14 @@ impl TrainTask for ClassifyTask {
     fn lora_pairs(&self) -> Result<Vec<crate::optim::LoraPair>> {
         crate::optim::lora_pairs(&self.model)
     }
+
+    fn no_weight_decay_vars(&self) -> Vec<String> {
+        self.model.no_weight_decay_vars()
+    }
+
+    fn regularization_loss(&self) -> Result<Option<Tensor>> {
+        self.model.regularization_loss()
+    }
 }
 
 /// `config` made for sequence classification: [`CLASSIFIER_MODULE`] added to `modules_to_save`

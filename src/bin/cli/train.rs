@@ -83,7 +83,8 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// AdamW weight decay.
+    /// AdamW weight decay. Trainables that start at a value of the base weight (SVFit's σ',
+    /// LoLDU's z, SALT's scale, CorDA's A and B) are never decayed.
     #[arg(long = "weight-decay", default_value_t = 0.01)]
     pub weight_decay: f64,
     /// Learning-rate schedule: constant, linear or cosine.
