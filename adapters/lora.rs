@@ -628,6 +628,31 @@ impl Adapter for LoraAdapter {
         }
     }
 
+    fn fused_linear_forward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Option<Result<Tensor>> {
+        let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        let eligible = matches!(self.geometry, LayerGeometry::Linear { .. })
+            && !(train && self.dropout > 0.0)
+            && cpu_f32(x)
+            && cpu_f32(weight)
+            && bias.is_none_or(cpu_f32);
+        eligible.then(|| {
+            Ok(crate::fused_lora::frozen_linear_lora(
+                x,
+                weight,
+                bias,
+                self.a.as_tensor(),
+                self.b.as_tensor(),
+                self.scaling,
+            )?)
+        })
+    }
+
     fn delta_weight(&self) -> Result<Tensor> {
         let a = self.a.as_tensor();
         let b = self.b.as_tensor();

@@ -366,6 +366,18 @@ impl LayerHandle {
         } else {
             None
         };
+        if copy.is_none() && s.enabled && matches!(s.geometry, LayerGeometry::Linear { .. }) {
+            let mut live = s
+                .adapters
+                .iter()
+                .filter(|(n, _)| s.active.contains(n) && !s.merged.contains(n));
+            if let (Some((_, adapter)), None) = (live.next(), live.next()) {
+                if let Some(y) = adapter.fused_linear_forward(x, &s.weight, s.bias.as_ref(), train)
+                {
+                    return y;
+                }
+            }
+        }
         let mut y = match copy {
             Some(copy) => trainable_forward(&s, x, copy)?,
             None => base_forward(&s, x)?,

@@ -16,6 +16,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod frozen;
+pub mod fused_lora;
 pub mod generate;
 pub mod init;
 pub mod io;

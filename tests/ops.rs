@@ -3,6 +3,7 @@
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_peft::frozen::frozen_matmul;
+use candle_peft::fused_lora::frozen_linear_lora;
 use candle_peft::ops::{NormKind, cross_entropy_rows, masked_softmax, norm};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -207,6 +208,103 @@ fn frozen_matmul_with_bias_matches_linear_and_gives_only_the_input_gradient() {
         !sizes.contains(&40) && !sizes.contains(&5),
         "gradient sizes {sizes:?}"
     );
+}
+
+/// The fused frozen-linear + LoRA op against the same expression in candle's differentiable
+/// ops: value, and the gradients of x, A and B (none for W and b).
+fn check_frozen_linear_lora(lead: &[usize], with_bias: bool) {
+    let (d_in, d_out, r, s) = (24, 17, 4, 0.75);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut x_shape = lead.to_vec();
+    x_shape.push(d_in);
+    let mut y_shape = lead.to_vec();
+    y_shape.push(d_out);
+    let x = random(&mut rng, &x_shape, 1.0);
+    let w = random(&mut rng, &[d_out, d_in], 1.0);
+    let bias = with_bias.then(|| random(&mut rng, &[d_out], 1.0));
+    let a = Var::from_tensor(&random(&mut rng, &[r, d_in], 1.0)).unwrap();
+    let b = Var::from_tensor(&random(&mut rng, &[d_out, r], 1.0)).unwrap();
+    let c = random(&mut rng, &y_shape, 1.0);
+    let run = |fused: bool| {
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = if fused {
+            frozen_linear_lora(
+                xv.as_tensor(),
+                &w,
+                bias.as_ref(),
+                a.as_tensor(),
+                b.as_tensor(),
+                s,
+            )
+            .unwrap()
+        } else {
+            let base = xv.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+            let base = match &bias {
+                Some(bias) => base.broadcast_add(bias).unwrap(),
+                None => base,
+            };
+            let delta = xv
+                .as_tensor()
+                .broadcast_matmul(&a.as_tensor().t().unwrap())
+                .unwrap()
+                .broadcast_matmul(&b.as_tensor().t().unwrap())
+                .unwrap();
+            (base + (delta * s).unwrap()).unwrap()
+        };
+        let grads = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = |t: &Tensor| grads.get(t).unwrap().clone();
+        (y, g(xv.as_tensor()), g(a.as_tensor()), g(b.as_tensor()))
+    };
+    let (y, gx, ga, gb) = run(true);
+    let (y_ref, gx_ref, ga_ref, gb_ref) = run(false);
+    assert_eq!(y.dims(), y_ref.dims());
+    for (what, got, want) in [
+        ("y", &y, &y_ref),
+        ("dL/dx", &gx, &gx_ref),
+        ("dL/dA", &ga, &ga_ref),
+        ("dL/dB", &gb, &gb_ref),
+    ] {
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let err = max_abs_diff(got, want);
+        assert!(
+            err <= 1e-5 * scale.max(1.0),
+            "{what}: max |diff| {err} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn frozen_linear_lora_matches_the_separate_ops_in_value_and_gradients() {
+    check_frozen_linear_lora(&[2, 5], true);
+    check_frozen_linear_lora(&[7], false);
+}
+
+#[test]
+fn frozen_linear_lora_names_the_operand_that_does_not_fit() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((3, 8), DType::F32, &dev).unwrap();
+    let w = Tensor::zeros((5, 8), DType::F32, &dev).unwrap();
+    let a = Tensor::zeros((2, 7), DType::F32, &dev).unwrap();
+    let b = Tensor::zeros((5, 2), DType::F32, &dev).unwrap();
+    let err = frozen_linear_lora(&x, &w, None, &a, &b, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("A [2, 7]") && err.contains("W [5, 8]"),
+        "{err}"
+    );
+    let x64 = Tensor::zeros((3, 8), DType::F64, &dev).unwrap();
+    let a = Tensor::zeros((2, 8), DType::F32, &dev).unwrap();
+    let err = frozen_linear_lora(&x64, &w, None, &a, &b, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the input must be f32"), "{err}");
 }
 
 #[test]
