@@ -7,7 +7,7 @@
 //!
 //! `smollm2-merge`: the base as an HF folder (written once from the GGUF, untimed) plus that LoRA
 //! with a random B (`init_lora_weights = false`), merged by `candle-peft merge` in a child process;
-//! the child's wall time and peak resident memory (so the setup's memory is not counted).
+//! the child's wall time and its own peak resident memory (VmHWM, reported by `merge --json`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,18 +72,28 @@ pub fn smollm2_lora_train(model: Option<&str>) -> Result<BenchResult> {
     let targets = ids.narrow(1, 1, seq)?.flatten_all()?.to_vec1::<u32>()?;
     let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
     let mut steps_ms = Vec::new();
+    let (mut forward_ms, mut backward_ms, mut optimizer_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let ms_since = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     for _ in 0..8 {
         let started = Instant::now();
         let logits = model.model().forward(&inputs, None)?;
         let logits = logits.reshape((batch * seq, cfg.vocab_size))?;
         let loss = cross_entropy_rows(&logits, &targets)?.mean_all()?;
+        forward_ms.push(ms_since(started));
+        let phase = Instant::now();
         let grads = loss.backward()?;
+        backward_ms.push(ms_since(phase));
+        let phase = Instant::now();
         opt.step(&grads, 1e-4)?;
         loss.to_scalar::<f32>()?;
-        steps_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        optimizer_ms.push(ms_since(phase));
+        steps_ms.push(ms_since(started));
     }
     let mut details = serde_json::Map::new();
     details.insert("steps_ms".into(), steps_ms.clone().into());
+    details.insert("forward_ms".into(), median_after(&forward_ms, 2).into());
+    details.insert("backward_ms".into(), median_after(&backward_ms, 2).into());
+    details.insert("optimizer_ms".into(), median_after(&optimizer_ms, 2).into());
     Ok(BenchResult {
         metric: "ms_per_step",
         value: median_after(&steps_ms, 2),
@@ -123,7 +133,7 @@ pub fn smollm2_merge(model: Option<&str>) -> Result<BenchResult> {
     }
     let exe = std::env::current_exe().context("locating the candle-peft binary")?;
     let started = Instant::now();
-    let status = Command::new(exe)
+    let output = Command::new(exe)
         .arg("merge")
         .arg("--base")
         .arg(&base_dir)
@@ -131,14 +141,24 @@ pub fn smollm2_merge(model: Option<&str>) -> Result<BenchResult> {
         .arg(&adapter_dir)
         .arg("--out")
         .arg(&out_dir)
-        .stdout(std::process::Stdio::null())
-        .status()
+        .arg("--json")
+        .output()
         .context("running candle-peft merge")?;
     let seconds = started.elapsed().as_secs_f64();
-    if !status.success() {
-        bail!("candle-peft merge failed: {status}");
+    if !output.status.success() {
+        bail!(
+            "candle-peft merge failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
-    let child_peak_mb = children_peak_rss_mb()?;
+    // The child's own VmHWM: getrusage(RUSAGE_CHILDREN) would also count the pages it shared
+    // with this (model-sized) process between fork and exec.
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .context("reading the JSON line of candle-peft merge")?;
+    let child_peak_mb = report["peak_rss_mb"]
+        .as_f64()
+        .context("candle-peft merge --json gave no peak_rss_mb")?;
     let merged_bytes: u64 = std::fs::read_dir(&out_dir)?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
@@ -156,18 +176,4 @@ pub fn smollm2_merge(model: Option<&str>) -> Result<BenchResult> {
         how: format!("wall time of `candle-peft merge`, whose peak RSS was {child_peak_mb:.0} MB"),
         details,
     })
-}
-
-/// The largest peak resident set size of any waited-for child process, in MB.
-fn children_peak_rss_mb() -> Result<f64> {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes a full `rusage` into the pointer it is given.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) };
-    if rc != 0 {
-        bail!("getrusage failed: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: initialised by the successful call above.
-    let usage = unsafe { usage.assume_init() };
-    // Linux reports ru_maxrss in kilobytes.
-    Ok(usage.ru_maxrss as f64 / 1024.0)
 }

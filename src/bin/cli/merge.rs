@@ -29,6 +29,10 @@ pub struct MergeArgs {
     /// Largest shard, in bytes or with a unit (5GB, 500MB, 2GiB).
     #[arg(long = "max-shard-size", value_parser = parse_size_arg, default_value_t = DEFAULT_MAX_SHARD_BYTES)]
     pub max_shard_size: u64,
+    /// Print one JSON line (modules, tensors, bytes, files, seconds, this process's peak RSS)
+    /// instead of the text report.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_dtype_arg(s: &str) -> Result<DType, String> {
@@ -40,6 +44,7 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(args: MergeArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let mut o = String::new();
     let opts = MergeOptions {
         dtype: args.dtype,
@@ -53,6 +58,25 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
                 args.base.display()
             )
         })?;
+    if args.json {
+        let files: Vec<String> = report
+            .weight_files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let line = serde_json::json!({
+            "merged_modules": report.merged_modules.len(),
+            "replaced_tensors": report.replaced_tensors.len(),
+            "tensors": report.num_tensors,
+            "bytes": report.total_bytes,
+            "weight_files": files,
+            "seconds": started.elapsed().as_secs_f64(),
+            // Measured here rather than by a parent: a child's rusage also counts the memory it
+            // shared with its parent before exec.
+            "peak_rss_mb": super::bench::peak_rss_mb()?,
+        });
+        return super::print_stdout(&format!("{line}\n"));
+    }
     writeln!(
         o,
         "merged {} adapter modules{} into {} tensors ({:.1} MB{})",

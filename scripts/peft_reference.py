@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""HF PEFT on PyTorch running the DESIGN.md benchmark workloads, for ratios taken on one machine.
+
+    python scripts/peft_reference.py <workload> [--base DIR] [--minilm DIR]
+
+Workloads (the same definitions as `candle-peft bench <workload>`), each printing one JSON line:
+  minilm-lora-train    all-MiniLM-L6-v2, LoRA r=8 alpha=16 on query,value, batch 16 x 64, loss
+                       mean(last_hidden_state^2), AdamW lr 1e-4; median ms/step of steps 3..12
+  smollm2-lora-train   SmolLM2-135M f32, LoRA r=16 alpha=32 on the seven projections, batch 4 x 128,
+                       causal-LM loss, AdamW lr 1e-4; median ms/step of steps 3..8, peak RSS
+  smollm2-merge        load base + that LoRA (random B), merge_and_unload, save_pretrained; wall time
+                       and peak RSS of a child process doing only that
+  svd-init-smollm2     torch.linalg.svd (thin) of all 210 projection matrices; wall time
+
+`--base` is SmolLM2 as an HF folder; `candle-peft train --model models/SmolLM2-135M-Instruct.Q4_1.gguf
+--task causal-lm --data data/shakespeare/valid.txt --method lora --steps 0 --merge --out DIR` writes
+one to DIR/merged. Needs torch, transformers and peft (not installed by the project's scripts:
+`pip install torch transformers peft`). Not part of the test suite.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peak_rss_mb(who=resource.RUSAGE_SELF):
+    return resource.getrusage(who).ru_maxrss / 1024.0
+
+
+def median_after(times, skip):
+    return statistics.median(times[skip:])
+
+
+def minilm_lora_train(args):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_pretrained(args.minilm, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (16, 64))
+    mask = torch.ones_like(ids)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    steps = []
+    for _ in range(12):
+        t = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        loss = out.pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        steps.append((time.perf_counter() - t) * 1e3)
+    return {"ms_per_step": median_after(steps, 2), "steps_ms": steps, "peak_rss_mb": peak_rss_mb()}
+
+
+def smollm2_lora_train(args):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules=SMOLLM2_TARGETS, task_type="CAUSAL_LM")
+    )
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (4, 128))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    steps, forward, backward = [], [], []
+    for _ in range(8):
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        t_fwd = time.perf_counter()
+        loss.backward()
+        t_bwd = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        end = time.perf_counter()
+        steps.append((end - t) * 1e3)
+        forward.append((t_fwd - t) * 1e3)
+        backward.append((t_bwd - t_fwd) * 1e3)
+    return {
+        "ms_per_step": median_after(steps, 2),
+        "forward_ms": median_after(forward, 2),
+        "backward_ms": median_after(backward, 2),
+        "steps_ms": steps,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def smollm2_merge(args):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as work:
+        adapter_dir = os.path.join(work, "adapter")
+        out_dir = os.path.join(work, "merged")
+        # The adapter is written by a throwaway child so this process's memory doesn't count.
+        subprocess.run(
+            [sys.executable, __file__, "_write-random-lora", "--base", args.base, "--out", adapter_dir],
+            check=True,
+        )
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, __file__, "_merge", "--base", args.base, "--adapter", adapter_dir, "--out", out_dir],
+            check=True,
+        )
+        seconds = time.perf_counter() - t
+        # Only the merge child has finished since the writer: its peak is the largest unless the
+        # writer's was larger, so report both.
+        return {"seconds": seconds, "children_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN)}
+
+
+def _write_random_lora(args):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=SMOLLM2_TARGETS, init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(args.out)
+    return None
+
+
+def _merge(args):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+    model.save_pretrained(args.out)
+    print(json.dumps({"merge_peak_rss_mb": peak_rss_mb()}), file=sys.stderr)
+    return None
+
+
+def svd_init_smollm2(args):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in sorted(os.listdir(args.base)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(args.base, name)))
+    mats = [t for k, t in sorted(tensors.items()) if any(f"{p}.weight" in k for p in SMOLLM2_TARGETS)]
+    t = time.perf_counter()
+    for w in mats:
+        torch.linalg.svd(w, full_matrices=False)
+    return {"seconds": time.perf_counter() - t, "matrices": len(mats)}
+
+
+WORKLOADS = {
+    "minilm-lora-train": minilm_lora_train,
+    "smollm2-lora-train": smollm2_lora_train,
+    "smollm2-merge": smollm2_merge,
+    "svd-init-smollm2": svd_init_smollm2,
+    "_write-random-lora": _write_random_lora,
+    "_merge": _merge,
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("--base", help="SmolLM2-135M as an HF folder")
+    parser.add_argument("--minilm", default="models/all-MiniLM-L6-v2")
+    parser.add_argument("--adapter")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.workload.startswith("smollm2") or args.workload.startswith("svd") or args.workload.startswith("_"):
+        if not args.base:
+            parser.error(f"{args.workload} needs --base (SmolLM2 as an HF folder)")
+    result = WORKLOADS[args.workload](args)
+    if result is not None:
+        result.update(
+            {"workload": args.workload, "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        )
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
