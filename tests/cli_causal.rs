@@ -1,7 +1,7 @@
 //! `candle-peft train/eval --task causal-lm` and `generate` on SmolLM2 (GGUF): the merged export
 //! and base + adapter give the same perplexity, `eval --json` prints perplexity, loss and tokens,
-//! JSONL instruction data trains, generation is deterministic and honours the adapter, and bad
-//! input fails with a message naming the problem.
+//! JSONL instruction data trains, EVA and CorDA calibrate and train, generation is deterministic
+//! and honours the adapter, and bad input fails with a message naming the problem.
 mod common;
 use common::bin;
 
@@ -220,6 +220,104 @@ fn jsonl_instruction_data_trains_through_the_cli() {
     // Each pair's targets: the response's tokens plus the eos.
     assert!(eval["tokens"].as_u64().unwrap() >= 12, "{eval}");
     assert!(eval["perplexity"].as_f64().unwrap().is_finite());
+}
+
+/// `train --method eva|corda` on SmolLM2 with a few calibration batches: EVA writes a PEFT LoRA
+/// whose ranks spend the whole budget and whose B = 0 leaves the perplexity at the base's; CorDA
+/// trains two steps and its merged export equals base + adapter.
+#[test]
+fn eva_and_corda_calibrate_and_train_on_smollm2_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let valid = small_valid(dir.path());
+    let train = |method: &str, steps: &str, extra: &[&str]| {
+        let out = dir.path().join(method);
+        let mut cmd = bin();
+        cmd.args([
+            "train",
+            "--task",
+            "causal-lm",
+            "--model",
+            &gguf(),
+            "--data",
+            &data("train.txt"),
+            "--method",
+            method,
+            "--targets",
+            "q_proj,v_proj",
+            "--rank",
+            "4",
+            "--steps",
+            steps,
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--calib-batches",
+            "3",
+            "--lr",
+            "5e-3",
+            "--out",
+            out.to_str().unwrap(),
+            "--merge",
+            "--json",
+            "--quiet",
+        ]);
+        cmd.args(extra);
+        json_line(&run_ok(&mut cmd));
+        out
+    };
+    let base = eval_json(&gguf(), None, &valid)["perplexity"]
+        .as_f64()
+        .unwrap();
+
+    // τ = 0.5 lets the components of 3 batches × 64 tokens count as converged.
+    let eva = train("eva", "0", &["--opt", "tau=0.5"]);
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(eva.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    // target_modules names the adapted layers; rank_pattern lists those whose rank is not r.
+    let total: u64 = config["target_modules"]
+        .as_array()
+        .expect("target_modules")
+        .iter()
+        .map(|m| {
+            config["rank_pattern"][m.as_str().unwrap()]
+                .as_u64()
+                .unwrap_or(4)
+        })
+        .sum();
+    // The budget is r × the number of targeted layers (30 blocks × q_proj, v_proj).
+    assert_eq!(total, 4 * 60, "{config}");
+    let eva_ppl = eval_json(&gguf(), Some(&eva.join("adapter")), &valid)["perplexity"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (eva_ppl - base).abs() < 1e-4 * base,
+        "EVA at init {eva_ppl} vs base {base}"
+    );
+
+    let corda = train("corda", "2", &[]);
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(corda.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "CORDA");
+    let adapted = eval_json(&gguf(), Some(&corda.join("adapter")), &valid)["perplexity"]
+        .as_f64()
+        .unwrap();
+    let merged = eval_json(&corda.join("merged").display().to_string(), None, &valid)["perplexity"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (adapted - merged).abs() < 1e-3 * adapted,
+        "adapted {adapted} vs merged {merged}"
+    );
+    assert!(
+        (adapted - base).abs() > 1e-6 * base,
+        "two CorDA steps changed nothing"
+    );
 }
 
 #[test]
