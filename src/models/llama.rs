@@ -25,7 +25,9 @@
 //! fused ops of this file with an exact backward on the CPU, plain candle ops elsewhere. Frozen
 //! products (base projections, the tied or untied `lm_head`) go through `crate::frozen`, so no
 //! weight gradient is computed for them. Grouped-query attention reshapes the queries to
-//! `[B, n_kv, (n_h/n_kv)·T, d]` instead of copying keys and values `n_h/n_kv` times.
+//! `[B, n_kv, (n_h/n_kv)·T, d]` instead of copying keys and values `n_h/n_kv` times. Without a
+//! KV cache (training, evaluation) on the CPU in f32, `softmax(q kᵀ + M) v` from the rotated
+//! heads to `o_proj`'s input is one fused op (`attention::attention_core`).
 //!
 //! Generation: [`LlamaForCausalLM::forward_cached`] appends each step's keys and values to a
 //! [`KvCache`] (detached: no graph is kept across steps); see `crate::generate`.
@@ -59,8 +61,10 @@ use crate::layer::PeftLinear;
 use crate::model::PeftModel;
 use crate::ops::NormKind;
 
+mod attention;
 mod kernels;
 
+pub use attention::attention_core;
 pub use kernels::{rope_reference, swiglu};
 
 // ---------------------------------------------------------------------------------------------
@@ -754,6 +758,13 @@ impl LlamaAttention {
         // 1/√d is folded into the queries: a [B, n_h, T, d] pass instead of one over the scores.
         let q = kernels::rope(&q, rope, 1.0 / (d as f64).sqrt())?;
         let k = kernels::rope(&k, rope, 1.0)?;
+        if kv.is_none() && [&q, &k, &v].iter().all(|t| attention::fused(t)) {
+            // Training and evaluation: the fused core (one graph node instead of a dozen, each
+            // of which costs the backward an activation-sized pass). Generation keeps the ops
+            // below, which append to the cache.
+            let context = attention::attention_core(&q, &k, &v, mask, nkv)?;
+            return self.o_proj.forward_peft(&context);
+        }
         let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v) = match kv {
             None => (k, v),
