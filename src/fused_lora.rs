@@ -19,6 +19,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
+use crate::cpu_gemm::{self, Strided, Threads};
+
 struct FrozenLinearLora {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -40,88 +42,23 @@ fn f32_slice<'a>(
     }
 }
 
-/// A matrix operand of [`gemm_f32`]: its values and its (column, row) strides.
-#[derive(Clone, Copy)]
-struct Strided<'a> {
-    values: &'a [f32],
-    col_stride: usize,
-    row_stride: usize,
-}
-
-impl<'a> Strided<'a> {
-    fn rows(values: &'a [f32], cols: usize) -> Self {
-        Self {
-            values,
-            col_stride: 1,
-            row_stride: cols,
-        }
-    }
-
-    /// The transpose of the row-major `[.., cols]` matrix `values`.
-    fn transposed(values: &'a [f32], cols: usize) -> Self {
-        Self {
-            values,
-            col_stride: cols,
-            row_stride: 1,
-        }
-    }
-
-    fn reaches(&self, rows: usize, cols: usize) -> bool {
-        (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.values.len()
-    }
-}
-
-/// `dst (m × n, row-major) = [dst +] lhs (m × k) · rhs (k × n)`. `accumulate` adds to `dst`
-/// instead of overwriting it.
+/// `dst = [dst +] lhs · rhs` on candle's threads.
 fn gemm_f32(
     dst: &mut [f32],
     lhs: Strided<'_>,
     rhs: Strided<'_>,
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     accumulate: bool,
 ) -> candle_core::Result<()> {
-    if dst.len() != m * n {
-        candle_core::bail!("frozen-linear-lora: gemm output is not {m}×{n}");
-    }
-    if m == 0 || n == 0 || k == 0 {
-        // Nothing to add; an overwritten `dst` is already zero.
-        return Ok(());
-    }
-    if !lhs.reaches(m, k) || !rhs.reaches(k, n) {
-        candle_core::bail!("frozen-linear-lora: gemm operands do not hold {m}×{k}·{k}×{n}");
-    }
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: `reaches` keeps every index the strides produce inside the slices; `dst` is
-    // exclusively borrowed and does not overlap the inputs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.values.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.values.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    Ok(())
+    cpu_gemm::gemm_f32(
+        "frozen-linear-lora",
+        dst,
+        lhs,
+        rhs,
+        mnk,
+        accumulate,
+        Threads::Candle,
+    )
 }
 
 impl CustomOp3 for FrozenLinearLora {

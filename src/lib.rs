@@ -13,6 +13,7 @@ pub mod adapters;
 pub mod builder;
 pub mod calibrate;
 pub mod config;
+mod cpu_gemm;
 pub mod data;
 pub mod error;
 pub mod frozen;

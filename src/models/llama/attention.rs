@@ -30,88 +30,27 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu_gemm::{self, Strided, Threads};
 use crate::error::Result;
 
-/// A matrix operand of [`gemm_f32`]: its values and its (column, row) strides.
-#[derive(Clone, Copy)]
-struct Strided<'a> {
-    values: &'a [f32],
-    col_stride: usize,
-    row_stride: usize,
-}
-
-impl<'a> Strided<'a> {
-    fn rows(values: &'a [f32], cols: usize) -> Self {
-        Self {
-            values,
-            col_stride: 1,
-            row_stride: cols,
-        }
-    }
-
-    /// The transpose of the row-major `[.., cols]` matrix `values`.
-    fn transposed(values: &'a [f32], cols: usize) -> Self {
-        Self {
-            values,
-            col_stride: cols,
-            row_stride: 1,
-        }
-    }
-
-    fn reaches(&self, rows: usize, cols: usize) -> bool {
-        (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.values.len()
-    }
-}
-
-/// `dst (m × n, row-major) = lhs (m × k) · rhs (k × n)`, single-threaded: the callers already run
-/// one rayon task per (batch, key/value head), and the matrices (`T = 128`, `d = 64`) are too
-/// small for gemm's own threading to pay.
+/// `dst = lhs · rhs` on the calling thread: the callers already run one rayon task per (batch,
+/// key/value head), and the matrices (`T = 128`, `d = 64`) are too small for gemm's own
+/// threading to pay.
 fn gemm_f32(
     dst: &mut [f32],
     lhs: Strided<'_>,
     rhs: Strided<'_>,
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
 ) -> candle_core::Result<()> {
-    if dst.len() != m * n {
-        candle_core::bail!("llama-attention: gemm output is not {m}×{n}");
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        // gemm does not write `dst` for an empty product; the result is zero.
-        dst.fill(0.0);
-        return Ok(());
-    }
-    if !lhs.reaches(m, k) || !rhs.reaches(k, n) {
-        candle_core::bail!("llama-attention: gemm operands do not hold {m}×{k}·{k}×{n}");
-    }
-    // SAFETY: `reaches` keeps every index the strides produce inside the slices; `dst` is
-    // exclusively borrowed, holds m·n values and does not overlap the inputs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.values.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.values.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-    Ok(())
+    cpu_gemm::gemm_f32(
+        "llama-attention",
+        dst,
+        lhs,
+        rhs,
+        mnk,
+        false,
+        Threads::Single,
+    )
 }
 
 /// The sizes of one call, checked against each other.
