@@ -37,6 +37,16 @@ def peak_rss_mb(who=resource.RUSAGE_SELF):
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
+def vm_hwm_mb():
+    """This process's own peak RSS: unlike ru_maxrss, VmHWM does not count the pages a child
+    shared with its parent before exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return peak_rss_mb()
+
+
 def median_after(times, skip):
     return statistics.median(times[skip:])
 
@@ -101,26 +111,24 @@ def smollm2_lora_train(args):
 
 
 def smollm2_merge(args):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     with tempfile.TemporaryDirectory() as work:
         adapter_dir = os.path.join(work, "adapter")
         out_dir = os.path.join(work, "merged")
-        # The adapter is written by a throwaway child so this process's memory doesn't count.
+        # Each step in a child of its own, so that only the merge's memory is measured.
         subprocess.run(
             [sys.executable, __file__, "_write-random-lora", "--base", args.base, "--out", adapter_dir],
             check=True,
         )
         t = time.perf_counter()
-        subprocess.run(
+        merge = subprocess.run(
             [sys.executable, __file__, "_merge", "--base", args.base, "--adapter", adapter_dir, "--out", out_dir],
             check=True,
+            capture_output=True,
+            text=True,
         )
         seconds = time.perf_counter() - t
-        # Only the merge child has finished since the writer: its peak is the largest unless the
-        # writer's was larger, so report both.
-        return {"seconds": seconds, "children_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN)}
+        peak = json.loads(merge.stdout.strip().splitlines()[-1])["merge_peak_rss_mb"]
+        return {"seconds": seconds, "merge_peak_rss_mb": peak}
 
 
 def _write_random_lora(args):
@@ -141,7 +149,7 @@ def _merge(args):
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
     model.save_pretrained(args.out)
-    print(json.dumps({"merge_peak_rss_mb": peak_rss_mb()}), file=sys.stderr)
+    print(json.dumps({"merge_peak_rss_mb": vm_hwm_mb()}))
     return None
 
 

@@ -175,6 +175,27 @@ fn binary_merge_matches_peft() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("merged 12 adapter modules"), "{stdout}");
     check_minilm_merge(&out);
+
+    // --json: the same merge as one line, with the process's own peak memory.
+    let json_out = tmp.path().join("merged-json");
+    let o = run_ok(
+        bin()
+            .arg("merge")
+            .arg("--base")
+            .arg(common::minilm_dir())
+            .arg("--adapter")
+            .arg(adapter_dir())
+            .arg("--out")
+            .arg(&json_out)
+            .arg("--json"),
+    );
+    let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(line["merged_modules"], 12, "{line}");
+    assert_eq!(line["replaced_tensors"], 0, "{line}");
+    let peak = line["peak_rss_mb"].as_f64().unwrap();
+    // Above the binary itself, below the 91 MB model plus a streaming merge's working set.
+    assert!(peak > 1.0 && peak < 200.0, "{line}");
+    check_minilm_merge(&json_out);
 }
 
 #[test]
