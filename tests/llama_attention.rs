@@ -1,11 +1,18 @@
 //! The fused attention core of the Llama forward (`attention_core`) against the composition of
 //! candle ops and `masked_softmax` it replaces: output and the gradients of q, k and v, with a
 //! causal + padding mask (fully masked rows included), a broadcast padding-only mask and no mask;
-//! the plain-ops fallback for other dtypes; and errors naming the operand of a bad shape.
+//! the masked-key skipping (query tiles of 32 positions) with lengths off the tile size, left and
+//! right padding, more keys than queries, and an additive bias with mixed masked values that
+//! must not change any result; the plain-ops fallback for other dtypes; and errors naming the
+//! operand of a bad shape. Timing probe at the end (ignored).
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::models::llama::attention_core;
 use candle_peft::ops::masked_softmax;
+
+/// The allocator the binaries use, so the timing probe below sees their allocation costs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const B: usize = 2;
 const NH: usize = 6;
@@ -102,14 +109,36 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     diff / scale
 }
 
-fn check_against_reference(mask: Option<&Tensor>, label: &str) {
+/// The sizes of one case: `[B, n_h, T, d]` queries over `[B, n_kv, T_k, d]` keys.
+#[derive(Clone, Copy)]
+struct Sizes {
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    t: usize,
+    tk: usize,
+    d: usize,
+}
+
+const SMALL: Sizes = Sizes {
+    b: B,
+    nh: NH,
+    nkv: NKV,
+    t: T,
+    tk: T,
+    d: D_HEAD,
+};
+
+/// The fused op's context and `(dq, dk, dv)` against the reference's, within `1e-5` of the
+/// largest reference value; returns the fused gradients.
+fn check_sizes(s: Sizes, mask: Option<&Tensor>, label: &str) -> [Tensor; 3] {
     // q already scaled by 1/√d in the model; a larger scale here makes the softmax non-trivial.
-    let q = var(&[B, NH, T, D_HEAD], 1, 1.5);
-    let k = var(&[B, NKV, T, D_HEAD], 2, 1.5);
-    let v = var(&[B, T, NKV, D_HEAD], 3, 1.0);
-    let fused = attention_core(&q, &k, &v, mask, NKV).unwrap();
-    let plain = reference(&q, &k, &v, mask, NKV);
-    assert_eq!(fused.dims(), &[B, T, NH * D_HEAD]);
+    let q = var(&[s.b, s.nh, s.t, s.d], 1, 1.5);
+    let k = var(&[s.b, s.nkv, s.tk, s.d], 2, 1.5);
+    let v = var(&[s.b, s.tk, s.nkv, s.d], 3, 1.0);
+    let fused = attention_core(&q, &k, &v, mask, s.nkv).unwrap();
+    let plain = reference(&q, &k, &v, mask, s.nkv);
+    assert_eq!(fused.dims(), &[s.b, s.t, s.nh * s.d]);
     let d = rel_diff(&fused, &plain);
     assert!(d <= 1e-5, "{label}: context differs by {d}");
     assert!(flat(&fused).iter().all(|x| x.is_finite()), "{label}");
@@ -127,14 +156,151 @@ fn check_against_reference(mask: Option<&Tensor>, label: &str) {
         .unwrap()
         .backward()
         .unwrap();
-    for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+    [("q", &q), ("k", &k), ("v", &v)].map(|(name, x)| {
         let a = gf.get(x.as_tensor()).unwrap();
         let b = gp.get(x.as_tensor()).unwrap();
         let d = rel_diff(a, b);
         assert!(d <= 1e-5, "{label}: d{name} differs by {d}");
         // Gradients are plain data: no graph of this step hangs off them.
         assert!(!a.track_op(), "{label}: d{name} is tracked");
+        a.clone()
+    })
+}
+
+fn check_against_reference(mask: Option<&Tensor>, label: &str) {
+    check_sizes(SMALL, mask, label);
+}
+
+/// `[b, 1, t, tk]`: query `i` (position `tk − t + i`) sees key `j` when `j ≤ tk − t + i`, `j`
+/// is at or after batch row `b`'s `left[b]` and before its `tk − right[b]`.
+fn padded_causal_mask(s: Sizes, left: &[usize], right: &[usize]) -> Tensor {
+    let offset = s.tk - s.t;
+    let mut m = vec![0f32; s.b * s.t * s.tk];
+    for b in 0..s.b {
+        for i in 0..s.t {
+            for j in 0..s.tk {
+                if j > offset + i || j < left[b] || j >= s.tk - right[b] {
+                    m[(b * s.t + i) * s.tk + j] = f32::MIN;
+                }
+            }
+        }
     }
+    Tensor::from_vec(m, (s.b, 1, s.t, s.tk), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn causal_tiles_match_for_lengths_off_the_tile_size() {
+    // Row tiles of 32 query positions: lengths that leave a partial last tile, or are shorter
+    // than one tile.
+    for t in [1, 5, 31, 33, 37, 64, 70] {
+        let s = Sizes {
+            t,
+            tk: t,
+            d: 16,
+            ..SMALL
+        };
+        check_sizes(
+            s,
+            Some(&padded_causal_mask(s, &[0, 0], &[0, 0])),
+            &format!("causal T={t}"),
+        );
+    }
+}
+
+#[test]
+fn causal_tiles_match_with_left_and_right_padding() {
+    // Batch row 0 right-padded by 9 keys, row 1 left-padded by 35 (its first 35 queries see
+    // nothing and are uniform, across a tile boundary) and right-padded by 4.
+    let s = Sizes {
+        t: 70,
+        tk: 70,
+        d: 16,
+        ..SMALL
+    };
+    let (left, right) = ([0, 35], [9, 4]);
+    let [_, dk, dv] = check_sizes(
+        s,
+        Some(&padded_causal_mask(s, &left, &right)),
+        "causal + left/right padding",
+    );
+    // Batch row 0's padded keys are never read: their gradients are exactly zero (in the
+    // reference too, as their probabilities are exactly zero).
+    let dk0 = dk
+        .get(0)
+        .unwrap()
+        .narrow(1, s.tk - right[0], right[0])
+        .unwrap();
+    let dv0 = dv
+        .get(0)
+        .unwrap()
+        .narrow(0, s.tk - right[0], right[0])
+        .unwrap();
+    assert!(flat(&dk0).iter().chain(&flat(&dv0)).all(|&x| x == 0.0));
+}
+
+#[test]
+fn causal_tiles_match_with_more_keys_than_queries() {
+    // 20 queries at positions 25..45 over 45 keys (a cached prefix), with padding.
+    let s = Sizes {
+        t: 20,
+        tk: 45,
+        d: 16,
+        ..SMALL
+    };
+    check_sizes(
+        s,
+        Some(&padded_causal_mask(s, &[0, 3], &[6, 0])),
+        "causal, T_k > T",
+    );
+    let mut m = vec![0f32; s.b * s.tk];
+    m[s.tk - 5..s.tk].fill(f32::MIN);
+    let broadcast = Tensor::from_vec(m, (s.b, 1, 1, s.tk), &Device::Cpu).unwrap();
+    check_sizes(s, Some(&broadcast), "broadcast padding, T_k > T");
+    check_sizes(s, None, "no mask, T_k > T");
+}
+
+#[test]
+fn key_skipping_is_exact_for_masks_with_finite_values() {
+    // An additive bias in [-4, 4) on a band (query i sees keys up to i + 5, so the visible ends
+    // are not the causal ones), masked tails holding a mix of -1e30, f32::MIN and -inf, a visible
+    // entry of -1e20 at the end of some rows (its probability underflows to 0 but it is not
+    // masked), and in batch row 1 a fully masked row 40 of -1e30 and f32::MIN entries (it is
+    // uniform over its -1e30 keys), which the fused op must treat as reading every key.
+    let s = Sizes {
+        t: 70,
+        tk: 70,
+        d: 16,
+        ..SMALL
+    };
+    let bias = values(s.b * s.t * s.tk, 21);
+    let pick = values(s.b * s.t * s.tk, 22);
+    let mut m = vec![0f32; s.b * s.t * s.tk];
+    for b in 0..s.b {
+        for i in 0..s.t {
+            for j in 0..s.tk {
+                let at = (b * s.t + i) * s.tk + j;
+                m[at] = if j <= i + 5 {
+                    if j == i + 5 && i % 3 == 0 {
+                        -1e20
+                    } else {
+                        bias[at] * 4.0
+                    }
+                } else if pick[at] < -0.3 {
+                    -1e30
+                } else if pick[at] < 0.3 {
+                    f32::MIN
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+    }
+    let row = &mut m[(s.t + 40) * s.tk..(s.t + 41) * s.tk];
+    for (j, x) in row.iter_mut().enumerate() {
+        *x = if j % 4 == 1 { -1e30 } else { f32::MIN };
+    }
+    let mask = Tensor::from_vec(m, (s.b, 1, s.t, s.tk), &Device::Cpu).unwrap();
+    check_sizes(s, Some(&mask), "banded bias");
 }
 
 #[test]
@@ -246,4 +412,87 @@ fn bad_shapes_are_errors_naming_the_operand() {
     assert!(e.contains("v must be"), "{e}");
     // Sanity: the shapes above are otherwise fine.
     assert!(attention_core(&q, &k, &v, None, NKV).is_ok());
+}
+
+/// Timing probe (ignored, no assertion on time): forward + backward of the SmolLM2-135M shape
+/// with the causal mask, under the settings `candle-peft`'s `tune_cpu_runtime` makes:
+/// `MIMALLOC_PURGE_DELAY=-1 RAYON_NUM_THREADS=2 CANDLE_NUM_THREADS=1 cargo test --release
+/// --test llama_attention attention_core_timing -- --ignored --nocapture` (add `CPU_CLOCK=1`
+/// and `RAYON_NUM_THREADS=1` to compare work on a busy machine).
+#[test]
+#[ignore]
+fn attention_core_timing() {
+    let (b, nh, nkv, t, d) = (4, 9, 3, 128, 64);
+    let q = var(&[b, nh, t, d], 31, 0.125);
+    let k = var(&[b, nkv, t, d], 32, 1.0);
+    let v = var(&[b, t, nkv, d], 33, 1.0);
+    let mut m = vec![0f32; b * t * t];
+    for (i, row) in m.chunks_exact_mut(t).enumerate() {
+        row[i % t + 1..].fill(f32::MIN);
+    }
+    let mask = Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu).unwrap();
+    let w = Tensor::from_vec(values(b * t * nh * d, 34), (b, t, nh * d), &Device::Cpu).unwrap();
+    // The loss's own backward (the product with `w`, the sum, the gradient store), timed on a
+    // leaf of the context's shape, is taken off the backward's time.
+    let leaf = var(&[b, t, nh * d], 35, 1.0);
+    // With `CPU_CLOCK` set, the process's CPU time instead of the wall clock: with one rayon
+    // thread (no spinning workers) it is the work done, whatever else the machine runs.
+    let cpu_clock = std::env::var_os("CPU_CLOCK").is_some();
+    let cpu_ms = || {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
+    };
+    let time = |f: &dyn Fn()| {
+        if cpu_clock {
+            let c0 = cpu_ms();
+            f();
+            return cpu_ms() - c0;
+        }
+        let t0 = std::time::Instant::now();
+        f();
+        t0.elapsed().as_secs_f64() * 1e3
+    };
+    let fwd = || {
+        time(&|| {
+            attention_core(&q, &k, &v, Some(&mask), nkv).unwrap();
+        })
+    };
+    let bwd = |x: &Tensor| {
+        let loss = (x * &w).unwrap().sum_all().unwrap();
+        time(&|| {
+            loss.backward().unwrap();
+        })
+    };
+    let out = attention_core(&q, &k, &v, Some(&mask), nkv).unwrap();
+    let n = 100;
+    let sample = |f: &dyn Fn() -> f64| {
+        (0..5).for_each(|_| {
+            f();
+        });
+        let mut ms: Vec<f64> = (0..n).map(|_| f()).collect();
+        ms.sort_by(f64::total_cmp);
+        (ms[0], ms[n / 4], ms[n / 2])
+    };
+    let f = sample(&fwd);
+    let b_all = sample(&|| bwd(&out));
+    let b_loss = sample(&|| bwd(leaf.as_tensor()));
+    println!(
+        "attention_core B={b} n_h={nh} n_kv={nkv} T={t} d={d} causal, {} threads, {} (min / lower quartile / median): forward {:.3} / {:.3} / {:.3} ms, backward {:.3} / {:.3} / {:.3} ms (of which the loss's own {:.3} / {:.3} / {:.3})",
+        candle_core::utils::get_num_threads(),
+        if cpu_clock { "CPU time" } else { "wall" },
+        f.0,
+        f.1,
+        f.2,
+        b_all.0,
+        b_all.1,
+        b_all.2,
+        b_loss.0,
+        b_loss.1,
+        b_loss.2,
+    );
 }

@@ -26,7 +26,6 @@ use crate::generate::{GenerationConfig, generate};
 use crate::io::source::ModelSource;
 use crate::model::{DEFAULT_ADAPTER, PeftModel};
 use crate::models::llama::{LlamaConfig, LlamaForCausalLM, load_causal_tokenizer};
-use crate::ops::cross_entropy_rows;
 use crate::train::{EvalReport, TrainTask};
 
 /// PEFT's `task_type` for causal language modelling.
@@ -300,7 +299,7 @@ impl CausalLmTask {
         // The head runs only on positions that predict a target: padding, masked prompt tokens
         // and each sequence's last position never reach the [rows, vocab] product.
         let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
-        let loss = cross_entropy_rows(&model.logits(&picked)?, &targets)?.mean_all()?;
+        let loss = model.token_losses(&picked, &targets)?.mean_all()?;
         Ok((loss, targets.len()))
     }
 

@@ -19,10 +19,11 @@ use rayon::prelude::*;
 
 use super::RopeTables;
 use crate::error::Result;
+use crate::ops::{collect_block_pairs, collect_blocks, simd_kernel};
 
-/// Rows per rayon task, elements per rayon task: small tensors stay on one thread.
+/// Rows per rayon task: small tensors stay on one thread (the element-wise kernels take their
+/// task size from `crate::ops::collect_blocks`).
 const ROWS_PER_TASK: usize = 64;
-const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
 /// The contiguous f32 elements of a CPU tensor, or an error naming the op.
 fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
@@ -66,52 +67,74 @@ impl CustomOp1 for Rope {
         let &[b, a1, a2, d] = l.dims() else {
             candle_core::bail!("llama-rope: expected a 4-D input, got {:?}", l.dims());
         };
-        // Input [b, a1, a2, d] is [B, T, H, d] forward and [B, H, T, d] for the adjoint.
-        let (t, h) = if self.inverse { (a2, a1) } else { (a1, a2) };
-        let half = d / 2;
-        if d % 2 != 0 || self.cos.len() != t * half || self.sin.len() != t * half {
-            candle_core::bail!(
-                "llama-rope: tables of {} entries for {t} positions × {half} frequencies",
-                self.cos.len()
-            );
-        }
-        let (scale, sign) = (self.scale, if self.inverse { -1.0 } else { 1.0 });
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_exact_mut(d)
-            .enumerate()
-            .with_min_len(ROWS_PER_TASK)
-            .for_each(|(row, dst)| {
-                // Output row `row` of [B, H, T] (forward) or [B, T, H] (adjoint), and its
-                // source row in the other layout.
-                let (ti, src_row) = if self.inverse {
-                    let (bi, ti, hi) = (row / (t * h), (row / h) % t, row % h);
-                    (ti, (bi * h + hi) * t + ti)
-                } else {
-                    let (bi, hi, ti) = (row / (h * t), (row / t) % h, row % t);
-                    (ti, (bi * t + ti) * h + hi)
-                };
-                let src = &x[src_row * d..(src_row + 1) * d];
-                let cos = &self.cos[ti * half..(ti + 1) * half];
-                let sin = &self.sin[ti * half..(ti + 1) * half];
-                let (x1, x2) = src.split_at(half);
-                let (y1, y2) = dst.split_at_mut(half);
-                for i in 0..half {
-                    let s = sign * sin[i];
-                    y1[i] = scale * (x1[i] * cos[i] - x2[i] * s);
-                    y2[i] = scale * (x2[i] * cos[i] + x1[i] * s);
-                }
-            });
-        let shape = if self.inverse {
-            Shape::from((b, t, h, d))
-        } else {
-            Shape::from((b, h, t, d))
-        };
-        Ok((CpuStorage::F32(out), shape))
+        let out = rope_values(
+            x,
+            [b, a1, a2, d],
+            &self.cos,
+            &self.sin,
+            self.scale,
+            self.inverse,
+        )?;
+        Ok((CpuStorage::F32(out), Shape::from((b, a2, a1, d))))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&self.adjoint())?))
     }
+}
+
+/// `scale·RoPE` on values: `x: [B, T, H, d]` → `[B, H, T, d]`, or with `inverse` its adjoint
+/// `[B, H, T, d]` → `[B, T, H, d]` (the rotation by −θ), with `cos`/`sin` `[T, d/2]`.
+pub(super) fn rope_values(
+    x: &[f32],
+    [b, a1, a2, d]: [usize; 4],
+    cos: &[f32],
+    sin: &[f32],
+    scale: f32,
+    inverse: bool,
+) -> candle_core::Result<Vec<f32>> {
+    // Input [b, a1, a2, d] is [B, T, H, d] forward and [B, H, T, d] for the adjoint.
+    let (t, h) = if inverse { (a2, a1) } else { (a1, a2) };
+    let half = d / 2;
+    if d % 2 != 0 || cos.len() != t * half || sin.len() != t * half {
+        candle_core::bail!(
+            "llama-rope: tables of {} entries for {t} positions × {half} frequencies",
+            cos.len()
+        );
+    }
+    if x.len() != b * t * h * d {
+        candle_core::bail!("llama-rope: {} values for [{b}, {a1}, {a2}, {d}]", x.len());
+    }
+    let sign = if inverse { -1.0 } else { 1.0 };
+    let mut out = vec![0f32; x.len()];
+    if d == 0 {
+        return Ok(out);
+    }
+    out.par_chunks_exact_mut(d)
+        .enumerate()
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(row, dst)| {
+            // Output row `row` of [B, H, T] (forward) or [B, T, H] (adjoint), and its
+            // source row in the other layout.
+            let (ti, src_row) = if inverse {
+                let (bi, ti, hi) = (row / (t * h), (row / h) % t, row % h);
+                (ti, (bi * h + hi) * t + ti)
+            } else {
+                let (bi, hi, ti) = (row / (h * t), (row / t) % h, row % t);
+                (ti, (bi * t + ti) * h + hi)
+            };
+            let src = &x[src_row * d..(src_row + 1) * d];
+            let cos = &cos[ti * half..(ti + 1) * half];
+            let sin = &sin[ti * half..(ti + 1) * half];
+            let (x1, x2) = src.split_at(half);
+            let (y1, y2) = dst.split_at_mut(half);
+            for i in 0..half {
+                let s = sign * sin[i];
+                y1[i] = scale * (x1[i] * cos[i] - x2[i] * s);
+                y2[i] = scale * (x2[i] * cos[i] + x1[i] * s);
+            }
+        });
+    Ok(out)
 }
 
 /// RoPE with plain candle ops: `x: [B, T, H, d]`, `cos`/`sin: [T, d/2]` → `s·RoPE(x)` as
@@ -143,10 +166,37 @@ pub(crate) fn rope(x: &Tensor, tables: &RopeTables, scale: f64) -> Result<Tensor
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
-/// `σ(g)`, `silu(g)` and `silu'(g)`.
-fn silu_parts(g: f32) -> (f32, f32) {
-    let sigmoid = 1.0 / (1.0 + (-g).exp());
-    (g * sigmoid, sigmoid * (1.0 + g * (1.0 - sigmoid)))
+/// `dst = e^(−g)` for a block of gates, by the vectorised `exp`.
+fn exp_neg_block(gate: &[f32], dst: &mut [f32]) {
+    for (d, &g) in dst.iter_mut().zip(gate) {
+        *d = -g;
+    }
+    crate::fast_exp::exp_shifted_in_place(dst, 0.0);
+}
+
+// With `e = e^(−g)`, `σ(g) = 1/(1 + e)`: `e = +∞` gives 0 and `e = 0` gives 1, so saturated
+// gates need no branch.
+
+simd_kernel! {
+    /// `y = g·u·σ(g)` over a block, `y` holding `e^(−g)` on entry.
+    fn swiglu_block(y: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+            *y = g * u / (1.0 + *y);
+        }
+    }
+}
+
+simd_kernel! {
+    /// `dg = dy·u·σ(1 + g(1 − σ))`, `du = dy·g·σ` over a block, `dg` holding `e^(−g)` on entry.
+    fn swiglu_grad_block(dg: &mut [f32], du: &mut [f32], gate: &[f32], up: &[f32], dy: &[f32]) {
+        let blocks = dg.iter_mut().zip(du.iter_mut()).zip(gate.iter().zip(up).zip(dy));
+        for ((dg, du), ((&g, &u), &dy)) in blocks {
+            let sigmoid = 1.0 / (1.0 + *dg);
+            let silu = g * sigmoid;
+            *du = dy * silu;
+            *dg = dy * u * (sigmoid + silu * (1.0 - sigmoid));
+        }
+    }
 }
 
 struct SwiGlu;
@@ -168,12 +218,12 @@ impl CustomOp2 for SwiGlu {
         }
         let gate = f32_slice(self.name(), s1, l1)?;
         let up = f32_slice(self.name(), s2, l2)?;
-        let out = gate
-            .par_iter()
-            .zip(up)
-            .with_min_len(ELEMENTS_PER_TASK)
-            .map(|(&g, &u)| silu_parts(g).0 * u)
-            .collect();
+        let out = collect_blocks(gate.len(), |start, dst| {
+            let end = start + dst.len();
+            let (gb, ub) = (&gate[start..end], &up[start..end]);
+            exp_neg_block(gb, dst);
+            swiglu_block(dst, gb, ub);
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -218,17 +268,12 @@ impl CustomOp3 for SwiGluGrad {
         let up = f32_slice(self.name(), s2, l2)?;
         let grad = f32_slice(self.name(), s3, l3)?;
         let n = gate.len();
-        let mut out = vec![0f32; 2 * n];
-        let (dg, du) = out.split_at_mut(n);
-        dg.par_iter_mut()
-            .zip(du.par_iter_mut())
-            .zip(gate.par_iter().zip(up).zip(grad))
-            .with_min_len(ELEMENTS_PER_TASK)
-            .for_each(|((dg, du), ((&g, &u), &dy))| {
-                let (silu, dsilu) = silu_parts(g);
-                *dg = dy * u * dsilu;
-                *du = dy * silu;
-            });
+        let out = collect_block_pairs(n, |start, dgb, dub| {
+            let end = start + dgb.len();
+            let (gb, ub, dyb) = (&gate[start..end], &up[start..end], &grad[start..end]);
+            exp_neg_block(gb, dgb);
+            swiglu_grad_block(dgb, dub, gb, ub, dyb);
+        });
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -327,5 +372,36 @@ mod tests {
             );
             assert!(d < 1e-6, "{d}");
         }
+    }
+
+    /// SwiGLU timings (ignored): `CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=2 cargo test --release
+    /// --lib kernels::tests::swiglu_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn swiglu_timing() {
+        let shape = (512, 1536);
+        let n = 512 * 1536;
+        let gate = Tensor::from_vec(values(n, 6), shape, &Device::Cpu).unwrap();
+        let gate = (gate * 4.0).unwrap();
+        let up = Tensor::from_vec(values(n, 7), shape, &Device::Cpu).unwrap();
+        let dy = Tensor::from_vec(values(n, 8), shape, &Device::Cpu).unwrap();
+        let best_of = |f: &dyn Fn()| {
+            (0..50)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed()
+                })
+                .min()
+                .unwrap()
+        };
+        let y = gate.apply_op2_no_bwd(&up, &SwiGlu).unwrap();
+        let fwd = best_of(&|| {
+            std::hint::black_box(gate.apply_op2_no_bwd(&up, &SwiGlu).unwrap());
+        });
+        let bwd = best_of(&|| {
+            std::hint::black_box(SwiGlu.bwd(&gate, &up, &y, &dy).unwrap());
+        });
+        println!("SwiGLU [512, 1536]: forward {fwd:?}, backward {bwd:?}");
     }
 }
