@@ -653,6 +653,16 @@ impl Adapter for LoraAdapter {
         })
     }
 
+    fn fused_lora_factors(&self, train: bool) -> Option<(Tensor, Tensor, f64)> {
+        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        let eligible = matches!(self.geometry, LayerGeometry::Linear { .. })
+            && !(train && self.dropout > 0.0)
+            && cpu_f32(a)
+            && cpu_f32(b);
+        eligible.then(|| (a.clone(), b.clone(), self.scaling))
+    }
+
     fn delta_weight(&self) -> Result<Tensor> {
         let a = self.a.as_tensor();
         let b = self.b.as_tensor();

@@ -193,6 +193,14 @@ pub trait Adapter: Send + Sync + fmt::Debug {
         None
     }
 
+    /// `(A, B, s)` when this adapter's delta is exactly `s (x Aᵀ) Bᵀ` with `A: [r, in]` and
+    /// `B: [out, r]` as CPU f32 tensors (the trainable vars themselves): the form fused
+    /// multi-layer ops take (`crate::models::llama` fuses a whole MLP block). `None` (the
+    /// default) keeps the layer on its own forward.
+    fn fused_lora_factors(&self, _train: bool) -> Option<(Tensor, Tensor, f64)> {
+        None
+    }
+
     /// The adapter as `Any`, for code that needs its concrete type (the LoRA-Pro optimiser
     /// downcasts to `LoraAdapter`). Adapters that allow this return `Some(self)`.
     fn as_any(&self) -> Option<&dyn std::any::Any> {

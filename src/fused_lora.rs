@@ -61,6 +61,171 @@ fn gemm_f32(
     )
 }
 
+/// LoRA factors as values: `A: [r, in]`, `B: [out, r]`, scaling `s`.
+#[derive(Clone, Copy)]
+pub(crate) struct LoraValues<'a> {
+    pub(crate) a: &'a [f32],
+    pub(crate) b: &'a [f32],
+    pub(crate) rank: usize,
+    pub(crate) scaling: f32,
+}
+
+/// A frozen linear layer, optionally with a LoRA delta, as values: the kernels of this op on
+/// slices, for fused ops that chain several layers (`crate::models::llama`'s MLP block).
+#[derive(Clone, Copy)]
+pub(crate) struct LinearValues<'a> {
+    /// `W: [out, in]`, row-major.
+    pub(crate) weight: &'a [f32],
+    pub(crate) out_features: usize,
+    pub(crate) in_features: usize,
+    pub(crate) bias: Option<&'a [f32]>,
+    pub(crate) lora: Option<LoraValues<'a>>,
+}
+
+impl LinearValues<'_> {
+    fn check(
+        &self,
+        what: &str,
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> candle_core::Result<()> {
+        if values.len() != rows * cols {
+            candle_core::bail!(
+                "frozen-linear-lora: {what} has {} values, expected {rows}×{cols}",
+                values.len()
+            );
+        }
+        Ok(())
+    }
+
+    fn check_operands(&self) -> candle_core::Result<()> {
+        let (out_f, in_f) = (self.out_features, self.in_features);
+        self.check("the weight", self.weight, out_f, in_f)?;
+        if let Some(bias) = self.bias {
+            self.check("the bias", bias, 1, out_f)?;
+        }
+        if let Some(l) = &self.lora {
+            self.check("lora_A", l.a, l.rank, in_f)?;
+            self.check("lora_B", l.b, out_f, l.rank)?;
+        }
+        Ok(())
+    }
+
+    /// `s x Aᵀ`, `[rows, r]`: scaling the rank-r intermediate costs r/out of scaling the output.
+    fn lora_hidden(
+        &self,
+        l: &LoraValues<'_>,
+        x: &[f32],
+        rows: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        let mut h = vec![0f32; rows * l.rank];
+        gemm_f32(
+            &mut h,
+            Strided::rows(x, self.in_features),
+            Strided::transposed(l.a, self.in_features),
+            (rows, l.rank, self.in_features),
+            false,
+        )?;
+        h.iter_mut().for_each(|v| *v *= l.scaling);
+        Ok(h)
+    }
+
+    /// `y = x Wᵀ + b + s (x Aᵀ) Bᵀ` for `x: [rows, in]`; gemm accumulates the LoRA product into
+    /// the base output in place.
+    pub(crate) fn forward(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+        let (out_f, in_f) = (self.out_features, self.in_features);
+        self.check_operands()?;
+        self.check("the input", x, rows, in_f)?;
+        let mut y = vec![0f32; rows * out_f];
+        gemm_f32(
+            &mut y,
+            Strided::rows(x, in_f),
+            Strided::transposed(self.weight, in_f),
+            (rows, out_f, in_f),
+            false,
+        )?;
+        if let Some(l) = &self.lora {
+            let h = self.lora_hidden(l, x, rows)?;
+            gemm_f32(
+                &mut y,
+                Strided::rows(&h, l.rank),
+                Strided::transposed(l.b, l.rank),
+                (rows, out_f, l.rank),
+                true,
+            )?;
+        }
+        if let Some(bias) = self.bias {
+            for row in y.chunks_exact_mut(out_f) {
+                row.iter_mut().zip(bias).for_each(|(v, &c)| *v += c);
+            }
+        }
+        Ok(y)
+    }
+
+    /// For `g = dL/dy`: writes `dL/dx = g W + u A` into `grad_x` (or adds it, with
+    /// `accumulate`), with `u = s g B`, and returns `(dL/dA, dL/dB) = (uᵀ x, gᵀ h)` when there
+    /// is a LoRA delta (`h = s x Aᵀ`, recomputed).
+    pub(crate) fn backward(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        rows: usize,
+        grad_x: &mut [f32],
+        accumulate: bool,
+    ) -> candle_core::Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let (out_f, in_f) = (self.out_features, self.in_features);
+        self.check_operands()?;
+        self.check("the input", x, rows, in_f)?;
+        self.check("the output gradient", g, rows, out_f)?;
+        self.check("the input gradient", grad_x, rows, in_f)?;
+        gemm_f32(
+            grad_x,
+            Strided::rows(g, out_f),
+            Strided::rows(self.weight, in_f),
+            (rows, in_f, out_f),
+            accumulate,
+        )?;
+        let Some(l) = &self.lora else {
+            return Ok(None);
+        };
+        let h = self.lora_hidden(l, x, rows)?;
+        let mut u = vec![0f32; rows * l.rank];
+        gemm_f32(
+            &mut u,
+            Strided::rows(g, out_f),
+            Strided::rows(l.b, l.rank),
+            (rows, l.rank, out_f),
+            false,
+        )?;
+        u.iter_mut().for_each(|v| *v *= l.scaling);
+        gemm_f32(
+            grad_x,
+            Strided::rows(&u, l.rank),
+            Strided::rows(l.a, in_f),
+            (rows, in_f, l.rank),
+            true,
+        )?;
+        let mut grad_a = vec![0f32; l.rank * in_f];
+        gemm_f32(
+            &mut grad_a,
+            Strided::transposed(&u, l.rank),
+            Strided::rows(x, in_f),
+            (l.rank, in_f, rows),
+            false,
+        )?;
+        let mut grad_b = vec![0f32; out_f * l.rank];
+        gemm_f32(
+            &mut grad_b,
+            Strided::transposed(g, out_f),
+            Strided::rows(&h, l.rank),
+            (out_f, l.rank, rows),
+            false,
+        )?;
+        Ok(Some((grad_a, grad_b)))
+    }
+}
+
 impl CustomOp3 for FrozenLinearLora {
     fn name(&self) -> &'static str {
         "frozen-linear-lora"
@@ -96,43 +261,29 @@ impl CustomOp3 for FrozenLinearLora {
         };
         let w = f32_slice(w, w_layout, "the weight")?;
 
-        // h = s x Aᵀ: scaling the rank-r intermediate costs r/out of scaling the output.
-        let mut h = vec![0f32; rows * rank];
-        gemm_f32(
-            &mut h,
-            Strided::rows(x, in_f),
-            Strided::transposed(a, in_f),
-            (rows, rank, in_f),
-            false,
-        )?;
-        let s = self.scaling as f32;
-        h.iter_mut().for_each(|v| *v *= s);
-
-        let mut y = vec![0f32; rows * out_f];
-        gemm_f32(
-            &mut y,
-            Strided::rows(x, in_f),
-            Strided::transposed(w, in_f),
-            (rows, out_f, in_f),
-            false,
-        )?;
-        gemm_f32(
-            &mut y,
-            Strided::rows(&h, rank),
-            Strided::transposed(b, rank),
-            (rows, out_f, rank),
-            true,
-        )?;
-        if let Some(bias) = &self.bias {
-            let (bias_storage, bias_layout) = bias.storage_and_layout();
-            let candle_core::Storage::Cpu(bias) = &*bias_storage else {
-                candle_core::bail!("frozen-linear-lora: the bias is not on the CPU");
-            };
-            let bias = f32_slice(bias, bias_layout, "the bias")?;
-            for row in y.chunks_exact_mut(out_f) {
-                row.iter_mut().zip(bias).for_each(|(v, &c)| *v += c);
+        let bias_values = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias_values {
+            Some((storage, layout)) => {
+                let candle_core::Storage::Cpu(bias) = &**storage else {
+                    candle_core::bail!("frozen-linear-lora: the bias is not on the CPU");
+                };
+                Some(f32_slice(bias, layout, "the bias")?)
             }
-        }
+            None => None,
+        };
+        let linear = LinearValues {
+            weight: w,
+            out_features: out_f,
+            in_features: in_f,
+            bias,
+            lora: Some(LoraValues {
+                a,
+                b,
+                rank,
+                scaling: self.scaling as f32,
+            }),
+        };
+        let y = linear.forward(x, rows)?;
         let mut out_dims = lead.to_vec();
         out_dims.push(out_f);
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
@@ -197,55 +348,22 @@ impl FrozenLinearLora {
         let gv = f32_slice(gs, g_layout, "the output gradient")?;
         let wv = f32_slice(ws, w_layout, "the weight")?;
 
-        let mut h = vec![0f32; rows * rank];
-        gemm_f32(
-            &mut h,
-            Strided::rows(xv, in_f),
-            Strided::transposed(av, in_f),
-            (rows, rank, in_f),
-            false,
-        )?;
-        let mut u = vec![0f32; rows * rank];
-        gemm_f32(
-            &mut u,
-            Strided::rows(gv, out_f),
-            Strided::rows(bv, rank),
-            (rows, rank, out_f),
-            false,
-        )?;
-        h.iter_mut().chain(u.iter_mut()).for_each(|v| *v *= s);
-
+        let linear = LinearValues {
+            weight: wv,
+            out_features: out_f,
+            in_features: in_f,
+            bias: None,
+            lora: Some(LoraValues {
+                a: av,
+                b: bv,
+                rank,
+                scaling: s,
+            }),
+        };
         let mut grad_x = vec![0f32; rows * in_f];
-        gemm_f32(
-            &mut grad_x,
-            Strided::rows(gv, out_f),
-            Strided::rows(wv, in_f),
-            (rows, in_f, out_f),
-            false,
-        )?;
-        gemm_f32(
-            &mut grad_x,
-            Strided::rows(&u, rank),
-            Strided::rows(av, in_f),
-            (rows, in_f, rank),
-            true,
-        )?;
-        let mut grad_a = vec![0f32; rank * in_f];
-        gemm_f32(
-            &mut grad_a,
-            Strided::transposed(&u, rank),
-            Strided::rows(xv, in_f),
-            (rank, in_f, rows),
-            false,
-        )?;
-        let mut grad_b = vec![0f32; out_f * rank];
-        gemm_f32(
-            &mut grad_b,
-            Strided::transposed(gv, out_f),
-            Strided::rows(&h, rank),
-            (out_f, rank, rows),
-            false,
-        )?;
+        let Some((grad_a, grad_b)) = linear.backward(xv, gv, rows, &mut grad_x, false)? else {
+            candle_core::bail!("frozen-linear-lora: no LoRA gradients");
+        };
         let device = x.device();
         Ok((
             Tensor::from_vec(grad_x, x.shape(), device)?,

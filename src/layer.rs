@@ -352,6 +352,44 @@ impl LayerHandle {
             .map(|(_, a)| f(a.as_ref()))
     }
 
+    /// The layer as plain operands for a fused multi-layer op: its frozen weight and bias and
+    /// the factors of its one live LoRA-form adapter (or none), when the forward is exactly
+    /// `x Wᵀ + b [+ s (x Aᵀ) Bᵀ]` on CPU f32 values. `None` when anything else is in play: an
+    /// input observer, a trainable copy, several live adapters, another method, dropout in
+    /// training, a conv layer, another dtype or device.
+    pub(crate) fn fused_parts(&self) -> Option<FusedLinearParts> {
+        let s = self.read();
+        let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        if s.observer.is_some()
+            || !matches!(s.geometry, LayerGeometry::Linear { .. })
+            || !cpu_f32(&s.weight)
+            || s.bias.as_ref().is_some_and(|b| !cpu_f32(b))
+        {
+            return None;
+        }
+        let mut lora = None;
+        if s.enabled {
+            if s.copies.iter().any(|(n, _)| s.active.contains(n)) {
+                return None;
+            }
+            let train = s.training.load(Ordering::Relaxed);
+            let mut live = s
+                .adapters
+                .iter()
+                .filter(|(n, _)| s.active.contains(n) && !s.merged.contains(n));
+            match (live.next(), live.next()) {
+                (None, _) => {}
+                (Some((_, adapter)), None) => lora = Some(adapter.fused_lora_factors(train)?),
+                _ => return None,
+            }
+        }
+        Some(FusedLinearParts {
+            weight: s.weight.clone(),
+            bias: s.bias.clone(),
+            lora,
+        })
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = self.read();
         if let Some(observer) = &s.observer {
@@ -392,6 +430,17 @@ impl LayerHandle {
         }
         Ok(y)
     }
+}
+
+/// A linear layer's operands for a fused op (see [`LayerHandle::fused_parts`]).
+#[derive(Clone, Debug)]
+pub(crate) struct FusedLinearParts {
+    /// `W: [out, in]`, frozen.
+    pub(crate) weight: Tensor,
+    /// `b: [out]`, frozen.
+    pub(crate) bias: Option<Tensor>,
+    /// `(A: [r, in], B: [out, r], s)`, the trainable vars and the scaling.
+    pub(crate) lora: Option<(Tensor, Tensor, f64)>,
 }
 
 /// The frozen base: `x Wᵀ + b` or `conv2d(x, W) + b`, computed in the weight's dtype and

@@ -62,7 +62,10 @@ use crate::model::PeftModel;
 use crate::ops::NormKind;
 
 mod attention;
+mod attn_block;
+mod block;
 mod kernels;
+mod mlp_block;
 
 pub use attention::attention_core;
 pub use kernels::{rope_reference, swiglu};
@@ -847,8 +850,30 @@ impl LlamaDecoderLayer {
         mask: Option<&Tensor>,
         kv: Option<&mut LayerKv>,
     ) -> Result<Tensor> {
-        let normed = rms_norm(x, &self.input_layernorm, self.eps)?;
-        let attn = (self.self_attn.forward(&normed, rope, mask, kv)? + x)?;
+        let fused_attn = match kv {
+            // Generation appends to the cache: the separate ops below do that.
+            Some(_) => None,
+            None => attn_block::try_forward(
+                x,
+                &self.input_layernorm,
+                self.eps,
+                &self.self_attn,
+                rope,
+                mask,
+            )?,
+        };
+        let attn = match fused_attn {
+            Some(attn) => attn,
+            None => {
+                let normed = rms_norm(x, &self.input_layernorm, self.eps)?;
+                (self.self_attn.forward(&normed, rope, mask, kv)? + x)?
+            }
+        };
+        if let Some(out) =
+            mlp_block::try_forward(&attn, &self.post_attention_layernorm, self.eps, &self.mlp)?
+        {
+            return Ok(out);
+        }
         let normed = rms_norm(&attn, &self.post_attention_layernorm, self.eps)?;
         Ok((self.mlp.forward(&normed)? + attn)?)
     }
@@ -1050,6 +1075,38 @@ impl LlamaForCausalLM {
             None => crate::frozen::frozen_matmul(hidden, &self.embed_tokens, None)?,
         };
         Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// Per-row next-token losses `lse(z_i) − z_i[t_i]` (f32, `[N]`) of the logits
+    /// `z = lm_head(hidden)` for `hidden: [N, H]`: `cross_entropy_rows(&self.logits(hidden)?,
+    /// targets)`. When the head is a plain frozen product in f32 (the tied embedding table, or
+    /// an `lm_head` with no live adapter, trainable copy or observer) it runs as one op
+    /// (`crate::fused_head`) that puts no `[N, vocab]` logits tensor in the graph.
+    pub fn token_losses(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        let frozen_head = match &self.lm_head {
+            _ if hidden.dtype() != DType::F32 => None,
+            None => {
+                (self.embed_tokens.dtype() == DType::F32).then(|| (self.embed_tokens.clone(), None))
+            }
+            Some(head) => match head.handle().fused_parts() {
+                Some(crate::layer::FusedLinearParts {
+                    weight,
+                    bias,
+                    lora: None,
+                }) => Some((weight, bias)),
+                _ => None,
+            },
+        };
+        let losses = match frozen_head {
+            Some((weight, bias)) => crate::fused_head::frozen_linear_cross_entropy(
+                hidden,
+                &weight,
+                bias.as_ref(),
+                targets,
+            )?,
+            None => crate::ops::cross_entropy_rows(&self.logits(hidden)?, targets)?,
+        };
+        Ok(losses)
     }
 
     /// Logits `[B, T, vocab]` (f32) for every position. `attention_mask` `[B, T]` (1 = token,

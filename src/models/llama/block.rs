@@ -1,0 +1,299 @@
+//! What the fused decoder-layer blocks (`attn_block`, `mlp_block`) share: the layers' frozen
+//! operands with their LoRA factors packed into one operand, and RMSNorm on rows of values.
+//!
+//! A block op has two inputs, the hidden state and the pack: the flattened factors
+//! `A₀, B₀, A₁, B₁, …` of the layers that have a LoRA delta, concatenated (candle's `cat`
+//! splits the pack's gradient back onto the vars). A block without any delta gets a one-value
+//! placeholder that tracks no gradient.
+//!
+//! RMSNorm over rows of width `H` with weight `γ`: `r = 1/√(mean(x²) + ε)`, `n = x r γ`;
+//! backward `dx = r (g' − x̂ mean(g' ⊙ x̂))`, `g' = dn ⊙ γ`, `x̂ = x r` (as `crate::ops::norm`,
+//! whose accumulation in f64 it shares so the fused and separate paths agree).
+
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::fused_lora::{LinearValues, LoraValues};
+use crate::layer::FusedLinearParts;
+
+/// Rows per rayon task in the element-wise passes: small inputs stay on one thread.
+pub(super) const ROWS_PER_TASK: usize = 16;
+
+/// The contiguous f32 values of a CPU storage, or an error naming the op and operand.
+pub(super) fn f32_values<'a>(
+    op: &str,
+    what: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("{op}: {what} must be contiguous"),
+        _ => candle_core::bail!("{op}: {what} must be f32"),
+    }
+}
+
+/// Runs `f` on the values of a CPU f32 tensor.
+pub(super) fn with_values<R>(
+    op: &str,
+    what: &str,
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("{op}: {what} is not on the CPU");
+    };
+    f(f32_values(op, what, s, layout)?)
+}
+
+/// Where one layer's factors sit in the pack.
+#[derive(Clone, Copy, Debug)]
+struct PackSlot {
+    a_start: usize,
+    b_start: usize,
+    rank: usize,
+    scaling: f32,
+}
+
+/// A layer of a block: its frozen operands and its slot in the pack.
+struct BlockLinear {
+    name: &'static str,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    out_features: usize,
+    in_features: usize,
+    slot: Option<PackSlot>,
+}
+
+/// A block's layers, in pack order.
+pub(super) struct BlockLayers {
+    op: &'static str,
+    layers: Vec<BlockLinear>,
+    pack_len: usize,
+}
+
+impl BlockLayers {
+    /// The layers (`(name, parts)`, each `W: [out, in]`) and their pack, or `None` when a
+    /// layer's operands do not fit its `(out, in)`; the separate ops then report the mismatch
+    /// with the layer's name.
+    pub(super) fn new(
+        op: &'static str,
+        parts: Vec<(&'static str, FusedLinearParts, (usize, usize))>,
+        device: &candle_core::Device,
+    ) -> Result<Option<(Self, Tensor)>> {
+        let mut layers = Vec::with_capacity(parts.len());
+        let mut pieces = Vec::new();
+        let mut offset = 0;
+        for (name, p, (out_features, in_features)) in parts {
+            if p.weight.dims() != [out_features, in_features]
+                || p.bias.as_ref().is_some_and(|b| b.dims() != [out_features])
+            {
+                return Ok(None);
+            }
+            let slot = match &p.lora {
+                Some((a, b, scaling)) => {
+                    let rank = a.dim(0)?;
+                    if a.dims() != [rank, in_features] || b.dims() != [out_features, rank] {
+                        return Ok(None);
+                    }
+                    let slot = PackSlot {
+                        a_start: offset,
+                        b_start: offset + a.elem_count(),
+                        rank,
+                        scaling: *scaling as f32,
+                    };
+                    offset += a.elem_count() + b.elem_count();
+                    pieces.push(a.flatten_all()?);
+                    pieces.push(b.flatten_all()?);
+                    Some(slot)
+                }
+                None => None,
+            };
+            layers.push(BlockLinear {
+                name,
+                weight: p.weight.contiguous()?.detach(),
+                bias: p
+                    .bias
+                    .map(|b| b.contiguous().map(|b| b.detach()))
+                    .transpose()?,
+                out_features,
+                in_features,
+                slot,
+            });
+        }
+        let pack = if pieces.is_empty() {
+            Tensor::zeros(1, DType::F32, device)?
+        } else {
+            Tensor::cat(&pieces, 0)?
+        };
+        Ok(Some((
+            Self {
+                op,
+                layers,
+                pack_len: offset,
+            },
+            pack,
+        )))
+    }
+
+    /// Whether the block has trainable factors (else the pack is a placeholder).
+    pub(super) fn has_factors(&self) -> bool {
+        self.pack_len > 0
+    }
+
+    /// Checks the pack operand's length.
+    pub(super) fn check_pack(&self, pack: &[f32]) -> candle_core::Result<()> {
+        if pack.len() != self.pack_len.max(1) {
+            candle_core::bail!(
+                "{}: LoRA pack of {} values, expected {}",
+                self.op,
+                pack.len(),
+                self.pack_len
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the layers as values, their factors read from `pack`.
+    pub(super) fn with_linears<R>(
+        &self,
+        pack: &[f32],
+        f: impl FnOnce(&[LinearValues<'_>]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        self.check_pack(pack)?;
+        let weights: Vec<_> = self
+            .layers
+            .iter()
+            .map(|l| l.weight.storage_and_layout())
+            .collect();
+        let biases: Vec<_> = self
+            .layers
+            .iter()
+            .map(|l| l.bias.as_ref().map(|b| b.storage_and_layout()))
+            .collect();
+        let mut linears = Vec::with_capacity(self.layers.len());
+        for ((layer, (w_storage, w_layout)), bias) in self.layers.iter().zip(&weights).zip(&biases)
+        {
+            let Storage::Cpu(w) = &**w_storage else {
+                candle_core::bail!("{}: {} weight is not on the CPU", self.op, layer.name);
+            };
+            let bias = match bias {
+                Some((b_storage, b_layout)) => {
+                    let Storage::Cpu(b) = &**b_storage else {
+                        candle_core::bail!("{}: {} bias is not on the CPU", self.op, layer.name);
+                    };
+                    Some(f32_values(self.op, layer.name, b, b_layout)?)
+                }
+                None => None,
+            };
+            let (out_f, in_f) = (layer.out_features, layer.in_features);
+            linears.push(LinearValues {
+                weight: f32_values(self.op, layer.name, w, w_layout)?,
+                out_features: out_f,
+                in_features: in_f,
+                bias,
+                lora: layer.slot.map(|slot| LoraValues {
+                    a: &pack[slot.a_start..slot.a_start + slot.rank * in_f],
+                    b: &pack[slot.b_start..slot.b_start + out_f * slot.rank],
+                    rank: slot.rank,
+                    scaling: slot.scaling,
+                }),
+            });
+        }
+        f(&linears)
+    }
+
+    /// Writes layer `index`'s factor gradients (if it has factors) into the pack's gradient.
+    pub(super) fn put_grads(
+        &self,
+        dpack: &mut [f32],
+        index: usize,
+        grads: Option<(Vec<f32>, Vec<f32>)>,
+    ) -> candle_core::Result<()> {
+        let slot = self.layers.get(index).and_then(|l| l.slot);
+        if let (Some(slot), Some((ga, gb))) = (slot, grads) {
+            let (a_end, b_end) = (slot.a_start + ga.len(), slot.b_start + gb.len());
+            if a_end > dpack.len() || b_end > dpack.len() {
+                candle_core::bail!("{}: factor gradients overrun the pack", self.op);
+            }
+            dpack[slot.a_start..a_end].copy_from_slice(&ga);
+            dpack[slot.b_start..b_end].copy_from_slice(&gb);
+        }
+        Ok(())
+    }
+
+    /// The pack's gradient as a tensor shaped like `pack`, or none for a placeholder.
+    pub(super) fn pack_grad(
+        &self,
+        dpack: Vec<f32>,
+        pack: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.has_factors()
+            .then(|| Tensor::from_vec(dpack, pack.shape(), pack.device()))
+            .transpose()
+    }
+}
+
+/// RMSNorm of the rows of `x` (width `gamma.len()`): `(n, r)`.
+pub(super) fn rms_forward(x: &[f32], gamma: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
+    let width = gamma.len().max(1);
+    let mut normed = vec![0f32; x.len()];
+    let mut inv_rms = vec![0f32; x.len() / width];
+    normed
+        .par_chunks_exact_mut(width)
+        .zip(inv_rms.par_iter_mut())
+        .zip(x.par_chunks_exact(width))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|((dst, r), row)| {
+            let mean_sq = row
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                / width as f64;
+            *r = (1.0 / (mean_sq + eps).sqrt()) as f32;
+            for ((d, &v), &g) in dst.iter_mut().zip(row).zip(gamma) {
+                *d = v * *r * g;
+            }
+        });
+    (normed, inv_rms)
+}
+
+/// The RMSNorm backward plus a residual gradient: `dn` (the normed rows' gradient) becomes
+/// `dresidual + dL/dx` in place.
+pub(super) fn rms_backward_into(
+    dn: &mut [f32],
+    x: &[f32],
+    gamma: &[f32],
+    inv_rms: &[f32],
+    dresidual: &[f32],
+) {
+    let width = gamma.len().max(1);
+    dn.par_chunks_exact_mut(width)
+        .zip(x.par_chunks_exact(width))
+        .zip(dresidual.par_chunks_exact(width))
+        .zip(inv_rms.par_iter())
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(((dn, row), dres), &r)| {
+            let proj = dn
+                .iter()
+                .zip(row)
+                .zip(gamma)
+                .map(|((&d, &x), &g)| f64::from(d * g) * f64::from(x * r))
+                .sum::<f64>()
+                / width as f64;
+            let proj = proj as f32;
+            for (((d, &x), &g), &o) in dn.iter_mut().zip(row).zip(gamma).zip(dres) {
+                *d = o + r * (*d * g - x * r * proj);
+            }
+        });
+}
+
+/// `y += x`, elementwise, on rayon's threads.
+pub(super) fn add_into(y: &mut [f32], x: &[f32]) {
+    const CHUNK: usize = 16 * 1024;
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y += x));
+}
