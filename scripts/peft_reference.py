@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""HF PEFT on PyTorch running the DESIGN.md benchmark workloads, for ratios taken on one machine.
+"""HF PEFT on PyTorch running the benchmark workloads of `candle-peft bench`, for ratios taken on one machine.
 
     python scripts/peft_reference.py <workload> [--base DIR] [--minilm DIR]
 
