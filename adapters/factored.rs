@@ -13,7 +13,8 @@
 //!   conv → 1×1 conv chain. The stride, padding and dilation are the base conv's.
 //!
 //! Both projections go through [`crate::ops::frozen_matmul`] or [`crate::ops::frozen_conv2d`],
-//! so backward computes no gradient for the frozen factors; only the core's ops are ordinary (differentiable) candle ops.
+//! so backward computes no gradient for the frozen factors; only the core's ops are ordinary
+//! (differentiable) candle ops.
 
 use std::collections::BTreeMap;
 

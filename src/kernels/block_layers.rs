@@ -7,7 +7,7 @@
 //! placeholder that tracks no gradient.
 //!
 //! RMSNorm over rows of width `H` with weight `γ`: `r = 1/√(mean(x²) + ε)`, `n = x r γ`;
-//! backward `dx = r (g' − x̂ mean(g' ⊙ x̂))`, `g' = dn ⊙ γ`, `x̂ = x r` (as `norm`,
+//! backward `dx = r (g' − x̂ mean(g' ⊙ x̂))`, `g' = dn ⊙ γ`, `x̂ = x r` (as `norm`'s RMS norm,
 //! whose accumulation in f64 it shares so the fused and separate paths agree).
 
 use candle_core::{DType, Storage, Tensor};

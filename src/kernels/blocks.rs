@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-/// Work per rayon task in the CPU kernels: small tensors stay on one thread.
+/// Rows per rayon task in the row-wise kernels: small tensors stay on one thread.
 pub(crate) const ROWS_PER_TASK: usize = 64;
 /// Values per rayon task in the element-wise kernels.
 pub(crate) const ELEMENTS_PER_TASK: usize = 16 * 1024;

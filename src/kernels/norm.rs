@@ -17,7 +17,9 @@ use super::slices::{f32_input, output_storage, with_f32_values, with_optional_f3
 /// Which normalisation `norm` computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NormKind {
+    /// `(x − μ)·r·γ + β`, `r = 1/√(var + eps)`.
     LayerNorm,
+    /// `x·r·γ`, `r = 1/√(mean(x²) + eps)`.
     RmsNorm,
 }
 
@@ -142,7 +144,7 @@ impl CustomOp1 for Norm {
 }
 
 /// `dx` of [`Norm`] from `(x, dL/dy)`, one pass per row after its sums. With `c = x − μ` (`x`
-/// for RmsNorm), `x̂ = c·r` and `g' = g·γ`, the formula in the module doc expands to
+/// for RmsNorm), `x̂ = c·r` and `g' = g·γ`, the backward in the module doc expands to
 /// `dx = r·g' − r·mean(g') − c·r³·mean(g'·c)`: one pass for `Σc²` (which gives `r`), `Σg'`
 /// and `Σg'·c` (after one for `μ` with LayerNorm), then one multiply-add per element.
 struct NormGrad<'a>(&'a Norm);

@@ -31,6 +31,7 @@ macro_rules! simd_kernel {
 pub(crate) use simd_kernel;
 
 /// Whether [`simd_kernel`]s take their AVX2 + FMA copy (the answer is cached by std).
+#[inline]
 pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -57,6 +58,7 @@ pub(crate) fn lanes_to_f64(acc: &[f32; LANES], tail: f32) -> f64 {
 
 /// `max v` (`-∞` for an empty slice), with independent lanes so it vectorises; NaNs are
 /// skipped, as `f32::max` skips them.
+#[inline]
 pub(crate) fn row_max(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = v.chunks_exact(LANES);
@@ -70,6 +72,7 @@ pub(crate) fn row_max(v: &[f32]) -> f32 {
 }
 
 /// `Σ a·b` in f32 with independent lanes (see [`LANES`]).
+#[inline]
 pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (mut ac, mut bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
