@@ -12,8 +12,9 @@
 //!   channels of each group, and `B` is a grouped 1×1 conv. With `groups = 1` this is the plain
 //!   conv → 1×1 conv chain. The stride, padding and dilation are the base conv's.
 //!
-//! Both projections go through [`crate::frozen`], so backward computes no gradient for the
-//! frozen factors; only the core's ops are ordinary (differentiable) candle ops.
+//! Both projections go through [`crate::ops::frozen_matmul`] or [`crate::ops::frozen_conv2d`],
+//! so backward computes no gradient for the frozen factors; only the core's ops are ordinary
+//! (differentiable) candle ops.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::adapter::{LayerGeometry, Method};
 use crate::config::CliAdapterArgs;
 use crate::error::{PeftError, Result};
-use crate::frozen::{frozen_conv2d, frozen_matmul};
+use crate::kernels::frozen::{frozen_conv2d, frozen_matmul};
 use crate::linalg::{self, Precision};
 
 /// The weight of a layer as a 2-D f32 matrix `[out, in_g·kh·kw]` (conv flattened), after

@@ -46,8 +46,8 @@ use serde_json::{Value, json};
 use crate::adapter::{Adapter, LayerGeometry, Method};
 use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, OneOrMany, Targeting};
 use crate::error::{PeftError, Result};
-use crate::frozen::conv2d_trainable;
 use crate::init;
+use crate::kernels::frozen::conv2d_trainable;
 
 const PREFIX: &str = "flora_layer";
 

@@ -614,7 +614,7 @@ impl Adapter for LoraAdapter {
                 Ok(y.reshape(out_dims)?)
             }
             LayerGeometry::Conv2d { params, .. } => {
-                let h = crate::frozen::conv2d_trainable(
+                let h = crate::kernels::frozen::conv2d_trainable(
                     &x,
                     self.a.as_tensor(),
                     params.padding,
@@ -642,7 +642,7 @@ impl Adapter for LoraAdapter {
             && cpu_f32(weight)
             && bias.is_none_or(cpu_f32);
         eligible.then(|| {
-            Ok(crate::fused_lora::frozen_linear_lora(
+            Ok(crate::kernels::linear_lora::frozen_linear_lora(
                 x,
                 weight,
                 bias,

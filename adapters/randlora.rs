@@ -29,7 +29,7 @@
 //! - `in ≤ out`: `Δ(x) = s · (x̂ Ãᵀ) B̃ᵀ`, `ΔW = s · S`;
 //! - `in > out`: `Δ(x) = s · (x̂ B̃) Ã`, `ΔW = s · Sᵀ`;
 //!
-//! with `x̂ = dropout(x)`. The product with the frozen `B̃` goes through `crate::frozen`, so
+//! with `x̂ = dropout(x)`. The product with the frozen `B̃` goes through `crate::ops::frozen_matmul`, so
 //! backward computes no gradient for it. At `Λ = 0` the gradient of `Γ` is exactly 0: step 1
 //! moves `Λ` only. With random non-zero `Λ`, `Γ`, `rank(ΔW) = k`: the update is full rank.
 //!
@@ -62,8 +62,8 @@ use serde_json::{Value, json};
 use crate::adapter::{Adapter, LayerGeometry, Method};
 use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting};
 use crate::error::{PeftError, Result};
-use crate::frozen::{conv2d_trainable, frozen_conv2d, frozen_matmul};
 use crate::init;
+use crate::kernels::frozen::{conv2d_trainable, frozen_conv2d, frozen_matmul};
 
 /// File key of the shared basis `A: [r, 1, k_g]`.
 pub const SHARED_A_KEY: &str = "base_model.randlora_A";

@@ -182,7 +182,7 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     /// `x Wᵀ + b + Δ(x)` as one op, for a linear layer whose only live adapter is this one,
     /// when the adapter has such a path for these operands; `None` sends the layer to the base
     /// op plus [`forward_delta`](Self::forward_delta). Same values, fewer passes over the
-    /// activations in training (see `crate::fused_lora`).
+    /// activations in training (see `crate::ops::frozen_linear_lora`).
     fn fused_linear_forward(
         &self,
         _x: &Tensor,

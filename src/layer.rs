@@ -1,8 +1,8 @@
 //! `PeftLinear` and `PeftConv2d`: a frozen base layer plus named adapters.
 //!
-//! The base weight is a plain tensor, never a `Var`, and goes through the frozen ops of
-//! `crate::frozen`, so backward computes no weight gradient for it. Adapters add
-//! `Δ(x)` to the base output. A layer is a cheap handle (`Arc<RwLock<..>>`): the model holds one
+//! The base weight is a plain tensor, never a `Var`, and goes through the frozen ops
+//! (`crate::ops::{frozen_matmul, frozen_conv2d}`), so backward computes no weight gradient for
+//! it. Adapters add `Δ(x)` to the base output. A layer is a cheap handle (`Arc<RwLock<..>>`): the model holds one
 //! copy for its forward and the `PeftModel` registry holds another to add, merge and remove
 //! adapters after the model is built.
 
@@ -13,7 +13,7 @@ use candle_core::{DType, Module, Tensor, Var};
 
 use crate::adapter::{Adapter, LayerGeometry};
 use crate::error::{PeftError, Result};
-use crate::frozen::{frozen_conv2d, frozen_matmul};
+use crate::kernels::frozen::{conv2d_trainable, frozen_conv2d, frozen_matmul};
 
 /// A trainable full copy of a layer (PEFT's `modules_to_save`).
 #[derive(Debug)]
@@ -433,15 +433,7 @@ impl LayerHandle {
 }
 
 /// A linear layer's operands for a fused op (see [`LayerHandle::fused_parts`]).
-#[derive(Clone, Debug)]
-pub(crate) struct FusedLinearParts {
-    /// `W: [out, in]`, frozen.
-    pub(crate) weight: Tensor,
-    /// `b: [out]`, frozen.
-    pub(crate) bias: Option<Tensor>,
-    /// `(A: [r, in], B: [out, r], s)`, the trainable vars and the scaling.
-    pub(crate) lora: Option<(Tensor, Tensor, f64)>,
-}
+pub(crate) use crate::kernels::block_layers::FusedLinearParts;
 
 /// The frozen base: `x Wᵀ + b` or `conv2d(x, W) + b`, computed in the weight's dtype and
 /// returned in the input's.
@@ -470,7 +462,7 @@ fn trainable_forward(s: &LayerState, x: &Tensor, copy: &TrainableCopy) -> Result
     let w = copy.weight.as_tensor();
     let y = match s.geometry {
         LayerGeometry::Linear { .. } => x.broadcast_matmul(&w.t()?)?,
-        LayerGeometry::Conv2d { params, .. } => crate::frozen::conv2d_trainable(
+        LayerGeometry::Conv2d { params, .. } => conv2d_trainable(
             &x,
             w,
             params.padding,

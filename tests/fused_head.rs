@@ -1,14 +1,14 @@
-//! The fused frozen-head cross-entropy (`candle_peft::fused_head`): per-row losses and `dL/dx`
-//! against `cross_entropy_rows(frozen_matmul(..))` and against an f64 log-softmax built from
+//! The fused frozen-head cross-entropy (`candle_peft::ops::frozen_linear_cross_entropy`):
+//! per-row losses and `dL/dx` against `cross_entropy_rows(frozen_matmul(..))` and against an f64 log-softmax built from
 //! plain candle ops, a second backward through the same graph (the op recomputes its logits),
 //! the dtype fallback, input errors, and `LlamaForCausalLM::token_losses` on tied and untied
 //! heads, with and without a LoRA on the untied head.
 mod llama_support;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use candle_peft::frozen::frozen_matmul;
-use candle_peft::fused_head::frozen_linear_cross_entropy;
 use candle_peft::ops::cross_entropy_rows;
+use candle_peft::ops::frozen_linear_cross_entropy;
+use candle_peft::ops::frozen_matmul;
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -4,7 +4,7 @@
 //! multiple of the SIMD width and with enough rows for rayon to split the work.
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use candle_peft::models::llama::swiglu;
+use candle_peft::ops::swiglu;
 use candle_peft::ops::{NormKind, cross_entropy_rows, gelu_erf, masked_softmax, norm};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -7,7 +7,7 @@
 //! operand of a bad shape. Timing probe at the end (ignored).
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_peft::models::llama::attention_core;
+use candle_peft::ops::attention_core;
 use candle_peft::ops::masked_softmax;
 
 /// The allocator the binaries use, so the timing probe below sees their allocation costs.

@@ -2,8 +2,8 @@
 //! candle's differentiable compositions: same values, same input gradient.
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use candle_peft::frozen::frozen_matmul;
-use candle_peft::fused_lora::frozen_linear_lora;
+use candle_peft::ops::frozen_linear_lora;
+use candle_peft::ops::frozen_matmul;
 use candle_peft::ops::{NormKind, cross_entropy_rows, masked_softmax, norm};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -1,49 +1,11 @@
-//! The attention core of the Llama forward as one op with an exact backward:
-//! `context = softmax(q kᵀ + M) v`, laid out for `o_proj`.
-//!
-//! Shapes: `q: [B, n_h, T, d]` (rotated and already scaled by `1/√d`), `k: [B, n_kv, T_k, d]`
-//! (rotated), `v: [B, T_k, n_kv, d]` (`v_proj`'s output reshaped, not transposed), an optional
-//! frozen additive mask `M: [B, 1, 1 | T, T_k]`, and the output `[B, T, n_h·d]`. Query head `h`
-//! reads key/value head `g = h / G`, `G = n_h / n_kv`.
-//!
-//! Per batch row and key/value head `g` (one rayon task each), the `G` query heads of the group
-//! are the `G·T` rows of one matrix `Q_g` (contiguous in `q`), so with `V_g` read in place
-//! through its row stride `n_kv·d`:
-//!
-//! ```text
-//! forward   S = Q_g K_gᵀ (+ M),  P = softmax_rows(S),  C = P V_g
-//! backward  P recomputed,  dP = dC V_gᵀ,  dV_g = Pᵀ dC,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),
-//!           dQ_g = dS K_g,  dK_g = dSᵀ Q_g
-//! ```
-//!
-//! `dK_g`/`dV_g` sum over the group's query heads because the group is one matrix. The softmax is
-//! `crate::ops::masked_softmax`'s, operation for operation (a fully masked row is uniform), with
-//! `crate::fast_exp`'s exponential (≤ 2 ulp from libm's, and no slow path for the masked scores
-//! that underflow).
-//!
-//! Masked keys are skipped. For each query position `t` the mask gives the end `e_t` of its
-//! keys, `1 +` its last key whose entry is above [`MASKED`] (`T_k` for a fully masked row, which
-//! is uniform over all keys); every probability past `e_t` is exactly 0 in f32, so is every term
-//! of the products that it scales. The query positions go in tiles of up to [`TILE`], all `G`
-//! heads of the group together (they share keys and mask), and every product of a tile runs
-//! over the keys `[0, max e_t)` only: under a causal mask that is `(T + TILE) / 2T` of the work.
-//! Inside a tile, a row's keys past its own `e_t` get probability 0 without an exponential.
-//!
-//! Why: as separate candle ops (reshapes, transposes, two matmuls, the softmax) every node of the
-//! graph costs the backward an activation-sized `zeros_like` and `add` for its input's gradient,
-//! and the forward a `[B, T_k, n_kv, d] → [B, n_kv, T_k, d]` copy of `v` and a
-//! `[B, n_h, T, d] → [B, T, n_h, d]` copy of the context. One op keeps a single node, and the
-//! backward keeps no state: `P` is recomputed from `q` and `k`.
-//!
-//! CPU and f32 only; other devices and dtypes take the same math in plain candle ops.
+//! The attention core's kernel: the key-skipping plan from the mask, and the forward and
+//! backward over tiles of query positions (see the parent module for the math).
 
-use std::sync::OnceLock;
-
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_gemm::{self, Strided, Threads};
-use crate::error::Result;
+use super::Dims;
+use crate::kernels::fast_exp;
+use crate::kernels::gemm::{self, Strided, Threads};
 
 /// `dst = [dst +] lhs · rhs` on the calling thread: the callers already run one rayon task per
 /// (batch, key/value head), and the matrices (`T = 128`, `d = 64`) are too small for gemm's own
@@ -55,7 +17,7 @@ fn gemm_f32(
     mnk: (usize, usize, usize),
     accumulate: bool,
 ) -> candle_core::Result<()> {
-    cpu_gemm::gemm_f32(
+    gemm::gemm_f32(
         "llama-attention",
         dst,
         lhs,
@@ -64,114 +26,6 @@ fn gemm_f32(
         accumulate,
         Threads::Single,
     )
-}
-
-/// The sizes of one call, checked against each other.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Dims {
-    batch: usize,
-    heads: usize,
-    kv_heads: usize,
-    seq: usize,
-    kv_seq: usize,
-    head_dim: usize,
-    /// Rows of the mask per batch row: 1 (broadcast over queries) or `seq`.
-    mask_rows: usize,
-}
-
-impl Dims {
-    fn groups(&self) -> usize {
-        self.heads / self.kv_heads
-    }
-
-    /// Rows of one group's query matrix, `G·T`.
-    fn group_rows(&self) -> usize {
-        self.groups() * self.seq
-    }
-}
-
-/// Checks the operands' shapes against each other, naming the one that does not fit.
-pub(super) fn check_dims(
-    q: &[usize],
-    k: &[usize],
-    v: &[usize],
-    mask: Option<&[usize]>,
-    kv_heads: usize,
-) -> candle_core::Result<Dims> {
-    let &[batch, heads, seq, head_dim] = q else {
-        candle_core::bail!("llama-attention: q must be [B, n_h, T, d], got {q:?}");
-    };
-    if kv_heads == 0 || heads % kv_heads != 0 {
-        candle_core::bail!(
-            "llama-attention: {heads} query heads (q {q:?}) are not a multiple of {kv_heads} key/value heads"
-        );
-    }
-    let &[kb, kh, kv_seq, kd] = k else {
-        candle_core::bail!("llama-attention: k must be [B, n_kv, T_k, d], got {k:?}");
-    };
-    if (kb, kh, kd) != (batch, kv_heads, head_dim) {
-        candle_core::bail!(
-            "llama-attention: k {k:?} does not fit [B = {batch}, n_kv = {kv_heads}, T_k, d = {head_dim}] (q {q:?})"
-        );
-    }
-    if v != [batch, kv_seq, kv_heads, head_dim] {
-        candle_core::bail!(
-            "llama-attention: v must be [B, T_k, n_kv, d] = {:?}, got {v:?}",
-            [batch, kv_seq, kv_heads, head_dim]
-        );
-    }
-    let mask_rows = match mask {
-        None => 0,
-        Some(&[mb, 1, mq, mk]) if mb == batch && (mq == 1 || mq == seq) && mk == kv_seq => mq,
-        Some(m) => candle_core::bail!(
-            "llama-attention: mask must be [B, 1, T | 1, T_k] = [{batch}, 1, {seq}, {kv_seq}], got {m:?}"
-        ),
-    };
-    Ok(Dims {
-        batch,
-        heads,
-        kv_heads,
-        seq,
-        kv_seq,
-        head_dim,
-        mask_rows,
-    })
-}
-
-/// The contiguous f32 values of a CPU storage, or an error naming the operand.
-fn f32_slice<'a>(what: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        (CpuStorage::F32(_), None) => {
-            candle_core::bail!("llama-attention: {what} must be contiguous")
-        }
-        _ => candle_core::bail!("llama-attention: {what} must be f32"),
-    }
-}
-
-/// Runs `f` on the values of a CPU tensor (the storage stays read-locked meanwhile).
-fn with_values<R>(
-    what: &str,
-    t: &Tensor,
-    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*storage else {
-        candle_core::bail!("llama-attention: {what} is not on the CPU");
-    };
-    f(f32_slice(what, s, layout)?)
-}
-
-/// [`with_values`] for an optional tensor.
-fn with_optional<R>(
-    what: &str,
-    t: Option<&Tensor>,
-    f: impl FnOnce(Option<&[f32]>) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    match t {
-        Some(t) => with_values(what, t, |v| f(Some(v))),
-        None => f(None),
-    }
 }
 
 /// Mask entries at or below this count as masked when choosing the keys a query row may skip.
@@ -249,7 +103,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Which keys each query row reads, from the mask alone: built once per call (the mask is
 /// frozen) and shared by the forward and the backward.
 #[derive(Debug)]
-pub(super) struct Plan {
+pub(crate) struct Plan {
     /// Per batch row and mask row (`[B, mask_rows]`), the end of the keys the row reads: `1 +` its
     /// last key whose mask entry is above [`MASKED`], or `T_k` for a fully masked row. Empty
     /// without a mask.
@@ -355,7 +209,7 @@ impl Dims {
     }
 
     /// The [`Plan`] for `mask` (`[B, mask_rows, T_k]`, or none).
-    pub(super) fn plan(&self, mask: Option<&[f32]>) -> Plan {
+    pub(crate) fn plan(&self, mask: Option<&[f32]>) -> Plan {
         let tk = self.kv_seq;
         // Per mask row, `1 +` the last visible key; `None` for a fully masked row.
         let visible: Vec<Option<usize>> = match mask {
@@ -493,7 +347,7 @@ impl Dims {
                 &m[at..at + row.len()]
             });
             let max = add_mask_and_max(row, mask_row);
-            let inv = 1.0 / crate::fast_exp::exp_shifted_sum(row, max);
+            let inv = 1.0 / fast_exp::exp_shifted_sum(row, max);
             row.iter_mut().for_each(|s| *s *= inv);
         }
         Ok(())
@@ -512,7 +366,7 @@ impl Dims {
         self.batch * self.kv_heads * self.group_rows() * self.kv_seq * self.head_dim == 0
     }
 
-    pub(super) fn forward(
+    pub(crate) fn forward(
         &self,
         plan: &Plan,
         q: &[f32],
@@ -562,7 +416,7 @@ impl Dims {
     }
 
     /// `(dq, dk, dv)` in the layouts of `q`, `k`, `v`, for the context gradient `grad`.
-    pub(super) fn backward(
+    pub(crate) fn backward(
         &self,
         plan: &Plan,
         q: &[f32],
@@ -667,170 +521,4 @@ impl Dims {
             });
         Ok((dq, dk, dv))
     }
-}
-
-/// The fused op; the mask is frozen (no gradient) and read from the tensor it holds.
-struct AttentionCore {
-    mask: Option<Tensor>,
-    kv_heads: usize,
-    /// Built from the mask on first use; q, k and v have the same shapes in both passes.
-    plan: OnceLock<Plan>,
-}
-
-impl AttentionCore {
-    fn dims(&self, q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<Dims> {
-        check_dims(q, k, v, self.mask.as_ref().map(|m| m.dims()), self.kv_heads)
-    }
-
-    fn plan(&self, dims: &Dims, mask: Option<&[f32]>) -> &Plan {
-        self.plan.get_or_init(|| dims.plan(mask))
-    }
-}
-
-impl CustomOp3 for AttentionCore {
-    fn name(&self) -> &'static str {
-        "llama-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = self.dims(ql.dims(), kl.dims(), vl.dims())?;
-        let q = f32_slice("q", qs, ql)?;
-        let k = f32_slice("k", ks, kl)?;
-        let v = f32_slice("v", vs, vl)?;
-        let out = with_optional("the mask", self.mask.as_ref(), |mask| {
-            dims.forward(self.plan(&dims, mask), q, k, v, mask)
-        })?;
-        let shape = Shape::from((dims.batch, dims.seq, dims.heads * dims.head_dim));
-        Ok((CpuStorage::F32(out), shape))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _context: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Detached: gradients built from tracked tensors would carry this step's graph into
-        // whatever keeps them, and with it every activation.
-        let (q, k, v) = (
-            q.detach().contiguous()?,
-            k.detach().contiguous()?,
-            v.detach().contiguous()?,
-        );
-        let grad = grad.detach().contiguous()?;
-        let dims = self.dims(q.dims(), k.dims(), v.dims())?;
-        let expected = [dims.batch, dims.seq, dims.heads * dims.head_dim];
-        if grad.dims() != expected {
-            candle_core::bail!(
-                "llama-attention: context gradient {:?}, expected {expected:?}",
-                grad.dims()
-            );
-        }
-        let (dq, dk, dv) = with_values("q", &q, |qv| {
-            with_values("k", &k, |kv| {
-                with_values("v", &v, |vv| {
-                    with_values("the context gradient", &grad, |gv| {
-                        with_optional("the mask", self.mask.as_ref(), |mask| {
-                            dims.backward(self.plan(&dims, mask), qv, kv, vv, mask, gv)
-                        })
-                    })
-                })
-            })
-        })?;
-        let device = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), device)?),
-            Some(Tensor::from_vec(dk, k.shape(), device)?),
-            Some(Tensor::from_vec(dv, v.shape(), device)?),
-        ))
-    }
-}
-
-/// Whether the CPU kernel covers `x` (f32 on the CPU); the rest takes the plain ops.
-pub(super) fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
-}
-
-/// The same attention in plain (differentiable) candle ops, for devices and dtypes the fused op
-/// does not cover: the composition `LlamaAttention::forward` uses with a KV cache.
-fn attention_plain(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    dims: &Dims,
-) -> Result<Tensor> {
-    let (b, nkv, t, tk, d) = (
-        dims.batch,
-        dims.kv_heads,
-        dims.seq,
-        dims.kv_seq,
-        dims.head_dim,
-    );
-    let v = v.transpose(1, 2)?.contiguous()?;
-    let q = q.contiguous()?.reshape((b, nkv, dims.group_rows(), d))?;
-    let scores = q
-        .matmul(&k.contiguous()?.t()?)?
-        .reshape((b, dims.heads, t, tk))?;
-    let probs = crate::ops::masked_softmax(&scores, mask)?;
-    Ok(probs
-        .reshape((b, nkv, dims.group_rows(), tk))?
-        .matmul(&v)?
-        .reshape((b, dims.heads, t, d))?
-        .transpose(1, 2)?
-        .reshape((b, t, dims.heads * d))?)
-}
-
-/// `softmax(q kᵀ + mask) v` for every query head, as `[B, T, n_h·d]` (the input of `o_proj`).
-///
-/// `q: [B, n_h, T, d]` (rotated, scaled by `1/√d`), `k: [B, n_kv, T_k, d]` (rotated),
-/// `v: [B, T_k, n_kv, d]` (not transposed), `mask`: additive `[B, 1, T | 1, T_k]` (0 or the
-/// dtype's minimum), frozen. Query head `h` reads key/value head `h / (n_h / n_kv)`.
-/// Differentiable in `q`, `k` and `v`: one fused op on the CPU in f32, plain candle ops
-/// otherwise. Operands of the wrong shape are an error naming the operand.
-pub fn attention_core(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    num_kv_heads: usize,
-) -> Result<Tensor> {
-    let dims = check_dims(
-        q.dims(),
-        k.dims(),
-        v.dims(),
-        mask.map(|m| m.dims()),
-        num_kv_heads,
-    )?;
-    if !(fused(q) && fused(k) && fused(v)) {
-        return attention_plain(q, k, v, mask, &dims);
-    }
-    let mask = match mask {
-        // Frozen, and read as f32 values by the kernel.
-        Some(m) => Some(m.detach().to_dtype(DType::F32)?.contiguous()?),
-        None => None,
-    };
-    if mask.as_ref().is_some_and(|m| !m.device().is_cpu()) {
-        return Err(candle_core::Error::Msg(
-            "llama-attention: the mask is not on the CPU with q, k and v".into(),
-        )
-        .into());
-    }
-    let op = AttentionCore {
-        mask,
-        kv_heads: num_kv_heads,
-        plan: OnceLock::new(),
-    };
-    Ok(q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }

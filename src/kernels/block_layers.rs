@@ -7,45 +7,28 @@
 //! placeholder that tracks no gradient.
 //!
 //! RMSNorm over rows of width `H` with weight `γ`: `r = 1/√(mean(x²) + ε)`, `n = x r γ`;
-//! backward `dx = r (g' − x̂ mean(g' ⊙ x̂))`, `g' = dn ⊙ γ`, `x̂ = x r` (as `crate::ops::norm`,
+//! backward `dx = r (g' − x̂ mean(g' ⊙ x̂))`, `g' = dn ⊙ γ`, `x̂ = x r` (as `norm`'s RMS norm,
 //! whose accumulation in f64 it shares so the fused and separate paths agree).
 
-use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::linear_lora::{LinearValues, LoraValues};
+use super::slices::f32_slice;
 use crate::error::Result;
-use crate::fused_lora::{LinearValues, LoraValues};
-use crate::layer::FusedLinearParts;
 
 /// Rows per rayon task in the element-wise passes: small inputs stay on one thread.
-pub(super) const ROWS_PER_TASK: usize = 16;
+pub(crate) const ROWS_PER_TASK: usize = 16;
 
-/// The contiguous f32 values of a CPU storage, or an error naming the op and operand.
-pub(super) fn f32_values<'a>(
-    op: &str,
-    what: &str,
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        (CpuStorage::F32(_), None) => candle_core::bail!("{op}: {what} must be contiguous"),
-        _ => candle_core::bail!("{op}: {what} must be f32"),
-    }
-}
-
-/// Runs `f` on the values of a CPU f32 tensor.
-pub(super) fn with_values<R>(
-    op: &str,
-    what: &str,
-    t: &Tensor,
-    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*storage else {
-        candle_core::bail!("{op}: {what} is not on the CPU");
-    };
-    f(f32_values(op, what, s, layout)?)
+/// A linear layer's operands for a fused op: what `LayerHandle::fused_parts` gathers.
+#[derive(Clone, Debug)]
+pub(crate) struct FusedLinearParts {
+    /// `W: [out, in]`, frozen.
+    pub(crate) weight: Tensor,
+    /// `b: [out]`, frozen.
+    pub(crate) bias: Option<Tensor>,
+    /// `(A: [r, in], B: [out, r], s)`, the trainable vars and the scaling.
+    pub(crate) lora: Option<(Tensor, Tensor, f64)>,
 }
 
 /// Where one layer's factors sit in the pack.
@@ -68,7 +51,7 @@ struct BlockLinear {
 }
 
 /// A block's layers, in pack order.
-pub(super) struct BlockLayers {
+pub(crate) struct BlockLayers {
     op: &'static str,
     layers: Vec<BlockLinear>,
     pack_len: usize,
@@ -78,7 +61,7 @@ impl BlockLayers {
     /// The layers (`(name, parts)`, each `W: [out, in]`) and their pack, or `None` when a
     /// layer's operands do not fit its `(out, in)`; the separate ops then report the mismatch
     /// with the layer's name.
-    pub(super) fn new(
+    pub(crate) fn new(
         op: &'static str,
         parts: Vec<(&'static str, FusedLinearParts, (usize, usize))>,
         device: &candle_core::Device,
@@ -139,12 +122,12 @@ impl BlockLayers {
     }
 
     /// Whether the block has trainable factors (else the pack is a placeholder).
-    pub(super) fn has_factors(&self) -> bool {
+    pub(crate) fn has_factors(&self) -> bool {
         self.pack_len > 0
     }
 
     /// Checks the pack operand's length.
-    pub(super) fn check_pack(&self, pack: &[f32]) -> candle_core::Result<()> {
+    pub(crate) fn check_pack(&self, pack: &[f32]) -> candle_core::Result<()> {
         if pack.len() != self.pack_len.max(1) {
             candle_core::bail!(
                 "{}: LoRA pack of {} values, expected {}",
@@ -157,7 +140,7 @@ impl BlockLayers {
     }
 
     /// Runs `f` with the layers as values, their factors read from `pack`.
-    pub(super) fn with_linears<R>(
+    pub(crate) fn with_linears<R>(
         &self,
         pack: &[f32],
         f: impl FnOnce(&[LinearValues<'_>]) -> candle_core::Result<R>,
@@ -184,13 +167,13 @@ impl BlockLayers {
                     let Storage::Cpu(b) = &**b_storage else {
                         candle_core::bail!("{}: {} bias is not on the CPU", self.op, layer.name);
                     };
-                    Some(f32_values(self.op, layer.name, b, b_layout)?)
+                    Some(f32_slice(self.op, layer.name, b, b_layout)?)
                 }
                 None => None,
             };
             let (out_f, in_f) = (layer.out_features, layer.in_features);
             linears.push(LinearValues {
-                weight: f32_values(self.op, layer.name, w, w_layout)?,
+                weight: f32_slice(self.op, layer.name, w, w_layout)?,
                 out_features: out_f,
                 in_features: in_f,
                 bias,
@@ -206,7 +189,7 @@ impl BlockLayers {
     }
 
     /// Writes layer `index`'s factor gradients (if it has factors) into the pack's gradient.
-    pub(super) fn put_grads(
+    pub(crate) fn put_grads(
         &self,
         dpack: &mut [f32],
         index: usize,
@@ -225,7 +208,7 @@ impl BlockLayers {
     }
 
     /// The pack's gradient as a tensor shaped like `pack`, or none for a placeholder.
-    pub(super) fn pack_grad(
+    pub(crate) fn pack_grad(
         &self,
         dpack: Vec<f32>,
         pack: &Tensor,
@@ -237,7 +220,7 @@ impl BlockLayers {
 }
 
 /// RMSNorm of the rows of `x` (width `gamma.len()`): `(n, r)`.
-pub(super) fn rms_forward(x: &[f32], gamma: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn rms_forward(x: &[f32], gamma: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
     let width = gamma.len().max(1);
     let mut normed = vec![0f32; x.len()];
     let mut inv_rms = vec![0f32; x.len() / width];
@@ -262,7 +245,7 @@ pub(super) fn rms_forward(x: &[f32], gamma: &[f32], eps: f64) -> (Vec<f32>, Vec<
 
 /// The RMSNorm backward plus a residual gradient: `dn` (the normed rows' gradient) becomes
 /// `dresidual + dL/dx` in place.
-pub(super) fn rms_backward_into(
+pub(crate) fn rms_backward_into(
     dn: &mut [f32],
     x: &[f32],
     gamma: &[f32],
@@ -291,7 +274,7 @@ pub(super) fn rms_backward_into(
 }
 
 /// `y += x`, elementwise, on rayon's threads.
-pub(super) fn add_into(y: &mut [f32], x: &[f32]) {
+pub(crate) fn add_into(y: &mut [f32], x: &[f32]) {
     const CHUNK: usize = 16 * 1024;
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))

@@ -1,5 +1,5 @@
-//! A checked f32 matrix product on CPU slices, for the fused ops' kernels (`crate::fused_lora`,
-//! the Llama attention core): `dst = [dst +] lhs · rhs` through the `gemm` crate, with operands
+//! A checked f32 matrix product on CPU slices, for the fused ops' kernels (the LoRA linear, the
+//! linear head's cross-entropy, the attention core): `dst = [dst +] lhs · rhs` through the `gemm` crate, with operands
 //! given by strides so transposes cost no copy.
 
 /// A matrix operand: its values and its (column, row) strides.

@@ -94,7 +94,7 @@ impl CustomOp1 for FrozenMatmul {
         let Storage::Cuda(y) = &*storage else {
             candle_core::bail!("frozen-matmul: output left the GPU");
         };
-        Ok((crate::ops::cuda_contiguous(y, layout)?, out_shape))
+        Ok((crate::kernels::cuda::cuda_contiguous(y, layout)?, out_shape))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -177,7 +177,7 @@ impl FrozenConv2d {
         let storage = match &*storage {
             Storage::Cpu(s) => Storage::Cpu(s.clone()),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(s) => Storage::Cuda(crate::ops::cuda_contiguous(s, layout)?),
+            Storage::Cuda(s) => Storage::Cuda(crate::kernels::cuda::cuda_contiguous(s, layout)?),
             _ => candle_core::bail!("frozen-conv2d: unsupported device"),
         };
         Ok((storage, shape))
@@ -204,7 +204,7 @@ impl CustomOp1 for FrozenConv2d {
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let x = storage_tensor(
-            Storage::Cuda(crate::ops::cuda_contiguous(x, layout)?),
+            Storage::Cuda(crate::kernels::cuda::cuda_contiguous(x, layout)?),
             &Layout::contiguous(layout.shape()),
         )?;
         match self.forward_detached(x)? {

@@ -29,12 +29,14 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_gemm::{self, Strided, Threads};
-use crate::fast_exp;
+use super::cross_entropy::cross_entropy_rows;
+use super::fast_exp;
+use super::frozen::frozen_matmul;
+use super::gemm::{self, Strided, Threads};
+use super::slices::{f32_slice, with_values};
 
 const OP: &str = "frozen-linear-cross-entropy";
 
@@ -91,34 +93,6 @@ struct FrozenLinearCrossEntropy {
     kept: Mutex<Option<Kept>>,
 }
 
-/// A contiguous f32 CPU slice of `storage` under `layout`, or an error naming `what`.
-fn f32_slice<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(values) = storage else {
-        candle_core::bail!("{OP}: {what} must be f32, got {:?}", storage.dtype());
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&values[start..end]),
-        None => candle_core::bail!("{OP}: {what} must be contiguous"),
-    }
-}
-
-/// Runs `f` on the f32 values of the CPU tensor `t`.
-fn with_f32<R>(
-    t: &Tensor,
-    what: &str,
-    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("{OP}: {what} is not on the CPU");
-    };
-    f(f32_slice(cpu, layout, what)?)
-}
-
 /// `ln Σ_b s_b·exp(m_b)` from per-block maxima `m_b` and shifted sums `s_b = Σ exp(z − m_b)`.
 fn merge_log_sum_exp(parts: impl Iterator<Item = (f32, f32)> + Clone) -> f32 {
     let max = parts.clone().fold(f32::NEG_INFINITY, |m, (b, _)| m.max(b));
@@ -157,7 +131,7 @@ impl FrozenLinearCrossEntropy {
             });
         }
         let bias = match &self.bias {
-            Some(b) => Some(with_f32(b, "bias", |b| Ok(b.to_vec()))?),
+            Some(b) => Some(with_values(OP, "bias", b, |b| Ok(b.to_vec()))?),
             None => None,
         };
         let (block_len, width) = (logits.block_len(), logits.width);
@@ -176,7 +150,7 @@ impl FrozenLinearCrossEntropy {
                 })
                 .collect()
         };
-        let stats = with_f32(&self.weight, "weight", |w| {
+        let stats = with_values(OP, "weight", &self.weight, |w| {
             logits
                 .values
                 .par_chunks_mut(block_len)
@@ -184,7 +158,7 @@ impl FrozenLinearCrossEntropy {
                 .map(|(b, block)| {
                     let start = b * width;
                     let wb = block.len() / n;
-                    cpu_gemm::gemm_f32(
+                    gemm::gemm_f32(
                         OP,
                         block,
                         Strided::rows(x, h),
@@ -226,7 +200,7 @@ impl FrozenLinearCrossEntropy {
             runs.push((first, run));
             rest = tail;
         }
-        let partials = with_f32(&self.weight, "weight", |w| {
+        let partials = with_values(OP, "weight", &self.weight, |w| {
             runs.into_par_iter()
                 .map(|(first, run)| {
                     let mut dx = vec![0f32; n * h];
@@ -237,7 +211,7 @@ impl FrozenLinearCrossEntropy {
                             let t = (self.targets[i] as usize).wrapping_sub(start);
                             softmax_minus_onehot(row, lse[i], g[i], (t < wb).then_some(t));
                         }
-                        cpu_gemm::gemm_f32(
+                        gemm::gemm_f32(
                             OP,
                             &mut dx,
                             Strided::rows(block, wb),
@@ -282,7 +256,7 @@ impl CustomOp1 for FrozenLinearCrossEntropy {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(x, layout, "hidden")?;
+        let x = f32_slice(OP, "hidden", x, layout)?;
         let kept = self.logits_and_lse(x)?;
         let losses = kept
             .lse
@@ -305,7 +279,7 @@ impl CustomOp1 for FrozenLinearCrossEntropy {
         let kept = self.lock().take();
         let kept = match kept {
             Some(kept) => kept,
-            None => with_f32(x, "hidden", |x| self.logits_and_lse(x))?,
+            None => with_values(OP, "hidden", x, |x| self.logits_and_lse(x))?,
         };
         let dx = self.input_grad(kept, &g)?;
         Ok(Some(Tensor::from_vec(dx, (n, h), x.device())?))
@@ -356,8 +330,8 @@ pub fn frozen_linear_cross_entropy(
         && weight.dtype() == DType::F32
         && bias.is_none_or(|b| b.device().is_cpu());
     if !fast {
-        let logits = crate::frozen::frozen_matmul(hidden, weight, bias)?;
-        return crate::ops::cross_entropy_rows(&logits, targets);
+        let logits = frozen_matmul(hidden, weight, bias)?;
+        return cross_entropy_rows(&logits, targets);
     }
     let op = FrozenLinearCrossEntropy {
         weight: weight.contiguous()?.detach(),

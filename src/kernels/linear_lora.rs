@@ -13,33 +13,21 @@
 //!   `[N, r]`): `dL/dx = g W` with `u A` accumulated by gemm in place, `dL/dA = uᵀ x`,
 //!   `dL/dB = gᵀ h`.
 //!
-//! `W` and `b` get no gradient (see `crate::frozen`). CPU only: `LoraAdapter` uses it for linear
+//! `W` and `b` get no gradient (as in `frozen`). CPU only: `LoraAdapter` uses it for linear
 //! layers on the CPU in f32 when it is the layer's only live adapter and dropout is off; every
 //! other case (CUDA included) takes the base op plus `forward_delta`.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use crate::cpu_gemm::{self, Strided, Threads};
+use super::gemm::{self, Strided, Threads};
+use super::slices::f32_slice;
+
+const OP: &str = "frozen-linear-lora";
 
 struct FrozenLinearLora {
     weight: Tensor,
     bias: Option<Tensor>,
     scaling: f64,
-}
-
-/// A contiguous f32 CPU slice of `storage` under `layout`, or an error naming `what`.
-fn f32_slice<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(values) = storage else {
-        candle_core::bail!("frozen-linear-lora: {what} must be f32");
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&values[start..end]),
-        None => candle_core::bail!("frozen-linear-lora: {what} must be contiguous"),
-    }
 }
 
 /// `dst = [dst +] lhs · rhs` on candle's threads.
@@ -50,15 +38,7 @@ fn gemm_f32(
     mnk: (usize, usize, usize),
     accumulate: bool,
 ) -> candle_core::Result<()> {
-    cpu_gemm::gemm_f32(
-        "frozen-linear-lora",
-        dst,
-        lhs,
-        rhs,
-        mnk,
-        accumulate,
-        Threads::Candle,
-    )
+    gemm::gemm_f32(OP, dst, lhs, rhs, mnk, accumulate, Threads::Candle)
 }
 
 /// LoRA factors as values: `A: [r, in]`, `B: [out, r]`, scaling `s`.
@@ -71,7 +51,7 @@ pub(crate) struct LoraValues<'a> {
 }
 
 /// A frozen linear layer, optionally with a LoRA delta, as values: the kernels of this op on
-/// slices, for fused ops that chain several layers (`crate::models::llama`'s MLP block).
+/// slices, for fused ops that chain several layers (the decoder blocks).
 #[derive(Clone, Copy)]
 pub(crate) struct LinearValues<'a> {
     /// `W: [out, in]`, row-major.
@@ -252,14 +232,14 @@ impl CustomOp3 for FrozenLinearLora {
             );
         }
         let rows: usize = lead.iter().product();
-        let x = f32_slice(x, x_layout, "the input")?;
-        let a = f32_slice(a, a_layout, "lora_A")?;
-        let b = f32_slice(b, b_layout, "lora_B")?;
+        let x = f32_slice(OP, "the input", x, x_layout)?;
+        let a = f32_slice(OP, "lora_A", a, a_layout)?;
+        let b = f32_slice(OP, "lora_B", b, b_layout)?;
         let (w_storage, w_layout) = self.weight.storage_and_layout();
         let candle_core::Storage::Cpu(w) = &*w_storage else {
             candle_core::bail!("frozen-linear-lora: the weight is not on the CPU");
         };
-        let w = f32_slice(w, w_layout, "the weight")?;
+        let w = f32_slice(OP, "the weight", w, w_layout)?;
 
         let bias_values = self.bias.as_ref().map(|b| b.storage_and_layout());
         let bias = match &bias_values {
@@ -267,7 +247,7 @@ impl CustomOp3 for FrozenLinearLora {
                 let candle_core::Storage::Cpu(bias) = &**storage else {
                     candle_core::bail!("frozen-linear-lora: the bias is not on the CPU");
                 };
-                Some(f32_slice(bias, layout, "the bias")?)
+                Some(f32_slice(OP, "the bias", bias, layout)?)
             }
             None => None,
         };
@@ -342,11 +322,11 @@ impl FrozenLinearLora {
         else {
             candle_core::bail!("frozen-linear-lora: backward operands are not all on the CPU");
         };
-        let xv = f32_slice(xs, x_layout, "the input")?;
-        let av = f32_slice(a_s, a_layout, "lora_A")?;
-        let bv = f32_slice(bs, b_layout, "lora_B")?;
-        let gv = f32_slice(gs, g_layout, "the output gradient")?;
-        let wv = f32_slice(ws, w_layout, "the weight")?;
+        let xv = f32_slice(OP, "the input", xs, x_layout)?;
+        let av = f32_slice(OP, "lora_A", a_s, a_layout)?;
+        let bv = f32_slice(OP, "lora_B", bs, b_layout)?;
+        let gv = f32_slice(OP, "the output gradient", gs, g_layout)?;
+        let wv = f32_slice(OP, "the weight", ws, w_layout)?;
 
         let linear = LinearValues {
             weight: wv,
