@@ -1,5 +1,6 @@
-//! `candle-peft`: the command-line interface. Each subcommand lives under `cli/` (`cli/<name>.rs` or `cli/<name>/`); this file
-//! only parses the arguments and reports errors as `error: …` with exit status 1.
+//! `candle-peft`: the command-line interface. Each subcommand lives under `cli/` (`cli/<name>.rs`
+//! or `cli/<name>/`); this file only parses the arguments and reports errors as `error: …` with
+//! exit status 1.
 
 mod cli;
 
