@@ -13,7 +13,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 
 fn main() {
-    candle_peft::runtime::tune_cpu_runtime();
+    // SAFETY: first statement of `main`; no other thread has been started.
+    unsafe { candle_peft::runtime::tune_cpu_runtime() };
     let args = cli::Cli::parse();
     if let Err(e) = cli::run(args) {
         eprintln!("error: {e:#}");
