@@ -35,7 +35,8 @@ const PROMPT: &str = "ROMEO:\n";
 
 fn main() -> Result<()> {
     // Allocator and thread-pool settings for training (see candle_peft::runtime).
-    candle_peft::runtime::tune_cpu_runtime();
+    // SAFETY: first statement of `main`; no other thread has been started.
+    unsafe { candle_peft::runtime::tune_cpu_runtime() };
     let started = Instant::now();
     let out: PathBuf = std::env::args()
         .nth(1)

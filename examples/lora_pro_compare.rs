@@ -443,7 +443,8 @@ fn summary(w: &Workload) {
 
 fn main() -> Result<()> {
     // Allocator and thread-pool settings for training (see candle_peft::runtime).
-    candle_peft::runtime::tune_cpu_runtime();
+    // SAFETY: first statement of `main`; no other thread has been started.
+    unsafe { candle_peft::runtime::tune_cpu_runtime() };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut what = "all".to_string();
     let mut steps: Option<usize> = None;

@@ -39,7 +39,8 @@ const LR: f64 = 1e-3;
 
 fn main() -> Result<()> {
     // Allocator and thread-pool settings for training (see candle_peft::runtime).
-    candle_peft::runtime::tune_cpu_runtime();
+    // SAFETY: first statement of `main`; no other thread has been started.
+    unsafe { candle_peft::runtime::tune_cpu_runtime() };
     let started = Instant::now();
     let out: PathBuf = std::env::args()
         .nth(1)

@@ -51,13 +51,16 @@ use crate::error::{PeftError, Result};
 /// One classification example: a label id and its text.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LabeledText {
+    /// Label id (an index into the data set's label names).
     pub label: usize,
+    /// The example's text.
     pub text: String,
 }
 
 /// A labelled data set: the examples in file order and the label names (id = index).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LabeledDataset {
+    /// The examples, in file order.
     pub examples: Vec<LabeledText>,
     /// Label names; `labels[id]` is the name of id `id`.
     pub labels: Vec<String>,
@@ -66,14 +69,17 @@ pub struct LabeledDataset {
 }
 
 impl LabeledDataset {
+    /// Number of examples.
     pub fn len(&self) -> usize {
         self.examples.len()
     }
 
+    /// Whether there are no examples.
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
     }
 
+    /// Number of label names.
     pub fn num_labels(&self) -> usize {
         self.labels.len()
     }
@@ -338,7 +344,9 @@ pub fn read_text(path: impl AsRef<Path>) -> Result<String> {
 /// One instruction example: the loss covers only the response's tokens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PromptResponse {
+    /// The instruction; context only, never a target.
     pub prompt: String,
+    /// The answer; its tokens are the targets.
     pub response: String,
 }
 

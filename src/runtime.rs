@@ -1,6 +1,11 @@
 //! CPU runtime settings for training processes: the allocator's page retention and candle's
 //! element-wise thread pool. Binaries and examples call [`tune_cpu_runtime`] first thing in
-//! `main`; the library itself never calls it.
+//! `main`, before any other thread exists; the library itself never calls it.
+//!
+//! candle reads its thread counts from `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS` and has no
+//! other way to set them, so the thread settings are environment variables. Writing the
+//! environment races with any other thread reading it (in Rust or in C), which is why
+//! [`tune_cpu_runtime`] is `unsafe`.
 
 /// Applies the settings below, each unless the user chose otherwise through the environment:
 ///
@@ -22,7 +27,13 @@
 ///
 /// Setting mimalloc's options is harmless when another allocator is in use: they only change
 /// what mimalloc would do.
-pub fn tune_cpu_runtime() {
+///
+/// # Safety
+///
+/// No other thread may exist while this runs (it calls [`std::env::set_var`]): call it first
+/// thing in `main`, before anything that may start a thread (a tensor op, a rayon or tokio
+/// pool, a test harness). A library or a `#[test]` must not call it.
+pub unsafe fn tune_cpu_runtime() {
     use libmimalloc_sys::{mi_option_large_os_pages, mi_option_set, mi_option_t};
     // `mi_option_purge_delay` in mimalloc v3's `mi_option_e`; libmimalloc-sys 0.1.49 exports no
     // constant for it.
@@ -45,7 +56,7 @@ pub fn tune_cpu_runtime() {
     }
     for (name, value) in settings {
         if std::env::var_os(name).is_none() {
-            // SAFETY: called first thing in main, before any other thread exists.
+            // SAFETY: the caller guarantees that no other thread exists (see `# Safety`).
             unsafe { std::env::set_var(name, value) };
         }
     }

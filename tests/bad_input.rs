@@ -1,7 +1,7 @@
 //! Bad input: every failure is a typed `PeftError` whose message names the thing at fault, and a
 //! failed operation leaves the model (or the adapter on disk) as it was.
 
-mod support;
+mod common;
 
 use std::collections::HashMap;
 use std::fs;
@@ -13,7 +13,7 @@ use candle_peft::adapters::lora::InitLoraWeights;
 use candle_peft::config::{ModuleSelector, OneOrMany};
 use candle_peft::io::peft_format;
 use candle_peft::{Conv2dParams, LoraConfig, PeftBuilder, PeftError, PeftModel};
-use support::*;
+use common::tiny::*;
 
 const ADAPTER: &str = "default";
 

@@ -1,7 +1,7 @@
 //! The causal-LM task: the loss is the mean next-token cross-entropy over exactly the target
 //! positions (padding and masked prompt tokens excluded), instruction pairs mask their prompt,
 //! JSONL errors name the line, and a short LoRA run on SmolLM2 lowers held-out perplexity.
-mod llama_support;
+mod common;
 
 use std::io::Write;
 
@@ -11,7 +11,7 @@ use candle_peft::io::source;
 use candle_peft::models::llama::load_causal_tokenizer;
 use candle_peft::tasks::causal_lm::{CausalLmTask, LmExample};
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig, Schedule, TrainConfig, TrainTask, Trainer, Warmup};
-use llama_support::{common, tiny, tiny_llama_json};
+use common::llama::{tiny, tiny_llama_json};
 
 fn smollm2_tokenizer() -> tokenizers::Tokenizer {
     let src = source::resolve(common::smollm2_gguf().to_str().unwrap()).unwrap();

@@ -31,10 +31,7 @@ fn load(seed: u64) -> Model {
 }
 
 use common::max_abs_diff;
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
+use common::tensors::flat;
 
 /// Eight SST-2 validation sentences, tokenised with MiniLM's tokenizer, dynamically padded.
 fn batch() -> (Tensor, Tensor) {

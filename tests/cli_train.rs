@@ -18,6 +18,7 @@ use candle_peft::tasks::classify::{self, ClassifyTask};
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig, Schedule, TrainConfig, TrainTask, Trainer, Warmup};
 use serde_json::Value;
 
+use common::tensors::flat;
 use common::{run_err, run_ok};
 
 /// The one JSON line a `--json` run prints.
@@ -97,10 +98,6 @@ fn safetensors(path: &Path) -> BTreeMap<String, Tensor> {
         .unwrap()
         .into_iter()
         .collect()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 #[test]

@@ -5,7 +5,6 @@
 
 mod common;
 use common::bin;
-mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -14,8 +13,8 @@ use candle_core::{Device, Module, Tensor, Var};
 use candle_peft::adapters::flora::{self, FloraConfig, mode_sizes};
 use candle_peft::config::OneOrMany;
 use candle_peft::{BertModel, Conv2dParams, LayerHandle, PeftError};
+use common::tiny::*;
 use serde_json::Value;
-use support::*;
 
 const ADAPTER: &str = "default";
 

@@ -3,23 +3,17 @@
 //! plain candle ops, a second backward through the same graph (the op recomputes its logits),
 //! the dtype fallback, input errors, and `LlamaForCausalLM::token_losses` on tied and untied
 //! heads, with and without a LoRA on the untied head.
-mod llama_support;
+mod common;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_peft::ops::cross_entropy_rows;
 use candle_peft::ops::frozen_linear_cross_entropy;
 use candle_peft::ops::frozen_matmul;
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig};
+use common::llama as llama_support;
+use common::tensors::random;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
 
 fn max_abs(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64)

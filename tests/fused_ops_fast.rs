@@ -3,19 +3,15 @@
 //! candle ops evaluated in f64: values and input gradients, on shapes whose rows are not a
 //! multiple of the SIMD width and with enough rows for rayon to split the work.
 
+mod common;
+
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_peft::ops::swiglu;
 use candle_peft::ops::{NormKind, cross_entropy_rows, gelu_erf, masked_softmax, norm};
+use common::grad::value_and_grad;
+use common::tensors::random;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
 
 fn flat(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
@@ -37,18 +33,6 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
             (x - y).abs() / (1.0 + y.abs())
         })
         .fold(0.0, f64::max)
-}
-
-/// Value and input gradient of `Σ f(x) ⊙ c` for a fixed weighting `c`.
-fn value_and_grad(x: &Tensor, c: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> (Tensor, Tensor) {
-    let var = Var::from_tensor(x).unwrap();
-    let y = f(var.as_tensor());
-    let loss = (&y * c.to_dtype(y.dtype()).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let grads = loss.backward().unwrap();
-    (y, grads.get(var.as_tensor()).unwrap().clone())
 }
 
 /// Layer norm or RMS norm in plain f64 candle ops.

@@ -1,11 +1,11 @@
 //! Generation: KV-cached decoding equals uncached decoding token for token (SmolLM2, greedy;
 //! tiny model, sampling), chunked cached forwards equal the full forward, and stop tokens,
 //! seeds and the context limit behave.
-mod llama_support;
+mod common;
 
 use candle_core::{Device, Tensor};
 use candle_peft::{GenerationConfig, LlamaForCausalLM, generate, generate_uncached};
-use llama_support::*;
+use common::llama::*;
 
 #[test]
 fn smollm2_cached_equals_uncached_greedy() {

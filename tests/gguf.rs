@@ -2,7 +2,7 @@
 //! un-permuted for `llama`, kept for `qwen2`), SmolLM2's metadata becomes its config, the f32
 //! model agrees with candle's quantized model up to quantisation noise, and bad files are clear
 //! errors.
-mod llama_support;
+mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,7 +14,7 @@ use candle_peft::io::gguf::{GgufModel, permute_qk};
 use candle_peft::io::source::{self, SourceKind};
 use candle_peft::models::llama::{LlamaArch, LlamaConfig, LlamaForCausalLM};
 use candle_peft::{PeftError, load_causal_tokenizer};
-use llama_support::*;
+use common::llama::*;
 
 /// The GGUF name of a Hugging Face Llama tensor (the inverse of the loader's mapping).
 fn gguf_name(hf: &str) -> String {

@@ -1,7 +1,7 @@
 //! The Llama-family model against candle-transformers (SmolLM2, tiny Llama/Mistral/Qwen2),
 //! the padding mask, gradients through LoRA on all seven projections (every var, and a
 //! directional finite difference), folder/sharded loading, merged export, and bad configs.
-mod llama_support;
+mod common;
 
 use std::collections::HashMap;
 
@@ -11,7 +11,7 @@ use candle_peft::adapters::lora::InitLoraWeights;
 use candle_peft::io::source::{self, SourceKind};
 use candle_peft::models::llama::{LlamaArch, LlamaConfig, LlamaForCausalLM, RopeScaling};
 use candle_peft::{LoraConfig, PeftError, PeftModel};
-use llama_support::*;
+use common::llama::*;
 use serde_json::json;
 
 const SEVEN: [&str; 7] = [

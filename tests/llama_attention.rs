@@ -6,9 +6,12 @@
 //! must not change any result; the plain-ops fallback for other dtypes; and errors naming the
 //! operand of a bad shape. Timing probe at the end (ignored).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_peft::ops::attention_core;
 use candle_peft::ops::masked_softmax;
+use common::tensors::flat;
 
 /// The allocator the binaries use, so the timing probe below sees their allocation costs.
 #[global_allocator]
@@ -88,10 +91,6 @@ fn broadcast_padding_mask() -> Tensor {
     let mut m = vec![0f32; B * T];
     m[T - 1] = f32::MIN;
     Tensor::from_vec(m, (B, 1, 1, T), &Device::Cpu).unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 /// `max |a − b| / max |b|`.

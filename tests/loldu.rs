@@ -3,8 +3,6 @@
 //! counts, save/load, the CLI (train, merge, inspect) and bad input (zero pivots included).
 
 mod common;
-mod decomp;
-mod support;
 
 use std::collections::HashMap;
 
@@ -13,8 +11,9 @@ use candle_nn::VarBuilder;
 use candle_peft::adapters::loldu::LolduConfig;
 use candle_peft::linalg::Precision;
 use candle_peft::{AdapterConfig, PeftBuilder, PeftError, PeftModel};
-use decomp::*;
-use support::*;
+use common::decomp;
+use common::decomp::*;
+use common::tiny::*;
 
 fn config(r: usize) -> AdapterConfig {
     LolduConfig::new(&["lin", "conv", "q", "v"], r).into()

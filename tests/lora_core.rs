@@ -1,14 +1,14 @@
 //! Integration tests of the core (layers, LoRA, PeftModel, PEFT format) on small synthetic models.
 //! No downloaded model is needed: every weight is drawn from a seeded ChaCha RNG.
 
-mod support;
+mod common;
 
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_peft::config::{ModuleSelector, OneOrMany};
 use candle_peft::{Conv2dParams, LayerHandle, LoraConfig, PeftError, PeftModel};
-use support::*;
+use common::tiny::*;
 
 const ADAPTER: &str = "default";
 

@@ -3,7 +3,6 @@
 //! resume, gradient accumulation), and bad input.
 
 mod common;
-mod support;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -21,9 +20,12 @@ use candle_peft::{
     Conv2dParams, DEFAULT_ADAPTER, EvalReport, LoraConfig, PeftError, PeftModel, Schedule,
     TrainConfig, TrainTask, Trainer, Warmup,
 };
+use common::tiny as support;
+use common::tiny::{
+    HIDDEN, Tiny, bits, flat, lora_random_b, rand_tensor, rng, single_conv, tiny_model,
+};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use support::{HIDDEN, Tiny, bits, flat, lora_random_b, rand_tensor, rng, single_conv, tiny_model};
 
 // ---------------------------------------------------------------------------------------------
 // f64 helpers: random matrices, a dense inverse and dense solves independent of the library

@@ -3,7 +3,7 @@
 //! exempt list through `PeftModel::no_weight_decay_vars`, and a Trainer run (with a resume) on
 //! a zero-gradient task that leaves SVFit's σ' untouched while the classifier copy decays.
 
-mod support;
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,7 +22,7 @@ use candle_peft::{
     AdapterConfig, DEFAULT_ADAPTER, EvalReport, LoraConfig, PeftModel, Schedule, TrainConfig,
     TrainTask, Trainer, Warmup,
 };
-use support::{HIDDEN, Tiny, bits, flat, rand_tensor, rng, single_linear, tiny_model};
+use common::tiny::{HIDDEN, Tiny, bits, flat, rand_tensor, rng, single_linear, tiny_model};
 
 fn var(values: &[f32], shape: &[usize]) -> Var {
     Var::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap()

@@ -1,40 +1,16 @@
 //! The fused ops with a backward (`candle_peft::ops`) and the frozen matmul with bias, against
 //! candle's differentiable compositions: same values, same input gradient.
 
+mod common;
+
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_peft::ops::frozen_linear_lora;
 use candle_peft::ops::frozen_matmul;
 use candle_peft::ops::{NormKind, cross_entropy_rows, masked_softmax, norm};
+use common::grad::value_and_grad;
+use common::tensors::{max_abs_diff, random};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// Value and input gradient of `sum(f(x) · c)` for a fixed random `c`.
-fn value_and_grad(x: &Tensor, c: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> (Tensor, Tensor) {
-    let var = Var::from_tensor(x).unwrap();
-    let y = f(var.as_tensor());
-    let loss = (&y * c).unwrap().sum_all().unwrap();
-    let grads = loss.backward().unwrap();
-    (y, grads.get(var.as_tensor()).unwrap().clone())
-}
 
 #[test]
 fn layer_norm_matches_layer_norm_slow() {

@@ -1,7 +1,7 @@
 //! Optimiser pieces against hand-computed values: AdamW updates and state files, global-norm
 //! clipping, the three learning-rate schedules with warmup, and gradient accumulation.
 
-mod support;
+mod common;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -11,7 +11,8 @@ use candle_peft::optim::{
     AdamW, AdamWConfig, GradAccumulator, LrSchedule, Schedule, Warmup, average_grads,
     clip_grad_norm, grad_norm,
 };
-use support::{flat, lora_random_b, rand_tensor, rng, tiny_model};
+use common::tiny as support;
+use common::tiny::{flat, lora_random_b, rand_tensor, rng, tiny_model};
 
 fn var(values: &[f32], shape: &[usize]) -> Var {
     Var::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap()

@@ -9,7 +9,6 @@
 
 mod common;
 use common::bin;
-mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -20,8 +19,8 @@ use candle_peft::adapters::randlora::{
     self, RandLoraConfig, SHARED_A_KEY, SHARED_B_KEY, flat_dims, num_bases,
 };
 use candle_peft::{BertModel, Conv2dParams, LayerGeometry, LayerHandle, PeftError, PeftModel};
+use common::tiny::*;
 use serde_json::Value;
-use support::*;
 
 const ADAPTER: &str = "default";
 

@@ -5,8 +5,6 @@
 //! `reg_weight`: the trainer adds `λ · reg` to the training loss (library and CLI).
 
 mod common;
-mod decomp;
-mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,9 +16,10 @@ use candle_peft::io::source::{self, ModelSource};
 use candle_peft::{
     AdapterConfig, ClassifyTask, LayerHandle, PeftError, TrainConfig, TrainTask, Trainer, Warmup,
 };
-use decomp::*;
+use common::decomp;
+use common::decomp::*;
+use common::tiny::*;
 use rand::Rng;
-use support::*;
 
 const TARGETS: &[&str] = &["lin", "conv", "q", "v"];
 

@@ -3,15 +3,14 @@
 //! the CLI (train, merge, inspect) and bad input.
 
 mod common;
-mod decomp;
-mod support;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_peft::adapters::svfit::SvfitConfig;
 use candle_peft::linalg::{self, Precision, rank_for_energy};
 use candle_peft::{AdapterConfig, PeftError};
-use decomp::*;
-use support::*;
+use common::decomp;
+use common::decomp::*;
+use common::tiny::*;
 
 fn fixed(r: usize) -> AdapterConfig {
     SvfitConfig::with_rank(&["lin", "conv", "q", "v"], r).into()

@@ -1,12 +1,12 @@
 //! The causal-LM tokenizer: SmolLM2's rebuilt from its GGUF metadata (no leading space, single
 //! digits, ChatML markers as single special tokens), round trips on fixed strings, the chat
 //! template, and folder tokenizers (present or missing).
-mod llama_support;
+mod common;
 
 use candle_peft::io::gguf::GgufModel;
 use candle_peft::io::source::{ModelSource, SourceKind};
 use candle_peft::load_causal_tokenizer;
-use llama_support::*;
+use common::llama::*;
 use tokenizers::Tokenizer;
 
 fn smollm2_tokenizer() -> Tokenizer {

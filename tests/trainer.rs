@@ -1,7 +1,7 @@
 //! The trainer on a synthetic regression task over the tiny LoRA model: decreasing and
 //! deterministic loss, exact resume from checkpoints, NaN handling, evaluation and bad configs.
 
-mod support;
+mod common;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use candle_peft::{
     DEFAULT_ADAPTER, EvalReport, PeftError, PeftModel, Schedule, TrainConfig, TrainReport,
     TrainTask, Trainer, Warmup,
 };
-use support::{HIDDEN, Tiny, flat, lora_random_b, rand_tensor, rng, tiny_model};
+use common::tiny::{HIDDEN, Tiny, flat, lora_random_b, rand_tensor, rng, tiny_model};
 
 const TOKENS: usize = 5;
 

@@ -1,5 +1,6 @@
-//! `candle-peft`: the command-line interface. Each subcommand lives in `cli/<name>.rs`; this file
-//! only parses the arguments and reports errors as `error: …` with exit status 1.
+//! `candle-peft`: the command-line interface. Each subcommand lives under `cli/` (`cli/<name>.rs`
+//! or `cli/<name>/`); this file only parses the arguments and reports errors as `error: …` with
+//! exit status 1.
 
 mod cli;
 
@@ -12,7 +13,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 
 fn main() {
-    candle_peft::runtime::tune_cpu_runtime();
+    // SAFETY: first statement of `main`; no other thread has been started.
+    unsafe { candle_peft::runtime::tune_cpu_runtime() };
     let args = cli::Cli::parse();
     if let Err(e) = cli::run(args) {
         eprintln!("error: {e:#}");

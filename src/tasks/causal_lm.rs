@@ -39,6 +39,7 @@ pub type CausalModel = PeftModel<LlamaForCausalLM>;
 /// One training sequence: its token ids and the first position whose token is a target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LmExample {
+    /// Token ids of the whole sequence.
     pub ids: Vec<u32>,
     /// Tokens at positions `≥ loss_from` (and ≥ 1) are predicted; earlier ones are context only.
     pub loss_from: usize,
@@ -54,8 +55,11 @@ impl LmExample {
 /// The outcome of an evaluation: mean loss per target token, its exponential, and the count.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LmEval {
+    /// Mean cross-entropy per target token.
     pub loss: f64,
+    /// `exp(loss)`.
     pub perplexity: f64,
+    /// Target tokens evaluated.
     pub tokens: usize,
 }
 
@@ -109,6 +113,8 @@ impl CausalLmTask {
         Self::new(model, config, tokenizer, seq_len, device.clone())
     }
 
+    /// A task over `model` (built with `config`) and `tokenizer`: sequences of at most
+    /// `seq_len` tokens, on `device`.
     pub fn new(
         model: CausalModel,
         config: LlamaConfig,
@@ -146,31 +152,38 @@ impl CausalLmTask {
         })
     }
 
+    /// Sequences per forward pass in evaluation (at least 1).
     pub fn with_eval_batch(mut self, eval_batch: usize) -> Self {
         self.eval_batch = eval_batch.max(1);
         self
     }
 
+    /// The model with its adapters.
     pub fn model(&self) -> &CausalModel {
         &self.model
     }
 
+    /// The model, mutably (to add or switch adapters).
     pub fn model_mut(&mut self) -> &mut CausalModel {
         &mut self.model
     }
 
+    /// The wrapped model (e.g. for `LlamaForCausalLM::export_merged`).
     pub fn into_model(self) -> CausalModel {
         self.model
     }
 
+    /// The model's architecture settings.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
 
+    /// The model's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
+    /// Maximum tokens per sequence.
     pub fn seq_len(&self) -> usize {
         self.seq_len
     }
@@ -184,6 +197,7 @@ impl CausalLmTask {
         self.model.add_adapter(name, config)
     }
 
+    /// Loads a saved PEFT adapter from `dir` as `name`.
     pub fn load_adapter(&mut self, dir: impl AsRef<Path>, name: &str) -> Result<()> {
         self.model.load_adapter(dir, name)
     }
@@ -197,6 +211,7 @@ impl CausalLmTask {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, true)

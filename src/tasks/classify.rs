@@ -70,7 +70,9 @@ pub struct ClassifyEval {
     pub accuracy: f64,
     /// Mean cross-entropy over the examples.
     pub loss: f64,
+    /// Examples evaluated.
     pub examples: usize,
+    /// Examples whose predicted label is the true one.
     pub correct: usize,
     /// Predicted label id of each example, in order.
     pub predictions: Vec<usize>,
@@ -166,10 +168,12 @@ impl ClassifyTask {
         self
     }
 
+    /// The model (encoder, adapters and classifier).
     pub fn model(&self) -> &ClassifierModel {
         &self.model
     }
 
+    /// The model, mutably (to add or switch adapters).
     pub fn model_mut(&mut self) -> &mut ClassifierModel {
         &mut self.model
     }
@@ -179,18 +183,22 @@ impl ClassifyTask {
         self.model
     }
 
+    /// Label names; `labels()[id]` names label id `id`.
     pub fn labels(&self) -> &[String] {
         &self.labels
     }
 
+    /// The tokenizer the examples are encoded with.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
+    /// Maximum tokens per example, special tokens included.
     pub fn max_len(&self) -> usize {
         self.max_len
     }
 
+    /// The device the model runs on.
     pub fn device(&self) -> &Device {
         &self.device
     }

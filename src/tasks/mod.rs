@@ -7,7 +7,9 @@
 //! - [`causal_lm::CausalLmTask`]: next-token prediction on the Llama family, on packed text or
 //!   prompt/response pairs (cross-entropy; perplexity).
 
+/// Next-token prediction on Llama-family models.
 pub mod causal_lm;
+/// Sequence classification on BERT-family encoders.
 pub mod classify;
 
 pub use causal_lm::{CausalLmTask, LmEval, LmExample};

@@ -1,9 +1,19 @@
-//! Shared test helpers: where the offline test models live. A missing model fails the test with
-//! a message naming the script that fetches it; tests never skip.
+//! The helpers every test target shares (each test file declares `mod common;`): where the
+//! offline test models live (a missing model fails the test with a message naming the script
+//! that fetches it; tests never skip), and the submodules below.
 #![allow(dead_code)]
 
+pub mod cli;
+pub mod decomp;
+pub mod grad;
+pub mod llama;
+pub mod tensors;
+pub mod tiny;
+
+pub use cli::{bin, run_err, run_ok};
+pub use tensors::max_abs_diff;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// `models/` at the repository root, or `$CANDLE_PEFT_MODELS`.
 pub fn models_dir() -> PathBuf {
@@ -35,57 +45,11 @@ pub fn smollm2_gguf() -> PathBuf {
     path
 }
 
-/// A fixture folder copied from shared/fixtures.
+/// A fixture folder under `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
-}
-
-/// `max |a − b|` over all elements (as f32); the shapes must agree.
-pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let d = (a.to_dtype(candle_core::DType::F32).unwrap()
-        - b.to_dtype(candle_core::DType::F32).unwrap())
-    .unwrap();
-    d.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// Runs the binary expecting success; on failure the assertion shows both output streams.
-pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
-    let out = cmd.output().expect("run candle-peft");
-    assert!(
-        out.status.success(),
-        "candle-peft failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Runs the binary expecting a clean failure: exit 1, `error: …` on stderr, no panic.
-pub fn run_err(cmd: &mut std::process::Command) -> String {
-    let out = cmd.output().expect("run candle-peft");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.starts_with("error: "), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
-    stderr
-}
-
-/// The `candle-peft` binary, with the hub offline (tests never reach the network).
-pub fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
-    cmd.env("HF_HUB_OFFLINE", "1");
-    cmd
 }
 
 /// The header line and the first `rows` examples of `data/sst2/<file>`, written to `dir/<file>`.

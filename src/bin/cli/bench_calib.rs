@@ -23,7 +23,7 @@ use candle_peft::tasks::causal_lm::CausalLmTask;
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig};
 use serde_json::Value;
 
-use super::bench::{BenchResult, peak_rss_mb};
+use super::measure::{BenchResult, peak_rss_mb};
 
 const SMOLLM2_GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const TEXT: &str = "data/shakespeare/train.txt";

@@ -1,4 +1,4 @@
-//! The SmolLM2 workloads of DESIGN.md.
+//! The SmolLM2 workloads.
 //!
 //! `smollm2-lora-train`: SmolLM2-135M in f32, LoRA r = 16, α = 32 on q, k, v, o, gate, up and
 //! down, batch 4 × 128 tokens, next-token cross-entropy through the tied head as one fused op
@@ -24,7 +24,7 @@ use candle_peft::{DEFAULT_ADAPTER, LoraConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::bench::{BenchResult, median_after};
+use super::measure::{BenchResult, median_after};
 
 /// Where `scripts/fetch-models.sh` leaves SmolLM2.
 const SMOLLM2_GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_peft::adapters::svfit::SvfitConfig;
 use candle_peft::{Adapter, LayerGeometry};
 
-use super::bench::BenchResult;
+use super::measure::BenchResult;
 
 /// Where `scripts/fetch-models.sh` leaves SmolLM2.
 const SMOLLM2_GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -15,7 +15,7 @@ use candle_peft::tasks::causal_lm::{CausalLmTask, LmExample};
 use candle_peft::tasks::classify::ClassifyTask;
 use candle_peft::{AdapterConfig, DEFAULT_ADAPTER, Method, PeftModel};
 
-use super::train::TrainArgs;
+use super::args::TrainArgs;
 
 fn calibrated(method: Method) -> bool {
     matches!(method, Method::Eva | Method::Corda)

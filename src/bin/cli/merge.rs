@@ -74,9 +74,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             // Measured here rather than by a parent: a child's rusage also counts the memory it
             // shared with its parent before exec.
             // null where /proc is missing (not Linux): the merge itself has succeeded.
-            "peak_rss_mb": super::bench::peak_rss_mb().ok(),
+            "peak_rss_mb": super::measure::peak_rss_mb().ok(),
         });
-        return super::print_stdout(&format!("{line}\n"));
+        return super::output::print_stdout(&format!("{line}\n"));
     }
     writeln!(
         o,
@@ -111,5 +111,5 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             .collect();
         writeln!(o, "copied {}", names.join(", "))?;
     }
-    super::print_stdout(&o)
+    super::output::print_stdout(&o)
 }

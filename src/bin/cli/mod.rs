@@ -1,18 +1,27 @@
 //! Subcommands of the `candle-peft` binary. To add one: a module here with an `Args` struct
 //! (clap derive) and a `run(args) -> anyhow::Result<()>`, a variant in [`Command`], and an arm
-//! in [`run`].
+//! in [`run`]. This file only dispatches: the flags `train` and `eval` share live in `args`,
+//! output helpers in `output`, benchmark measurement in `measure`, and no subcommand module
+//! imports another's.
 
+mod args;
 pub mod bench;
 mod bench_calib;
 mod bench_llm;
+mod bench_minilm;
 mod bench_svd;
 mod calibration;
-pub mod causal;
 pub mod convert;
 pub mod eval;
+pub mod generate;
 pub mod inspect;
+mod measure;
 pub mod merge;
+mod output;
 pub mod train;
+
+// `inspect` and `convert` still call `super::print_stdout`; they can import it from `output`.
+pub use output::print_stdout;
 
 use clap::{Parser, Subcommand};
 
@@ -27,18 +36,19 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Fine-tune an adapter; write OUT/adapter/ and, with --merge, OUT/merged/.
-    Train(Box<train::TrainArgs>),
+    Train(Box<args::TrainArgs>),
     /// Evaluate a model (optionally with an adapter) on labelled data.
-    Eval(eval::EvalArgs),
+    Eval(args::EvalArgs),
     /// Generate text from a prompt with a causal LM (optionally with an adapter).
-    Generate(causal::GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Merge an adapter into a base model's weights and write a model folder (no model code).
     Merge(merge::MergeArgs),
     /// Show an adapter directory: method, targets, ranks, scaling, parameters and tensors.
     Inspect(inspect::InspectArgs),
     /// Convert an adapter to a plain PEFT LoRA on the original base (CorDA → rank-2r LoRA).
     Convert(convert::ConvertArgs),
-    /// Run a fixed benchmark workload (DESIGN.md) and report ms/step and peak memory.
+    /// Run a fixed benchmark workload (model, sizes and seeds fixed) and report ms/step and peak
+    /// memory.
     Bench(bench::BenchArgs),
 }
 
@@ -46,40 +56,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => train::run(*args),
         Command::Eval(args) => eval::run(args),
-        Command::Generate(args) => causal::generate(args),
+        Command::Generate(args) => generate::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
-    }
-}
-
-/// Writes a command's output to stdout; a closed pipe (`candle-peft inspect … | head`) is not an
-/// error.
-pub fn print_stdout(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
-}
-
-/// `--task`: what a model is trained or evaluated for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Task {
-    Classify,
-    CausalLm,
-}
-
-impl std::str::FromStr for Task {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "classify" | "classification" | "seq-cls" => Ok(Task::Classify),
-            "causal-lm" | "causal_lm" | "clm" => Ok(Task::CausalLm),
-            other => anyhow::bail!("unknown --task `{other}` (expected classify or causal-lm)"),
-        }
     }
 }

@@ -5,8 +5,6 @@
 //! or a base model plus `--adapter` (whose saved classifier is the head). Label names come from
 //! the adapter's `labels.json`, else the model's `config.json` (`id2label`), else the data.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, bail};
 use candle_core::Device;
 use candle_peft::DEFAULT_ADAPTER;
@@ -15,43 +13,11 @@ use candle_peft::io::export::read_safetensors_header;
 use candle_peft::io::peft_format::WEIGHTS_NAME;
 use candle_peft::io::source;
 use candle_peft::tasks::classify::{self, CLASSIFIER_MODULE, ClassifyTask};
-use clap::Args;
 use serde_json::json;
 use std::fmt::Write as _;
 
-use super::Task;
-
-#[derive(Debug, Args)]
-pub struct EvalArgs {
-    /// Model: a hub id or a local folder (e.g. the DIR/merged folder `train --merge` wrote).
-    #[arg(long)]
-    pub model: String,
-    /// An adapter folder (PEFT format) to apply to the model.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Data: a TSV of `label<TAB>text` lines (classify), or a text or .jsonl file (causal-lm).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// classify (accuracy) or causal-lm (perplexity).
-    #[arg(long, default_value = "classify")]
-    pub task: String,
-    /// Print one JSON line: {"accuracy", "loss", "examples"} or, for causal-lm,
-    /// {"perplexity", "loss", "tokens"}.
-    #[arg(long)]
-    pub json: bool,
-    /// Examples per forward pass.
-    #[arg(long, default_value_t = 64)]
-    pub batch: usize,
-    /// Maximum tokens per example (special tokens included).
-    #[arg(long, default_value_t = 128)]
-    pub seq: usize,
-    /// Seeds the classifier of a model that has none (a bare base model without --adapter).
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Also write the predicted label of every example to FILE, one per line.
-    #[arg(long, value_name = "FILE")]
-    pub predictions: Option<PathBuf>,
-}
+use crate::cli::args::EvalArgs;
+use crate::cli::output::print_stdout;
 
 /// Output rows of the adapter's saved classifier, read from the safetensors header.
 fn adapter_classifier_rows(dir: &std::path::Path) -> anyhow::Result<Option<usize>> {
@@ -69,11 +35,8 @@ fn adapter_classifier_rows(dir: &std::path::Path) -> anyhow::Result<Option<usize
         .and_then(|(_, info)| info.shape.first().copied()))
 }
 
+/// `eval --task classify`.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    match args.task.parse::<Task>()? {
-        Task::Classify => {}
-        Task::CausalLm => return super::causal::eval(args),
-    }
     for (flag, v) in [("--batch", args.batch), ("--seq", args.seq)] {
         if v == 0 {
             bail!("{flag} must be at least 1 (got 0)");
@@ -159,5 +122,5 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             r.accuracy, r.correct, r.examples, r.loss
         )?;
     }
-    super::print_stdout(&o)
+    print_stdout(&o)
 }

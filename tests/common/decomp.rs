@@ -4,21 +4,15 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_peft::{AdapterConfig, Conv2dParams, LayerHandle, PeftModel};
 use rand::Rng;
 
-use crate::support::*;
+use super::cli::bin;
+use super::tiny::*;
 
 pub const ADAPTER: &str = "default";
-
-pub fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
-    cmd.env("HF_HUB_OFFLINE", "1");
-    cmd
-}
 
 /// A conv case: `(in, out, kernel, params, image H×W)`.
 pub type ConvCase = (usize, usize, (usize, usize), Conv2dParams, (usize, usize));

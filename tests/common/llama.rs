@@ -15,8 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 
-#[path = "../common/mod.rs"]
-pub mod common;
+pub use super::tensors::flat;
 
 /// A 2-layer Llama: hidden 32, 4 query heads over 2 key/value heads, vocab 97.
 pub fn tiny_llama_json(tied: bool) -> Value {
@@ -171,15 +170,6 @@ pub fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
 }
 
-pub fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
-
 /// The last position of `[B, T, V]` logits as `[B, V]`.
 pub fn last_position(logits: &Tensor) -> Tensor {
     let t = logits.dim(1).unwrap();
@@ -188,12 +178,12 @@ pub fn last_position(logits: &Tensor) -> Tensor {
 
 /// The SmolLM2 GGUF as a model source.
 pub fn smollm2_source() -> ModelSource {
-    source::resolve(common::smollm2_gguf().to_str().unwrap()).unwrap()
+    source::resolve(super::smollm2_gguf().to_str().unwrap()).unwrap()
 }
 
 /// SmolLM2's Hugging Face tensors (dequantised f32, q/k un-permuted) and config.
 pub fn smollm2_tensors() -> (HashMap<String, Tensor>, LlamaConfig) {
-    let gguf = GgufModel::open(&common::smollm2_gguf()).unwrap();
+    let gguf = GgufModel::open(&super::smollm2_gguf()).unwrap();
     let cfg = LlamaConfig::from_json(&gguf.hf_config().unwrap()).unwrap();
     (gguf.hf_tensors(DType::F32, &Device::Cpu).unwrap(), cfg)
 }

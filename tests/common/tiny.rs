@@ -11,6 +11,8 @@ use candle_peft::{Conv2dParams, LoraConfig, PeftBuilder, PeftConv2d, PeftLinear,
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use super::tensors::{bits, flat, max_abs, max_abs_diff};
+
 pub const HIDDEN: usize = 6;
 pub const OUT: usize = 3;
 pub const IN_CH: usize = 3;
@@ -35,31 +37,6 @@ pub fn rand_tensor(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor 
         .map(|_| scale * (2.0 * rng.random::<f32>() - 1.0))
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-pub fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
-
-pub fn bits(t: &Tensor) -> Vec<u32> {
-    flat(t).iter().map(|v| v.to_bits()).collect()
-}
-
-pub fn max_abs(t: &Tensor) -> f32 {
-    flat(t).iter().fold(0f32, |m, v| m.max(v.abs()))
-}
-
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    flat(a)
-        .iter()
-        .zip(flat(b))
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 /// A LoRA config with random B (`init_lora_weights = false`) so that the adapter is not the

@@ -1,28 +1,34 @@
-//! `candle-peft train --model <hub id|dir> --task classify --data <tsv> --method lora --out DIR
-//! [--merge] …`: fine-tunes an adapter and writes `DIR/adapter/` (PEFT format, plus
-//! `labels.json`) and, with `--merge`, `DIR/merged/` (a `BertForSequenceClassification` folder
-//! that `train`, `eval`, candle-transformers and Python transformers load).
-//!
-//! `--steps 0` initialises the adapter (and the classifier) and saves it without training.
-//! Progress goes to stderr; stdout carries the results (one JSON line with `--json`).
+//! The flags of `train` and `eval` and the checks and settings derived from them, shared by the
+//! classification and causal-LM sides of both commands (and by the calibration step of `train`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use candle_peft::config::CliAdapterArgs;
-use candle_peft::data::{LabeledDataset, read_tsv, read_tsv_with_labels};
-use candle_peft::io::source;
-use candle_peft::models::heads::BertForSequenceClassification;
 use candle_peft::optim::LoraProMode;
-use candle_peft::tasks::classify::{self, ClassifyTask};
-use candle_peft::train::{EvalReport, OptimizerKind};
-use candle_peft::{AdapterConfig, Method, Schedule, TrainConfig, TrainTask, Trainer, Warmup};
+use candle_peft::train::OptimizerKind;
+use candle_peft::{AdapterConfig, Method, Schedule, TrainConfig, Warmup};
 use clap::Args;
-use serde_json::{Value, json};
-use std::fmt::Write as _;
+use serde_json::Value;
 
-use super::Task;
+/// `--task`: what a model is trained or evaluated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    Classify,
+    CausalLm,
+}
+
+impl std::str::FromStr for Task {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "classify" | "classification" | "seq-cls" => Ok(Task::Classify),
+            "causal-lm" | "causal_lm" | "clm" => Ok(Task::CausalLm),
+            other => anyhow::bail!("unknown --task `{other}` (expected classify or causal-lm)"),
+        }
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -241,25 +247,7 @@ pub fn adapter_config(
                 .with_context(|| format!("--config {}", file.display()))?
         }
         None => {
-            let targets = args
-                .targets
-                .clone()
-                .unwrap_or_else(|| default_targets.iter().map(|t| t.to_string()).collect());
-            let targets: Vec<String> = targets
-                .into_iter()
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
-                .collect();
-            if targets.is_empty() {
-                bail!("--targets is empty (give module names such as query,value)");
-            }
-            let cli = CliAdapterArgs {
-                targets,
-                rank: args.rank,
-                alpha: args.alpha,
-                dropout: args.dropout,
-                options: parse_options(&args.opt)?,
-            };
+            let cli = cli_adapter_args(args, default_targets)?;
             AdapterConfig::from_cli(method, &cli)?
         }
     };
@@ -267,6 +255,33 @@ pub fn adapter_config(
     config.inner_mut().set_base_model(Some(args.model.clone()));
     config.validate()?;
     Ok(config)
+}
+
+/// The adapter flags (`--targets`, `--rank`, `--alpha`, `--dropout`, `--opt`) as one value
+/// (default targets `default_targets`).
+pub fn cli_adapter_args(
+    args: &TrainArgs,
+    default_targets: &[&str],
+) -> anyhow::Result<CliAdapterArgs> {
+    let targets = args
+        .targets
+        .clone()
+        .unwrap_or_else(|| default_targets.iter().map(|t| t.to_string()).collect());
+    let targets: Vec<String> = targets
+        .into_iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if targets.is_empty() {
+        bail!("--targets is empty (give module names such as query,value)");
+    }
+    Ok(CliAdapterArgs {
+        targets,
+        rank: args.rank,
+        alpha: args.alpha,
+        dropout: args.dropout,
+        options: parse_options(&args.opt)?,
+    })
 }
 
 /// The methods `train` can run in this build.
@@ -313,22 +328,6 @@ fn parse_options(opts: &[String]) -> anyhow::Result<std::collections::BTreeMap<S
     Ok(out)
 }
 
-fn eval_json(r: &EvalReport) -> Value {
-    json!({
-        "accuracy": r.metrics.get("accuracy").copied().unwrap_or(f64::NAN),
-        "loss": r.loss,
-        "examples": r.metrics.get("examples").map(|v| *v as usize).unwrap_or(0),
-    })
-}
-
-fn read_data(path: &Path, labels: Option<&[String]>, what: &str) -> anyhow::Result<LabeledDataset> {
-    let data = match labels {
-        Some(l) => read_tsv_with_labels(path, l),
-        None => read_tsv(path),
-    };
-    data.with_context(|| format!("reading {what} {}", path.display()))
-}
-
 /// The trainer settings the flags give, for `steps` optimiser steps.
 pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
     let resume_from = args
@@ -359,125 +358,34 @@ pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
     }
 }
 
-pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    match args.task.parse::<Task>()? {
-        Task::Classify => {}
-        Task::CausalLm => return super::causal::train(args),
-    }
-    let method = check_method(&args.method)?;
-    check_args(&args)?;
-    let config = classify::for_classification(adapter_config(&args, method, &["query", "value"])?);
-
-    let model_source = source::resolve(&args.model)
-        .with_context(|| format!("resolving --model {}", args.model))?;
-    // A classification export brings its labels; otherwise the training data defines them.
-    let model_labels = classify::model_labels(&model_source)?;
-    let train = read_data(&args.data, model_labels.as_deref(), "--data")?;
-    let labels = train.labels.clone();
-    let eval = match &args.eval_data {
-        Some(p) => Some(read_data(p, Some(&labels), "--eval-data")?),
-        None => None,
-    };
-
-    let device = Device::Cpu;
-    let mut task =
-        ClassifyTask::from_source(&model_source, labels.clone(), args.seq, args.seed, &device)
-            .with_context(|| format!("loading {}", args.model))?;
-    super::calibration::add_classify_adapter(&mut task, config, method, &args, &train.examples)?;
-    let trainable = task.model().num_trainable_parameters();
-    let total = task.model().num_total_parameters();
-
-    let per_step = args.batch * args.grad_accum;
-    let steps = args.steps.unwrap_or_else(|| train.len().div_ceil(per_step));
-    let train_config = train_config(&args, steps);
-    if !args.quiet {
-        eprintln!(
-            "{}: {} labels ({}), {} training examples; {} trainable of {} parameters ({:.3}%); \
-             {steps} steps of {per_step}",
-            args.model,
-            labels.len(),
-            labels.join(", "),
-            train.len(),
-            trainable,
-            total,
-            100.0 * trainable as f64 / total as f64
-        );
-    }
-    let trainer = Trainer::new(train_config)?;
-    let report = trainer.run(
-        &task,
-        &train.examples,
-        eval.as_ref().map(|d| d.examples.as_slice()),
-    )?;
-
-    let adapter_dir = args.out.join("adapter");
-    task.save_adapter(&adapter_dir)
-        .with_context(|| format!("saving the adapter to {}", adapter_dir.display()))?;
-
-    let final_eval = match &eval {
-        Some(data) => Some(match report.evals.last() {
-            Some(r) if r.step == report.global_step && report.global_step > report.start_step => {
-                r.report.clone()
-            }
-            _ => task.evaluate(&data.examples)?,
-        }),
-        None => None,
-    };
-
-    let merged_dir = if args.merge {
-        let dir = args.out.join("merged");
-        BertForSequenceClassification::export_merged(
-            task.into_model(),
-            &model_source,
-            &dir,
-            &labels,
-        )
-        .with_context(|| format!("writing the merged model to {}", dir.display()))?;
-        Some(dir)
-    } else {
-        None
-    };
-
-    let final_loss = report.losses.last().copied();
-    let mut o = String::new();
-    if args.json {
-        let value = json!({
-            "steps": report.global_step,
-            "final_loss": final_loss,
-            "losses": report.losses,
-            "eval": final_eval.as_ref().map(eval_json),
-            "labels": labels,
-            "train_examples": train.len(),
-            "trainable_parameters": trainable,
-            "adapter": adapter_dir,
-            "merged": merged_dir,
-            "seconds": report.seconds,
-        });
-        writeln!(o, "{value}")?;
-    } else {
-        match final_loss {
-            Some(l) => writeln!(
-                o,
-                "trained {} steps in {:.1}s, final loss {l:.4}",
-                report.global_step - report.start_step,
-                report.seconds
-            )?,
-            None => writeln!(o, "initialised without training (--steps 0)")?,
-        }
-        if let Some(r) = &final_eval {
-            let v = eval_json(r);
-            writeln!(
-                o,
-                "eval: accuracy {:.4} on {} examples, loss {:.4}",
-                v["accuracy"].as_f64().unwrap_or(f64::NAN),
-                v["examples"],
-                r.loss
-            )?;
-        }
-        writeln!(o, "adapter saved to {}", adapter_dir.display())?;
-        if let Some(d) = &merged_dir {
-            writeln!(o, "merged model written to {}", d.display())?;
-        }
-    }
-    super::print_stdout(&o)
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model: a hub id or a local folder (e.g. the DIR/merged folder `train --merge` wrote).
+    #[arg(long)]
+    pub model: String,
+    /// An adapter folder (PEFT format) to apply to the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Data: a TSV of `label<TAB>text` lines (classify), or a text or .jsonl file (causal-lm).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// classify (accuracy) or causal-lm (perplexity).
+    #[arg(long, default_value = "classify")]
+    pub task: String,
+    /// Print one JSON line: {"accuracy", "loss", "examples"} or, for causal-lm,
+    /// {"perplexity", "loss", "tokens"}.
+    #[arg(long)]
+    pub json: bool,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Maximum tokens per example (special tokens included).
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Seeds the classifier of a model that has none (a bare base model without --adapter).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also write the predicted label of every example to FILE, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub predictions: Option<PathBuf>,
 }

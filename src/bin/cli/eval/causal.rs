@@ -1,0 +1,50 @@
+//! `candle-peft eval --task causal-lm`: perplexity of a Llama-architecture model, optionally with
+//! an adapter, on a text or `.jsonl` file.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use candle_peft::DEFAULT_ADAPTER;
+use candle_peft::io::source;
+use candle_peft::tasks::causal_lm::CausalLmTask;
+
+use crate::cli::args::EvalArgs;
+use crate::cli::output::{lm_eval_json, print_stdout};
+
+/// `eval --task causal-lm`: perplexity of the model (plus `--adapter`) on `--data`.
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    for (flag, v) in [("--batch", args.batch), ("--seq", args.seq)] {
+        if v == 0 {
+            bail!("{flag} must be at least 1 (got 0)");
+        }
+    }
+    let model_source = source::resolve(&args.model)
+        .with_context(|| format!("resolving --model {}", args.model))?;
+    let device = Device::Cpu;
+    let mut task = CausalLmTask::from_source(&model_source, args.seq, args.seed, &device)
+        .with_context(|| format!("loading {}", args.model))?
+        .with_eval_batch(args.batch);
+    if let Some(dir) = &args.adapter {
+        if !dir.is_dir() {
+            bail!("--adapter {} is not a folder", dir.display());
+        }
+        task.load_adapter(dir, DEFAULT_ADAPTER)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+    }
+    let data = task
+        .read_examples(&args.data, true)
+        .with_context(|| format!("reading --data {}", args.data.display()))?;
+    let r = task.evaluate_lm(&data)?;
+    let mut o = String::new();
+    if args.json {
+        writeln!(o, "{}", lm_eval_json(&r))?;
+    } else {
+        writeln!(
+            o,
+            "perplexity {:.3} over {} tokens, loss {:.4}",
+            r.perplexity, r.tokens, r.loss
+        )?;
+    }
+    print_stdout(&o)
+}

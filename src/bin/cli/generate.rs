@@ -1,0 +1,83 @@
+//! `candle-peft generate --model <hub id|dir|gguf> [--adapter DIR] --prompt TEXT`: text from a
+//! causal LM, greedy or sampled.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use candle_peft::DEFAULT_ADAPTER;
+use candle_peft::generate::GenerationConfig;
+use candle_peft::io::source;
+use candle_peft::tasks::causal_lm::CausalLmTask;
+use clap::Args;
+use serde_json::json;
+
+use super::output::print_stdout;
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model: a hub id, a local HF folder or a .gguf file.
+    #[arg(long)]
+    pub model: String,
+    /// An adapter folder (PEFT format) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The prompt, used as given (no chat template).
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long = "max-new-tokens", default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long = "top-p", default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Print one JSON line: {"prompt", "text", "tokens"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `generate`: prints the prompt followed by the generated text.
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if !(args.temperature.is_finite() && args.temperature >= 0.0) {
+        bail!("--temperature must be ≥ 0 (got {})", args.temperature);
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1] (got {})", args.top_p);
+    }
+    let model_source = source::resolve(&args.model)
+        .with_context(|| format!("resolving --model {}", args.model))?;
+    let device = Device::Cpu;
+    let mut task = CausalLmTask::from_source(&model_source, 2, args.seed, &device)
+        .with_context(|| format!("loading {}", args.model))?;
+    if let Some(dir) = &args.adapter {
+        if !dir.is_dir() {
+            bail!("--adapter {} is not a folder", dir.display());
+        }
+        task.load_adapter(dir, DEFAULT_ADAPTER)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+    }
+    let config = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        stop_tokens: task.eos_token_ids().to_vec(),
+    };
+    let text = task.generate_text(&args.prompt, &config)?;
+    let mut o = String::new();
+    if args.json {
+        writeln!(
+            o,
+            "{}",
+            json!({ "prompt": args.prompt, "text": text, "model": args.model })
+        )?;
+    } else {
+        writeln!(o, "{}{}", args.prompt, text)?;
+    }
+    print_stdout(&o)
+}

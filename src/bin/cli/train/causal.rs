@@ -1,0 +1,131 @@
+//! `candle-peft train --task causal-lm`: fine-tunes an adapter on a Llama-architecture model.
+//!
+//! Training data is a text file (packed into sequences of `--seq` tokens) or a `.jsonl` file of
+//! `{"prompt", "response"}` pairs (loss on the response only). `--merge` writes `OUT/merged/`, an
+//! HF Llama folder (config.json, model.safetensors, tokenizer.json) that `eval`, `generate`,
+//! candle-transformers and transformers load, also when the base came from a GGUF file.
+
+use std::fmt::Write as _;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use candle_peft::io::source;
+use candle_peft::models::llama::LlamaForCausalLM;
+use candle_peft::tasks::causal_lm::{CausalLmTask, TASK_TYPE};
+use candle_peft::{DEFAULT_ADAPTER, Trainer};
+use serde_json::json;
+
+use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, train_config};
+use crate::cli::calibration::add_causal_adapter;
+use crate::cli::output::{lm_eval_json, print_stdout};
+
+/// The seven projections of a Llama block: the default `--targets` for causal-LM.
+pub const LLAMA_TARGETS: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// `train --task causal-lm`.
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let method = check_method(&args.method)?;
+    check_args(&args)?;
+    let mut config = adapter_config(&args, method, LLAMA_TARGETS)?;
+    config
+        .inner_mut()
+        .set_task_type(Some(TASK_TYPE.to_string()));
+    let model_source = source::resolve(&args.model)
+        .with_context(|| format!("resolving --model {}", args.model))?;
+    let device = Device::Cpu;
+    let mut task = CausalLmTask::from_source(&model_source, args.seq, args.seed, &device)
+        .with_context(|| format!("loading {}", args.model))?;
+    let train = task
+        .read_examples(&args.data, false)
+        .with_context(|| format!("reading --data {}", args.data.display()))?;
+    let eval = match &args.eval_data {
+        Some(p) => Some(
+            task.read_examples(p, true)
+                .with_context(|| format!("reading --eval-data {}", p.display()))?,
+        ),
+        None => None,
+    };
+    add_causal_adapter(&mut task, config, method, &args, &train)?;
+    let trainable = task.model().num_trainable_parameters();
+    let total = task.model().num_total_parameters();
+    let per_step = args.batch * args.grad_accum;
+    let steps = args.steps.unwrap_or_else(|| train.len().div_ceil(per_step));
+    if !args.quiet {
+        eprintln!(
+            "{}: {} training sequences of ≤ {} tokens; {} trainable of {} parameters ({:.3}%); \
+             {steps} steps of {per_step}",
+            args.model,
+            train.len(),
+            args.seq,
+            trainable,
+            total,
+            100.0 * trainable as f64 / total as f64
+        );
+    }
+    let trainer = Trainer::new(train_config(&args, steps))?;
+    let report = trainer.run(&task, &train, eval.as_deref())?;
+
+    let adapter_dir = args.out.join("adapter");
+    task.model()
+        .save_adapter(DEFAULT_ADAPTER, &adapter_dir)
+        .with_context(|| format!("saving the adapter to {}", adapter_dir.display()))?;
+    let final_eval = match &eval {
+        Some(data) => Some(task.evaluate_lm(data)?),
+        None => None,
+    };
+    let merged_dir = if args.merge {
+        let dir = args.out.join("merged");
+        LlamaForCausalLM::export_merged(task.into_model(), &model_source, &dir, DType::F32)
+            .with_context(|| format!("writing the merged model to {}", dir.display()))?;
+        Some(dir)
+    } else {
+        None
+    };
+
+    let final_loss = report.losses.last().copied();
+    let mut o = String::new();
+    if args.json {
+        let value = json!({
+            "steps": report.global_step,
+            "final_loss": final_loss,
+            "losses": report.losses,
+            "eval": final_eval.as_ref().map(lm_eval_json),
+            "train_sequences": train.len(),
+            "trainable_parameters": trainable,
+            "adapter": adapter_dir,
+            "merged": merged_dir,
+            "seconds": report.seconds,
+        });
+        writeln!(o, "{value}")?;
+    } else {
+        match final_loss {
+            Some(l) => writeln!(
+                o,
+                "trained {} steps in {:.1}s, final loss {l:.4}",
+                report.global_step - report.start_step,
+                report.seconds
+            )?,
+            None => writeln!(o, "initialised without training (--steps 0)")?,
+        }
+        if let Some(r) = &final_eval {
+            writeln!(
+                o,
+                "eval: perplexity {:.3} over {} tokens, loss {:.4}",
+                r.perplexity, r.tokens, r.loss
+            )?;
+        }
+        writeln!(o, "adapter saved to {}", adapter_dir.display())?;
+        if let Some(d) = &merged_dir {
+            writeln!(o, "merged model written to {}", d.display())?;
+        }
+    }
+    print_stdout(&o)
+}

@@ -1,0 +1,157 @@
+//! `candle-peft train --model <hub id|dir> --task classify --data <tsv> --method lora --out DIR
+//! [--merge] …`: fine-tunes an adapter and writes `DIR/adapter/` (PEFT format, plus
+//! `labels.json`) and, with `--merge`, `DIR/merged/` (a `BertForSequenceClassification` folder
+//! that `train`, `eval`, candle-transformers and Python transformers load).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::Device;
+use candle_peft::data::{LabeledDataset, read_tsv, read_tsv_with_labels};
+use candle_peft::io::source;
+use candle_peft::models::heads::BertForSequenceClassification;
+use candle_peft::tasks::classify::{self, ClassifyTask};
+use candle_peft::train::EvalReport;
+use candle_peft::{TrainTask, Trainer};
+use serde_json::{Value, json};
+
+use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, train_config};
+use crate::cli::calibration::add_classify_adapter;
+use crate::cli::output::print_stdout;
+
+fn eval_json(r: &EvalReport) -> Value {
+    json!({
+        "accuracy": r.metrics.get("accuracy").copied().unwrap_or(f64::NAN),
+        "loss": r.loss,
+        "examples": r.metrics.get("examples").map(|v| *v as usize).unwrap_or(0),
+    })
+}
+
+fn read_data(path: &Path, labels: Option<&[String]>, what: &str) -> anyhow::Result<LabeledDataset> {
+    let data = match labels {
+        Some(l) => read_tsv_with_labels(path, l),
+        None => read_tsv(path),
+    };
+    data.with_context(|| format!("reading {what} {}", path.display()))
+}
+
+/// `train --task classify`.
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let method = check_method(&args.method)?;
+    check_args(&args)?;
+    let config = classify::for_classification(adapter_config(&args, method, &["query", "value"])?);
+
+    let model_source = source::resolve(&args.model)
+        .with_context(|| format!("resolving --model {}", args.model))?;
+    // A classification export brings its labels; otherwise the training data defines them.
+    let model_labels = classify::model_labels(&model_source)?;
+    let train = read_data(&args.data, model_labels.as_deref(), "--data")?;
+    let labels = train.labels.clone();
+    let eval = match &args.eval_data {
+        Some(p) => Some(read_data(p, Some(&labels), "--eval-data")?),
+        None => None,
+    };
+
+    let device = Device::Cpu;
+    let mut task =
+        ClassifyTask::from_source(&model_source, labels.clone(), args.seq, args.seed, &device)
+            .with_context(|| format!("loading {}", args.model))?;
+    add_classify_adapter(&mut task, config, method, &args, &train.examples)?;
+    let trainable = task.model().num_trainable_parameters();
+    let total = task.model().num_total_parameters();
+
+    let per_step = args.batch * args.grad_accum;
+    let steps = args.steps.unwrap_or_else(|| train.len().div_ceil(per_step));
+    let train_config = train_config(&args, steps);
+    if !args.quiet {
+        eprintln!(
+            "{}: {} labels ({}), {} training examples; {} trainable of {} parameters ({:.3}%); \
+             {steps} steps of {per_step}",
+            args.model,
+            labels.len(),
+            labels.join(", "),
+            train.len(),
+            trainable,
+            total,
+            100.0 * trainable as f64 / total as f64
+        );
+    }
+    let trainer = Trainer::new(train_config)?;
+    let report = trainer.run(
+        &task,
+        &train.examples,
+        eval.as_ref().map(|d| d.examples.as_slice()),
+    )?;
+
+    let adapter_dir = args.out.join("adapter");
+    task.save_adapter(&adapter_dir)
+        .with_context(|| format!("saving the adapter to {}", adapter_dir.display()))?;
+
+    let final_eval = match &eval {
+        Some(data) => Some(match report.evals.last() {
+            Some(r) if r.step == report.global_step && report.global_step > report.start_step => {
+                r.report.clone()
+            }
+            _ => task.evaluate(&data.examples)?,
+        }),
+        None => None,
+    };
+
+    let merged_dir = if args.merge {
+        let dir = args.out.join("merged");
+        BertForSequenceClassification::export_merged(
+            task.into_model(),
+            &model_source,
+            &dir,
+            &labels,
+        )
+        .with_context(|| format!("writing the merged model to {}", dir.display()))?;
+        Some(dir)
+    } else {
+        None
+    };
+
+    let final_loss = report.losses.last().copied();
+    let mut o = String::new();
+    if args.json {
+        let value = json!({
+            "steps": report.global_step,
+            "final_loss": final_loss,
+            "losses": report.losses,
+            "eval": final_eval.as_ref().map(eval_json),
+            "labels": labels,
+            "train_examples": train.len(),
+            "trainable_parameters": trainable,
+            "adapter": adapter_dir,
+            "merged": merged_dir,
+            "seconds": report.seconds,
+        });
+        writeln!(o, "{value}")?;
+    } else {
+        match final_loss {
+            Some(l) => writeln!(
+                o,
+                "trained {} steps in {:.1}s, final loss {l:.4}",
+                report.global_step - report.start_step,
+                report.seconds
+            )?,
+            None => writeln!(o, "initialised without training (--steps 0)")?,
+        }
+        if let Some(r) = &final_eval {
+            let v = eval_json(r);
+            writeln!(
+                o,
+                "eval: accuracy {:.4} on {} examples, loss {:.4}",
+                v["accuracy"].as_f64().unwrap_or(f64::NAN),
+                v["examples"],
+                r.loss
+            )?;
+        }
+        writeln!(o, "adapter saved to {}", adapter_dir.display())?;
+        if let Some(d) = &merged_dir {
+            writeln!(o, "merged model written to {}", d.display())?;
+        }
+    }
+    print_stdout(&o)
+}

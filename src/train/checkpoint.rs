@@ -1,0 +1,253 @@
+//! Checkpoints: writing `out/checkpoint-<step>/` atomically, finding the latest one, and
+//! restoring a run from it after checking that it fits the run.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::config::TrainConfig;
+use super::optimizer::Optimizer;
+use super::task::{EvalRecord, TrainTask};
+use crate::error::{PeftError, Result};
+use crate::io::peft_format::{read_safetensors, write_atomic, write_safetensors};
+
+/// Name of the adapter folder inside a checkpoint.
+pub const ADAPTER_DIR: &str = "adapter";
+/// Name of the trainable-var file inside a checkpoint.
+pub const TRAINABLE_FILE: &str = "trainable.safetensors";
+/// Name of the optimiser-state file inside a checkpoint.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Name of the trainer-state file inside a checkpoint.
+pub const STATE_FILE: &str = "trainer_state.json";
+/// Prefix of checkpoint folder names (`checkpoint-<step>`).
+pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
+
+/// The contents of `trainer_state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimiser steps done.
+    pub global_step: usize,
+    /// The run's total steps ([`TrainConfig::steps`]).
+    pub max_steps: usize,
+    /// The data-order seed.
+    pub seed: u64,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    /// Training examples the run was given.
+    pub num_examples: usize,
+    /// Data epoch in progress (0-based).
+    pub epoch: usize,
+    /// Examples of that epoch already used.
+    pub position: usize,
+    /// ChaCha8 word position before that epoch's shuffle (decimal; it is a u128).
+    pub epoch_word_pos: String,
+    /// Mean loss of each step so far.
+    pub losses: Vec<f64>,
+    /// Learning rate of each step so far.
+    pub lrs: Vec<f64>,
+    /// Global gradient norm of each step so far, before clipping.
+    pub grad_norms: Vec<f64>,
+    /// Evaluations so far.
+    pub evals: Vec<EvalRecord>,
+}
+
+impl TrainerState {
+    /// Reads a `trainer_state.json`.
+    pub fn read(path: &Path) -> Result<Self> {
+        crate::io::read_json(path)
+    }
+}
+
+/// The highest-numbered `checkpoint-<step>` folder in `out_dir` (temporaries are ignored).
+pub fn latest_checkpoint(out_dir: &Path) -> Result<Option<PathBuf>> {
+    let entries = fs::read_dir(out_dir).map_err(|e| PeftError::io(out_dir, e))?;
+    let mut best: Option<(usize, PathBuf)> = None;
+    for entry in entries {
+        let entry = entry.map_err(|e| PeftError::io(out_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(step) = name
+            .strip_prefix(CHECKPOINT_PREFIX)
+            .and_then(|s| s.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if entry.path().join(STATE_FILE).is_file() && best.as_ref().is_none_or(|(b, _)| step > *b) {
+            best = Some((step, entry.path()));
+        }
+    }
+    Ok(best.map(|(_, p)| p))
+}
+
+/// Restores the trainable vars and the optimiser state from the checkpoint `from` names (a
+/// checkpoint folder, or an output folder's latest checkpoint), after checking that it was
+/// written for this data and batching. Returns its trainer state and the RNG word position
+/// before the shuffle of its epoch.
+pub(super) fn restore_checkpoint(
+    from: &Path,
+    cfg: &TrainConfig,
+    num_examples: usize,
+    vars: &[(String, Var)],
+    opt: &mut Optimizer,
+) -> Result<(TrainerState, u128)> {
+    let dir = resolve_checkpoint(from)?;
+    let state = TrainerState::read(&dir.join(STATE_FILE))?;
+    check_resume(&state, cfg, num_examples, &dir)?;
+    restore_vars(vars, &dir.join(TRAINABLE_FILE))?;
+    opt.load_state(&dir.join(OPTIMIZER_FILE))?;
+    let word_pos = state.epoch_word_pos.parse::<u128>().map_err(|_| {
+        PeftError::config(
+            "epoch_word_pos",
+            format!(
+                "`{}` in {} is not a u128",
+                state.epoch_word_pos,
+                dir.display()
+            ),
+        )
+    })?;
+    Ok((state, word_pos))
+}
+
+/// A checkpoint folder, or the latest checkpoint of an output folder.
+fn resolve_checkpoint(from: &Path) -> Result<PathBuf> {
+    if from.join(STATE_FILE).is_file() {
+        return Ok(from.to_path_buf());
+    }
+    if from.is_dir() {
+        if let Some(dir) = latest_checkpoint(from)? {
+            return Ok(dir);
+        }
+    }
+    Err(PeftError::io(
+        from.join(STATE_FILE),
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "not a checkpoint folder, nor a folder holding checkpoint-<step> folders",
+        ),
+    ))
+}
+
+/// A resume must see the data and batching the checkpoint was written with.
+fn check_resume(state: &TrainerState, cfg: &TrainConfig, n: usize, dir: &Path) -> Result<()> {
+    let checks: [(&str, u64, u64); 4] = [
+        ("seed", state.seed, cfg.seed),
+        ("batch_size", state.batch_size as u64, cfg.batch_size as u64),
+        ("grad_accum", state.grad_accum as u64, cfg.grad_accum as u64),
+        ("train examples", state.num_examples as u64, n as u64),
+    ];
+    for (field, saved, now) in checks {
+        if saved != now {
+            return Err(PeftError::config(
+                field,
+                format!(
+                    "the checkpoint {} was written with {saved}, this run has {now}",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    if state.losses.len() != state.global_step
+        || state.lrs.len() != state.global_step
+        || state.grad_norms.len() != state.global_step
+    {
+        return Err(PeftError::config(
+            "global_step",
+            format!(
+                "{} has {} steps but {} losses",
+                dir.join(STATE_FILE).display(),
+                state.global_step,
+                state.losses.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Sets every var from `path` (keys are the var names). All are checked before any is set.
+fn restore_vars(vars: &[(String, Var)], path: &Path) -> Result<()> {
+    let mut tensors = read_safetensors(path, &Device::Cpu)?;
+    let location = path.display().to_string();
+    let mut values = Vec::with_capacity(vars.len());
+    for (name, var) in vars {
+        let t = tensors
+            .remove(name)
+            .ok_or_else(|| PeftError::MissingTensor {
+                key: name.clone(),
+                location: location.clone(),
+            })?;
+        if t.dims() != var.dims() {
+            return Err(PeftError::ShapeMismatch {
+                key: name.clone(),
+                expected: var.dims().to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        values.push(t.to_dtype(var.dtype())?.to_device(var.device())?);
+    }
+    if let Some(key) = tensors.keys().min() {
+        return Err(PeftError::UnexpectedTensor {
+            key: key.clone(),
+            location,
+        });
+    }
+    for ((_, var), t) in vars.iter().zip(values) {
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+/// Writes `out/checkpoint-<step>` through a temporary folder and a rename; a failure leaves
+/// earlier checkpoints (and an existing folder of the same step) untouched.
+pub(super) fn save_checkpoint<T: TrainTask>(
+    out: &Path,
+    task: &T,
+    vars: &[(String, Var)],
+    opt: &Optimizer,
+    state: &TrainerState,
+) -> Result<PathBuf> {
+    let step = state.global_step;
+    fs::create_dir_all(out).map_err(|e| PeftError::io(out, e))?;
+    let target = out.join(format!("{CHECKPOINT_PREFIX}{step}"));
+    let tmp = out.join(format!(".{CHECKPOINT_PREFIX}{step}.tmp"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
+    let written = (|| -> Result<()> {
+        task.save_adapter(&tmp.join(ADAPTER_DIR))?;
+        let values: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_detached_tensor()))
+            .collect();
+        write_safetensors(&tmp.join(TRAINABLE_FILE), &values)?;
+        opt.save_state(&tmp.join(OPTIMIZER_FILE))?;
+        let json = serde_json::to_string_pretty(state)
+            .map_err(|e| PeftError::config("trainer_state", e.to_string()))?;
+        write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
+        if target.exists() {
+            let old = out.join(format!(".{CHECKPOINT_PREFIX}{step}.old"));
+            if old.exists() {
+                fs::remove_dir_all(&old).map_err(|e| PeftError::io(&old, e))?;
+            }
+            fs::rename(&target, &old).map_err(|e| PeftError::io(&target, e))?;
+            if let Err(e) = fs::rename(&tmp, &target) {
+                let _ = fs::rename(&old, &target);
+                return Err(PeftError::io(&target, e));
+            }
+            fs::remove_dir_all(&old).map_err(|e| PeftError::io(&old, e))?;
+        } else {
+            fs::rename(&tmp, &target).map_err(|e| PeftError::io(&target, e))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        if tmp.exists() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        return Err(e);
+    }
+    Ok(target)
+}

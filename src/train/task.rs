@@ -1,0 +1,70 @@
+//! What the trainer asks of a model and task, and what an evaluation reports.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::optim::lora_pro::LoraPair;
+
+/// What the trainer needs from a model + task.
+pub trait TrainTask {
+    /// One training or evaluation example (a labelled text, a token sequence, ...).
+    type Example;
+
+    /// The mean loss over `batch` (a scalar on the graph of the trainable vars) and the number
+    /// of tokens the batch covers (for throughput).
+    fn loss(&self, batch: &[&Self::Example]) -> Result<(Tensor, usize)>;
+
+    /// Evaluates on `examples` (called in eval mode).
+    fn evaluate(&self, examples: &[Self::Example]) -> Result<EvalReport>;
+
+    /// The vars to train, named uniquely, in a deterministic order.
+    fn trainable_vars(&self) -> Vec<(String, Var)>;
+
+    /// Writes the adapter (e.g. `PeftModel::save_adapter`) into `dir`.
+    fn save_adapter(&self, dir: &Path) -> Result<()>;
+
+    /// Switches train-only behaviour such as dropout.
+    fn set_training(&self, _training: bool) {}
+
+    /// The LoRA adapters LoRA-Pro steps (e.g. [`crate::optim::lora_pairs`] of the task's
+    /// `PeftModel`). The default reports none, which LoRA-Pro refuses.
+    fn lora_pairs(&self) -> Result<Vec<LoraPair>> {
+        Ok(Vec::new())
+    }
+
+    /// The names, among those of [`trainable_vars`](Self::trainable_vars), that weight decay
+    /// must skip (e.g. [`crate::PeftModel::no_weight_decay_vars`]). Default: none.
+    fn no_weight_decay_vars(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// A one-element term added to every micro-batch's loss before the backward pass, on the
+    /// graph of the trainable vars: a weighted regulariser such as SALT's
+    /// ([`crate::PeftModel::regularization_loss`]). It is part of the reported training loss,
+    /// not of [`evaluate`](Self::evaluate). Default: none.
+    fn regularization_loss(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// The outcome of one evaluation.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Mean loss over the evaluated examples.
+    pub loss: f64,
+    /// Task metrics by name, e.g. `accuracy` or `perplexity`.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// An evaluation and the global step after which it ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// The global step (1-based) the evaluation followed.
+    pub step: usize,
+    /// What the evaluation measured.
+    pub report: EvalReport,
+}
