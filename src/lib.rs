@@ -11,10 +11,10 @@ pub mod adapter;
 #[path = "../adapters/mod.rs"]
 pub mod adapters;
 pub mod builder;
-pub mod calibrate;
 pub mod config;
 mod cpu_gemm;
 pub mod data;
+pub mod data_init;
 pub mod error;
 mod fast_exp;
 pub mod frozen;
