@@ -6,7 +6,7 @@
 //! For a linear layer `W: [out, in]`, rank `r`, scaling `s = α/r` (or `α/√r` with rsLoRA):
 //!
 //! 1. **Covariance** of the layer's inputs over the calibration batches (rows of non-padding
-//!    tokens only, see `crate::calibrate`; PEFT and the reference take every token, which is the
+//!    tokens only, see [`crate::data_init`]; PEFT and the reference take every token, which is the
 //!    same for unpadded batch-size-1 calibration and wrong otherwise). Per batch `X: [N, in]`:
 //!    `X ← X / |max(X)|` (the signed maximum, then its magnitude, as the reference does),
 //!    `C += Xᵀ X`; at the end `C /= number of batches`. Accumulated in f32 on the model's device,
@@ -24,7 +24,7 @@
 //!    `s·B A = U_r diag(S_r) V_rᵀ`.
 //!
 //! PEFT then replaces the base by the residual `W − s·B A` and trains `A`, `B` on it. We keep the
-//! pristine `W` (DESIGN.md) and the initial factors `A₀ = A`, `B₀ = B` frozen, and write the
+//! pristine `W` (no adapter ever rewrites a base weight) and the initial factors `A₀ = A`, `B₀ = B` frozen, and write the
 //! method relative to `W`:
 //!
 //! - forward: `Δ(x) = s·((x̂ Aᵀ) Bᵀ − (x A₀ᵀ) B₀ᵀ)` with `x̂ = dropout(x)`. At init the two
@@ -45,17 +45,20 @@
 //! `corda_B0.weight` (the frozen init factors). With them the adapter needs neither the
 //! calibration data nor a residual model.
 //!
-//! **Conversion** ([`convert_to_peft_lora`], `candle-peft convert --to peft-lora`): PEFT's
+//! **Conversion** ([`convert_to_peft_lora`](crate::data_init::convert::convert_to_peft_lora),
+//! `candle-peft convert --to peft-lora`): PEFT's
 //! `path_initial_model_for_weight_conversion`: `ΔW = s·[B | −B₀]·[A ; A₀]`, a PEFT LoRA of rank
 //! `2r` with `α' = 2α` (rsLoRA: `√2·α`) so that `s` is unchanged, `rank_pattern` and
 //! `alpha_pattern` values doubled likewise; it applies to the original base. rsLoRA together
 //! with `rank_pattern` / `alpha_pattern` is refused, as PEFT refuses it.
 //!
-//! Linear layers only (METHODS.md). Layers fed the same tensor (q/k/v) share one covariance and
+//! Linear layers only (the oriented SVD needs a weight matrix and an input covariance). Layers fed the same tensor (q/k/v) share one covariance and
 //! one damped inverse; each gets its own SVD.
+//!
+//! This file holds the config and the adapter; the calibration runs in
+//! [`crate::data_init::corda`] ([`add_corda_adapter`](crate::data_init::corda::add_corda_adapter)).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -65,22 +68,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::adapter::{Adapter, LayerGeometry, Method};
-use crate::adapters::lora::{InitLoraWeights, LoraConfig};
-use crate::calibrate::{self, CalibrationBatch, CalibrationOptions, RowStatistic};
 use crate::config::{
-    AdapterConfig, CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting, pattern_value,
+    CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting, pattern_value,
 };
 use crate::error::{PeftError, Result};
 use crate::init;
-use crate::io::peft_format::{self, KEY_PREFIX};
-use crate::layer::LayerHandle;
-use crate::linalg::{self, Precision};
-use crate::model::PeftModel;
+use crate::io::peft_format::KEY_PREFIX;
 
-const LORA_A: &str = "lora_A.weight";
-const LORA_B: &str = "lora_B.weight";
-const INIT_A: &str = "corda_A0.weight";
-const INIT_B: &str = "corda_B0.weight";
+pub(crate) const LORA_A: &str = "lora_A.weight";
+pub(crate) const LORA_B: &str = "lora_B.weight";
+pub(crate) const INIT_A: &str = "corda_A0.weight";
+pub(crate) const INIT_B: &str = "corda_B0.weight";
 
 /// Which components become the adapter.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,7 +237,8 @@ impl CordaConfig {
         }
     }
 
-    /// This config carrying the init factors of a calibration ([`corda_factors`]), so that
+    /// This config carrying the init factors of a calibration
+    /// ([`corda_factors`](crate::data_init::corda::corda_factors)), so that
     /// `PeftModel::add_adapter` can build the adapters.
     pub fn with_init(mut self, factors: BTreeMap<String, CordaFactors>) -> Self {
         self.init = CordaInit(Some(Arc::new(factors)));
@@ -428,7 +427,7 @@ impl CordaConfig {
                 PeftError::layer(
                     module,
                     "CorDA needs the factors of a calibration pass first \
-                     (adapters::corda::add_corda_adapter, or `candle-peft train --method corda`)",
+                     (data_init::corda::add_corda_adapter, or `candle-peft train --method corda`)",
                 )
             })?;
         check_shape(module, "A", &factors.a, &[r, in_f])?;
@@ -665,530 +664,4 @@ impl Adapter for CordaAdapter {
     fn no_weight_decay(&self) -> Vec<String> {
         vec![LORA_A.to_string(), LORA_B.to_string()]
     }
-}
-
-/// Covariance of one input group's rows with the reference normalisation (step 1).
-#[derive(Debug)]
-pub struct CovarianceStatistic {
-    layer: String,
-    sum: Option<Tensor>,
-    batches: usize,
-}
-
-impl CovarianceStatistic {
-    /// `layer` names the group in errors.
-    pub fn new(layer: impl Into<String>) -> Self {
-        Self {
-            layer: layer.into(),
-            sum: None,
-            batches: 0,
-        }
-    }
-
-    /// Batches accumulated.
-    pub fn batches(&self) -> usize {
-        self.batches
-    }
-
-    /// `C = Σ_batches (X/|max X|)ᵀ (X/|max X|) / batches`, `[in, in]` f64 on the CPU.
-    pub fn covariance(&self) -> Result<Tensor> {
-        match &self.sum {
-            Some(sum) if self.batches > 0 => {
-                let c = (sum.to_device(&Device::Cpu)?.to_dtype(DType::F64)? / self.batches as f64)?;
-                // A non-finite input entry reaches the sum, so one check at the end finds it.
-                if let Some((i, v)) = linalg::first_non_finite(&c)? {
-                    let n = c.dim(0)?;
-                    return Err(PeftError::layer(
-                        &self.layer,
-                        format!(
-                            "CorDA: the covariance has a non-finite entry ({v} at [{}, {}]): \
-                             the calibration inputs are not finite",
-                            i / n,
-                            i % n
-                        ),
-                    ));
-                }
-                Ok(c)
-            }
-            _ => Err(PeftError::layer(
-                &self.layer,
-                "CorDA: no calibration rows were accumulated",
-            )),
-        }
-    }
-}
-
-impl RowStatistic for CovarianceStatistic {
-    fn update(&mut self, rows: &Tensor) -> Result<()> {
-        let max = rows
-            .max_keepdim(0)?
-            .max_keepdim(1)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let max = f64::from(max.first().copied().unwrap_or(0.0));
-        let scale = max.abs();
-        if !(scale.is_finite() && scale > 0.0) {
-            return Err(PeftError::layer(
-                &self.layer,
-                format!(
-                    "CorDA: the largest entry of a calibration batch's inputs is {max}; the \
-                     reference normalisation divides by |max(X)| and cannot use it"
-                ),
-            ));
-        }
-        let x = (rows / scale)?;
-        let xtx = x.t()?.matmul(&x)?;
-        self.sum = Some(match self.sum.take() {
-            Some(s) => (s + xtx)?,
-            None => xtx,
-        });
-        self.batches += 1;
-        Ok(())
-    }
-}
-
-/// `Ĉ = C + damp·mean(diag C)·I` and its inverse, from the damping loop of step 2.
-#[derive(Clone, Debug)]
-pub struct DampedInverse {
-    /// `Ĉ`, `[in, in]` f64.
-    pub damped: Tensor,
-    /// `Ĉ⁻¹`, `[in, in]` f64.
-    pub inverse: Tensor,
-    /// The final `damp`.
-    pub damp: f64,
-    /// `‖Ĉ Ĉ⁻¹ − I‖_F` (< 0.05).
-    pub inverse_error: f64,
-}
-
-/// Doublings of `damp` tried before giving up (0.01 · 2⁶⁰ is far beyond any useful damping).
-const MAX_DAMPING_STEPS: usize = 60;
-
-/// PEFT's damping loop (step 2) on `c: [in, in]`, in f64; `layer` names the layer in errors.
-pub fn damped_inverse(c: &Tensor, layer: &str) -> Result<DampedInverse> {
-    let c = c.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let (n, m) = c.dims2()?;
-    if n != m {
-        return Err(PeftError::layer(
-            layer,
-            format!("CorDA: the covariance must be square, got [{n}, {m}]"),
-        ));
-    }
-    let mean_diag = c
-        .to_vec2::<f64>()?
-        .iter()
-        .enumerate()
-        .map(|(i, row)| row[i])
-        .sum::<f64>()
-        / n as f64;
-    if !(mean_diag.is_finite() && mean_diag > 0.0) {
-        return Err(PeftError::layer(
-            layer,
-            format!(
-                "CorDA: the covariance has mean diagonal {mean_diag}; the calibration inputs \
-                 carry no signal"
-            ),
-        ));
-    }
-    let eye = Tensor::eye(n, DType::F64, &Device::Cpu)?;
-    let mut damp = 0.01;
-    for _ in 0..MAX_DAMPING_STEPS {
-        let damped = (&c + (&eye * (damp * mean_diag))?)?;
-        if let Ok(inverse) = linalg::inverse(&damped, Precision::F64) {
-            let residual = (damped.matmul(&inverse)? - &eye)?;
-            let err = residual.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-            if err < 0.05 {
-                return Ok(DampedInverse {
-                    damped,
-                    inverse,
-                    damp,
-                    inverse_error: err,
-                });
-            }
-        }
-        damp *= 2.0;
-    }
-    Err(PeftError::layer(
-        layer,
-        format!("CorDA: the damped covariance could not be inverted (damp reached {damp:e})"),
-    ))
-}
-
-/// The covariance-oriented decomposition of step 3: `W = U diag(S) Vᵀ` with `U: [out, k]`
-/// orthonormal, `S: [k]` non-increasing, `V = (Vh Ĉ⁻¹)ᵀ: [in, k]`, all f64 on the CPU.
-#[derive(Clone, Debug)]
-pub struct CordaDecomposition {
-    pub u: Tensor,
-    pub s: Tensor,
-    pub v: Tensor,
-}
-
-/// Step 3 for `w: [out, in]` (any dtype) and the damped covariance.
-pub fn oriented_svd(w: &Tensor, c: &DampedInverse) -> Result<CordaDecomposition> {
-    let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let wc = w.matmul(&c.damped)?;
-    let svd = linalg::thin_svd(&wc, Precision::F64)?;
-    // V = (Vh Ĉ⁻¹)ᵀ = Ĉ⁻ᵀ Vhᵀ, and Vhᵀ is linalg's V.
-    let v = c.inverse.t()?.matmul(&svd.v)?;
-    Ok(CordaDecomposition {
-        u: svd.u,
-        s: svd.s,
-        v,
-    })
-}
-
-/// Steps 4–5: the `r` components `method` picks, split with scaling `s`: `(A [r, in], B [out, r])`
-/// in f32 with `s·B A = U_r diag(S_r) V_rᵀ`.
-pub fn split_factors(
-    dec: &CordaDecomposition,
-    r: usize,
-    method: CordaMethod,
-    scaling: f64,
-    layer: &str,
-) -> Result<CordaFactors> {
-    let k = dec.s.dim(0)?;
-    if r == 0 || r > k {
-        return Err(PeftError::layer(
-            layer,
-            format!("CorDA rank {r} must be in 1..=min(in, out) = {k}"),
-        ));
-    }
-    let start = match method {
-        CordaMethod::Ipm => 0,
-        CordaMethod::Kpm => k - r,
-    };
-    let u = dec.u.narrow(1, start, r)?;
-    let s = dec.s.narrow(0, start, r)?;
-    let v = dec.v.narrow(1, start, r)?;
-    let root = (s / scaling)?.sqrt()?;
-    let a = v.t()?.broadcast_mul(&root.unsqueeze(1)?)?;
-    let b = u.broadcast_mul(&root.unsqueeze(0)?)?;
-    Ok(CordaFactors {
-        a: a.to_dtype(DType::F32)?.contiguous()?,
-        b: b.to_dtype(DType::F32)?.contiguous()?,
-    })
-}
-
-/// Settings of a CorDA calibration.
-#[derive(Clone, Debug, Default)]
-pub struct CordaOptions {
-    pub calibration: CalibrationOptions,
-}
-
-/// What the calibration produced, per targeted layer.
-#[derive(Clone, Debug)]
-pub struct CordaState {
-    pub factors: BTreeMap<String, CordaFactors>,
-    /// Layer → (usable calibration rows, final damp).
-    pub layers: BTreeMap<String, (usize, f64)>,
-    /// Names of the layers of each input group with more than one member.
-    pub shared_inputs: Vec<Vec<String>>,
-}
-
-/// Runs CorDA's calibration and decomposition (steps 1–5) on `model`'s base model: each of
-/// `batches` once, `forward(model, batch)` running one forward. A layer whose group saw fewer
-/// usable rows than its rank is an error naming it.
-pub fn corda_factors<M>(
-    model: &mut PeftModel<M>,
-    config: &CordaConfig,
-    batches: &[CalibrationBatch],
-    mut forward: impl FnMut(&M, &CalibrationBatch) -> Result<()>,
-    options: &CordaOptions,
-) -> Result<CordaState> {
-    config.validate()?;
-    let (linear, other) = calibrate::target_layers(model, &config.targeting)?;
-    if let Some(layer) = other.first() {
-        return Err(PeftError::layer(
-            layer.name(),
-            "CorDA adapts linear layers only (this one is a conv2d)",
-        ));
-    }
-    let names: Vec<String> = linear.iter().map(LayerHandle::name).collect();
-    let collected = calibrate::with_base_model(model, |model| {
-        let inner = model.model();
-        calibrate::collect(
-            linear.clone(),
-            batches,
-            |b| forward(inner, b),
-            |g, layers| Ok(CovarianceStatistic::new(group_label(g, layers))),
-            &options.calibration,
-            "CorDA",
-        )
-    })?;
-    let mut factors = BTreeMap::new();
-    let mut layers = BTreeMap::new();
-    let mut shared_inputs = Vec::new();
-    for (group, stat, rows) in collected {
-        if group.members.len() > 1 {
-            shared_inputs.push(group.members.iter().map(|&m| names[m].clone()).collect());
-        }
-        for &m in &group.members {
-            let (r, _, _) = config.resolve(&names[m])?;
-            if rows < r {
-                return Err(PeftError::layer(
-                    &names[m],
-                    format!(
-                        "CorDA: the calibration data gives {rows} usable rows (tokens) for this \
-                         layer, fewer than its rank {r}; use more calibration data or a smaller rank"
-                    ),
-                ));
-            }
-        }
-        let c = stat.covariance()?;
-        drop(stat);
-        let damped = damped_inverse(&c, &names[group.leader])?;
-        drop(c);
-        for &m in &group.members {
-            let name = &names[m];
-            let (r, _, scaling) = config.resolve(name)?;
-            let dec = oriented_svd(&linear[m].weight(), &damped)?;
-            factors.insert(
-                name.clone(),
-                split_factors(&dec, r, config.corda_method, scaling, name)?,
-            );
-            layers.insert(name.clone(), (rows, damped.damp));
-        }
-    }
-    Ok(CordaState {
-        factors,
-        layers,
-        shared_inputs,
-    })
-}
-
-fn group_label(g: &calibrate::InputGroup, layers: &[LayerHandle]) -> String {
-    g.members
-        .iter()
-        .map(|&m| layers[m].name())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Calibrates, then adds adapter `name` initialised by CorDA. The model's output is unchanged.
-pub fn add_corda_adapter<M>(
-    model: &mut PeftModel<M>,
-    name: &str,
-    config: CordaConfig,
-    batches: &[CalibrationBatch],
-    forward: impl FnMut(&M, &CalibrationBatch) -> Result<()>,
-    options: &CordaOptions,
-) -> Result<CordaState> {
-    if model.adapter_names().iter().any(|n| n == name) {
-        return Err(PeftError::DuplicateAdapter(name.to_string()));
-    }
-    let state = corda_factors(model, &config, batches, forward, options)?;
-    model.add_adapter(name, config.with_init(state.factors.clone()))?;
-    Ok(state)
-}
-
-/// What [`convert_to_peft_lora`] wrote.
-#[derive(Clone, Debug)]
-pub struct ConvertReport {
-    /// Modules converted to rank-2r LoRA pairs.
-    pub modules: Vec<String>,
-    /// Whole-module tensors carried over (`modules_to_save`).
-    pub copied_tensors: Vec<String>,
-    /// The LoRA config written.
-    pub config: LoraConfig,
-}
-
-/// The PEFT LoRA equivalent of a CorDA adapter on the original base (see the module docs): its
-/// tensors under PEFT's file keys, and the report holding its config.
-pub fn to_peft_lora(
-    config: &CordaConfig,
-    tensors: BTreeMap<String, Tensor>,
-) -> Result<(Vec<(String, Tensor)>, ConvertReport)> {
-    if config.use_rslora && (!config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty()) {
-        return Err(PeftError::Unsupported(
-            "converting a CorDA adapter with use_rslora and rank_pattern/alpha_pattern to PEFT \
-             LoRA is not supported (PEFT refuses it too: the doubled rank changes the scaling)"
-                .into(),
-        ));
-    }
-    let factor = if config.use_rslora {
-        std::f64::consts::SQRT_2
-    } else {
-        2.0
-    };
-    let mut lora = LoraConfig::new::<&str>(&[], 2 * config.r, config.lora_alpha * factor);
-    lora.targeting = config.targeting.clone();
-    lora.lora_dropout = config.lora_dropout;
-    lora.use_rslora = config.use_rslora;
-    lora.init_lora_weights = InitLoraWeights::Bool(true);
-    lora.rank_pattern = config
-        .rank_pattern
-        .iter()
-        .map(|(k, v)| (k.clone(), 2 * v))
-        .collect();
-    lora.alpha_pattern = config
-        .alpha_pattern
-        .iter()
-        .map(|(k, v)| (k.clone(), v * factor))
-        .collect();
-    lora.task_type = config.task_type.clone();
-    lora.base_model_name_or_path = config.base_model_name_or_path.clone();
-    lora.revision = config.revision.clone();
-
-    let (shared, per_module) = peft_format::split_shared(tensors);
-    if let Some(key) = shared.keys().next() {
-        return Err(PeftError::UnexpectedTensor {
-            key: key.clone(),
-            location: "a CorDA adapter (it has no model-level tensors)".into(),
-        });
-    }
-    let by_module = peft_format::group_by_module(per_module, CordaConfig::TENSOR_PREFIXES);
-    let mut out = Vec::new();
-    let mut modules = Vec::new();
-    let mut copied = Vec::new();
-    for (module, mut t) in by_module {
-        let has_corda = t.keys().any(|k| {
-            k.split('.')
-                .next()
-                .is_some_and(|h| CordaConfig::TENSOR_PREFIXES.contains(&h))
-        });
-        if !has_corda {
-            for (local, tensor) in t {
-                let key = format!("{KEY_PREFIX}{module}.{local}");
-                copied.push(key.clone());
-                out.push((key, tensor));
-            }
-            continue;
-        }
-        let mut take = |name: &str| -> Result<Tensor> {
-            let t = t.remove(name).ok_or_else(|| PeftError::MissingTensor {
-                key: format!("{KEY_PREFIX}{module}.{name}"),
-                location: "the CorDA adapter".into(),
-            })?;
-            Ok(t.to_dtype(DType::F32)?)
-        };
-        let (a, b, a0, b0) = (take(LORA_A)?, take(LORA_B)?, take(INIT_A)?, take(INIT_B)?);
-        if let Some(extra) = t.keys().next() {
-            return Err(PeftError::UnexpectedTensor {
-                key: format!("{KEY_PREFIX}{module}.{extra}"),
-                location: "the CorDA adapter".into(),
-            });
-        }
-        let r = a.dim(0)?;
-        for (name, tensor, expected) in [
-            (LORA_B, &b, [b.dim(0)?, r]),
-            (INIT_A, &a0, [r, a.dim(1)?]),
-            (INIT_B, &b0, [b.dim(0)?, r]),
-        ] {
-            if tensor.dims() != expected {
-                return Err(PeftError::ShapeMismatch {
-                    key: format!("{KEY_PREFIX}{module}.{name}"),
-                    expected: expected.to_vec(),
-                    got: tensor.dims().to_vec(),
-                });
-            }
-        }
-        let lora_a = Tensor::cat(&[&a, &a0], 0)?;
-        let lora_b = Tensor::cat(&[&b, &b0.neg()?], 1)?;
-        out.push((format!("{KEY_PREFIX}{module}.{LORA_A}"), lora_a));
-        out.push((format!("{KEY_PREFIX}{module}.{LORA_B}"), lora_b));
-        modules.push(module);
-    }
-    if modules.is_empty() {
-        return Err(PeftError::config(
-            "adapter",
-            "the CorDA adapter has no lora_A / lora_B tensors",
-        ));
-    }
-    let report = ConvertReport {
-        modules,
-        copied_tensors: copied,
-        config: lora,
-    };
-    Ok((out, report))
-}
-
-/// `candle-peft convert <adapter> --to peft-lora --base <model> --out <dir>`: reads a CorDA
-/// adapter directory, checks every module against the base model's weights (name and shape;
-/// a safetensors base, whose names may lack a task model's leading prefix such as `bert.`), and
-/// writes the rank-2r PEFT LoRA to `out` (plus the adapter's `labels.json`, if any).
-pub fn convert_to_peft_lora(adapter_dir: &Path, base: &Path, out: &Path) -> Result<ConvertReport> {
-    let file = peft_format::read_adapter_dir(adapter_dir)?;
-    let config = match file.config {
-        AdapterConfig::Corda(c) => c,
-        other => {
-            return Err(PeftError::Unsupported(format!(
-                "{}: only CorDA adapters convert to PEFT LoRA (this one is {})",
-                adapter_dir.display(),
-                other.method()
-            )));
-        }
-    };
-    let (tensors, report) = to_peft_lora(&config, file.tensors)?;
-    check_against_base(base, &tensors)?;
-    let lora_config = AdapterConfig::Lora(report.config.clone());
-    lora_config.validate()?;
-    peft_format::write_adapter_dir(out, &lora_config, &tensors)?;
-    let labels = adapter_dir.join(crate::tasks::classify::LABELS_FILE);
-    if labels.is_file() {
-        let bytes = std::fs::read(&labels).map_err(|e| PeftError::io(&labels, e))?;
-        peft_format::write_atomic(&out.join(crate::tasks::classify::LABELS_FILE), &bytes)?;
-    }
-    Ok(report)
-}
-
-/// Every converted module `P` must find a base weight `P.weight` (or `Q.weight` with `P` =
-/// `prefix.Q`) of shape `[out, in]` matching its LoRA pair.
-fn check_against_base(base: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let source = crate::io::source::resolve_local(base)?;
-    if source.kind == crate::io::source::SourceKind::Gguf {
-        // GGUF names differ from the HF names adapters use; the Llama loader maps them, this
-        // check does not.
-        return Ok(());
-    }
-    let mut shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for path in &source.weights {
-        for (name, info) in crate::io::export::read_safetensors_header(path)?.tensors {
-            shapes.insert(name, info.shape.clone());
-        }
-    }
-    let mut a_shapes: BTreeMap<&str, &[usize]> = BTreeMap::new();
-    let mut b_shapes: BTreeMap<&str, &[usize]> = BTreeMap::new();
-    for (key, t) in tensors {
-        if let Some(m) = key
-            .strip_prefix(KEY_PREFIX)
-            .and_then(|k| k.strip_suffix(&format!(".{LORA_A}")))
-        {
-            a_shapes.insert(m, t.dims());
-        } else if let Some(m) = key
-            .strip_prefix(KEY_PREFIX)
-            .and_then(|k| k.strip_suffix(&format!(".{LORA_B}")))
-        {
-            b_shapes.insert(m, t.dims());
-        }
-    }
-    for (module, a) in &a_shapes {
-        let Some(b) = b_shapes.get(module) else {
-            continue;
-        };
-        let expected = vec![b[0], a[1]];
-        let wanted = format!("{module}.weight");
-        let found = shapes.get(&wanted).or_else(|| {
-            shapes
-                .iter()
-                .filter(|(name, _)| crate::config::suffix_match(&wanted, name))
-                .max_by_key(|(name, _)| name.len())
-                .map(|(_, s)| s)
-        });
-        match found {
-            None => {
-                return Err(PeftError::MissingTensor {
-                    key: wanted,
-                    location: format!("the base model {}", base.display()),
-                });
-            }
-            Some(shape) if *shape != expected => {
-                return Err(PeftError::ShapeMismatch {
-                    key: format!("{wanted} (base model {})", base.display()),
-                    expected,
-                    got: shape.clone(),
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
 }

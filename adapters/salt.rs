@@ -24,7 +24,8 @@
 //!   `h_s ← h_s Mᵀ` with `M = ReLU(diag(σ_s) + X Y) − diag(σ_s)`, `Δ(x) = [h_t, h_s] Uᵀ`;
 //!   conv2d: a conv with the k filters of `Vᵀ`, the same mixing per pixel, a 1×1 conv with `U`.
 //! - regulariser (the reference returns it with every forward; here a separate term, see
-//!   [`SaltAdapter::regularizer`] and [`regularizer`]):
+//!   [`SaltAdapter::regularizer`] and
+//!   [`PeftModel::adapter_regularizer`](crate::PeftModel::adapter_regularizer)):
 //!   `‖α ⊙ σ_t + β − σ_t‖₂ + ‖X Y‖_F` per layer. With `reg_weight = λ > 0` in the config
 //!   (`--opt reg_weight=λ`; default 0, and configs written without the field load as 0) the
 //!   trainer minimises `task loss + λ · Σ_layers reg` ([`crate::PeftModel::regularization_loss`]):
@@ -62,7 +63,6 @@ use crate::adapters::factored::{
 use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting};
 use crate::error::{PeftError, Result};
 use crate::linalg::{self, Precision};
-use crate::model::PeftModel;
 
 /// The sign rule recorded in the config (see [`crate::linalg`]).
 pub const SVD_SIGN_RULE: &str = "max_abs_entry_of_u_positive";
@@ -703,26 +703,4 @@ impl Adapter for SaltAdapter {
     fn regularizer_loss(&self) -> Option<Result<Tensor>> {
         Some(SaltAdapter::regularizer(self))
     }
-}
-
-/// The sum of [`SaltAdapter::regularizer`] over every layer carrying the SALT adapter `name`
-/// (`None` when no layer has one), unweighted. The trainer adds `reg_weight ·` this sum through
-/// [`PeftModel::regularization_loss`]; a loop of your own adds `weight · reg` itself.
-pub fn regularizer<M>(model: &PeftModel<M>, name: &str) -> Result<Option<Tensor>> {
-    let mut total: Option<Tensor> = None;
-    for layer in model.layers() {
-        let reg = layer.with_adapter(name, |a| {
-            a.as_any()
-                .and_then(|any| any.downcast_ref::<SaltAdapter>())
-                .map(SaltAdapter::regularizer)
-        });
-        if let Some(Some(reg)) = reg {
-            let reg = reg?;
-            total = Some(match total {
-                None => reg,
-                Some(t) => t.add(&reg)?,
-            });
-        }
-    }
-    Ok(total)
 }

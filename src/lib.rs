@@ -11,9 +11,9 @@ pub mod adapter;
 #[path = "../adapters/mod.rs"]
 pub mod adapters;
 pub mod builder;
-pub mod calibrate;
 pub mod config;
 pub mod data;
+pub mod data_init;
 pub mod error;
 pub mod generate;
 pub mod init;

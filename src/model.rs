@@ -487,18 +487,7 @@ impl<M> PeftModel<M> {
             if weight == 0.0 {
                 continue;
             }
-            let mut sum: Option<Tensor> = None;
-            for layer in &self.layers {
-                let Some(Some(reg)) = layer.with_adapter(adapter, |a| a.regularizer_loss()) else {
-                    continue;
-                };
-                let reg = reg?;
-                sum = Some(match sum {
-                    None => reg,
-                    Some(s) => s.add(&reg)?,
-                });
-            }
-            if let Some(sum) = sum {
+            if let Some(sum) = self.adapter_regularizer(adapter)? {
                 let term = sum.affine(weight, 0.0)?;
                 total = Some(match total {
                     None => term,
@@ -507,6 +496,27 @@ impl<M> PeftModel<M> {
             }
         }
         Ok(total)
+    }
+
+    /// `Σ_layers reg` for adapter `adapter`, unweighted, with `reg` each layer's
+    /// [`Adapter::regularizer_loss`] (SALT's orthogonality term); `None` when no layer's adapter
+    /// has one. [`Self::regularization_loss`] adds `w ·` this sum for every active adapter; a
+    /// training loop of your own adds `weight · reg` itself.
+    ///
+    /// [`Adapter::regularizer_loss`]: crate::adapter::Adapter::regularizer_loss
+    pub fn adapter_regularizer(&self, adapter: &str) -> Result<Option<Tensor>> {
+        let mut sum: Option<Tensor> = None;
+        for layer in &self.layers {
+            let Some(Some(reg)) = layer.with_adapter(adapter, |a| a.regularizer_loss()) else {
+                continue;
+            };
+            let reg = reg?;
+            sum = Some(match sum {
+                None => reg,
+                Some(s) => s.add(&reg)?,
+            });
+        }
+        Ok(sum)
     }
 
     pub fn num_trainable_parameters(&self) -> usize {

@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_peft::adapters::lora::InitLoraWeights;
-use candle_peft::calibrate::{
-    self, CalibrationBatch, CalibrationOptions, Calibrator, InputGroup, RowStatistic,
-};
 use candle_peft::data::load_tokenizer;
+use candle_peft::data_init::{
+    self as calibrate, CalibrationBatch, CalibrationOptions, Calibrator, InputGroup, RowStatistic,
+};
 use candle_peft::{BertModel, LayerHandle, LoraConfig, PeftBuilder, PeftLinear, PeftModel, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

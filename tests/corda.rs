@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_peft::adapters::corda::{
-    self, CordaConfig, CordaMethod, CordaOptions, CovarianceStatistic, damped_inverse,
-    oriented_svd, split_factors,
-};
-use candle_peft::calibrate::{CalibrationBatch, CalibrationOptions, RowStatistic, text_batches};
+use candle_peft::adapters::corda::{CordaConfig, CordaMethod};
 use candle_peft::data::{load_tokenizer, read_tsv};
+use candle_peft::data_init::convert;
+use candle_peft::data_init::corda::{
+    self, CordaOptions, CovarianceStatistic, damped_inverse, oriented_svd, split_factors,
+};
+use candle_peft::data_init::{CalibrationBatch, CalibrationOptions, RowStatistic, text_batches};
 use candle_peft::linalg::{self, Precision};
 use candle_peft::{AdapterConfig, BertModel, PeftBuilder, PeftLinear, PeftModel, Result};
 use rand::SeedableRng;
@@ -353,7 +354,7 @@ fn convert_to_peft_lora_reproduces_the_tuned_model() {
             other => panic!("{other:?}"),
         }
     };
-    let (out, report) = corda::to_peft_lora(&config, tensors).unwrap();
+    let (out, report) = convert::to_peft_lora(&config, tensors).unwrap();
     let lora = report.config.clone();
     assert_eq!(lora.r, 4);
     assert_eq!(lora.lora_alpha, 8.0);

@@ -10,13 +10,12 @@ use std::path::PathBuf;
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_peft::adapters::eva::{
-    self, EvaConfig, EvaOptions, IncrementalPca, PcaSvd, rank_distribution,
-};
-use candle_peft::calibrate::{CalibrationBatch, CalibrationOptions, text_batches};
+use candle_peft::adapters::eva::EvaConfig;
 use candle_peft::config::ModuleSelector;
 use candle_peft::data::{load_tokenizer, read_tsv};
-use candle_peft::linalg::{self, Precision};
+use candle_peft::data_init::eva::{self, EvaOptions, rank_distribution};
+use candle_peft::data_init::{CalibrationBatch, CalibrationOptions, text_batches};
+use candle_peft::linalg::{self, IncrementalPca, PcaSvd, Precision};
 use candle_peft::{
     AdapterConfig, BertModel, LoraAdapter, LoraConfig, PeftBuilder, PeftLinear, PeftModel, Result,
 };

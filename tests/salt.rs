@@ -348,7 +348,7 @@ fn regularizer_is_the_two_norms_with_finite_gradients() {
     let mut pm = single_linear(7, 6, 10);
     pm.add_adapter(ADAPTER, config(2, 3)).unwrap();
     // At init both norms are 0, and the gradient is 0, not NaN.
-    let reg = salt::regularizer(&pm, ADAPTER).unwrap().unwrap();
+    let reg = pm.adapter_regularizer(ADAPTER).unwrap().unwrap();
     assert_eq!(reg.to_scalar::<f32>().unwrap(), 0.0);
     let grads = reg.backward().unwrap();
     for (name, var) in pm.trainable_vars() {
@@ -376,7 +376,7 @@ fn regularizer_is_the_two_norms_with_finite_gradients() {
             .unwrap()
     };
     let expected = norm(&top) + norm(&xy);
-    let reg = salt::regularizer(&pm, ADAPTER).unwrap().unwrap();
+    let reg = pm.adapter_regularizer(ADAPTER).unwrap().unwrap();
     assert!((reg.to_scalar::<f32>().unwrap() - expected).abs() <= 1e-5 * expected);
     // ∂reg/∂β = top / ‖top‖.
     let grads = reg.backward().unwrap();
@@ -388,7 +388,7 @@ fn regularizer_is_the_two_norms_with_finite_gradients() {
     other
         .add_adapter(ADAPTER, candle_peft::LoraConfig::new(&["lin"], 2, 4.0))
         .unwrap();
-    assert!(salt::regularizer(&other, ADAPTER).unwrap().is_none());
+    assert!(other.adapter_regularizer(ADAPTER).unwrap().is_none());
 }
 
 #[test]
@@ -536,7 +536,7 @@ fn salt_classify_task(src: &ModelSource, reg_weight: f64) -> ClassifyTask {
     c.r_t = Some(4);
     c.reg_weight = reg_weight;
     task.add_adapter(ADAPTER, c).unwrap();
-    let at_init = salt::regularizer(task.model(), ADAPTER).unwrap().unwrap();
+    let at_init = task.model().adapter_regularizer(ADAPTER).unwrap().unwrap();
     assert_eq!(at_init.to_scalar::<f32>().unwrap(), 0.0);
     let mut r = rng(21);
     for (name, var) in task.model().trainable_vars() {

@@ -13,10 +13,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
-use candle_peft::adapters::corda::{self, CordaConfig, CordaOptions};
-use candle_peft::adapters::eva::{self, EvaConfig, EvaOptions};
-use candle_peft::calibrate::{CalibrationBatch, CalibrationOptions};
+use candle_peft::adapters::corda::CordaConfig;
+use candle_peft::adapters::eva::EvaConfig;
 use candle_peft::data::pad_batch;
+use candle_peft::data_init::corda::{self, CordaOptions};
+use candle_peft::data_init::eva::{self, EvaOptions};
+use candle_peft::data_init::{CalibrationBatch, CalibrationOptions};
 use candle_peft::io::source;
 use candle_peft::models::llama::LlamaForCausalLM;
 use candle_peft::tasks::causal_lm::CausalLmTask;

@@ -6,11 +6,12 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use candle_core::Tensor;
-use candle_peft::adapters::corda::{self, CordaOptions};
-use candle_peft::adapters::eva::{self, EvaConfig, EvaOptions};
+use candle_peft::adapters::eva::EvaConfig;
 use candle_peft::adapters::lora::InitLoraWeights;
-use candle_peft::calibrate::{CalibrationBatch, CalibrationOptions, text_batches};
 use candle_peft::data::{LabeledText, pad_batch, pad_id, read_tsv};
+use candle_peft::data_init::corda::{self, CordaOptions};
+use candle_peft::data_init::eva::{self, EvaOptions};
+use candle_peft::data_init::{CalibrationBatch, CalibrationOptions, text_batches};
 use candle_peft::tasks::causal_lm::{CausalLmTask, LmExample};
 use candle_peft::tasks::classify::ClassifyTask;
 use candle_peft::{AdapterConfig, DEFAULT_ADAPTER, Method, PeftModel};

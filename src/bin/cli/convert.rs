@@ -1,13 +1,14 @@
 //! `candle-peft convert <adapter dir> --to peft-lora --base <model> --out <dir>`: rewrites an
 //! adapter as a plain PEFT LoRA that applies to the original base model. CorDA adapters become
-//! rank-2r LoRAs (`[B, −B₀] [A; A₀]`, see `candle_peft::adapters::corda`); the base model's
+//! rank-2r LoRAs (`[B, −B₀] [A; A₀]`, see `candle_peft::data_init::convert`); the base model's
 //! weights are checked against every module's shape.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use candle_peft::adapters::corda::convert_to_peft_lora;
+use candle_peft::data_init::convert::convert_to_peft_lora;
+use candle_peft::tasks::classify::LABELS_FILE;
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -33,7 +34,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out {} exists and is not a directory", args.out.display());
     }
-    let report = convert_to_peft_lora(&args.adapter, &args.base, &args.out)
+    let report = convert_to_peft_lora(&args.adapter, &args.base, &args.out, &[LABELS_FILE])
         .with_context(|| format!("converting {} to a PEFT LoRA", args.adapter.display()))?;
     let mut o = String::new();
     writeln!(

@@ -1,86 +1,13 @@
-//! Dense linear algebra on candle tensors, through faer: thin and truncated SVD, LU with partial
-//! pivoting, QR, symmetric eigendecomposition, solve and inverse.
-//!
-//! candle has no decompositions, so every function here copies its 2-D input to the CPU, runs
-//! faer in the requested [`Precision`] (f32 or f64, whatever the input's dtype), and returns
-//! tensors of that precision on the input's device. These are one-off steps (adapter init, merge
-//! analysis), never part of a differentiable path: the results carry no gradient.
-//!
-//! Conventions, for `A: [m, n]` and `k = min(m, n)`:
-//! - [`thin_svd`]: `A = U diag(S) Vᵀ`, `U: [m, k]`, `S: [k]` non-negative and non-increasing,
-//!   `V: [n, k]`, both with orthonormal columns.
-//! - [`truncated_svd`]: the top `r` triplets of the same decomposition, by randomised subspace
-//!   iteration (Halko, Martinsson & Tropp, 2011) when `r` is small and the iteration converges,
-//!   exactly otherwise. [`top_svd`] picks `r` by a fixed rank or an energy share, and in f64
-//!   goes through the Gram matrix's eigendecomposition when every singular value is needed.
-//! - [`lu`]: partial (row) pivoting, `A[perm[i], :] = (L U)[i, :]`, i.e. `A = P L U` with
-//!   `P[perm[i], i] = 1` (`torch.linalg.lu`'s convention). `L: [m, k]` unit lower trapezoidal,
-//!   `U: [k, n]` upper trapezoidal; the pivot is the entry of largest magnitude in the column
-//!   (LAPACK's rule). The permutation is a `u32` vector, never a dense matrix.
-//! - [`qr`]: `A = Q R`, `Q: [m, k]` with orthonormal columns, `R: [k, n]` upper trapezoidal with
-//!   a non-negative diagonal.
-//! - [`symmetric_eigen`]: `A = Q diag(λ) Qᵀ` for symmetric `A` (only the lower triangle is read),
-//!   eigenvalues in non-increasing order.
-//!
-//! **Sign rule.** Singular vectors are unique only up to a simultaneous sign flip of `uᵢ` and
-//! `vᵢ` (eigenvectors up to the sign of `qᵢ`). Every decomposition here returns them in one
-//! canonical form: in each column of `U` (of `Q` for the eigendecomposition), the entry of
-//! largest magnitude is positive, the first such entry when several tie; `vᵢ` is flipped with
-//! `uᵢ`. A decomposition of the same matrix thus gives the same vectors, whichever sign the
-//! solver produced, and a factor that has been flipped can be put back with
-//! [`canonicalize_svd_signs`]. Vectors of repeated singular values are not unique beyond sign;
-//! no rule fixes them.
+//! Thin, truncated and top-k SVD: faer's exact decomposition, randomised subspace iteration,
+//! and the Gram-matrix route for energy rules.
 
-use candle_core::{DType, Device, Tensor, WithDType};
-use faer::linalg::solvers::{DenseSolveCore, Solve};
-use faer::traits::RealField;
+use candle_core::{DType, Tensor};
 use faer::{Mat, MatRef, Side};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::{Precision, Real, canonical_signs, dims2, ensure_finite, from_mat, from_vec, to_mat};
 use crate::error::{PeftError, Result};
-
-/// The floating-point precision a decomposition runs in (and returns).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Precision {
-    F32,
-    #[default]
-    F64,
-}
-
-impl Precision {
-    pub fn dtype(self) -> DType {
-        match self {
-            Precision::F32 => DType::F32,
-            Precision::F64 => DType::F64,
-        }
-    }
-
-    /// The name written to adapter configs (`float32`, `float64`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "float32",
-            Precision::F64 => "float64",
-        }
-    }
-
-    /// Parses `float32`/`f32`/`fp32` or `float64`/`f64`/`fp64`.
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "float32" | "f32" | "fp32" => Some(Precision::F32),
-            "float64" | "f64" | "fp64" => Some(Precision::F64),
-            _ => None,
-        }
-    }
-
-    /// Machine epsilon of this precision.
-    pub fn epsilon(self) -> f64 {
-        match self {
-            Precision::F32 => f64::from(f32::EPSILON),
-            Precision::F64 => f64::EPSILON,
-        }
-    }
-}
 
 /// How an [`Svd`] was computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,7 +17,10 @@ pub enum SvdMethod {
     /// The eigendecomposition of the Gram matrix (see [`top_svd`]).
     Gram,
     /// Randomised subspace iteration that converged after this many power iterations.
-    Randomized { power_iters: usize },
+    Randomized {
+        /// Power iterations run.
+        power_iters: usize,
+    },
 }
 
 /// `A = U diag(S) Vᵀ` (see the module docs for shapes and the sign rule).
@@ -102,41 +32,14 @@ pub struct Svd {
     pub s: Tensor,
     /// `[n, k]`, orthonormal columns.
     pub v: Tensor,
+    /// The algorithm that produced it.
     pub method: SvdMethod,
-}
-
-/// `A[perm[i], :] = (L U)[i, :]`.
-#[derive(Clone, Debug)]
-pub struct Lu {
-    /// `[m, k]`, unit lower trapezoidal.
-    pub l: Tensor,
-    /// `[k, n]`, upper trapezoidal; its diagonal holds the pivots.
-    pub u: Tensor,
-    /// Length `m`: row `i` of `L U` is row `perm[i]` of `A`.
-    pub perm: Vec<u32>,
-}
-
-/// `A = Q R`.
-#[derive(Clone, Debug)]
-pub struct Qr {
-    /// `[m, k]`, orthonormal columns.
-    pub q: Tensor,
-    /// `[k, n]`, upper trapezoidal, non-negative diagonal.
-    pub r: Tensor,
-}
-
-/// `A = Q diag(λ) Qᵀ` for a symmetric `A`.
-#[derive(Clone, Debug)]
-pub struct SymmetricEigen {
-    /// `[n]`, non-increasing.
-    pub values: Tensor,
-    /// `[n, n]`, column `i` is the eigenvector of `values[i]`.
-    pub vectors: Tensor,
 }
 
 /// Settings of the randomised [`truncated_svd`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TruncatedSvdOptions {
+    /// The precision the decomposition runs in.
     pub precision: Precision,
     /// Extra random directions beyond the rank (Halko et al.'s `p`): the subspace has
     /// `l = max(rank + oversample, 2·rank)` columns (capped at `k`).
@@ -164,113 +67,6 @@ impl Default for TruncatedSvdOptions {
             tolerance: None,
             seed: 0,
             max_fraction: 0.125,
-        }
-    }
-}
-
-/// The float types faer runs in here.
-trait Real: RealField + WithDType + Copy {}
-impl Real for f32 {}
-impl Real for f64 {}
-
-fn dims2(a: &Tensor, what: &str) -> Result<(usize, usize)> {
-    match *a.dims() {
-        [m, n] => Ok((m, n)),
-        _ => Err(PeftError::Unsupported(format!(
-            "{what} needs a 2-D matrix, got shape {:?}",
-            a.dims()
-        ))),
-    }
-}
-
-/// The first non-finite entry of `a`, as `(flat index, value)`.
-pub fn first_non_finite(a: &Tensor) -> Result<Option<(usize, f64)>> {
-    let flat = a.to_device(&Device::Cpu)?.flatten_all()?;
-    // f32 weights are scanned as they are: this runs on every weight an adapter decomposes.
-    Ok(match flat.dtype() {
-        DType::F32 => {
-            let v = flat.to_vec1::<f32>()?;
-            v.iter()
-                .position(|x| !x.is_finite())
-                .map(|i| (i, f64::from(v[i])))
-        }
-        _ => {
-            let v = flat.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
-        }
-    })
-}
-
-fn ensure_finite(a: &Tensor, what: &str) -> Result<()> {
-    if let Some((i, v)) = first_non_finite(a)? {
-        let n = a.dims().last().copied().unwrap_or(1).max(1);
-        return Err(PeftError::Unsupported(format!(
-            "{what}: the matrix has a non-finite entry ({v} at row {}, column {})",
-            i / n,
-            i % n
-        )));
-    }
-    Ok(())
-}
-
-/// A 2-D tensor as a faer matrix of `T` (copied to the CPU).
-fn to_mat<T: Real>(a: &Tensor) -> Result<Mat<T>> {
-    let (m, n) = dims2(a, "linalg")?;
-    let data = a
-        .to_device(&Device::Cpu)?
-        .to_dtype(T::DTYPE)?
-        .flatten_all()?
-        .to_vec1::<T>()?;
-    Ok(MatRef::from_row_major_slice(&data, m, n).to_owned())
-}
-
-/// A faer matrix as a row-major tensor on `device`.
-fn from_mat<T: Real>(m: MatRef<'_, T>, device: &Device) -> Result<Tensor> {
-    let (rows, cols) = (m.nrows(), m.ncols());
-    let mut data = Vec::with_capacity(rows * cols);
-    for i in 0..rows {
-        for j in 0..cols {
-            data.push(m[(i, j)]);
-        }
-    }
-    Ok(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?.to_device(device)?)
-}
-
-fn from_vec<T: Real>(v: Vec<T>, device: &Device) -> Result<Tensor> {
-    let n = v.len();
-    Ok(Tensor::from_vec(v, n, &Device::Cpu)?.to_device(device)?)
-}
-
-/// Index of the entry of largest magnitude in column `j` (the first on ties).
-fn argmax_abs<T: Real>(m: MatRef<'_, T>, j: usize) -> usize {
-    let mut best = 0;
-    let mut best_abs = -1.0f64;
-    for i in 0..m.nrows() {
-        let a = m[(i, j)].to_f64().abs();
-        if a > best_abs {
-            best = i;
-            best_abs = a;
-        }
-    }
-    best
-}
-
-fn negate_col<T: Real>(m: &mut Mat<T>, j: usize) {
-    for i in 0..m.nrows() {
-        m[(i, j)] = T::from_f64(-m[(i, j)].to_f64());
-    }
-}
-
-/// Applies the sign rule to `(U, V)` in place: the entry of largest magnitude of each column of
-/// `U` becomes positive, flipping the column of `V` with it.
-fn canonical_signs<T: Real>(u: &mut Mat<T>, mut v: Option<&mut Mat<T>>) {
-    for j in 0..u.ncols() {
-        let i = argmax_abs(u.as_ref(), j);
-        if u[(i, j)].to_f64() < 0.0 {
-            negate_col(u, j);
-            if let Some(v) = v.as_deref_mut() {
-                negate_col(v, j);
-            }
         }
     }
 }
@@ -619,208 +415,4 @@ fn gram_top_svd<T: Real>(
         (u, v)
     };
     Ok(Some((u, s, v)))
-}
-
-/// Re-applies the sign rule to an SVD whose vector pairs may have been flipped: returns `(U, V)`
-/// with the entry of largest magnitude of each column of `U` positive (`V` flipped with `U`).
-/// `u: [m, k]`, `v: [n, k]`; the output keeps their dtype and device.
-pub fn canonicalize_svd_signs(u: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (_, k) = dims2(u, "canonicalize_svd_signs")?;
-    let (_, kv) = dims2(v, "canonicalize_svd_signs")?;
-    if k != kv {
-        return Err(PeftError::Unsupported(format!(
-            "canonicalize_svd_signs: U has {k} columns and V has {kv}"
-        )));
-    }
-    let uv = u.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let rows = uv.to_vec2::<f64>()?;
-    let mut signs = vec![1f64; k];
-    for (j, sign) in signs.iter_mut().enumerate() {
-        let mut best = 0f64;
-        let mut best_abs = -1f64;
-        for row in &rows {
-            if row[j].abs() > best_abs {
-                best_abs = row[j].abs();
-                best = row[j];
-            }
-        }
-        if best < 0.0 {
-            *sign = -1.0;
-        }
-    }
-    let signs = Tensor::from_vec(signs, (1, k), &Device::Cpu)?;
-    let flip = |t: &Tensor| -> Result<Tensor> {
-        let s = signs.to_dtype(t.dtype())?.to_device(t.device())?;
-        Ok(t.broadcast_mul(&s)?)
-    };
-    Ok((flip(u)?, flip(v)?))
-}
-
-fn lu_impl<T: Real>(a: &Tensor) -> Result<Lu> {
-    let device = a.device();
-    let mat = to_mat::<T>(a)?;
-    let lu = mat.partial_piv_lu();
-    let (forward, _) = lu.P().arrays();
-    let perm = forward
-        .iter()
-        .map(|&i| {
-            u32::try_from(i).map_err(|_| {
-                PeftError::Unsupported(format!("lu: row index {i} does not fit in u32"))
-            })
-        })
-        .collect::<Result<Vec<u32>>>()?;
-    Ok(Lu {
-        l: from_mat(lu.L(), device)?,
-        u: from_mat(lu.U(), device)?,
-        perm,
-    })
-}
-
-/// The LU decomposition with partial pivoting, `A[perm[i], :] = (L U)[i, :]`. A zero pivot is
-/// not an error here (`U` then has a zero on its diagonal); callers that divide by pivots check.
-pub fn lu(a: &Tensor, precision: Precision) -> Result<Lu> {
-    ensure_finite(a, "lu")?;
-    match precision {
-        Precision::F32 => lu_impl::<f32>(a),
-        Precision::F64 => lu_impl::<f64>(a),
-    }
-}
-
-fn qr_impl<T: Real>(a: &Tensor) -> Result<Qr> {
-    let device = a.device();
-    let mat = to_mat::<T>(a)?;
-    let qr = mat.qr();
-    let mut q = qr.compute_thin_Q();
-    let mut r = qr.thin_R().to_owned();
-    // A non-negative diagonal of R makes the factorisation unique for full-rank A.
-    for j in 0..r.nrows().min(r.ncols()) {
-        if r[(j, j)].to_f64() < 0.0 {
-            negate_col(&mut q, j);
-            for c in 0..r.ncols() {
-                r[(j, c)] = T::from_f64(-r[(j, c)].to_f64());
-            }
-        }
-    }
-    Ok(Qr {
-        q: from_mat(q.as_ref(), device)?,
-        r: from_mat(r.as_ref(), device)?,
-    })
-}
-
-/// The thin QR decomposition `A = Q R`, with `R`'s diagonal non-negative.
-pub fn qr(a: &Tensor, precision: Precision) -> Result<Qr> {
-    ensure_finite(a, "qr")?;
-    match precision {
-        Precision::F32 => qr_impl::<f32>(a),
-        Precision::F64 => qr_impl::<f64>(a),
-    }
-}
-
-fn symmetric_eigen_impl<T: Real>(a: &Tensor) -> Result<SymmetricEigen> {
-    let device = a.device();
-    let mat = to_mat::<T>(a)?;
-    let evd = mat.self_adjoint_eigen(Side::Lower).map_err(|e| {
-        PeftError::Unsupported(format!(
-            "symmetric_eigen: the eigendecomposition did not converge ({e:?})"
-        ))
-    })?;
-    let n = mat.nrows();
-    // faer sorts eigenvalues in non-decreasing order; reverse to match the SVD's order.
-    let values: Vec<T> = evd.S().column_vector().iter().rev().copied().collect();
-    let ascending = evd.U();
-    let mut vectors = Mat::<T>::from_fn(n, n, |i, j| ascending[(i, n - 1 - j)]);
-    canonical_signs(&mut vectors, None);
-    Ok(SymmetricEigen {
-        values: from_vec(values, device)?,
-        vectors: from_mat(vectors.as_ref(), device)?,
-    })
-}
-
-/// The eigendecomposition of a symmetric matrix (only its lower triangle is read), eigenvalues
-/// non-increasing, eigenvectors with canonical signs.
-pub fn symmetric_eigen(a: &Tensor, precision: Precision) -> Result<SymmetricEigen> {
-    ensure_finite(a, "symmetric_eigen")?;
-    let (m, n) = dims2(a, "symmetric_eigen")?;
-    if m != n {
-        return Err(PeftError::Unsupported(format!(
-            "symmetric_eigen needs a square matrix, got [{m}, {n}]"
-        )));
-    }
-    match precision {
-        Precision::F32 => symmetric_eigen_impl::<f32>(a),
-        Precision::F64 => symmetric_eigen_impl::<f64>(a),
-    }
-}
-
-/// Checks that `a` is square and its LU has no (numerically) zero pivot.
-fn checked_lu<T: Real>(a: &Tensor, what: &str) -> Result<faer::linalg::solvers::PartialPivLu<T>> {
-    let (m, n) = dims2(a, what)?;
-    if m != n {
-        return Err(PeftError::Unsupported(format!(
-            "{what} needs a square matrix, got [{m}, {n}]"
-        )));
-    }
-    let mat = to_mat::<T>(a)?;
-    let scale = (0..n)
-        .flat_map(|j| (0..n).map(move |i| (i, j)))
-        .fold(0f64, |acc, (i, j)| acc.max(mat[(i, j)].to_f64().abs()));
-    let lu = mat.partial_piv_lu();
-    let tol = scale * n as f64 * epsilon_of::<T>();
-    let u = lu.U();
-    if let Some(j) = (0..n).find(|&j| u[(j, j)].to_f64().abs() <= tol) {
-        return Err(PeftError::Unsupported(format!(
-            "{what}: the matrix is singular (pivot {j} of its LU is {})",
-            u[(j, j)].to_f64()
-        )));
-    }
-    Ok(lu)
-}
-
-fn epsilon_of<T: Real>() -> f64 {
-    if T::DTYPE == DType::F32 {
-        f64::from(f32::EPSILON)
-    } else {
-        f64::EPSILON
-    }
-}
-
-/// Solves `A X = B` for square `A: [n, n]` and `B: [n, p]` (or `[n]`) by LU with partial
-/// pivoting. A singular `A` is an error.
-pub fn solve(a: &Tensor, b: &Tensor, precision: Precision) -> Result<Tensor> {
-    ensure_finite(a, "solve")?;
-    ensure_finite(b, "solve")?;
-    fn imp<T: Real>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let lu = checked_lu::<T>(a, "solve")?;
-        let n = a.dims()[0];
-        let b2 = match b.rank() {
-            1 => b.reshape((b.dims()[0], 1))?,
-            _ => b.clone(),
-        };
-        let (bm, _) = dims2(&b2, "solve")?;
-        if bm != n {
-            return Err(PeftError::Unsupported(format!(
-                "solve: A is [{n}, {n}] but B has {bm} rows"
-            )));
-        }
-        let x = lu.solve(to_mat::<T>(&b2)?);
-        let x = from_mat(x.as_ref(), a.device())?;
-        Ok(if b.rank() == 1 { x.flatten_all()? } else { x })
-    }
-    match precision {
-        Precision::F32 => imp::<f32>(a, b),
-        Precision::F64 => imp::<f64>(a, b),
-    }
-}
-
-/// The inverse of a square, non-singular matrix.
-pub fn inverse(a: &Tensor, precision: Precision) -> Result<Tensor> {
-    ensure_finite(a, "inverse")?;
-    fn imp<T: Real>(a: &Tensor) -> Result<Tensor> {
-        let lu = checked_lu::<T>(a, "inverse")?;
-        from_mat(lu.inverse().as_ref(), a.device())
-    }
-    match precision {
-        Precision::F32 => imp::<f32>(a),
-        Precision::F64 => imp::<f64>(a),
-    }
 }
