@@ -1,7 +1,7 @@
 //! The helpers every test target shares (each test file declares `mod common;`): where the
 //! offline test models live (a missing model fails the test with a message naming the script
 //! that fetches it; tests never skip), and the submodules below.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod cli;
 pub mod decomp;
