@@ -16,6 +16,7 @@ use candle_peft::io::source::{self, ModelSource};
 use candle_peft::{
     AdapterConfig, ClassifyTask, LayerHandle, PeftError, TrainConfig, TrainTask, Trainer, Warmup,
 };
+use common::bin;
 use common::decomp;
 use common::decomp::*;
 use common::tiny::*;
