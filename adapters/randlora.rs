@@ -29,7 +29,7 @@
 //! - `in ≤ out`: `Δ(x) = s · (x̂ Ãᵀ) B̃ᵀ`, `ΔW = s · S`;
 //! - `in > out`: `Δ(x) = s · (x̂ B̃) Ã`, `ΔW = s · Sᵀ`;
 //!
-//! with `x̂ = dropout(x)`. The product with the frozen `B̃` goes through `crate::ops::frozen_matmul`, so
+//! with `x̂ = dropout(x)`. The product with the frozen `B̃` goes through `ops::frozen_matmul`, so
 //! backward computes no gradient for it. At `Λ = 0` the gradient of `Γ` is exactly 0: step 1
 //! moves `Λ` only. With random non-zero `Λ`, `Γ`, `rank(ΔW) = k`: the update is full rank.
 //!

@@ -2,9 +2,9 @@
 //!
 //! The base weight is a plain tensor, never a `Var`, and goes through the frozen ops
 //! (`crate::ops::{frozen_matmul, frozen_conv2d}`), so backward computes no weight gradient for
-//! it. Adapters add `Δ(x)` to the base output. A layer is a cheap handle (`Arc<RwLock<..>>`): the model holds one
-//! copy for its forward and the `PeftModel` registry holds another to add, merge and remove
-//! adapters after the model is built.
+//! it. Adapters add `Δ(x)` to the base output. A layer is a cheap handle (`Arc<RwLock<..>>`):
+//! the model holds one copy for its forward and the `PeftModel` registry holds another to add,
+//! merge and remove adapters after the model is built.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};

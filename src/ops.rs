@@ -5,7 +5,7 @@
 //! weights) get no gradient: the backward returns the gradient of the activations and of the
 //! trainable operands only, so a frozen model costs no weight-sized gradient per step. On the CPU
 //! in f32 each runs a fused kernel; other dtypes and devices run the same math (in candle ops,
-//! or the kernel on converted values).
+//! or the kernel on converted values), except [`frozen_linear_lora`], which is CPU f32 only.
 //!
 //! Element-wise and row-wise:
 //! - [`norm`] ([`NormKind`]): layer norm `(x − μ)·r·γ + β` or RMS norm `x·r·γ` over the last

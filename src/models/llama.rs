@@ -23,7 +23,7 @@
 //! Training path: every op has a backward. RMSNorm and the masked softmax are `crate::ops`' fused
 //! ops; RoPE (fused with the head transpose and, for queries, the `1/√d` scale) and SwiGLU are
 //! fused ops of this file with an exact backward on the CPU, plain candle ops elsewhere. Frozen
-//! products (base projections, the tied or untied `lm_head`) go through `crate::ops::frozen_matmul`, so no
+//! products (base projections, the tied or untied `lm_head`) go through `ops::frozen_matmul`, so no
 //! weight gradient is computed for them. Grouped-query attention reshapes the queries to
 //! `[B, n_kv, (n_h/n_kv)·T, d]` instead of copying keys and values `n_h/n_kv` times. Without a
 //! KV cache (training, evaluation) on the CPU in f32, `softmax(q kᵀ + M) v` from the rotated
@@ -1080,7 +1080,7 @@ impl LlamaForCausalLM {
     /// `z = lm_head(hidden)` for `hidden: [N, H]`: `cross_entropy_rows(&self.logits(hidden)?,
     /// targets)`. When the head is a plain frozen product in f32 (the tied embedding table, or
     /// an `lm_head` with no live adapter, trainable copy or observer) it runs as one op
-    /// (`crate::ops::frozen_linear_cross_entropy`) that puts no `[N, vocab]` logits tensor in the graph.
+    /// (`ops::frozen_linear_cross_entropy`) that puts no `[N, vocab]` logits tensor in the graph.
     pub fn token_losses(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
         let frozen_head = match &self.lm_head {
             _ if hidden.dtype() != DType::F32 => None,
