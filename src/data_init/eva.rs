@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{D, DType, Device, Tensor};
 
-use super::{
-    CalibrationBatch, CalibrationOptions, Calibrator, InputGroup, RowStatistic, progress_bar,
-    target_layers, with_base_model,
-};
+use super::batch::CalibrationBatch;
+use super::calibrator::{Calibrator, InputGroup, RowStatistic};
+use super::pass::{CalibrationOptions, progress_bar, target_layers, with_base_model};
 use crate::adapters::lora::{InitLoraWeights, LoraConfig};
 use crate::config::ModuleSelector;
 use crate::error::{PeftError, Result};
