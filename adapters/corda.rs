@@ -122,8 +122,9 @@ pub struct CordaFactors {
     pub b: Tensor,
 }
 
-/// Init factors handed to [`CordaConfig`] for [`PeftModel::add_adapter`]; not configuration
-/// (never saved, ignored by equality).
+/// Init factors handed to [`CordaConfig`] for
+/// [`PeftModel::add_adapter`](crate::PeftModel::add_adapter); not configuration (never saved,
+/// ignored by equality).
 #[derive(Clone, Default)]
 pub struct CordaInit(Option<Arc<BTreeMap<String, CordaFactors>>>);
 

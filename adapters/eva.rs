@@ -65,7 +65,8 @@ pub struct EvaConfig {
     #[serde(default = "default_tau")]
     pub tau: f64,
     /// Count only tokens whose label is not `label_mask_value` (when the batches carry a
-    /// token mask built from labels; see [`CalibrationBatch::token_mask`]).
+    /// token mask built from labels; see
+    /// [`CalibrationBatch::token_mask`](crate::data_init::CalibrationBatch::token_mask)).
     #[serde(default = "default_true")]
     pub use_label_mask: bool,
     #[serde(default = "default_label_mask_value")]

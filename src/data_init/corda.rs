@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{
-    CalibrationBatch, CalibrationOptions, InputGroup, RowStatistic, collect, target_layers,
-    with_base_model,
-};
+use super::batch::CalibrationBatch;
+use super::calibrator::{InputGroup, RowStatistic};
+use super::pass::{CalibrationOptions, collect, target_layers, with_base_model};
 use crate::adapters::corda::{CordaConfig, CordaFactors, CordaMethod};
 use crate::error::{PeftError, Result};
 use crate::layer::LayerHandle;

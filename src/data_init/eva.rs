@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{D, DType, Device, Tensor};
 
-use super::{
-    CalibrationBatch, CalibrationOptions, Calibrator, InputGroup, RowStatistic, progress_bar,
-    target_layers, with_base_model,
-};
+use super::batch::CalibrationBatch;
+use super::calibrator::{Calibrator, InputGroup, RowStatistic};
+use super::pass::{CalibrationOptions, progress_bar, target_layers, with_base_model};
 use crate::adapters::lora::{InitLoraWeights, LoraConfig};
 use crate::config::ModuleSelector;
 use crate::error::{PeftError, Result};
@@ -37,6 +36,7 @@ pub struct EvaStatistic {
 }
 
 impl EvaStatistic {
+    /// A PCA of `n_components` over rows of `n_features`, a component converged at cosine `tau`.
     pub fn new(n_components: usize, n_features: usize, tau: f64, svd: PcaSvd) -> Result<Self> {
         Ok(Self {
             pca: IncrementalPca::new(n_components, n_features, svd)?,
@@ -48,6 +48,7 @@ impl EvaStatistic {
         })
     }
 
+    /// The PCA fitted so far.
     pub fn pca(&self) -> &IncrementalPca {
         &self.pca
     }
@@ -62,6 +63,7 @@ impl EvaStatistic {
         self.converged.iter().take_while(|&&c| c).count()
     }
 
+    /// Batches fitted (those with at least as many usable rows as components).
     pub fn fits(&self) -> usize {
         self.fits
     }
@@ -456,6 +458,7 @@ pub fn eva_lora_config(config: &LoraConfig, state: &EvaState) -> Result<LoraConf
 /// What [`add_eva_adapter`] did.
 #[derive(Clone, Debug)]
 pub struct EvaReport {
+    /// What the calibration computed.
     pub state: EvaState,
     /// The config the adapter was added with (and is saved with).
     pub config: LoraConfig,
