@@ -2,6 +2,7 @@
 
 pub mod export;
 pub mod gguf;
+pub(crate) mod hf_folder;
 pub mod peft_format;
 pub mod source;
 

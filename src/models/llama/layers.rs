@@ -1,0 +1,282 @@
+//! The decoder's building blocks: RoPE tables, the additive attention mask, grouped-query
+//! self-attention, the SwiGLU MLP and the pre-norm decoder layer.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::cache::LayerKv;
+use super::config::LlamaConfig;
+use super::{attention, attn_block, kernels, mlp_block, swiglu};
+use crate::builder::PeftBuilder;
+use crate::error::Result;
+use crate::layer::PeftLinear;
+use crate::ops::NormKind;
+
+/// `cos θ`, `sin θ` for positions `offset..offset + len`, `[len, head_dim/2]` each: as tensors
+/// for the plain-ops path and as values for the fused kernel (built once per forward).
+#[derive(Clone, Debug)]
+pub(crate) struct RopeTables {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) cos_values: Arc<Vec<f32>>,
+    pub(crate) sin_values: Arc<Vec<f32>>,
+}
+
+impl RopeTables {
+    pub(super) fn new(freqs: &[f32], offset: usize, len: usize, device: &Device) -> Result<Self> {
+        let half = freqs.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in offset..offset + len {
+            for &w in freqs {
+                // The angle is rounded to f32 as transformers computes it; cos/sin of it exactly.
+                let angle = f64::from(p as f32 * w);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_slice(&cos, (len, half), device)?,
+            sin: Tensor::from_slice(&sin, (len, half), device)?,
+            cos_values: Arc::new(cos),
+            sin_values: Arc::new(sin),
+        })
+    }
+}
+
+/// The most negative finite value of `dtype` (transformers' `finfo(dtype).min`).
+fn dtype_min(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        DType::BF16 => -3.3895313892515355e38,
+        DType::F64 => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}
+
+/// The additive attention mask `[B, 1, T, offset + T]`: query `i` (position `offset + i`) sees
+/// key `j` when `j ≤ offset + i` and key `j` is not padding. Masked entries hold the dtype's
+/// minimum once (never summed, so a fully masked row stays finite).
+pub(super) fn attention_mask(
+    batch: usize,
+    seq_len: usize,
+    offset: usize,
+    padding: Option<&[f32]>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let kv_len = offset + seq_len;
+    let min = dtype_min(dtype) as f32;
+    let mut mask = vec![0f32; batch * seq_len * kv_len];
+    for b in 0..batch {
+        for i in 0..seq_len {
+            let row = &mut mask[(b * seq_len + i) * kv_len..(b * seq_len + i + 1) * kv_len];
+            for (j, m) in row.iter_mut().enumerate() {
+                let is_pad = padding.is_some_and(|p| p[b * kv_len + j] == 0.0);
+                if j > offset + i || is_pad {
+                    *m = min;
+                }
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (batch, 1, seq_len, kv_len), device)?;
+    Ok(if dtype == DType::F32 {
+        mask
+    } else {
+        mask.to_dtype(dtype)?
+    })
+}
+
+pub(super) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(crate::ops::norm(x, weight, None, eps, NormKind::RmsNorm)?)
+}
+
+/// Self-attention with grouped-query heads and RoPE.
+#[derive(Clone, Debug)]
+pub struct LlamaAttention {
+    pub q_proj: PeftLinear,
+    pub k_proj: PeftLinear,
+    pub v_proj: PeftLinear,
+    pub o_proj: PeftLinear,
+    pub(super) num_heads: usize,
+    pub(super) num_kv_heads: usize,
+    pub(super) head_dim: usize,
+}
+
+impl LlamaAttention {
+    pub(super) fn load(b: &PeftBuilder<'_>, cfg: &LlamaConfig) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let q_out = cfg.num_attention_heads * d;
+        let kv_out = cfg.num_key_value_heads * d;
+        Ok(Self {
+            q_proj: b.linear(h, q_out, cfg.qkv_bias, "q_proj")?,
+            k_proj: b.linear(h, kv_out, cfg.qkv_bias, "k_proj")?,
+            v_proj: b.linear(h, kv_out, cfg.qkv_bias, "v_proj")?,
+            o_proj: b.linear(q_out, h, cfg.o_bias, "o_proj")?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    /// `x: [B, T, H]`; `mask`: additive `[B, 1, T, T_kv]` or none (a single query over the
+    /// whole cache). With `kv`, the new keys/values are appended to the layer's cache.
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: Option<&Tensor>,
+        kv: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
+        let (bsz, seq_len, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward_peft(x)?
+            .reshape((bsz, seq_len, nh, d))?;
+        let k = self
+            .k_proj
+            .forward_peft(x)?
+            .reshape((bsz, seq_len, nkv, d))?;
+        let v = self
+            .v_proj
+            .forward_peft(x)?
+            .reshape((bsz, seq_len, nkv, d))?;
+        // 1/√d is folded into the queries: a [B, n_h, T, d] pass instead of one over the scores.
+        let q = kernels::rope(&q, rope, 1.0 / (d as f64).sqrt())?;
+        let k = kernels::rope(&k, rope, 1.0)?;
+        if kv.is_none() && [&q, &k, &v].iter().all(|t| attention::fused(t)) {
+            // Training and evaluation: the fused core (one graph node instead of a dozen, each
+            // of which costs the backward an activation-sized pass). Generation keeps the ops
+            // below, which append to the cache.
+            let context = attention::attention_core(&q, &k, &v, mask, nkv)?;
+            return self.o_proj.forward_peft(&context);
+        }
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (k, v) = match kv {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((k0, v0)) => (Tensor::cat(&[&k0, &k], 2)?, Tensor::cat(&[&v0, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.detach(), v.detach()));
+                (k, v)
+            }
+        };
+        let kv_len = k.dim(2)?;
+        let groups = nh / nkv;
+        // Query heads g·groups .. (g+1)·groups share key/value head g: as rows of one matrix.
+        let q = q.reshape((bsz, nkv, groups * seq_len, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape((bsz, nh, seq_len, kv_len))?;
+        let probs = crate::ops::masked_softmax(&scores, mask)?;
+        let context = probs
+            .reshape((bsz, nkv, groups * seq_len, kv_len))?
+            .matmul(&v)?
+            .reshape((bsz, nh, seq_len, d))?
+            .transpose(1, 2)?
+            .reshape((bsz, seq_len, nh * d))?;
+        self.o_proj.forward_peft(&context)
+    }
+}
+
+/// The SwiGLU feed-forward block.
+#[derive(Clone, Debug)]
+pub struct LlamaMlp {
+    pub gate_proj: PeftLinear,
+    pub up_proj: PeftLinear,
+    pub down_proj: PeftLinear,
+}
+
+impl LlamaMlp {
+    pub(super) fn load(b: &PeftBuilder<'_>, cfg: &LlamaConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: b.linear(h, i, cfg.mlp_bias, "gate_proj")?,
+            up_proj: b.linear(h, i, cfg.mlp_bias, "up_proj")?,
+            down_proj: b.linear(i, h, cfg.mlp_bias, "down_proj")?,
+        })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward_peft(x)?;
+        let up = self.up_proj.forward_peft(x)?;
+        self.down_proj.forward_peft(&swiglu(&gate, &up)?)
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Clone, Debug)]
+pub struct LlamaDecoderLayer {
+    pub self_attn: LlamaAttention,
+    pub mlp: LlamaMlp,
+    pub(super) input_layernorm: Tensor,
+    pub(super) post_attention_layernorm: Tensor,
+    eps: f64,
+}
+
+impl LlamaDecoderLayer {
+    pub(super) fn load(b: &PeftBuilder<'_>, cfg: &LlamaConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            self_attn: LlamaAttention::load(&b.pp("self_attn"), cfg)?,
+            mlp: LlamaMlp::load(&b.pp("mlp"), cfg)?,
+            input_layernorm: b.pp("input_layernorm").get(h, "weight")?,
+            post_attention_layernorm: b.pp("post_attention_layernorm").get(h, "weight")?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: Option<&Tensor>,
+        kv: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
+        let fused_attn = match kv {
+            // Generation appends to the cache: the separate ops below do that.
+            Some(_) => None,
+            None => attn_block::try_forward(
+                x,
+                &self.input_layernorm,
+                self.eps,
+                &self.self_attn,
+                rope,
+                mask,
+            )?,
+        };
+        let attn = match fused_attn {
+            Some(attn) => attn,
+            None => {
+                let normed = rms_norm(x, &self.input_layernorm, self.eps)?;
+                (self.self_attn.forward(&normed, rope, mask, kv)? + x)?
+            }
+        };
+        if let Some(out) =
+            mlp_block::try_forward(&attn, &self.post_attention_layernorm, self.eps, &self.mlp)?
+        {
+            return Ok(out);
+        }
+        let normed = rms_norm(&attn, &self.post_attention_layernorm, self.eps)?;
+        Ok((self.mlp.forward(&normed)? + attn)?)
+    }
+}
+
+pub(super) fn attention_mask_for(
+    hidden: &Tensor,
+    seq_len: usize,
+    offset: usize,
+    padding: Option<&[f32]>,
+) -> Result<Tensor> {
+    let bsz = hidden.dim(0)?;
+    attention_mask(
+        bsz,
+        seq_len,
+        offset,
+        padding,
+        hidden.dtype(),
+        hidden.device(),
+    )
+}
