@@ -26,6 +26,7 @@ use serde_json::Value;
 
 use crate::error::{PeftError, Result};
 use crate::io::peft_format::{temp_path, write_atomic};
+use crate::io::safetensors_header::st_error;
 use crate::io::source::{WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 
 /// Tokenizer files a model folder may carry; exports copy those the base has.
@@ -83,13 +84,14 @@ pub(crate) struct WrittenWeights {
 impl StagedWeights {
     /// Writes `entries` (in this order) as weight files of `out_dir` under temporary names,
     /// sharded at `max_shard_bytes` (a single tensor larger than it gets its own shard).
-    /// `write_data(i, w)` writes entry `i`'s bytes to `w`; writing a number of bytes other than
-    /// the entry's size is an error. `out_dir` must exist.
+    /// `write_data(i, w, path)` writes entry `i`'s bytes to `w`, the file at `path` (for
+    /// errors); writing a number of bytes other than the entry's size is an error. `out_dir`
+    /// must exist.
     pub(crate) fn write(
         out_dir: &Path,
         entries: &[TensorEntry],
         max_shard_bytes: u64,
-        mut write_data: impl FnMut(usize, &mut dyn Write) -> Result<()>,
+        mut write_data: impl FnMut(usize, &mut dyn Write, &Path) -> Result<()>,
     ) -> Result<Self> {
         let shards = split_shards(entries, max_shard_bytes);
         let names: Vec<String> = if shards.len() == 1 {
@@ -209,7 +211,7 @@ pub(crate) fn stage_tensors(
         ));
     }
     let entries: Vec<TensorEntry> = order.iter().map(|(e, _)| e.clone()).collect();
-    StagedWeights::write(out_dir, &entries, u64::MAX, |i, w| {
+    StagedWeights::write(out_dir, &entries, u64::MAX, |i, w, path| {
         let (entry, tensor) = &order[i];
         let t =
             tensor
@@ -218,8 +220,7 @@ pub(crate) fn stage_tensors(
                     PeftError::Unsupported(format!("tensor `{}`: {e}", entry.name))
                 })?)?;
         let bytes = safetensors::View::data(&t);
-        w.write_all(&bytes)
-            .map_err(|e| PeftError::io(&out_dir.join(WEIGHTS_FILE), e))
+        w.write_all(&bytes).map_err(|e| PeftError::io(path, e))
     })
 }
 
@@ -261,19 +262,12 @@ impl<W: Write> Write for Counting<'_, W> {
     }
 }
 
-fn st_error(path: &Path, reason: impl Into<String>) -> PeftError {
-    PeftError::Safetensors {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
-}
-
 /// Writes one safetensors file: the header computed from the entries, then each tensor's bytes.
 fn write_shard(
     tmp: &Path,
     shard: &[usize],
     entries: &[TensorEntry],
-    write_data: &mut impl FnMut(usize, &mut dyn Write) -> Result<()>,
+    write_data: &mut impl FnMut(usize, &mut dyn Write, &Path) -> Result<()>,
 ) -> Result<()> {
     let mut infos = Vec::with_capacity(shard.len());
     let mut offset = 0usize;
@@ -312,7 +306,7 @@ fn write_shard(
             inner: &mut w,
             count: 0,
         };
-        write_data(i, &mut counting)?;
+        write_data(i, &mut counting, tmp)?;
         let expected = entries[i].nbytes();
         if counting.count != expected {
             return Err(st_error(

@@ -176,6 +176,7 @@ impl BertForSequenceClassification {
         Ok((PeftModel::new(model, &b), cfg))
     }
 
+    /// The BERT trunk (`bert.`).
     pub fn bert(&self) -> &BertModel {
         &self.bert
     }
@@ -190,10 +191,12 @@ impl BertForSequenceClassification {
         &self.classifier
     }
 
+    /// Number of classes.
     pub fn num_labels(&self) -> usize {
         self.num_labels
     }
 
+    /// The trunk's config.
     pub fn config(&self) -> &BertConfig {
         &self.config
     }

@@ -18,6 +18,7 @@ impl KvCache {
         self.len
     }
 
+    /// Whether no position is cached.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -73,12 +73,22 @@ fn supported_list() -> String {
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     /// Positions divided by `factor` (every frequency `ω_i / factor`).
-    Linear { factor: f64 },
-    /// Llama 3.1's frequency-dependent rescaling.
-    Llama3 {
+    Linear {
+        /// The divisor (> 0).
         factor: f64,
+    },
+    /// Llama 3.1's frequency-dependent rescaling: wavelengths above
+    /// `original_max_position_embeddings / low_freq_factor` are divided by `factor`, those below
+    /// `original_max_position_embeddings / high_freq_factor` kept, and those between
+    /// interpolated.
+    Llama3 {
+        /// The divisor of the low frequencies (> 0).
+        factor: f64,
+        /// Sets the wavelength above which frequencies are divided by `factor`.
         low_freq_factor: f64,
+        /// Sets the wavelength below which frequencies are kept (exceeds `low_freq_factor`).
         high_freq_factor: f64,
+        /// The context length the model was trained with before the rescaling.
         original_max_position_embeddings: usize,
     },
 }
@@ -87,20 +97,31 @@ pub enum RopeScaling {
 /// architecture; fields the model does not use are kept in `source_json` for exports.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
+    /// The architecture (`architectures`, else `model_type`).
     pub architecture: LlamaArch,
+    /// Rows of the embedding table and columns of the logits.
     pub vocab_size: usize,
+    /// Width `H` of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP's gate/up projections.
     pub intermediate_size: usize,
+    /// Number of decoder layers.
     pub num_hidden_layers: usize,
+    /// Query heads `n_h`.
     pub num_attention_heads: usize,
     /// Resolved: `num_attention_heads` when the config has none.
     pub num_key_value_heads: usize,
     /// Resolved: `hidden_size / num_attention_heads` when the config has none.
     pub head_dim: usize,
+    /// RMSNorm epsilon (default 1e-6).
     pub rms_norm_eps: f64,
+    /// RoPE base (default 10000).
     pub rope_theta: f64,
+    /// RoPE frequency rescaling, `None` for the plain frequencies.
     pub rope_scaling: Option<RopeScaling>,
+    /// The context length; longer sequences are refused.
     pub max_position_embeddings: usize,
+    /// `lm_head` is the transposed embedding table (no `lm_head.weight`).
     pub tie_word_embeddings: bool,
     /// Bias on q/k/v (Qwen2 always; Llama's `attention_bias`).
     pub qkv_bias: bool,
@@ -108,13 +129,16 @@ pub struct LlamaConfig {
     pub o_bias: bool,
     /// Bias on gate/up/down (Llama's `mlp_bias`).
     pub mlp_bias: bool,
+    /// `bos_token_id`.
     pub bos_token_id: Option<u32>,
     /// `eos_token_id`, a number or a list in config.json.
     pub eos_token_ids: Vec<u32>,
+    /// `pad_token_id`.
     pub pad_token_id: Option<u32>,
     /// The attention window when the model uses one (Mistral's `sliding_window`, Qwen2's when
     /// `use_sliding_window`). Longer sequences are refused.
     pub sliding_window: Option<usize>,
+    /// `torch_dtype` (`float32`, `bfloat16`, …), written back on export.
     pub torch_dtype: Option<String>,
     /// The JSON object this config was read from.
     pub source_json: Map<String, Value>,
@@ -388,6 +412,8 @@ impl LlamaConfig {
         Self::from_json(&value)
     }
 
+    /// Checks the sizes (positive, heads dividing, even head size) and the norm and RoPE
+    /// constants.
     pub fn validate(&self) -> Result<()> {
         let positive = [
             ("vocab_size", self.vocab_size),

@@ -95,9 +95,13 @@ pub(super) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
 /// Self-attention with grouped-query heads and RoPE.
 #[derive(Clone, Debug)]
 pub struct LlamaAttention {
+    /// `q_proj`: `H → n_h·d`.
     pub q_proj: PeftLinear,
+    /// `k_proj`: `H → n_kv·d`.
     pub k_proj: PeftLinear,
+    /// `v_proj`: `H → n_kv·d`.
     pub v_proj: PeftLinear,
+    /// `o_proj`: `n_h·d → H`.
     pub o_proj: PeftLinear,
     pub(super) num_heads: usize,
     pub(super) num_kv_heads: usize,
@@ -184,8 +188,11 @@ impl LlamaAttention {
 /// The SwiGLU feed-forward block.
 #[derive(Clone, Debug)]
 pub struct LlamaMlp {
+    /// `gate_proj`: `H → intermediate`, through SiLU.
     pub gate_proj: PeftLinear,
+    /// `up_proj`: `H → intermediate`.
     pub up_proj: PeftLinear,
+    /// `down_proj`: `intermediate → H`.
     pub down_proj: PeftLinear,
 }
 
@@ -209,7 +216,9 @@ impl LlamaMlp {
 /// One pre-norm decoder layer.
 #[derive(Clone, Debug)]
 pub struct LlamaDecoderLayer {
+    /// `self_attn`.
     pub self_attn: LlamaAttention,
+    /// `mlp`.
     pub mlp: LlamaMlp,
     pub(super) input_layernorm: Tensor,
     pub(super) post_attention_layernorm: Tensor,

@@ -53,10 +53,12 @@ impl LlamaForCausalLM {
         })
     }
 
+    /// The config the model was built from.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
 
+    /// The decoder layers, in order.
     pub fn layers(&self) -> &[LlamaDecoderLayer] {
         &self.layers
     }
@@ -66,14 +68,17 @@ impl LlamaForCausalLM {
         self.lm_head.as_ref()
     }
 
+    /// The embedding table `[vocab, H]` (also the tied head).
     pub fn embed_tokens(&self) -> &Tensor {
         &self.embed_tokens
     }
 
+    /// The device the weights are on.
     pub fn device(&self) -> &Device {
         self.embed_tokens.device()
     }
 
+    /// The weights' dtype.
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
     }
