@@ -38,8 +38,10 @@ pub enum HiddenAct {
     /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
     #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
     GeluNew,
+    /// `max(x, 0)`.
     #[serde(rename = "relu")]
     Relu,
+    /// `x · sigmoid(x)` (`silu`, `swish`).
     #[serde(rename = "silu", alias = "swish")]
     Silu,
 }
