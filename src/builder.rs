@@ -21,6 +21,8 @@ pub(crate) struct Registry {
     pub(crate) base_tensors: BTreeMap<String, usize>,
 }
 
+/// Builds a model's layers from a `VarBuilder`, recording every adaptable layer under its module
+/// path; clones (and [`pp`](Self::pp)) share the record.
 #[derive(Clone)]
 pub struct PeftBuilder<'a> {
     vb: VarBuilder<'a>,
@@ -29,6 +31,7 @@ pub struct PeftBuilder<'a> {
 }
 
 impl<'a> PeftBuilder<'a> {
+    /// A builder at `vb`'s root with an empty record and the training flag off.
     pub fn new(vb: VarBuilder<'a>) -> Self {
         Self {
             vb,
@@ -51,10 +54,12 @@ impl<'a> PeftBuilder<'a> {
         self.vb.prefix()
     }
 
+    /// The device tensors are loaded to.
     pub fn device(&self) -> &Device {
         self.vb.device()
     }
 
+    /// The dtype tensors are loaded as.
     pub fn dtype(&self) -> DType {
         self.vb.dtype()
     }
@@ -70,6 +75,7 @@ impl<'a> PeftBuilder<'a> {
         &self.vb
     }
 
+    /// Whether the weights have tensor `name` under the current path.
     pub fn contains(&self, name: &str) -> bool {
         self.vb.contains_tensor(name)
     }

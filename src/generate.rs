@@ -22,11 +22,13 @@ use crate::models::llama::LlamaForCausalLM;
 /// How to pick tokens.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerationConfig {
+    /// Most tokens to generate after the prompt.
     pub max_new_tokens: usize,
     /// 0 = greedy.
     pub temperature: f64,
     /// Nucleus sampling mass in (0, 1]; 1 keeps every token.
     pub top_p: f64,
+    /// Seed of the sampling RNG (unused when greedy).
     pub seed: u64,
     /// Tokens that end generation (typically the EOS ids of the config).
     pub stop_tokens: Vec<u32>,
@@ -45,6 +47,7 @@ impl Default for GenerationConfig {
 }
 
 impl GenerationConfig {
+    /// Checks that `temperature` is finite and ≥ 0 and `top_p` is in (0, 1].
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(PeftError::config(

@@ -10,7 +10,7 @@ use candle_peft::ops::swiglu;
 use candle_peft::ops::{NormKind, cross_entropy_rows, gelu_erf, masked_softmax, norm};
 use common::grad::value_and_grad;
 use common::tensors::random;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 fn flat(t: &Tensor) -> Vec<f64> {

@@ -143,6 +143,7 @@ impl GgufModel {
         })
     }
 
+    /// The `.gguf` file.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -152,6 +153,7 @@ impl GgufModel {
         self.arch.name
     }
 
+    /// The file's key/value metadata.
     pub fn metadata(&self) -> &HashMap<String, Value> {
         &self.content.metadata
     }

@@ -1,8 +1,11 @@
-//! File formats: PEFT adapter directories, merged exports, model sources.
+//! File formats: PEFT adapter directories, merged exports, model sources, and the one writer
+//! of Hugging Face model folders (`hf_folder`) every export goes through.
 
 pub mod export;
 pub mod gguf;
+pub(crate) mod hf_folder;
 pub mod peft_format;
+mod safetensors_header;
 pub mod source;
 
 use std::path::Path;

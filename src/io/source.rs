@@ -23,9 +23,13 @@ use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::{PeftError, Result};
 
+/// The model config of a Hugging Face folder.
 pub const CONFIG_FILE: &str = "config.json";
+/// The single-file weights of a Hugging Face folder.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The shard index of a Hugging Face folder with sharded weights.
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+/// The fast-tokenizer file of a Hugging Face folder.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// The script that fills the offline model folder and the hub cache; error messages name it.
@@ -37,7 +41,12 @@ pub enum SourceKind {
     /// A folder (or a `.safetensors` file) on disk.
     Local,
     /// A hub repository, resolved through the hub cache (and downloaded on a miss when online).
-    Hub { repo_id: String, revision: String },
+    Hub {
+        /// `owner/name`.
+        repo_id: String,
+        /// The branch, tag or commit asked for.
+        revision: String,
+    },
     /// A GGUF file (llama.cpp): config, weights and tokenizer in one file.
     Gguf,
 }
@@ -47,14 +56,17 @@ pub enum SourceKind {
 pub struct ModelSource {
     /// What the caller asked for (a path or a hub id).
     pub spec: String,
+    /// Where the files came from.
     pub kind: SourceKind,
     /// The folder holding `config.json` (for a hub id: the cache snapshot folder).
     pub dir: PathBuf,
+    /// `config.json` (for a GGUF source: the `.gguf` file, which holds the config).
     pub config: PathBuf,
     /// `model.safetensors`, or the shards of `model.safetensors.index.json` in sorted order.
     pub weights: Vec<PathBuf>,
     /// `model.safetensors.index.json`, when the weights are sharded.
     pub weights_index: Option<PathBuf>,
+    /// `tokenizer.json`, when the folder has one.
     pub tokenizer: Option<PathBuf>,
 }
 
@@ -102,16 +114,19 @@ impl HubOptions {
         }
     }
 
+    /// Cache only (`true`) or download on a cache miss (`false`).
     pub fn offline(mut self, offline: bool) -> Self {
         self.offline = offline;
         self
     }
 
+    /// The hub URL to download from instead of the default.
     pub fn with_endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoint = Some(endpoint.into());
         self
     }
 
+    /// The branch, tag or commit to resolve (default `main`).
     pub fn with_revision(mut self, revision: impl Into<String>) -> Self {
         self.revision = revision.into();
         self

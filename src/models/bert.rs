@@ -38,13 +38,16 @@ pub enum HiddenAct {
     /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
     #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
     GeluNew,
+    /// `max(x, 0)`.
     #[serde(rename = "relu")]
     Relu,
+    /// `x · sigmoid(x)` (`silu`, `swish`).
     #[serde(rename = "silu", alias = "swish")]
     Silu,
 }
 
 impl HiddenAct {
+    /// Applies the activation elementwise.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             HiddenAct::Gelu => crate::ops::gelu_erf(x)?,
@@ -96,38 +99,55 @@ fn default_position_embedding_type() -> String {
 /// defaults; unknown fields are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BertConfig {
+    /// Rows of the word embedding table (default 30522).
     #[serde(default = "default_vocab_size")]
     pub vocab_size: usize,
+    /// Width `H` of the hidden states (default 768).
     #[serde(default = "default_hidden_size")]
     pub hidden_size: usize,
+    /// Number of encoder layers (default 12).
     #[serde(default = "default_num_hidden_layers")]
     pub num_hidden_layers: usize,
+    /// Attention heads; must divide `hidden_size` (default 12).
     #[serde(default = "default_num_attention_heads")]
     pub num_attention_heads: usize,
+    /// Width of the feed-forward layer (default 3072).
     #[serde(default = "default_intermediate_size")]
     pub intermediate_size: usize,
+    /// Feed-forward activation (default exact GELU).
     #[serde(default)]
     pub hidden_act: HiddenAct,
+    /// Dropout on hidden states in transformers; here it only sets the classifier dropout when `classifier_dropout` is unset (default 0.1).
     #[serde(default = "default_dropout")]
     pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities in transformers; read and kept, not applied (default 0.1).
     #[serde(default = "default_dropout")]
     pub attention_probs_dropout_prob: f64,
+    /// Rows of the position embedding table: the longest sequence (default 512).
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
+    /// Rows of the token-type embedding table (default 2).
     #[serde(default = "default_type_vocab_size")]
     pub type_vocab_size: usize,
+    /// Standard deviation of freshly initialised weights (default 0.02).
     #[serde(default = "default_initializer_range")]
     pub initializer_range: f64,
+    /// LayerNorm epsilon (default 1e-12).
     #[serde(default = "default_layer_norm_eps")]
     pub layer_norm_eps: f64,
+    /// `pad_token_id` (default 0).
     #[serde(default = "default_pad_token_id")]
     pub pad_token_id: Option<usize>,
+    /// Only `absolute` is supported.
     #[serde(default = "default_position_embedding_type")]
     pub position_embedding_type: String,
+    /// Dropout before a classification head; `None` uses `hidden_dropout_prob`.
     #[serde(default)]
     pub classifier_dropout: Option<f64>,
+    /// `model_type`, kept for exports.
     #[serde(default)]
     pub model_type: Option<String>,
+    /// `architectures`, kept for exports.
     #[serde(default)]
     pub architectures: Option<Vec<String>>,
 }
@@ -173,6 +193,8 @@ impl BertConfig {
         Ok(cfg)
     }
 
+    /// Checks that the sizes are positive, the heads divide `hidden_size`, `layer_norm_eps` is
+    /// finite and non-negative, and the position embedding type is supported.
     pub fn validate(&self) -> Result<()> {
         let positive = [
             ("vocab_size", self.vocab_size),
@@ -214,6 +236,7 @@ impl BertConfig {
         Ok(())
     }
 
+    /// Size of one attention head, `hidden_size / num_attention_heads`.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
@@ -243,6 +266,7 @@ impl BertLayerNorm {
         })
     }
 
+    /// `(x − mean) / √(var + eps) · weight + bias` over the last dim.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(crate::ops::norm(
             x,
@@ -254,6 +278,7 @@ impl BertLayerNorm {
     }
 }
 
+/// Word, position and token-type embeddings, summed and layer-normed.
 #[derive(Clone, Debug)]
 pub struct BertEmbeddings {
     word_embeddings: Tensor,
@@ -317,10 +342,14 @@ impl BertEmbeddings {
     }
 }
 
+/// Multi-head self-attention (`attention.self`).
 #[derive(Clone, Debug)]
 pub struct BertSelfAttention {
+    /// `query`.
     pub query: PeftLinear,
+    /// `key`.
     pub key: PeftLinear,
+    /// `value`.
     pub value: PeftLinear,
     num_heads: usize,
     head_dim: usize,
@@ -359,8 +388,10 @@ impl BertSelfAttention {
     }
 }
 
+/// One post-norm encoder layer: self-attention, then the feed-forward block.
 #[derive(Clone, Debug)]
 pub struct BertLayer {
+    /// `attention.self`.
     pub attention: BertSelfAttention,
     /// `attention.output.dense`
     pub attention_output: PeftLinear,
@@ -392,6 +423,7 @@ impl BertLayer {
         })
     }
 
+    /// `x: [B, T, H]` → `[B, T, H]`; `mask`: additive, broadcastable to `[B, heads, T, T]`.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let context = self.attention.forward(x, mask)?;
         let attn = self.attention_output.forward_peft(&context)?;
@@ -494,6 +526,7 @@ impl BertModel {
         Self::from_source(&source, DType::F32, device)
     }
 
+    /// The config the model was built from.
     pub fn config(&self) -> &BertConfig {
         &self.config
     }
@@ -503,14 +536,17 @@ impl BertModel {
         &self.prefix
     }
 
+    /// The embedding block.
     pub fn embeddings(&self) -> &BertEmbeddings {
         &self.embeddings
     }
 
+    /// The encoder layers, in order.
     pub fn layers(&self) -> &[BertLayer] {
         &self.layers
     }
 
+    /// `pooler.dense`, when the checkpoint has one.
     pub fn pooler(&self) -> Option<&PeftLinear> {
         self.pooler.as_ref()
     }

@@ -51,8 +51,10 @@ use serde_json::{Map, Value};
 use crate::builder::PeftBuilder;
 use crate::error::{PeftError, Result};
 use crate::init::{dropout, seed_from_name};
-use crate::io::peft_format::{write_atomic, write_safetensors};
-use crate::io::source::{CONFIG_FILE, ModelSource, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+use crate::io::hf_folder::{
+    TOKENIZER_FILES, copy_present_files, same_dir, stage_tensors, write_json,
+};
+use crate::io::source::{CONFIG_FILE, ModelSource, WEIGHTS_FILE};
 use crate::layer::PeftLinear;
 use crate::model::PeftModel;
 use crate::models::bert::{BertConfig, BertModel};
@@ -174,6 +176,7 @@ impl BertForSequenceClassification {
         Ok((PeftModel::new(model, &b), cfg))
     }
 
+    /// The BERT trunk (`bert.`).
     pub fn bert(&self) -> &BertModel {
         &self.bert
     }
@@ -188,10 +191,12 @@ impl BertForSequenceClassification {
         &self.classifier
     }
 
+    /// Number of classes.
     pub fn num_labels(&self) -> usize {
         self.num_labels
     }
 
+    /// The trunk's config.
     pub fn config(&self) -> &BertConfig {
         &self.config
     }
@@ -359,23 +364,18 @@ impl BertForSequenceClassification {
         drop(st);
 
         fs::create_dir_all(out_dir).map_err(|e| PeftError::io(out_dir, e))?;
-        let mut copied_files = Vec::new();
-        for name in crate::io::export::TOKENIZER_FILES {
-            let from = base.dir.join(name);
-            if from.is_file() {
-                let bytes = fs::read(&from).map_err(|e| PeftError::io(&from, e))?;
-                let to = out_dir.join(name);
-                write_atomic(&to, &bytes)?;
-                copied_files.push(to);
-            }
-        }
-        let config = out_dir.join(CONFIG_FILE);
-        write_classification_config(&base.config, &config, labels)?;
         let tensors: Vec<(String, Tensor)> = out.into_iter().collect();
         let tensor_names = tensors.iter().map(|(n, _)| n.clone()).collect();
+        // The weights are renamed into place last, once every other file is written.
+        let staged = stage_tensors(out_dir, &tensors, None)?;
+        let copied_files = copy_present_files(&base.dir, out_dir, TOKENIZER_FILES.iter().copied())?
+            .into_iter()
+            .map(|name| out_dir.join(name))
+            .collect();
+        let config = out_dir.join(CONFIG_FILE);
+        write_classification_config(&base.config, &config, labels)?;
         let weights = out_dir.join(WEIGHTS_FILE);
-        write_safetensors(&weights, &tensors)?;
-        remove_stale_shards(out_dir)?;
+        staged.commit()?;
         Ok(ClassifierExport {
             weights,
             config,
@@ -467,9 +467,7 @@ pub fn write_classification_config(
         "problem_type".into(),
         Value::from("single_label_classification"),
     );
-    let text = serde_json::to_string_pretty(&value)
-        .map_err(|e| PeftError::config("config.json", e.to_string()))?;
-    write_atomic(out, format!("{text}\n").as_bytes())
+    write_json(out, &value)
 }
 
 /// transformers' `id2label` (`{"0": name, …}`) and `label2id` (`{name: 0, …}`) for `labels`.
@@ -517,28 +515,4 @@ pub fn labels_from_config(path: &Path) -> Result<Option<Vec<String>>> {
         ));
     }
     Ok(Some(by_id.into_values().collect()))
-}
-
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (fs::canonicalize(a), fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
-
-/// Removes the shard files and index of an earlier sharded export in `dir`, so loaders never
-/// see a mix with the new `model.safetensors`.
-fn remove_stale_shards(dir: &Path) -> Result<()> {
-    let entries = fs::read_dir(dir).map_err(|e| PeftError::io(dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| PeftError::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let is_shard =
-            name.starts_with("model-") && name.ends_with(".safetensors") && name.contains("-of-");
-        if name == WEIGHTS_INDEX_FILE || is_shard {
-            let path = entry.path();
-            fs::remove_file(&path).map_err(|e| PeftError::io(&path, e))?;
-        }
-    }
-    Ok(())
 }

@@ -1,0 +1,239 @@
+//! The merge plan: what each output tensor is made of (copied, converted, merged with an
+//! adapter's ΔW, or replaced by a `modules_to_save` tensor), decided before anything is written.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use safetensors::tensor::Dtype;
+
+use super::MergeOptions;
+use super::base::BaseModel;
+use crate::adapter::{Adapter, Conv2dParams, LayerGeometry};
+use crate::config::LoadContext;
+use crate::error::{PeftError, Result};
+use crate::io::peft_format::{self, KEY_PREFIX, WEIGHTS_NAME, read_adapter_dir};
+use crate::io::safetensors_header::st_error;
+
+/// Float dtypes that candle converts and that take a merge or a dtype change.
+fn is_float(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+}
+
+pub(super) enum Source {
+    /// Bytes copied unchanged.
+    Copy,
+    /// Float tensor cast to another float dtype.
+    Convert,
+    /// `W + ΔW` (ΔW transposed for `fan_in_fan_out`).
+    Merge {
+        adapter: Box<dyn Adapter>,
+        transpose: bool,
+    },
+    /// Replaced by a whole-module adapter tensor.
+    Replace(Tensor),
+}
+
+pub(super) struct Planned {
+    pub(super) source: Source,
+    pub(super) out_dtype: Dtype,
+}
+
+/// Reads the adapter and decides, for every base tensor, how its output is produced. Fails
+/// before anything is written if an adapter module has no base tensor or does not fit it.
+pub(super) fn plan_merge(
+    model: &BaseModel,
+    adapter_dir: &Path,
+    opts: MergeOptions,
+) -> Result<(Vec<Planned>, Vec<String>, Vec<String>)> {
+    let adapter = read_adapter_dir(adapter_dir)?;
+    let weights_path = adapter_dir.join(WEIGHTS_NAME);
+    if adapter.tensors.is_empty() {
+        return Err(st_error(&weights_path, "the adapter file holds no tensors"));
+    }
+    let config = adapter.config;
+    let fan_in_fan_out = config.fan_in_fan_out();
+    let prefixes = config.tensor_prefixes();
+    let (shared, per_module) = peft_format::split_shared(adapter.tensors);
+    let modules = peft_format::group_by_module(per_module, prefixes);
+
+    let mut sources: Vec<Option<Source>> = (0..model.tensors.len()).map(|_| None).collect();
+    let mut merged_modules = Vec::new();
+    let mut replaced_tensors = Vec::new();
+    let join = |module: &str, local: &str| {
+        if module.is_empty() {
+            local.to_string()
+        } else {
+            format!("{module}.{local}")
+        }
+    };
+
+    for (module, tensors) in modules {
+        let (adapted, whole): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) =
+            tensors.into_iter().partition(|(local, _)| {
+                local
+                    .split('.')
+                    .next()
+                    .is_some_and(|head| prefixes.contains(&head))
+            });
+
+        if !adapted.is_empty() {
+            let key = join(&module, "weight");
+            let &idx = model
+                .by_name
+                .get(&key)
+                .ok_or_else(|| model.missing(&module, &key))?;
+            let info = &model.tensors[idx].info;
+            if !is_float(info.dtype) {
+                return Err(PeftError::Unsupported(format!(
+                    "base tensor `{key}` is {:?}: an adapter merges only into F32, F16, BF16 or F64 weights",
+                    info.dtype
+                )));
+            }
+            let (geometry, transpose) =
+                geometry_for(&module, &key, &info.shape, &adapted, fan_in_fan_out)?;
+            let built = config.load_adapter(&LoadContext {
+                module: &module,
+                geometry,
+                tensors: &adapted,
+                shared: &shared,
+                base_weight: None,
+                device: &Device::Cpu,
+            })?;
+            let used: BTreeSet<String> = built
+                .tensors_to_save()
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect();
+            if let Some(extra) = adapted.keys().find(|k| !used.contains(*k)) {
+                return Err(PeftError::UnexpectedTensor {
+                    key: format!("{KEY_PREFIX}{}", join(&module, extra)),
+                    location: weights_path.display().to_string(),
+                });
+            }
+            if sources[idx].is_some() {
+                return Err(PeftError::layer(
+                    &module,
+                    format!("base tensor `{key}` is targeted twice by the adapter"),
+                ));
+            }
+            sources[idx] = Some(Source::Merge {
+                adapter: built,
+                transpose,
+            });
+            merged_modules.push(module.clone());
+        }
+
+        for (local, tensor) in whole {
+            let key = join(&module, &local);
+            let &idx = model
+                .by_name
+                .get(&key)
+                .ok_or_else(|| model.missing(&module, &key))?;
+            let info = &model.tensors[idx].info;
+            if tensor.dims() != info.shape.as_slice() {
+                return Err(PeftError::ShapeMismatch {
+                    key: format!("{KEY_PREFIX}{key} (modules_to_save, replacing base `{key}`)"),
+                    expected: info.shape.clone(),
+                    got: tensor.dims().to_vec(),
+                });
+            }
+            if !is_float(info.dtype) || !is_float(tensor.dtype().into()) {
+                return Err(PeftError::Unsupported(format!(
+                    "modules_to_save tensor `{key}`: only float tensors can replace base tensors \
+                     (base {:?}, adapter {:?})",
+                    info.dtype,
+                    tensor.dtype()
+                )));
+            }
+            if sources[idx].is_some() {
+                return Err(PeftError::layer(
+                    &module,
+                    format!("base tensor `{key}` is both adapted and replaced by the adapter"),
+                ));
+            }
+            sources[idx] = Some(Source::Replace(tensor));
+            replaced_tensors.push(key);
+        }
+    }
+
+    let plan = model
+        .tensors
+        .iter()
+        .zip(sources)
+        .map(|(t, source)| {
+            let out_dtype = match opts.dtype {
+                Some(d) if is_float(t.info.dtype) => Dtype::from(d),
+                _ => t.info.dtype,
+            };
+            let source = source.unwrap_or(if out_dtype == t.info.dtype {
+                Source::Copy
+            } else {
+                Source::Convert
+            });
+            Planned { source, out_dtype }
+        })
+        .collect();
+    Ok((plan, merged_modules, replaced_tensors))
+}
+
+/// The layer geometry implied by a base weight's shape (and, for grouped convs, the adapter's).
+fn geometry_for(
+    module: &str,
+    key: &str,
+    shape: &[usize],
+    adapted: &BTreeMap<String, Tensor>,
+    fan_in_fan_out: bool,
+) -> Result<(LayerGeometry, bool)> {
+    match *shape {
+        [a, b] if fan_in_fan_out => Ok((
+            LayerGeometry::Linear {
+                in_features: a,
+                out_features: b,
+            },
+            true,
+        )),
+        [out_features, in_features] => Ok((
+            LayerGeometry::Linear {
+                in_features,
+                out_features,
+            },
+            false,
+        )),
+        [out_channels, per_group, kh, kw] => {
+            let in_channels = adapted
+                .get("lora_A.weight")
+                .filter(|a| a.rank() == 4)
+                .map(|a| a.dims()[1])
+                .unwrap_or(per_group);
+            if per_group == 0 || in_channels % per_group != 0 {
+                return Err(PeftError::layer(
+                    module,
+                    format!(
+                        "the adapter's input channels ({in_channels}) do not fit the base conv \
+                         weight `{key}` {shape:?}"
+                    ),
+                ));
+            }
+            Ok((
+                LayerGeometry::Conv2d {
+                    in_channels,
+                    out_channels,
+                    kernel: (kh, kw),
+                    params: Conv2dParams {
+                        groups: in_channels / per_group,
+                        ..Conv2dParams::default()
+                    },
+                },
+                false,
+            ))
+        }
+        _ => Err(PeftError::layer(
+            module,
+            format!(
+                "base tensor `{key}` has shape {shape:?}; adapters merge into 2-D (linear) or \
+                 4-D (conv2d) weights"
+            ),
+        )),
+    }
+}
