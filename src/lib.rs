@@ -6,6 +6,7 @@
 //!
 //! The README follows; its Rust example is compiled as a doctest.
 #![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
 
 pub mod adapter;
 #[path = "../adapters/mod.rs"]
