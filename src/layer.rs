@@ -18,7 +18,9 @@ use crate::kernels::frozen::{conv2d_trainable, frozen_conv2d, frozen_matmul};
 /// A trainable full copy of a layer (PEFT's `modules_to_save`).
 #[derive(Debug)]
 pub struct TrainableCopy {
+    /// The trainable weight, initialised from the base layer's weight.
     pub weight: Var,
+    /// The trainable bias, when the base layer has one.
     pub bias: Option<Var>,
 }
 
@@ -99,6 +101,7 @@ impl LayerHandle {
         self.read().name.clone()
     }
 
+    /// The layer's kind and dimensions (linear features or conv channels/kernel).
     pub fn geometry(&self) -> LayerGeometry {
         self.read().geometry
     }
@@ -108,10 +111,12 @@ impl LayerHandle {
         self.read().weight.clone()
     }
 
+    /// The current base bias, if the layer has one.
     pub fn bias(&self) -> Option<Tensor> {
         self.read().bias.clone()
     }
 
+    /// Names of the adapters attached to this layer, in attach order (trainable copies excluded).
     pub fn adapter_names(&self) -> Vec<String> {
         self.read()
             .adapters
@@ -120,11 +125,13 @@ impl LayerHandle {
             .collect()
     }
 
+    /// Whether this layer holds an adapter or a trainable copy (`modules_to_save`) named `name`.
     pub fn has_adapter(&self, name: &str) -> bool {
         let s = self.read();
         s.adapters.iter().any(|(n, _)| n == name) || s.copies.iter().any(|(n, _)| n == name)
     }
 
+    /// Adapters currently folded into the base weight, in merge order.
     pub fn merged_adapters(&self) -> Vec<String> {
         self.read().merged.clone()
     }
@@ -496,6 +503,7 @@ impl PeftLinear {
         Self(handle)
     }
 
+    /// The shared handle for inspecting or adapting this layer.
     pub fn handle(&self) -> &LayerHandle {
         &self.0
     }
@@ -521,10 +529,12 @@ impl PeftConv2d {
         Self(handle)
     }
 
+    /// The shared handle for inspecting or adapting this layer.
     pub fn handle(&self) -> &LayerHandle {
         &self.0
     }
 
+    /// The forward with the library's error type.
     pub fn forward_peft(&self, x: &Tensor) -> Result<Tensor> {
         self.0.forward(x)
     }

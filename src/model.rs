@@ -24,6 +24,8 @@ use crate::layer::LayerHandle;
 /// The name PEFT gives an adapter when none is given.
 pub const DEFAULT_ADAPTER: &str = "default";
 
+/// A base model `M` plus the PEFT adapters attached to its adaptable layers (PEFT's
+/// `PeftModel`): owns adapter configs, the active set, and merge/save/load state.
 pub struct PeftModel<M> {
     model: M,
     layers: Vec<LayerHandle>,
@@ -54,6 +56,7 @@ impl<M> PeftModel<M> {
         }
     }
 
+    /// The wrapped base model, whose forward runs through the adapted layers.
     pub fn model(&self) -> &M {
         &self.model
     }
@@ -68,10 +71,12 @@ impl<M> PeftModel<M> {
         self.training.store(true, Ordering::Relaxed);
     }
 
+    /// Evaluation mode: dropout off (PyTorch's `model.eval()`).
     pub fn eval(&self) {
         self.training.store(false, Ordering::Relaxed);
     }
 
+    /// Whether the model is in training mode (dropout active).
     pub fn is_training(&self) -> bool {
         self.training.load(Ordering::Relaxed)
     }
@@ -81,6 +86,7 @@ impl<M> PeftModel<M> {
         self.layers.iter().map(|l| l.name()).collect()
     }
 
+    /// The adaptable layer at module path `name`; [`PeftError::UnknownModule`] if none.
     pub fn layer(&self, name: &str) -> Result<&LayerHandle> {
         self.layers
             .iter()
@@ -88,14 +94,17 @@ impl<M> PeftModel<M> {
             .ok_or_else(|| PeftError::UnknownModule(name.to_string()))
     }
 
+    /// Every adaptable layer, in build order.
     pub fn layers(&self) -> &[LayerHandle] {
         &self.layers
     }
 
+    /// Names of all added adapters (active or not), in the order they were added.
     pub fn adapter_names(&self) -> Vec<String> {
         self.adapters.iter().map(|(n, _)| n.clone()).collect()
     }
 
+    /// The config adapter `name` was added with; [`PeftError::UnknownAdapter`] if none.
     pub fn adapter_config(&self, name: &str) -> Result<&AdapterConfig> {
         self.adapters
             .iter()
@@ -109,6 +118,7 @@ impl<M> PeftModel<M> {
         self.shared.get(name)
     }
 
+    /// Names of the adapters whose outputs currently contribute to forward passes.
     pub fn active_adapters(&self) -> &[String] {
         &self.active
     }
@@ -343,6 +353,7 @@ impl<M> PeftModel<M> {
         Ok(())
     }
 
+    /// Switches adapters back on after [`Self::disable`] (PEFT's `enable_adapter_layers`).
     pub fn enable(&mut self) -> Result<()> {
         for layer in &self.layers {
             layer.set_enabled(true)?;
@@ -351,6 +362,7 @@ impl<M> PeftModel<M> {
         Ok(())
     }
 
+    /// Whether adapters are switched on (false after [`Self::disable`]).
     pub fn is_enabled(&self) -> bool {
         self.enabled
     }
@@ -519,6 +531,7 @@ impl<M> PeftModel<M> {
         Ok(sum)
     }
 
+    /// Element count of the active adapters' trainable vars (PEFT's trainable-parameter count).
     pub fn num_trainable_parameters(&self) -> usize {
         self.trainable_vars()
             .iter()

@@ -21,6 +21,7 @@ pub struct GradAccumulator {
 }
 
 impl GradAccumulator {
+    /// An empty accumulator for the named `vars` (e.g. [`crate::PeftModel::trainable_vars`]).
     pub fn new(vars: &[(String, Var)]) -> Self {
         Self {
             vars: vars.iter().map(|(_, v)| v.clone()).collect(),

@@ -42,9 +42,13 @@ pub const STEP: &str = "step";
 /// training's usual 0.01; PyTorch's AdamW default is also 0.01).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
+    /// β₁, the decay rate of the first-moment (mean) estimate; default 0.9.
     pub beta1: f64,
+    /// β₂, the decay rate of the second-moment (uncentred variance) estimate; default 0.999.
     pub beta2: f64,
+    /// ε added to `√v̂` in the denominator for numerical stability; default 1e-8.
     pub eps: f64,
+    /// λ, the decoupled weight-decay coefficient (applied as `θ · (1 − lr·λ)`); default 0.01.
     pub weight_decay: f64,
 }
 
@@ -161,6 +165,7 @@ impl AdamW {
         })
     }
 
+    /// The hyper-parameters this optimiser runs with.
     pub fn config(&self) -> &AdamWConfig {
         &self.config
     }

@@ -100,11 +100,17 @@ impl fmt::Display for LoraProMode {
 /// the r×r inverses.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraProConfig {
+    /// Full (the paper's, full-size moments) or efficient (AdamW on adjusted A, B gradients).
     pub mode: LoraProMode,
+    /// Adam's β₁, the first-moment decay rate; default 0.9.
     pub beta1: f64,
+    /// Adam's β₂, the second-moment decay rate; default 0.999.
     pub beta2: f64,
+    /// Adam's ε in the denominator `√v̂ + ε`; default 1e-8.
     pub eps: f64,
+    /// Decoupled weight-decay coefficient λ, applied to A and B (never the frozen base).
     pub weight_decay: f64,
+    /// δ added to `BᵀB` and `AAᵀ` before their r×r inverses; default 1e-8, as the reference.
     pub damping: f64,
 }
 
@@ -133,6 +139,7 @@ impl LoraProConfig {
         }
     }
 
+    /// Checks the Adam settings (β in `[0, 1)`, ε and λ ≥ 0) and that `damping` is finite, ≥ 0.
     pub fn validate(&self) -> Result<()> {
         self.adamw().validate()?;
         if !(self.damping.is_finite() && self.damping >= 0.0) {
@@ -411,10 +418,12 @@ impl LoraPro {
         })
     }
 
+    /// The hyper-parameters this optimiser runs with.
     pub fn config(&self) -> &LoraProConfig {
         &self.config
     }
 
+    /// The LoRA-Pro variant in use (full or efficient).
     pub fn mode(&self) -> LoraProMode {
         self.config.mode
     }

@@ -23,10 +23,12 @@ use crate::error::{PeftError, Result};
 /// The shape of the schedule after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Schedule {
+    /// The base learning rate for every step after warmup.
     Constant,
-    /// Transformers' default.
+    /// Linear decay from the base learning rate to 0 at `total_steps`; transformers' default.
     #[default]
     Linear,
+    /// Half a cosine cycle from the base learning rate down to 0 at `total_steps`.
     Cosine,
 }
 
@@ -59,8 +61,10 @@ impl fmt::Display for Schedule {
 /// Warmup length: a number of steps, or a fraction of the total steps.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Warmup {
+    /// An absolute number of warmup steps (transformers' `warmup_steps`).
     Steps(usize),
-    /// In `[0, 1]`; `⌈ratio · total⌉` steps.
+    /// A fraction of the total steps, in `[0, 1]`; `⌈ratio · total⌉` steps (transformers'
+    /// `warmup_ratio`).
     Ratio(f64),
 }
 
@@ -111,13 +115,18 @@ impl FromStr for Warmup {
 /// A schedule resolved for one run: base learning rate, warmup and total steps.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
+    /// The decay shape after warmup.
     pub schedule: Schedule,
+    /// The peak learning rate, reached at the end of warmup.
     pub base_lr: f64,
+    /// Number of linear-warmup steps, already resolved from a [`Warmup`].
     pub warmup_steps: usize,
+    /// Total optimiser steps in the run; linear and cosine decay reach 0 here.
     pub total_steps: usize,
 }
 
 impl LrSchedule {
+    /// Resolves `warmup` against `total_steps`; errors if `base_lr` is negative or not finite.
     pub fn new(
         schedule: Schedule,
         base_lr: f64,
