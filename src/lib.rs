@@ -34,9 +34,9 @@ pub mod tasks;
 pub mod train;
 
 pub use adapter::{Adapter, Conv2dParams, LayerGeometry, Method};
+pub use adapters::AdapterConfig;
 pub use adapters::lora::{LoraAdapter, LoraConfig};
 pub use builder::PeftBuilder;
-pub use adapters::AdapterConfig;
 pub use config::{ModuleSelector, Targeting};
 pub use error::{PeftError, Result};
 pub use generate::{GenerationConfig, generate, generate_uncached};

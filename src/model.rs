@@ -14,8 +14,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::adapter::LayerGeometry;
-use crate::builder::PeftBuilder;
 use crate::adapters::AdapterConfig;
+use crate::builder::PeftBuilder;
 use crate::config::{InitContext, LoadContext};
 use crate::error::{PeftError, Result};
 use crate::init::seed_from_name;

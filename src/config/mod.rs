@@ -87,7 +87,9 @@ pub(crate) fn peft_json(
 
 /// serde's `deserialize_with` for `rank_pattern`: a map of whole numbers (PEFT may write them
 /// as floats), `null` read as empty.
-pub(crate) fn whole_rank_pattern<'de, D>(d: D) -> std::result::Result<BTreeMap<String, usize>, D::Error>
+pub(crate) fn whole_rank_pattern<'de, D>(
+    d: D,
+) -> std::result::Result<BTreeMap<String, usize>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {

@@ -18,12 +18,12 @@ use candle_peft::{AdapterConfig, DEFAULT_ADAPTER, Method, PeftModel};
 use super::train::TrainArgs;
 
 fn calibrated(method: Method) -> bool {
-    matches!(method, Method::Eva | Method::Corda)
+    method.needs_calibration()
 }
 
 /// The calibration flags make sense with EVA and CorDA only; `--corda-mode` with CorDA only.
 fn check_flags(args: &TrainArgs, method: Method) -> anyhow::Result<()> {
-    if args.corda_mode.is_some() && method != Method::Corda {
+    if args.corda_mode.is_some() && method != corda::METHOD {
         bail!("--corda-mode is a CorDA option (use it with --method corda)");
     }
     if !calibrated(method) && args.calib_data.is_some() {
@@ -48,7 +48,7 @@ fn add_adapter<M>(
     check_flags(args, method)?;
     let calibration = CalibrationOptions { quiet: args.quiet };
     match (method, config) {
-        (Method::Eva, AdapterConfig::Lora(mut c)) => {
+        (eva::METHOD, AdapterConfig::Lora(mut c)) => {
             c.init_lora_weights = InitLoraWeights::Named("eva".into());
             if c.eva_config.is_none() {
                 c.eva_config = Some(EvaConfig::default());
@@ -73,12 +73,12 @@ fn add_adapter<M>(
                 );
             }
         }
-        (Method::Eva, other) => bail!(
+        (eva::METHOD, other) => bail!(
             "--method eva initialises a LoRA adapter, but the config is {} (peft_type {})",
             other.method(),
             other.method().peft_type()
         ),
-        (Method::Corda, AdapterConfig::Corda(mut c)) => {
+        (corda::METHOD, AdapterConfig::Corda(mut c)) => {
             if let Some(mode) = &args.corda_mode {
                 c.corda_method = mode.parse().context("--corda-mode")?;
             }
@@ -95,7 +95,7 @@ fn add_adapter<M>(
                 );
             }
         }
-        (Method::Corda, other) => bail!(
+        (corda::METHOD, other) => bail!(
             "--method corda needs a CORDA config, but the config is {} (peft_type {})",
             other.method(),
             other.method().peft_type()

@@ -12,6 +12,7 @@ pub mod convert;
 pub mod eval;
 pub mod inspect;
 pub mod merge;
+mod method_args;
 pub mod train;
 
 use clap::{Parser, Subcommand};

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use candle_core::Device;
-use candle_peft::config::CliAdapterArgs;
 use candle_peft::data::{LabeledDataset, read_tsv, read_tsv_with_labels};
 use candle_peft::io::source;
 use candle_peft::models::heads::BertForSequenceClassification;
@@ -163,7 +162,7 @@ fn parse_max_grad_norm(s: &str) -> Result<MaxGradNorm, String> {
 
 /// The settings checks that need no file: they fail before anything is loaded.
 pub fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
-    if args.lora_pro_mode.is_some() && Method::from_cli_name(&args.method)? != Method::LoraPro {
+    if args.lora_pro_mode.is_some() && !Method::from_cli_name(&args.method)?.uses_lora_pro() {
         bail!("--lora-pro-mode needs --method lora-pro");
     }
     for (flag, v) in [
@@ -253,14 +252,15 @@ pub fn adapter_config(
             if targets.is_empty() {
                 bail!("--targets is empty (give module names such as query,value)");
             }
-            let cli = CliAdapterArgs {
-                targets,
-                rank: args.rank,
-                alpha: args.alpha,
-                dropout: args.dropout,
-                options: parse_options(&args.opt)?,
-            };
-            AdapterConfig::from_cli(method, &cli)?
+            let opts: Vec<(String, String)> = parse_options(&args.opt)?.into_iter().collect();
+            super::method_args::adapter_config(
+                method,
+                &targets,
+                args.rank,
+                args.alpha,
+                args.dropout,
+                &opts,
+            )?
         }
     };
     let mut config = config;
@@ -270,17 +270,7 @@ pub fn adapter_config(
 }
 
 /// The methods `train` can run in this build.
-const TRAINABLE_METHODS: &[Method] = &[
-    Method::Lora,
-    Method::LoraPro,
-    Method::Eva,
-    Method::Corda,
-    Method::RandLora,
-    Method::Flora,
-    Method::Svfit,
-    Method::Loldu,
-    Method::Salt,
-];
+const TRAINABLE_METHODS: &[Method] = candle_peft::adapters::METHODS;
 
 /// The method, or a clear error for the ones not implemented yet.
 pub fn check_method(name: &str) -> anyhow::Result<Method> {
@@ -346,7 +336,9 @@ pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
         warmup: args.warmup,
         max_grad_norm: args.max_grad_norm.0,
         optimizer: match Method::from_cli_name(&args.method) {
-            Ok(Method::LoraPro) => OptimizerKind::LoraPro(args.lora_pro_mode.unwrap_or_default()),
+            Ok(m) if m.uses_lora_pro() => {
+                OptimizerKind::LoraPro(args.lora_pro_mode.unwrap_or_default())
+            }
             _ => OptimizerKind::AdamW,
         },
         seed: args.seed,
