@@ -15,8 +15,6 @@ use crate::error::Result;
 /// tensors, and how the CLI's generic flags map onto its config JSON. Each method declares one
 /// in its own file under `adapters/`; the list of them is `crate::adapters::METHODS`.
 ///
-/// Equality is structural (derived, so that a [`Method`] constant can be a `match` pattern);
-/// names are unique in the registry, so two specs are equal exactly when their names are.
 #[derive(Debug, PartialEq, Eq)]
 pub struct MethodSpec {
     /// The CLI name (`--method lora-pro`), also what [`Method`] displays.
@@ -105,9 +103,19 @@ pub enum OptionKind {
     IntList,
 }
 
-/// A method: a `Copy` handle to its [`MethodSpec`]. Displays as its CLI name; hashes by name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A method: a `Copy` handle to its [`MethodSpec`]. Displays as its CLI name; compares and
+/// hashes by name (names are unique in the registry). Compare with `==`
+/// (`method == crate::adapters::eva::METHOD`), not in `match` patterns.
+#[derive(Clone, Copy, Debug)]
 pub struct Method(&'static MethodSpec);
+
+impl PartialEq for Method {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for Method {}
 
 impl Method {
     /// The handle of `spec` (each method file declares `pub const METHOD: Method`).

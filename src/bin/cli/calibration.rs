@@ -48,7 +48,7 @@ fn add_adapter<M>(
     check_flags(args, method)?;
     let calibration = CalibrationOptions { quiet: args.quiet };
     match (method, config) {
-        (eva::METHOD, AdapterConfig::Lora(mut c)) => {
+        (m, AdapterConfig::Lora(mut c)) if m == eva::METHOD => {
             c.init_lora_weights = InitLoraWeights::Named("eva".into());
             if c.eva_config.is_none() {
                 c.eva_config = Some(EvaConfig::default());
@@ -73,12 +73,12 @@ fn add_adapter<M>(
                 );
             }
         }
-        (eva::METHOD, other) => bail!(
+        (m, other) if m == eva::METHOD => bail!(
             "--method eva initialises a LoRA adapter, but the config is {} (peft_type {})",
             other.method(),
             other.method().peft_type()
         ),
-        (corda::METHOD, AdapterConfig::Corda(mut c)) => {
+        (m, AdapterConfig::Corda(mut c)) if m == corda::METHOD => {
             if let Some(mode) = &args.corda_mode {
                 c.corda_method = mode.parse().context("--corda-mode")?;
             }
@@ -95,7 +95,7 @@ fn add_adapter<M>(
                 );
             }
         }
-        (corda::METHOD, other) => bail!(
+        (m, other) if m == corda::METHOD => bail!(
             "--method corda needs a CORDA config, but the config is {} (peft_type {})",
             other.method(),
             other.method().peft_type()

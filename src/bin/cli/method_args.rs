@@ -29,7 +29,7 @@ pub fn adapter_config(
     for (&key, &value) in &opts {
         let Some(spec) = cli.options.iter().find(|o| o.key == key) else {
             let known: Vec<&str> = cli.options.iter().map(|o| o.key).collect();
-            return Err(PeftError::config(
+            return Err(invalid(
                 format!("--opt {key}"),
                 format!(
                     "`{key}` is not an option of {method} (its options: {})",
@@ -45,13 +45,13 @@ pub fn adapter_config(
         options.push((spec, value));
     }
     if cli.dropout.is_none() && dropout.is_some_and(|p| p != 0.0) {
-        return Err(PeftError::config("--dropout", format!("{method} has no dropout")).into());
+        return Err(invalid("--dropout", format!("{method} has no dropout")).into());
     }
     if cli.alpha.is_none() && alpha.is_some() {
-        return Err(PeftError::config("--alpha", format!("{method} has no alpha")).into());
+        return Err(invalid("--alpha", format!("{method} has no alpha")).into());
     }
     if cli.rank.is_none() && rank.is_some() {
-        return Err(PeftError::config("--rank", format!("{method} has no rank")).into());
+        return Err(invalid("--rank", format!("{method} has no rank")).into());
     }
 
     let mut json = defaults(method, cli)?;
@@ -84,6 +84,14 @@ pub fn adapter_config(
         set_path(&mut json, spec.path, parse_value(spec, value)?);
     }
     Ok(AdapterConfig::from_json(&Value::Object(json))?)
+}
+
+/// The library's config error (same text as the library's own).
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PeftError {
+    PeftError::InvalidConfig {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// Every method with its summary and options, for `--method`'s help.
@@ -127,7 +135,7 @@ fn check_exclusion(
         } else {
             format!("--opt {other}")
         };
-        return Err(PeftError::config(
+        return Err(invalid(
             format!("--opt {}", spec.key),
             format!("give either {other} or --opt {}, not both", spec.key),
         )
@@ -139,7 +147,7 @@ fn check_exclusion(
 /// `value` as the JSON value of an option of kind `spec.kind`.
 fn parse_value(spec: &OptionSpec, value: &str) -> anyhow::Result<Value> {
     let bad = || {
-        PeftError::config(
+        invalid(
             format!("--opt {}", spec.key),
             format!("cannot parse `{value}`"),
         )
@@ -163,7 +171,7 @@ fn parse_value(spec: &OptionSpec, value: &str) -> anyhow::Result<Value> {
                 .map(|s| s.trim().parse::<usize>())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|_| {
-                    PeftError::config(
+                    invalid(
                         format!("--opt {}", spec.key),
                         format!("`{value}` is not a comma-separated list of integers"),
                     )
