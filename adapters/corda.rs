@@ -58,30 +58,66 @@
 //! This file holds the config and the adapter; the calibration runs in
 //! [`crate::data_init::corda`] ([`add_corda_adapter`](crate::data_init::corda::add_corda_adapter)).
 
+
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::adapter::{Adapter, LayerGeometry, Method};
+use crate::adapter::{
+    Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
+};
+use crate::adapters::lora::{InitLoraWeights, LoraAdapter, LoraConfig, USE_RSLORA};
 use crate::config::{
-    CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting, pattern_value,
+    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, json_number, peft_json,
 };
 use crate::error::{PeftError, Result};
 use crate::init;
-use crate::io::peft_format::KEY_PREFIX;
+use crate::config::KEY_PREFIX;
 
 pub(crate) const LORA_A: &str = "lora_A.weight";
 pub(crate) const LORA_B: &str = "lora_B.weight";
 pub(crate) const INIT_A: &str = "corda_A0.weight";
 pub(crate) const INIT_B: &str = "corda_B0.weight";
 
+/// CorDA's registry entry. CLI: r 8, α 16, dropout 0 unless given.
+pub const METHOD: Method = Method::new(&MethodSpec {
+    name: "corda",
+    aliases: &[],
+    peft_type: "CORDA",
+    summary: "LoRA initialised from a covariance-oriented SVD of the weight on calibration data",
+    tensors: TensorRoles {
+        prefixes: &["lora_A", "lora_B", "corda_A0", "corda_B0"],
+        frozen: &["corda_A0", "corda_B0"],
+        rank: Some(LORA_A),
+    },
+    cli: CliSpec {
+        defaults: r#"{"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0}"#,
+        rank: Some("r"),
+        alpha: Some("lora_alpha"),
+        alpha_per_rank: None,
+        dropout: Some("lora_dropout"),
+        options: &[
+            OptionSpec {
+                key: "corda_method",
+                path: "corda_config.corda_method",
+                kind: OptionKind::Str,
+                help: "ipm (adapt the r largest components) or kpm (the r smallest)",
+                excludes: None,
+            },
+            USE_RSLORA,
+        ],
+    },
+    needs_calibration: true,
+    lora_pro_optimizer: false,
+});
+
 /// Which components become the adapter.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CordaMethod {
     /// Instruction-previewed: the `r` largest components (fast adaptation).
@@ -89,6 +125,14 @@ pub enum CordaMethod {
     Ipm,
     /// Knowledge-preserved: the `r` smallest components (the rest of `W` stays as it was).
     Kpm,
+}
+
+// Read through `FromStr`, so a file and the CLI accept the same spellings (any case).
+impl<'de> Deserialize<'de> for CordaMethod {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl std::str::FromStr for CordaMethod {
@@ -122,9 +166,8 @@ pub struct CordaFactors {
     pub b: Tensor,
 }
 
-/// Init factors handed to [`CordaConfig`] for
-/// [`PeftModel::add_adapter`](crate::PeftModel::add_adapter); not configuration (never saved,
-/// ignored by equality).
+/// Init factors handed to [`CordaConfig`] for [`PeftModel::add_adapter`]; not configuration
+/// (never saved, ignored by equality).
 #[derive(Clone, Default)]
 pub struct CordaInit(Option<Arc<BTreeMap<String, CordaFactors>>>);
 
@@ -143,103 +186,73 @@ impl PartialEq for CordaInit {
     }
 }
 
-/// CorDA's config: PEFT's `LoraConfig` fields that apply, plus `corda_config`.
-#[derive(Clone, Debug, PartialEq)]
+/// CorDA's config: PEFT's `LoraConfig` (the fields that apply; reachable through `Deref`) plus
+/// `corda_config`. LoRA's `init_lora_weights`, `eva_config` and `fan_in_fan_out` do not apply:
+/// they are written as `"corda"`, absent and `false`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct CordaConfig {
-    pub targeting: Targeting,
-    pub r: usize,
-    pub lora_alpha: f64,
-    pub lora_dropout: f64,
-    pub use_rslora: bool,
-    pub rank_pattern: BTreeMap<String, usize>,
-    pub alpha_pattern: BTreeMap<String, f64>,
+    /// The LoRA fields: targets, `r`, `lora_alpha`, `lora_dropout`, `use_rslora`, patterns.
+    #[serde(flatten)]
+    pub lora: LoraConfig,
+    /// PEFT's `corda_config.corda_method`.
+    #[serde(
+        rename = "corda_config",
+        default,
+        deserialize_with = "corda_method_of_section"
+    )]
     pub corda_method: CordaMethod,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub revision: Option<String>,
-    pub inference_mode: bool,
+    #[serde(skip)]
     init: CordaInit,
 }
 
-#[derive(Deserialize)]
-struct CordaConfigFile {
-    #[serde(flatten)]
-    targeting: Targeting,
-    #[serde(default = "default_r")]
-    r: usize,
-    #[serde(default = "default_alpha")]
-    lora_alpha: f64,
-    #[serde(default)]
-    lora_dropout: f64,
-    #[serde(default)]
-    use_rslora: bool,
-    #[serde(default)]
-    rank_pattern: Option<BTreeMap<String, f64>>,
-    #[serde(default)]
-    alpha_pattern: Option<BTreeMap<String, f64>>,
-    #[serde(default)]
-    corda_config: Option<CordaSubConfig>,
-    #[serde(default)]
-    task_type: Option<String>,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    revision: Option<String>,
-    #[serde(default)]
-    inference_mode: bool,
+/// `corda_config` (`null` or absent: IPM) down to its `corda_method`.
+fn corda_method_of_section<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<CordaMethod, D::Error> {
+    #[derive(Deserialize)]
+    struct Section {
+        #[serde(default)]
+        corda_method: CordaMethod,
+    }
+    Ok(Option::<Section>::deserialize(d)?
+        .map(|s| s.corda_method)
+        .unwrap_or_default())
 }
 
-#[derive(Deserialize)]
-struct CordaSubConfig {
-    #[serde(default)]
-    corda_method: CordaMethod,
+/// LoRA's `init_lora_weights` as a CorDA file writes it.
+fn corda_init() -> InitLoraWeights {
+    InitLoraWeights::Named("corda".into())
 }
 
-fn default_r() -> usize {
-    8
-}
+impl std::ops::Deref for CordaConfig {
+    type Target = LoraConfig;
 
-fn default_alpha() -> f64 {
-    8.0
-}
-
-fn json_number(v: f64) -> Value {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        json!(v as i64)
-    } else {
-        json!(v)
+    fn deref(&self) -> &LoraConfig {
+        &self.lora
     }
 }
 
-fn to_json<T: Serialize>(v: &T) -> Result<Value> {
-    serde_json::to_value(v).map_err(|e| PeftError::config("adapter_config.json", e.to_string()))
+impl std::ops::DerefMut for CordaConfig {
+    fn deref_mut(&mut self) -> &mut LoraConfig {
+        &mut self.lora
+    }
 }
 
 impl CordaConfig {
-    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] =
-        &["lora_A", "lora_B", "corda_A0", "corda_B0"];
+    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] = METHOD.spec().tensors.prefixes;
 
     /// A config targeting `targets` (names or suffixes) with rank `r`, `α = lora_alpha`, IPM.
     pub fn new<S: AsRef<str>>(targets: &[S], r: usize, lora_alpha: f64) -> Self {
+        let mut lora = LoraConfig::new(targets, r, lora_alpha);
+        lora.init_lora_weights = corda_init();
         Self {
-            targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
-            r,
-            lora_alpha,
-            lora_dropout: 0.0,
-            use_rslora: false,
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
+            lora,
             corda_method: CordaMethod::Ipm,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: false,
             init: CordaInit::default(),
         }
     }
 
-    /// This config carrying the init factors of a calibration
-    /// ([`corda_factors`](crate::data_init::corda::corda_factors)), so that
+    /// This config carrying the init factors of a calibration ([`corda_factors`]), so that
     /// `PeftModel::add_adapter` can build the adapters.
     pub fn with_init(mut self, factors: BTreeMap<String, CordaFactors>) -> Self {
         self.init = CordaInit(Some(Arc::new(factors)));
@@ -252,25 +265,9 @@ impl CordaConfig {
         self
     }
 
+    /// Checks every field, without looking at a model.
     pub fn validate(&self) -> Result<()> {
-        self.targeting.validate()?;
-        if self.r == 0 {
-            return Err(PeftError::config("r", "rank must be at least 1, got 0"));
-        }
-        for (key, &r) in &self.rank_pattern {
-            if r == 0 {
-                return Err(PeftError::config(
-                    format!("rank_pattern.{key}"),
-                    "rank must be at least 1, got 0",
-                ));
-            }
-        }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(PeftError::config(
-                "lora_dropout",
-                format!("must be in [0, 1), got {}", self.lora_dropout),
-            ));
-        }
+        self.lora.validate_shape()?;
         if !self.lora_alpha.is_finite() || self.lora_alpha <= 0.0 {
             return Err(PeftError::config(
                 "lora_alpha",
@@ -291,63 +288,26 @@ impl CordaConfig {
         Ok(())
     }
 
-    /// `(r, α, s)` for one module, after `rank_pattern` / `alpha_pattern`.
-    pub fn resolve(&self, module: &str) -> Result<(usize, f64, f64)> {
-        let r = pattern_value(&self.rank_pattern, module, "rank_pattern")?.unwrap_or(self.r);
-        let alpha =
-            pattern_value(&self.alpha_pattern, module, "alpha_pattern")?.unwrap_or(self.lora_alpha);
-        let scaling = if self.use_rslora {
-            alpha / (r as f64).sqrt()
-        } else {
-            alpha / r as f64
-        };
-        Ok((r, alpha, scaling))
-    }
-
+    /// Reads `adapter_config.json` content. The LoRA fields that do not apply are reset (see
+    /// the type's docs), so a config read back equals the one written.
     pub fn from_peft_json(value: &Value) -> Result<Self> {
-        let file: CordaConfigFile = serde_json::from_value(value.clone())
-            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
-        let mut rank_pattern = BTreeMap::new();
-        for (k, v) in file.rank_pattern.unwrap_or_default() {
-            if v.fract() != 0.0 || v < 0.0 {
-                return Err(PeftError::config(
-                    format!("rank_pattern.{k}"),
-                    format!("rank must be a whole number, got {v}"),
-                ));
-            }
-            rank_pattern.insert(k, v as usize);
-        }
-        Ok(Self {
-            targeting: file.targeting,
-            r: file.r,
-            lora_alpha: file.lora_alpha,
-            lora_dropout: file.lora_dropout,
-            use_rslora: file.use_rslora,
-            rank_pattern,
-            alpha_pattern: file.alpha_pattern.unwrap_or_default(),
-            corda_method: file
-                .corda_config
-                .map(|c| c.corda_method)
-                .unwrap_or_default(),
-            task_type: file.task_type,
-            base_model_name_or_path: file.base_model_name_or_path,
-            revision: file.revision,
-            inference_mode: file.inference_mode,
-            init: CordaInit::default(),
-        })
+        let mut config: Self = crate::config::from_json(value)?;
+        config.lora.init_lora_weights = corda_init();
+        config.lora.eva_config = None;
+        config.lora.fan_in_fan_out = false;
+        Ok(config)
     }
 
+    /// The `adapter_config.json` fields: PEFT `LoraConfig`'s that apply, and `corda_config`.
     pub fn to_peft_json(&self) -> Result<Value> {
-        let t = &self.targeting;
         let alpha_pattern: serde_json::Map<String, Value> = self
             .alpha_pattern
             .iter()
             .map(|(k, v)| (k.clone(), json_number(*v)))
             .collect();
-        Ok(json!({
+        let fields = json!({
             "alpha_pattern": alpha_pattern,
             "auto_mapping": null,
-            "base_model_name_or_path": self.base_model_name_or_path,
             "bias": "none",
             "corda_config": {
                 "cache_file": null,
@@ -357,43 +317,16 @@ impl CordaConfig {
                 "use_float16_for_covariance": false,
                 "verbose": false,
             },
-            "exclude_modules": to_json(&t.exclude_modules)?,
             "fan_in_fan_out": false,
-            "inference_mode": self.inference_mode,
             "init_lora_weights": "corda",
-            "layers_pattern": to_json(&t.layers_pattern)?,
-            "layers_to_transform": to_json(&t.layers_to_transform)?,
             "lora_alpha": json_number(self.lora_alpha),
             "lora_dropout": self.lora_dropout,
-            "modules_to_save": to_json(&t.modules_to_save)?,
             "peft_type": "CORDA",
-            "peft_version": crate::io::peft_format::PEFT_VERSION,
             "r": self.r,
             "rank_pattern": self.rank_pattern,
-            "revision": self.revision,
-            "target_modules": to_json(&t.target_modules)?,
-            "task_type": self.task_type,
             "use_rslora": self.use_rslora,
-        }))
-    }
-
-    /// The config `--method corda` builds (r 8, α 16, dropout 0 unless given). Options:
-    /// `corda_method` (`ipm` | `kpm`; the CLI's `--corda-mode`), `use_rslora`.
-    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
-        args.check_options(Method::Corda, &["corda_method", "use_rslora"])?;
-        let mut c = Self::new(
-            &args.targets,
-            args.rank.unwrap_or(8),
-            args.alpha.unwrap_or(16.0),
-        );
-        c.lora_dropout = args.dropout.unwrap_or(0.0);
-        if let Some(v) = args.option::<bool>("use_rslora")? {
-            c.use_rslora = v;
-        }
-        if let Some(m) = args.options.get("corda_method") {
-            c.corda_method = m.parse()?;
-        }
-        Ok(c)
+        });
+        peft_json(fields, &self.targeting, &self.common)
     }
 
     fn linear_dims(module: &str, geometry: LayerGeometry) -> Result<(usize, usize)> {
@@ -428,26 +361,24 @@ impl CordaConfig {
                 PeftError::layer(
                     module,
                     "CorDA needs the factors of a calibration pass first \
-                     (data_init::corda::add_corda_adapter, or `candle-peft train --method corda`)",
+                     (adapters::corda::add_corda_adapter, or `candle-peft train --method corda`)",
                 )
             })?;
         check_shape(module, "A", &factors.a, &[r, in_f])?;
         check_shape(module, "B", &factors.b, &[out_f, r])?;
         let a0 = factors.a.to_dtype(DType::F32)?.to_device(device)?;
         let b0 = factors.b.to_dtype(DType::F32)?.to_device(device)?;
-        Ok(CordaAdapter::new(
-            in_f,
-            out_f,
+        let lora = LoraAdapter::new(
+            geometry,
             r,
             alpha,
             scaling,
             self.lora_dropout as f32,
             Var::from_tensor(&a0)?,
             Var::from_tensor(&b0)?,
-            a0,
-            b0,
             seed,
-        ))
+        );
+        Ok(CordaAdapter { lora, a0, b0 })
     }
 
     /// The adapter for `module` from saved tensors.
@@ -479,19 +410,17 @@ impl CordaConfig {
         let b = fetch(LORA_B, &[out_f, r])?;
         let a0 = fetch(INIT_A, &[r, in_f])?;
         let b0 = fetch(INIT_B, &[out_f, r])?;
-        Ok(CordaAdapter::new(
-            in_f,
-            out_f,
+        let lora = LoraAdapter::new(
+            geometry,
             r,
             alpha,
             scaling,
             self.lora_dropout as f32,
             Var::from_tensor(&a)?,
             Var::from_tensor(&b)?,
-            a0,
-            b0,
             init::seed_from_name(module),
-        ))
+        );
+        Ok(CordaAdapter { lora, a0, b0 })
     }
 }
 
@@ -507,7 +436,33 @@ fn check_shape(module: &str, what: &str, t: &Tensor, expected: &[usize]) -> Resu
 }
 
 impl MethodConfig for CordaConfig {
-    crate::config::method_config_plumbing!(Method::Corda);
+    fn method(&self) -> Method {
+        METHOD
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.lora.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.lora.targeting
+    }
+
+    fn common(&self) -> &CommonFields {
+        &self.lora.common
+    }
+
+    fn common_mut(&mut self) -> &mut CommonFields {
+        &mut self.lora.common
+    }
+
+    fn validate(&self) -> Result<()> {
+        CordaConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        CordaConfig::to_peft_json(self)
+    }
 
     fn init_adapter(
         &self,
@@ -534,70 +489,39 @@ impl MethodConfig for CordaConfig {
     }
 }
 
-/// One CorDA adapter on one linear layer.
+/// One CorDA adapter on one linear layer: LoRA's trained factors and settings, plus the frozen
+/// init factors.
 #[derive(Debug)]
 pub struct CordaAdapter {
-    in_features: usize,
-    out_features: usize,
-    rank: usize,
-    alpha: f64,
-    scaling: f64,
-    dropout: f32,
-    a: Var,
-    b: Var,
+    lora: LoraAdapter,
     a0: Tensor,
     b0: Tensor,
-    dropout_rng: Mutex<ChaCha8Rng>,
 }
 
 impl CordaAdapter {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        in_features: usize,
-        out_features: usize,
-        rank: usize,
-        alpha: f64,
-        scaling: f64,
-        dropout: f32,
-        a: Var,
-        b: Var,
-        a0: Tensor,
-        b0: Tensor,
-        dropout_seed: u64,
-    ) -> Self {
-        Self {
-            in_features,
-            out_features,
-            rank,
-            alpha,
-            scaling,
-            dropout,
-            a,
-            b,
-            a0,
-            b0,
-            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(dropout_seed)),
-        }
-    }
-
+    /// The rank `r`.
     pub fn rank(&self) -> usize {
-        self.rank
+        self.lora.rank()
     }
 
+    /// `α`.
     pub fn alpha(&self) -> f64 {
-        self.alpha
+        self.lora.alpha()
     }
 
+    /// `s`: α/r, or α/√r with rsLoRA.
     pub fn scaling(&self) -> f64 {
-        self.scaling
+        self.lora.scaling()
     }
 
+    /// The trained `A`.
     pub fn lora_a(&self) -> &Var {
-        &self.a
+        self.lora.lora_a()
     }
 
+    /// The trained `B`.
     pub fn lora_b(&self) -> &Var {
-        &self.b
+        self.lora.lora_b()
     }
 
     /// The frozen init factors `(A₀, B₀)`.
@@ -608,51 +532,45 @@ impl CordaAdapter {
 
 impl Adapter for CordaAdapter {
     fn method(&self) -> Method {
-        Method::Corda
+        METHOD
     }
 
     fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
+        let geometry = self.lora.geometry();
         let mut out_dims = x.dims().to_vec();
         let Some(last) = out_dims.last_mut() else {
             return Err(PeftError::Unsupported("CorDA input is a scalar".into()));
         };
-        *last = self.out_features;
-        let x2 = x.reshape(((), self.in_features))?;
-        let xd = if train && self.dropout > 0.0 {
-            let mut rng = self
-                .dropout_rng
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            init::dropout(&x2, self.dropout, &mut rng)?
+        *last = geometry.out_features();
+        let x2 = x.reshape(((), geometry.in_features()))?;
+        let xd = if train && self.lora.dropout() > 0.0 {
+            self.lora.apply_dropout(&x2)?
         } else {
             x2.clone()
         };
         let trained = xd
-            .matmul(&self.a.as_tensor().t()?)?
-            .matmul(&self.b.as_tensor().t()?)?;
+            .matmul(&self.lora_a().as_tensor().t()?)?
+            .matmul(&self.lora_b().as_tensor().t()?)?;
         // The same products on the frozen copies: identical numbers at init, so Δ = 0 exactly.
         let initial = x2.matmul(&self.a0.t()?)?.matmul(&self.b0.t()?)?;
-        Ok(((trained - initial)? * self.scaling)?.reshape(out_dims)?)
+        Ok(((trained - initial)? * self.scaling())?.reshape(out_dims)?)
     }
 
     fn delta_weight(&self) -> Result<Tensor> {
-        let trained = self.b.as_tensor().matmul(self.a.as_tensor())?;
+        let trained = self.lora_b().as_tensor().matmul(self.lora_a().as_tensor())?;
         let initial = self.b0.matmul(&self.a0)?;
-        Ok(((trained - initial)? * self.scaling)?)
+        Ok(((trained - initial)? * self.scaling())?)
     }
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {
-        vec![
-            (LORA_A.to_string(), self.a.clone()),
-            (LORA_B.to_string(), self.b.clone()),
-        ]
+        self.lora.trainable_vars()
     }
 
     fn tensors_to_save(&self) -> Vec<(String, Tensor)> {
         vec![
-            (LORA_A.to_string(), self.a.as_tensor().clone()),
-            (LORA_B.to_string(), self.b.as_tensor().clone()),
+            (LORA_A.to_string(), self.lora_a().as_tensor().clone()),
+            (LORA_B.to_string(), self.lora_b().as_tensor().clone()),
             (INIT_A.to_string(), self.a0.clone()),
             (INIT_B.to_string(), self.b0.clone()),
         ]

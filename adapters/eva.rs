@@ -40,143 +40,64 @@
 //! full module name → `r_l` / `α_l` where they differ from `r` / `lora_alpha`. Python PEFT loads
 //! it as it is, with no data.
 //!
-//! This file holds the config; the calibration and the init run in [`crate::data_init::eva`]
+//! This file holds the registry entry (the `eva_config` section is [`EvaConfig`]); the calibration
+//! and the init run in [`crate::data_init::eva`]
 //! ([`add_eva_adapter`](crate::data_init::eva::add_eva_adapter)).
 //!
 //! Differences from PEFT: the PCA runs in f64 (PEFT: f32); ties in the pooled ratios are broken
 //! by layer order (PEFT's argsort leaves them unspecified); the randomised SVD draws its test
 //! matrix from a seeded ChaCha RNG, not torch's; PEFT loops until convergence with no cap.
 
-use serde::{Deserialize, Serialize};
 
-use crate::adapter::Method;
-use crate::adapters::lora::{InitLoraWeights, LoraConfig};
-use crate::config::CliAdapterArgs;
-use crate::error::{PeftError, Result};
+use crate::adapter::{CliSpec, Method, MethodSpec, OptionKind, OptionSpec};
+use crate::adapters::lora::{LORA_TENSORS, USE_RSLORA};
+pub use crate::config::EvaConfig;
 
-/// PEFT's `EvaConfig`, written as `eva_config` in `adapter_config.json`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EvaConfig {
-    /// Components computed per layer, as a multiple of its rank (≥ 1); also the most a layer's
-    /// rank can grow by in the redistribution.
-    #[serde(default = "default_rho")]
-    pub rho: f64,
-    /// Cosine similarity between consecutive estimates at which a component has converged.
-    #[serde(default = "default_tau")]
-    pub tau: f64,
-    /// Count only tokens whose label is not `label_mask_value` (when the batches carry a
-    /// token mask built from labels; see
-    /// [`CalibrationBatch::token_mask`](crate::data_init::CalibrationBatch::token_mask)).
-    #[serde(default = "default_true")]
-    pub use_label_mask: bool,
-    #[serde(default = "default_label_mask_value")]
-    pub label_mask_value: i64,
-    /// Divide each row of A by the square root of its singular value.
-    #[serde(default)]
-    pub whiten: bool,
-    /// Scale `α_l` with the rank change so that `α_l / r_l` stays as configured.
-    #[serde(default = "default_true")]
-    pub adjust_scaling_factors: bool,
-}
-
-fn default_rho() -> f64 {
-    2.0
-}
-
-fn default_tau() -> f64 {
-    0.99
-}
-
-fn default_true() -> bool {
-    true
-}
-
-fn default_label_mask_value() -> i64 {
-    -100
-}
-
-impl Default for EvaConfig {
-    fn default() -> Self {
-        Self {
-            rho: default_rho(),
-            tau: default_tau(),
-            use_label_mask: true,
-            label_mask_value: default_label_mask_value(),
-            whiten: false,
-            adjust_scaling_factors: true,
-        }
-    }
-}
-
-impl EvaConfig {
-    /// PEFT's checks: `ρ ≥ 1`, `0 ≤ τ ≤ 1`.
-    pub fn validate(&self) -> Result<()> {
-        if !(self.rho.is_finite() && self.rho >= 1.0) {
-            return Err(PeftError::config(
-                "eva_config.rho",
-                format!("must be a number ≥ 1, got {}", self.rho),
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.tau) {
-            return Err(PeftError::config(
-                "eva_config.tau",
-                format!("must be in [0, 1], got {}", self.tau),
-            ));
-        }
-        Ok(())
-    }
-
-    /// `round(ρ·r)`, the components computed for a layer of rank `r`.
-    pub fn max_components(&self, r: usize) -> usize {
-        (self.rho * r as f64).round() as usize
-    }
-}
-
-/// The LoRA config `--method eva` builds from the CLI flags (r 8, α 16, dropout 0 unless given).
-/// Options: `rho`, `tau`, `whiten`, `adjust_scaling_factors`, `use_label_mask`,
-/// `label_mask_value`, `use_rslora`.
-pub fn lora_config_from_cli(args: &CliAdapterArgs) -> Result<LoraConfig> {
-    args.check_options(
-        Method::Eva,
-        &[
-            "rho",
-            "tau",
-            "whiten",
-            "adjust_scaling_factors",
-            "use_label_mask",
-            "label_mask_value",
-            "use_rslora",
+/// EVA's registry entry: a LoRA file (`init_lora_weights: "eva"`, `eva_config`) whose `A` comes
+/// from a calibration pass. CLI: r 8, α 16, dropout 0 unless given.
+pub const METHOD: Method = Method::new(&MethodSpec {
+    name: "eva",
+    aliases: &[],
+    peft_type: "LORA",
+    summary: "LoRA initialised from a PCA of the layers' inputs on calibration data",
+    tensors: LORA_TENSORS,
+    cli: CliSpec {
+        defaults: r#"{"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
+            "init_lora_weights": "eva", "eva_config": {}}"#,
+        rank: Some("r"),
+        alpha: Some("lora_alpha"),
+        alpha_per_rank: None,
+        dropout: Some("lora_dropout"),
+        options: &[
+            eva_option("rho", "eva_config.rho", OptionKind::Float, "components per layer as a multiple of its rank (≥ 1)"),
+            eva_option("tau", "eva_config.tau", OptionKind::Float, "cosine similarity at which a component has converged"),
+            eva_option("whiten", "eva_config.whiten", OptionKind::Bool, "divide each row of A by √(its singular value)"),
+            eva_option(
+                "adjust_scaling_factors",
+                "eva_config.adjust_scaling_factors",
+                OptionKind::Bool,
+                "scale α with the redistributed rank so that α/r stays",
+            ),
+            eva_option("use_label_mask", "eva_config.use_label_mask", OptionKind::Bool, "skip tokens labelled label_mask_value"),
+            eva_option("label_mask_value", "eva_config.label_mask_value", OptionKind::Int, "the label of tokens that do not count"),
+            USE_RSLORA,
         ],
-    )?;
-    let mut eva = EvaConfig::default();
-    if let Some(v) = args.option("rho")? {
-        eva.rho = v;
+    },
+    needs_calibration: true,
+    lora_pro_optimizer: false,
+});
+
+const fn eva_option(
+    key: &'static str,
+    path: &'static str,
+    kind: OptionKind,
+    help: &'static str,
+) -> OptionSpec {
+    OptionSpec {
+        key,
+        path,
+        kind,
+        help,
+        excludes: None,
     }
-    if let Some(v) = args.option("tau")? {
-        eva.tau = v;
-    }
-    if let Some(v) = args.option("whiten")? {
-        eva.whiten = v;
-    }
-    if let Some(v) = args.option("adjust_scaling_factors")? {
-        eva.adjust_scaling_factors = v;
-    }
-    if let Some(v) = args.option("use_label_mask")? {
-        eva.use_label_mask = v;
-    }
-    if let Some(v) = args.option("label_mask_value")? {
-        eva.label_mask_value = v;
-    }
-    let mut c = LoraConfig::new(
-        &args.targets,
-        args.rank.unwrap_or(8),
-        args.alpha.unwrap_or(16.0),
-    );
-    c.lora_dropout = args.dropout.unwrap_or(0.0);
-    if let Some(v) = args.option("use_rslora")? {
-        c.use_rslora = v;
-    }
-    c.init_lora_weights = InitLoraWeights::Named("eva".into());
-    c.eva_config = Some(eva);
-    Ok(c)
 }

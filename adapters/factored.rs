@@ -20,8 +20,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::adapter::{LayerGeometry, Method};
-use crate::config::CliAdapterArgs;
+use crate::adapter::{LayerGeometry, OptionKind, OptionSpec};
 use crate::error::{PeftError, Result};
 use crate::kernels::frozen::{frozen_conv2d, frozen_matmul};
 use crate::linalg::{self, Precision};
@@ -74,7 +73,7 @@ pub(crate) fn saved_tensor(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let key = format!("{}{module}.{name}", crate::io::peft_format::KEY_PREFIX);
+    let key = format!("{}{module}.{name}", crate::config::KEY_PREFIX);
     let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
         key: key.clone(),
         location: "the adapter file".into(),
@@ -95,7 +94,7 @@ pub(crate) fn saved_len(
     tensors: &BTreeMap<String, Tensor>,
     name: &str,
 ) -> Result<usize> {
-    let key = format!("{}{module}.{name}", crate::io::peft_format::KEY_PREFIX);
+    let key = format!("{}{module}.{name}", crate::config::KEY_PREFIX);
     let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
         key: key.clone(),
         location: "the adapter file".into(),
@@ -260,55 +259,29 @@ pub(crate) fn relu_zero_grad(x: &Tensor) -> Result<Tensor> {
     Ok(x.mul(&mask)?)
 }
 
-/// A precision field (`float32`/`float64`), `default` when absent.
-pub(crate) fn parse_precision(
-    field: &str,
-    value: Option<&str>,
-    default: Precision,
-) -> Result<Precision> {
-    match value {
-        None => Ok(default),
-        Some(v) => Precision::from_name(v).ok_or_else(|| {
-            PeftError::config(
-                field,
-                format!("`{v}` is not a precision (float32 or float64)"),
-            )
+/// `--opt svd_dtype=float32|float64`, shared by the SVD-based methods.
+pub(crate) const SVD_DTYPE: OptionSpec = OptionSpec {
+    key: "svd_dtype",
+    path: "svd_dtype",
+    kind: OptionKind::Str,
+    help: "precision of the SVD: float64 (default) or float32",
+    excludes: None,
+};
+
+/// serde's default of a precision field: f64.
+pub(crate) fn f64_precision() -> Precision {
+    Precision::F64
+}
+
+/// serde's `deserialize_with` for a precision field (`float32`/`float64`; `null`: f64).
+pub(crate) fn precision_or_f64<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Precision, D::Error> {
+    use serde::Deserialize;
+    match Option::<String>::deserialize(d)? {
+        None => Ok(Precision::F64),
+        Some(v) => Precision::from_name(&v).ok_or_else(|| {
+            serde::de::Error::custom(format!("`{v}` is not a precision (float32 or float64)"))
         }),
-    }
-}
-
-/// Refuses the LoRA flags a method has no use for (`--dropout`; `--alpha` except for LoLDU, whose
-/// scale is α/r), rather than ignoring them.
-pub(crate) fn reject_lora_flags(method: Method, args: &CliAdapterArgs) -> Result<()> {
-    if args.dropout.is_some_and(|p| p != 0.0) {
-        return Err(PeftError::config(
-            "--dropout",
-            format!("{method} has no dropout"),
-        ));
-    }
-    if method != Method::Loldu && args.alpha.is_some() {
-        return Err(PeftError::config(
-            "--alpha",
-            format!("{method} has no alpha"),
-        ));
-    }
-    Ok(())
-}
-
-/// serde → JSON for values that may be `None`.
-pub(crate) mod erased {
-    use serde_json::Value;
-
-    use crate::error::{PeftError, Result};
-
-    pub trait ToValue {
-        fn to_value(&self) -> Result<Value>;
-    }
-
-    impl<T: serde::Serialize> ToValue for T {
-        fn to_value(&self) -> Result<Value> {
-            serde_json::to_value(self)
-                .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))
-        }
     }
 }

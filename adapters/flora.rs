@@ -43,8 +43,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::adapter::{Adapter, LayerGeometry, Method};
-use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, OneOrMany, Targeting};
+use crate::adapter::{
+    Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
+};
+use crate::config::{
+    CommonFields, InitContext, LoadContext, MethodConfig, OneOrMany, Targeting, peft_json, to_json,
+};
 use crate::error::{PeftError, Result};
 use crate::init;
 use crate::kernels::frozen::conv2d_trainable;
@@ -75,44 +79,66 @@ pub fn trainable_parameters(dims: &[usize], ranks: &[usize]) -> usize {
     factors + ranks.iter().product::<usize>()
 }
 
+/// FLoRA's registry entry. CLI: `--rank` (default 8) for every mode, `--alpha` as the plain
+/// `scale` (default 1); `--opt r=16,16,2,2` sets per-mode ranks.
+pub const METHOD: Method = Method::new(&MethodSpec {
+    name: "flora",
+    aliases: &[],
+    peft_type: "FLORA",
+    summary: "Tucker-factored update: a small core tensor and one factor per weight mode",
+    tensors: TensorRoles {
+        prefixes: &[PREFIX],
+        frozen: &[],
+        rank: None,
+    },
+    cli: CliSpec {
+        defaults: r#"{"r": 8, "scale": 1.0, "flora_dropout": 0.0}"#,
+        rank: Some("r"),
+        alpha: Some("scale"),
+        alpha_per_rank: None,
+        dropout: Some("flora_dropout"),
+        options: &[
+            OptionSpec {
+                key: "r",
+                path: "r",
+                kind: OptionKind::IntList,
+                help: "one rank per mode: 2 for linear ([in, out]), 4 for conv2d",
+                excludes: Some("--rank"),
+            },
+            OptionSpec {
+                key: "init_weights",
+                path: "init_weights",
+                kind: OptionKind::Bool,
+                help: "false: core random, not the identity (for tests)",
+                excludes: None,
+            },
+        ],
+    },
+    needs_calibration: false,
+    lora_pro_optimizer: false,
+});
+
 /// FLoRA's config.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct FloraConfig {
+    /// Which modules are adapted.
+    #[serde(flatten)]
     pub targeting: Targeting,
     /// One rank for every mode, or one per mode (`[r0, r1]` linear, `[r0, r1, r2, r3]` conv2d).
+    #[serde(default = "default_r")]
     pub r: OneOrMany<usize>,
     /// `s`, a plain multiplier of `ΔW`.
+    #[serde(default = "default_scale")]
     pub scale: f64,
     /// Dropout on the adapter's input (the reference's `drop_rate`).
+    #[serde(default, alias = "drop_rate")]
     pub flora_dropout: f64,
     /// `false` draws `G ~ N(0, 1)`: not the identity (for tests).
-    pub init_weights: bool,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub revision: Option<String>,
-    pub inference_mode: bool,
-}
-
-#[derive(Deserialize)]
-struct FloraConfigFile {
-    #[serde(flatten)]
-    targeting: Targeting,
-    #[serde(default = "default_r")]
-    r: OneOrMany<usize>,
-    #[serde(default = "default_scale")]
-    scale: f64,
-    #[serde(default, alias = "drop_rate")]
-    flora_dropout: f64,
     #[serde(default = "default_true")]
-    init_weights: bool,
-    #[serde(default)]
-    task_type: Option<String>,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    revision: Option<String>,
-    #[serde(default)]
-    inference_mode: bool,
+    pub init_weights: bool,
+    /// `task_type`, `base_model_name_or_path`, `revision`, `inference_mode`.
+    #[serde(flatten)]
+    pub common: CommonFields,
 }
 
 fn default_r() -> OneOrMany<usize> {
@@ -127,13 +153,7 @@ fn default_true() -> bool {
     true
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> Result<Value> {
-    serde_json::to_value(v).map_err(|e| PeftError::config("adapter_config.json", e.to_string()))
-}
-
 impl FloraConfig {
-    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] = &[PREFIX];
-
     /// A config targeting `targets` with ranks `r` (one int or per mode) and scale `scale`.
     pub fn new<S: AsRef<str>>(targets: &[S], r: OneOrMany<usize>, scale: f64) -> Self {
         Self {
@@ -142,13 +162,11 @@ impl FloraConfig {
             scale,
             flora_dropout: 0.0,
             init_weights: true,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: false,
+            common: CommonFields::default(),
         }
     }
 
+    /// Checks every field, without looking at a model.
     pub fn validate(&self) -> Result<()> {
         self.targeting.validate()?;
         let ranks = self.r.to_vec();
@@ -222,76 +240,21 @@ impl FloraConfig {
         Ok(ranks)
     }
 
+    /// Reads `adapter_config.json` content.
     pub fn from_peft_json(value: &Value) -> Result<Self> {
-        let file: FloraConfigFile = serde_json::from_value(value.clone())
-            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
-        Ok(Self {
-            targeting: file.targeting,
-            r: file.r,
-            scale: file.scale,
-            flora_dropout: file.flora_dropout,
-            init_weights: file.init_weights,
-            task_type: file.task_type,
-            base_model_name_or_path: file.base_model_name_or_path,
-            revision: file.revision,
-            inference_mode: file.inference_mode,
-        })
+        crate::config::from_json(value)
     }
 
+    /// The `adapter_config.json` fields.
     pub fn to_peft_json(&self) -> Result<Value> {
-        let t = &self.targeting;
-        Ok(json!({
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "exclude_modules": to_json(&t.exclude_modules)?,
+        let fields = json!({
             "flora_dropout": self.flora_dropout,
-            "inference_mode": self.inference_mode,
             "init_weights": self.init_weights,
-            "layers_pattern": to_json(&t.layers_pattern)?,
-            "layers_to_transform": to_json(&t.layers_to_transform)?,
-            "modules_to_save": to_json(&t.modules_to_save)?,
             "peft_type": "FLORA",
-            "peft_version": crate::io::peft_format::PEFT_VERSION,
             "r": to_json(&self.r)?,
-            "revision": self.revision,
             "scale": self.scale,
-            "target_modules": to_json(&t.target_modules)?,
-            "task_type": self.task_type,
-        }))
-    }
-
-    /// The config `--method flora` builds: `--rank` (default 8) for every mode, `--alpha` as the
-    /// plain `scale` (default 1); `--opt r=16,16,2,2` sets per-mode ranks; `--opt
-    /// init_weights=false`.
-    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
-        args.check_options(Method::Flora, &["r", "init_weights"])?;
-        let r = match args.options.get("r") {
-            Some(list) => {
-                let ranks = list
-                    .split(',')
-                    .map(|s| s.trim().parse::<usize>())
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|_| {
-                        PeftError::config(
-                            "--opt r",
-                            format!("`{list}` is not a comma-separated list of ranks"),
-                        )
-                    })?;
-                if args.rank.is_some() {
-                    return Err(PeftError::config(
-                        "--opt r",
-                        "give either --rank or --opt r=…, not both",
-                    ));
-                }
-                OneOrMany::Many(ranks)
-            }
-            None => OneOrMany::One(args.rank.unwrap_or(8)),
-        };
-        let mut c = Self::new(&args.targets, r, args.alpha.unwrap_or(1.0));
-        c.flora_dropout = args.dropout.unwrap_or(0.0);
-        if let Some(v) = args.option::<bool>("init_weights")? {
-            c.init_weights = v;
-        }
-        Ok(c)
+        });
+        peft_json(fields, &self.targeting, &self.common)
     }
 
     /// A fresh adapter for `module`, drawn from `rng`.
@@ -338,7 +301,7 @@ impl FloraConfig {
         let ranks = self.ranks_for(module, geometry)?;
         let dims = mode_sizes(geometry);
         let fetch = |name: &str, shape: &[usize]| -> Result<Var> {
-            let key = format!("{}{module}.{name}", crate::io::peft_format::KEY_PREFIX);
+            let key = format!("{}{module}.{name}", crate::config::KEY_PREFIX);
             let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
                 key: key.clone(),
                 location: "the adapter file".into(),
@@ -373,7 +336,33 @@ impl FloraConfig {
 }
 
 impl MethodConfig for FloraConfig {
-    crate::config::method_config_plumbing!(Method::Flora);
+    fn method(&self) -> Method {
+        METHOD
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.targeting
+    }
+
+    fn common(&self) -> &CommonFields {
+        &self.common
+    }
+
+    fn common_mut(&mut self) -> &mut CommonFields {
+        &mut self.common
+    }
+
+    fn validate(&self) -> Result<()> {
+        FloraConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        FloraConfig::to_peft_json(self)
+    }
 
     fn init_adapter(
         &self,
@@ -528,7 +517,7 @@ impl FloraAdapter {
 
 impl Adapter for FloraAdapter {
     fn method(&self) -> Method {
-        Method::Flora
+        METHOD
     }
 
     fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {

@@ -36,14 +36,47 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::adapter::{Adapter, LayerGeometry, Method};
-use crate::adapters::factored::{
-    Factors, erased, flat_dims, parse_precision, reject_lora_flags, saved_len, saved_tensor,
-    weight_matrix,
+use crate::adapter::{
+    Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
 };
-use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting};
+use crate::adapters::factored::{
+    Factors, f64_precision, flat_dims, precision_or_f64, saved_len, saved_tensor, weight_matrix,
+};
+use crate::config::{
+    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, peft_json,
+};
 use crate::error::{PeftError, Result};
 use crate::linalg::{self, Precision};
+
+/// LoLDU's registry entry. CLI: `--rank` is r (default 8), `--alpha` is `lora_alpha`
+/// (default 1); no dropout.
+pub const METHOD: Method = Method::new(&MethodSpec {
+    name: "loldu",
+    aliases: &[],
+    peft_type: "LOLDU",
+    summary: "train the diagonal of an LDU decomposition of the weight's top pivots",
+    tensors: TensorRoles {
+        prefixes: &["loldu_z", "loldu_D", "loldu_L", "loldu_U", "loldu_perm"],
+        frozen: &["loldu_D", "loldu_L", "loldu_U", "loldu_perm"],
+        rank: Some(Z),
+    },
+    cli: CliSpec {
+        defaults: r#"{"r": 8, "lora_alpha": 1.0}"#,
+        rank: Some("r"),
+        alpha: Some("lora_alpha"),
+        alpha_per_rank: None,
+        dropout: None,
+        options: &[OptionSpec {
+            key: "lu_dtype",
+            path: "lu_dtype",
+            kind: OptionKind::Str,
+            help: "precision of the LU: float64 (default) or float32",
+            excludes: None,
+        }],
+    },
+    needs_calibration: false,
+    lora_pro_optimizer: false,
+});
 
 const Z: &str = "loldu_z.weight";
 const D: &str = "loldu_D.weight";
@@ -52,39 +85,23 @@ const U: &str = "loldu_U.weight";
 const PERM: &str = "loldu_perm.weight";
 
 /// LoLDU's configuration.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct LolduConfig {
+    /// Which modules are adapted.
+    #[serde(flatten)]
     pub targeting: Targeting,
     /// Pivots kept per module.
+    #[serde(default = "default_r")]
     pub r: usize,
     /// `σ = lora_alpha / r`.
+    #[serde(default = "default_alpha")]
     pub lora_alpha: f64,
     /// Precision of the LU (the factors are stored in f32 either way).
+    #[serde(default = "f64_precision", deserialize_with = "precision_or_f64")]
     pub lu_dtype: Precision,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub revision: Option<String>,
-    pub inference_mode: bool,
-}
-
-#[derive(Deserialize)]
-struct LolduConfigFile {
+    /// `task_type`, `base_model_name_or_path`, `revision`, `inference_mode`.
     #[serde(flatten)]
-    targeting: Targeting,
-    #[serde(default = "default_r")]
-    r: usize,
-    #[serde(default = "default_alpha")]
-    lora_alpha: f64,
-    #[serde(default)]
-    lu_dtype: Option<String>,
-    #[serde(default)]
-    task_type: Option<String>,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    revision: Option<String>,
-    #[serde(default)]
-    inference_mode: bool,
+    pub common: CommonFields,
 }
 
 fn default_r() -> usize {
@@ -96,9 +113,6 @@ fn default_alpha() -> f64 {
 }
 
 impl LolduConfig {
-    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] =
-        &["loldu_z", "loldu_D", "loldu_L", "loldu_U", "loldu_perm"];
-
     /// A config targeting `targets` with `r` pivots and `lora_alpha = 1` (σ = 1/r).
     pub fn new<S: AsRef<str>>(targets: &[S], r: usize) -> Self {
         Self {
@@ -106,10 +120,7 @@ impl LolduConfig {
             r,
             lora_alpha: default_alpha(),
             lu_dtype: Precision::F64,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: false,
+            common: CommonFields::default(),
         }
     }
 
@@ -118,6 +129,7 @@ impl LolduConfig {
         self.lora_alpha / self.r as f64
     }
 
+    /// Checks every field, without looking at a model.
     pub fn validate(&self) -> Result<()> {
         self.targeting.validate()?;
         if self.r == 0 {
@@ -129,55 +141,20 @@ impl LolduConfig {
         Ok(())
     }
 
+    /// Reads `adapter_config.json` content.
     pub fn from_peft_json(value: &Value) -> Result<Self> {
-        let file: LolduConfigFile = serde_json::from_value(value.clone())
-            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
-        Ok(Self {
-            targeting: file.targeting,
-            r: file.r,
-            lora_alpha: file.lora_alpha,
-            lu_dtype: parse_precision("lu_dtype", file.lu_dtype.as_deref(), Precision::F64)?,
-            task_type: file.task_type,
-            base_model_name_or_path: file.base_model_name_or_path,
-            revision: file.revision,
-            inference_mode: file.inference_mode,
-        })
+        crate::config::from_json(value)
     }
 
+    /// The `adapter_config.json` fields.
     pub fn to_peft_json(&self) -> Result<Value> {
-        let t = &self.targeting;
-        let v = |x: &dyn erased::ToValue| x.to_value();
-        Ok(json!({
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "exclude_modules": v(&t.exclude_modules)?,
-            "inference_mode": self.inference_mode,
-            "layers_pattern": v(&t.layers_pattern)?,
-            "layers_to_transform": v(&t.layers_to_transform)?,
+        let fields = json!({
             "lora_alpha": self.lora_alpha,
             "lu_dtype": self.lu_dtype.name(),
-            "modules_to_save": v(&t.modules_to_save)?,
-            "peft_type": Method::Loldu.peft_type(),
-            "peft_version": crate::io::peft_format::PEFT_VERSION,
+            "peft_type": METHOD.peft_type(),
             "r": self.r,
-            "revision": self.revision,
-            "target_modules": v(&t.target_modules)?,
-            "task_type": self.task_type,
-        }))
-    }
-
-    /// `--method loldu`: `--rank` is r (default 8), `--alpha` is `lora_alpha` (default 1).
-    /// Option: `lu_dtype`. No dropout.
-    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
-        args.check_options(Method::Loldu, &["lu_dtype"])?;
-        reject_lora_flags(Method::Loldu, args)?;
-        let mut c = Self::new(&args.targets, args.rank.unwrap_or_else(default_r));
-        c.lora_alpha = args.alpha.unwrap_or_else(default_alpha);
-        c.lu_dtype = parse_precision(
-            "--opt lu_dtype",
-            args.options.get("lu_dtype").map(String::as_str),
-            c.lu_dtype,
-        )?;
-        Ok(c)
+        });
+        peft_json(fields, &self.targeting, &self.common)
     }
 
     /// A fresh adapter on a layer whose weight is `base_weight`.
@@ -325,7 +302,33 @@ fn check_permutation(module: &str, perm: &Tensor) -> Result<()> {
 }
 
 impl MethodConfig for LolduConfig {
-    crate::config::method_config_plumbing!(Method::Loldu);
+    fn method(&self) -> Method {
+        METHOD
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.targeting
+    }
+
+    fn common(&self) -> &CommonFields {
+        &self.common
+    }
+
+    fn common_mut(&mut self) -> &mut CommonFields {
+        &mut self.common
+    }
+
+    fn validate(&self) -> Result<()> {
+        LolduConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        LolduConfig::to_peft_json(self)
+    }
 
     fn init_adapter(
         &self,
@@ -438,7 +441,7 @@ impl LolduAdapter {
 
 impl Adapter for LolduAdapter {
     fn method(&self) -> Method {
-        Method::Loldu
+        METHOD
     }
 
     fn forward_delta(&self, x: &Tensor, _train: bool) -> Result<Tensor> {

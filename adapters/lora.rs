@@ -30,9 +30,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::adapter::{Adapter, LayerGeometry, Method};
+use crate::adapter::{
+    Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
+};
+pub use crate::config::EvaConfig;
 use crate::config::{
-    CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting, pattern_value,
+    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, json_number, pattern_value,
+    peft_json, to_json,
 };
 use crate::error::{PeftError, Result};
 use crate::init;
@@ -41,7 +45,9 @@ use crate::init;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum InitLoraWeights {
+    /// `true`: Kaiming-uniform `A`, `B = 0`; `false`: `B` random too (not the identity).
     Bool(bool),
+    /// A named scheme: `gaussian`, `eva`, `corda`.
     Named(String),
 }
 
@@ -51,61 +57,102 @@ impl Default for InitLoraWeights {
     }
 }
 
+/// LoRA's registry entry.
+pub const METHOD: Method = Method::new(&MethodSpec {
+    name: "lora",
+    aliases: &[],
+    peft_type: "LORA",
+    summary: "low-rank adaptation: ΔW = (α/r)·B·A, B = 0 at init",
+    tensors: LORA_TENSORS,
+    cli: LORA_CLI,
+    needs_calibration: false,
+    lora_pro_optimizer: false,
+});
+
+/// The per-layer tensors of a LoRA file (shared by the methods that write LoRA files).
+pub const LORA_TENSORS: TensorRoles = TensorRoles {
+    prefixes: &[
+        "lora_A",
+        "lora_B",
+        "lora_magnitude_vector",
+        "lora_embedding_A",
+        "lora_embedding_B",
+    ],
+    frozen: &[],
+    rank: Some("lora_A.weight"),
+};
+
+/// The CLI mapping of LoRA (and of LoRA-Pro, which trains the same adapter): r 8, α 16,
+/// dropout 0 unless given.
+pub const LORA_CLI: CliSpec = CliSpec {
+    defaults: r#"{"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0}"#,
+    rank: Some("r"),
+    alpha: Some("lora_alpha"),
+    alpha_per_rank: None,
+    dropout: Some("lora_dropout"),
+    options: &[USE_RSLORA, INIT_LORA_WEIGHTS],
+};
+
+/// `--opt use_rslora=true`: scaling α/√r.
+pub const USE_RSLORA: OptionSpec = OptionSpec {
+    key: "use_rslora",
+    path: "use_rslora",
+    kind: OptionKind::Bool,
+    help: "scale by α/√r instead of α/r (rsLoRA)",
+    excludes: None,
+};
+
+const INIT_LORA_WEIGHTS: OptionSpec = OptionSpec {
+    key: "init_lora_weights",
+    path: "init_lora_weights",
+    kind: OptionKind::BoolOrStr,
+    help: "true (Kaiming-uniform A), gaussian, or false (B random too: not the identity)",
+    excludes: None,
+};
+
 /// `LoraConfig`, with PEFT's field names and defaults (except `lora_alpha`, see `new`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct LoraConfig {
+    /// Which modules are adapted.
+    #[serde(flatten)]
     pub targeting: Targeting,
+    /// The rank (PEFT's default 8).
+    #[serde(default = "default_r")]
     pub r: usize,
+    /// `α` of the scaling `α/r` (PEFT's default 8).
+    #[serde(default = "default_alpha")]
     pub lora_alpha: f64,
+    /// Dropout on the adapter's input, in training.
+    #[serde(default)]
     pub lora_dropout: f64,
+    /// Scaling `α/√r` instead of `α/r`.
+    #[serde(default)]
     pub use_rslora: bool,
     /// The base weight is stored `[in, out]` (GPT-2's `Conv1D`). Layers built by `PeftBuilder` are
     /// `[out, in]`, so, as PEFT does for `nn.Linear`, it is ignored there; it is kept so a file
     /// round-trips, and `candle-peft merge` honours it for checkpoints that store `[in, out]`.
+    #[serde(default)]
     pub fan_in_fan_out: bool,
+    /// How `A` and `B` start.
+    #[serde(default)]
     pub init_lora_weights: InitLoraWeights,
+    /// Per-module ranks (keys matched as PEFT matches them).
+    #[serde(default, deserialize_with = "crate::config::whole_rank_pattern")]
     pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module `α`.
+    #[serde(default, deserialize_with = "crate::config::null_as_empty")]
     pub alpha_pattern: BTreeMap<String, f64>,
-    /// PEFT's `eva_config`, for adapters made by EVA (`crate::adapters::eva`).
-    pub eva_config: Option<crate::adapters::eva::EvaConfig>,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub revision: Option<String>,
-    pub inference_mode: bool,
+    /// PEFT's `eva_config`, for adapters made by EVA.
+    #[serde(default)]
+    pub eva_config: Option<EvaConfig>,
+    /// `task_type`, `base_model_name_or_path`, `revision`, `inference_mode`.
+    #[serde(flatten)]
+    pub common: CommonFields,
 }
 
-/// The JSON fields we read; everything else in a PEFT file is ignored, as PEFT ignores unknown
-/// fields. Unsupported variants are read so that they can be refused by name.
+/// PEFT `LoraConfig` variants this crate does not implement; read only to refuse them by name.
 #[derive(Deserialize)]
-struct LoraConfigFile {
-    #[serde(flatten)]
-    targeting: Targeting,
-    #[serde(default = "default_r")]
-    r: usize,
-    #[serde(default = "default_alpha")]
-    lora_alpha: f64,
-    #[serde(default)]
-    lora_dropout: f64,
-    #[serde(default)]
-    use_rslora: bool,
-    #[serde(default)]
-    fan_in_fan_out: bool,
-    #[serde(default)]
-    init_lora_weights: InitLoraWeights,
-    #[serde(default)]
-    rank_pattern: Option<BTreeMap<String, f64>>,
-    #[serde(default)]
-    alpha_pattern: Option<BTreeMap<String, f64>>,
-    #[serde(default)]
-    eva_config: Option<crate::adapters::eva::EvaConfig>,
-    #[serde(default)]
-    task_type: Option<String>,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    revision: Option<String>,
-    #[serde(default)]
-    inference_mode: bool,
+struct Unsupported {
     #[serde(default)]
     use_dora: bool,
     #[serde(default)]
@@ -118,6 +165,44 @@ struct LoraConfigFile {
     alora_invocation_tokens: Option<Value>,
 }
 
+impl Unsupported {
+    fn refuse(&self) -> Result<()> {
+        if self.use_dora {
+            return Err(PeftError::config("use_dora", "DoRA is not supported"));
+        }
+        if self.lora_bias {
+            return Err(PeftError::config(
+                "lora_bias",
+                "a bias on lora_B is not supported",
+            ));
+        }
+        if let Some(bias) = self.bias.as_deref().filter(|b| *b != "none") {
+            return Err(PeftError::config(
+                "bias",
+                format!("`{bias}` is not supported (only \"none\")"),
+            ));
+        }
+        if self
+            .layer_replication
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err(PeftError::config("layer_replication", "is not supported"));
+        }
+        if self
+            .alora_invocation_tokens
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err(PeftError::config(
+                "alora_invocation_tokens",
+                "aLoRA is not supported",
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_r() -> usize {
     8
 }
@@ -126,24 +211,7 @@ fn default_alpha() -> f64 {
     8.0
 }
 
-/// Writes a float as a JSON integer when it is one (PEFT writes `"lora_alpha": 16`).
-fn json_number(v: f64) -> Value {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        json!(v as i64)
-    } else {
-        json!(v)
-    }
-}
-
 impl LoraConfig {
-    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] = &[
-        "lora_A",
-        "lora_B",
-        "lora_magnitude_vector",
-        "lora_embedding_A",
-        "lora_embedding_B",
-    ];
-
     /// A config targeting `targets` (names or suffixes) with rank `r` and `α = lora_alpha`.
     pub fn new<S: AsRef<str>>(targets: &[S], r: usize, lora_alpha: f64) -> Self {
         Self {
@@ -157,32 +225,13 @@ impl LoraConfig {
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             eva_config: None,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: false,
+            common: CommonFields::default(),
         }
     }
 
+    /// Checks every field, without looking at a model.
     pub fn validate(&self) -> Result<()> {
-        self.targeting.validate()?;
-        if self.r == 0 {
-            return Err(PeftError::config("r", "rank must be at least 1, got 0"));
-        }
-        for (key, &r) in &self.rank_pattern {
-            if r == 0 {
-                return Err(PeftError::config(
-                    format!("rank_pattern.{key}"),
-                    "rank must be at least 1, got 0",
-                ));
-            }
-        }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(PeftError::config(
-                "lora_dropout",
-                format!("must be in [0, 1), got {}", self.lora_dropout),
-            ));
-        }
+        self.validate_shape()?;
         if !self.lora_alpha.is_finite() {
             return Err(PeftError::config("lora_alpha", "must be finite"));
         }
@@ -204,6 +253,29 @@ impl LoraConfig {
         Ok(())
     }
 
+    /// The checks every LoRA-shaped config shares (CorDA's too): targets, ranks, dropout.
+    pub(crate) fn validate_shape(&self) -> Result<()> {
+        self.targeting.validate()?;
+        if self.r == 0 {
+            return Err(PeftError::config("r", "rank must be at least 1, got 0"));
+        }
+        for (key, &r) in &self.rank_pattern {
+            if r == 0 {
+                return Err(PeftError::config(
+                    format!("rank_pattern.{key}"),
+                    "rank must be at least 1, got 0",
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(PeftError::config(
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
+            ));
+        }
+        Ok(())
+    }
+
     /// `(r, α, s)` for one module, after `rank_pattern` / `alpha_pattern`.
     pub fn resolve(&self, module: &str) -> Result<(usize, f64, f64)> {
         let r = pattern_value(&self.rank_pattern, module, "rank_pattern")?.unwrap_or(self.r);
@@ -217,96 +289,33 @@ impl LoraConfig {
         Ok((r, alpha, scaling))
     }
 
+    /// Reads `adapter_config.json` content (any `peft_type`; the caller dispatches on it).
     pub fn from_peft_json(value: &Value) -> Result<Self> {
-        let file: LoraConfigFile = serde_json::from_value(value.clone())
-            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
-        if file.use_dora {
-            return Err(PeftError::config("use_dora", "DoRA is not supported"));
-        }
-        if file.lora_bias {
-            return Err(PeftError::config(
-                "lora_bias",
-                "a bias on lora_B is not supported",
-            ));
-        }
-        if let Some(bias) = file.bias.as_deref().filter(|b| *b != "none") {
-            return Err(PeftError::config(
-                "bias",
-                format!("`{bias}` is not supported (only \"none\")"),
-            ));
-        }
-        if file
-            .layer_replication
-            .as_ref()
-            .is_some_and(|v| !v.is_null())
-        {
-            return Err(PeftError::config("layer_replication", "is not supported"));
-        }
-        if file
-            .alora_invocation_tokens
-            .as_ref()
-            .is_some_and(|v| !v.is_null())
-        {
-            return Err(PeftError::config(
-                "alora_invocation_tokens",
-                "aLoRA is not supported",
-            ));
-        }
-        let mut rank_pattern = BTreeMap::new();
-        for (k, v) in file.rank_pattern.unwrap_or_default() {
-            if v.fract() != 0.0 || v < 0.0 {
-                return Err(PeftError::config(
-                    format!("rank_pattern.{k}"),
-                    format!("rank must be a whole number, got {v}"),
-                ));
-            }
-            rank_pattern.insert(k, v as usize);
-        }
-        Ok(Self {
-            targeting: file.targeting,
-            r: file.r,
-            lora_alpha: file.lora_alpha,
-            lora_dropout: file.lora_dropout,
-            use_rslora: file.use_rslora,
-            fan_in_fan_out: file.fan_in_fan_out,
-            init_lora_weights: file.init_lora_weights,
-            rank_pattern,
-            alpha_pattern: file.alpha_pattern.unwrap_or_default(),
-            eva_config: file.eva_config,
-            task_type: file.task_type,
-            base_model_name_or_path: file.base_model_name_or_path,
-            revision: file.revision,
-            inference_mode: file.inference_mode,
-        })
+        let config: Self = crate::config::from_json(value)?;
+        crate::config::from_json::<Unsupported>(value)?.refuse()?;
+        Ok(config)
     }
 
     /// Every field PEFT 0.21's `LoraConfig` writes, so Python PEFT loads the file as it is.
     pub fn to_peft_json(&self) -> Result<Value> {
-        let t = &self.targeting;
-        let to_value = |v: &dyn erased::ToValue| v.to_value();
         let alpha_pattern: serde_json::Map<String, Value> = self
             .alpha_pattern
             .iter()
             .map(|(k, v)| (k.clone(), json_number(*v)))
             .collect();
-        let value = json!({
+        let fields = json!({
             "alora_invocation_tokens": null,
             "alpha_pattern": alpha_pattern,
             "arrow_config": null,
             "auto_mapping": null,
-            "base_model_name_or_path": self.base_model_name_or_path,
             "bias": "none",
             "corda_config": null,
             "ensure_weight_tying": false,
-            "eva_config": to_value(&self.eva_config)?,
-            "exclude_modules": to_value(&t.exclude_modules)?,
+            "eva_config": to_json(&self.eva_config)?,
             "fan_in_fan_out": self.fan_in_fan_out,
-            "inference_mode": self.inference_mode,
-            "init_lora_weights": to_value(&self.init_lora_weights)?,
+            "init_lora_weights": to_json(&self.init_lora_weights)?,
             "kasa_config": null,
             "layer_replication": null,
-            "layers_pattern": to_value(&t.layers_pattern)?,
-            "layers_to_transform": to_value(&t.layers_to_transform)?,
             "loftq_config": {},
             "lora_alpha": json_number(self.lora_alpha),
             "lora_bias": false,
@@ -314,17 +323,12 @@ impl LoraConfig {
             "lora_ga_config": null,
             "megatron_config": null,
             "megatron_core": "megatron.core",
-            "modules_to_save": to_value(&t.modules_to_save)?,
             "monteclora_config": null,
             "peft_type": "LORA",
-            "peft_version": crate::io::peft_format::PEFT_VERSION,
             "qalora_group_size": 16,
             "r": self.r,
             "rank_pattern": self.rank_pattern,
-            "revision": self.revision,
-            "target_modules": to_value(&t.target_modules)?,
             "target_parameters": null,
-            "task_type": self.task_type,
             "trainable_token_indices": null,
             "use_bdlora": null,
             "use_dora": false,
@@ -332,30 +336,7 @@ impl LoraConfig {
             "use_rslora": self.use_rslora,
             "velora_config": null,
         });
-        Ok(value)
-    }
-
-    /// The config `--method lora` builds from the CLI flags (r 8, α 16, dropout 0 unless given;
-    /// no method options).
-    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
-        args.check_options(Method::Lora, &["use_rslora", "init_lora_weights"])?;
-        let mut c = Self::new(
-            &args.targets,
-            args.rank.unwrap_or(8),
-            args.alpha.unwrap_or(16.0),
-        );
-        c.lora_dropout = args.dropout.unwrap_or(0.0);
-        if let Some(v) = args.option::<bool>("use_rslora")? {
-            c.use_rslora = v;
-        }
-        if let Some(v) = args.options.get("init_lora_weights") {
-            c.init_lora_weights = match v.as_str() {
-                "true" => InitLoraWeights::Bool(true),
-                "false" => InitLoraWeights::Bool(false),
-                other => InitLoraWeights::Named(other.to_string()),
-            };
-        }
-        Ok(c)
+        peft_json(fields, &self.targeting, &self.common)
     }
 
     /// A fresh adapter for `module`, drawn from `rng`.
@@ -445,7 +426,33 @@ impl LoraConfig {
 }
 
 impl MethodConfig for LoraConfig {
-    crate::config::method_config_plumbing!(Method::Lora);
+    fn method(&self) -> Method {
+        METHOD
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.targeting
+    }
+
+    fn common(&self) -> &CommonFields {
+        &self.common
+    }
+
+    fn common_mut(&mut self) -> &mut CommonFields {
+        &mut self.common
+    }
+
+    fn validate(&self) -> Result<()> {
+        LoraConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        LoraConfig::to_peft_json(self)
+    }
 
     fn fan_in_fan_out(&self) -> bool {
         self.fan_in_fan_out
@@ -535,8 +542,9 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
+    /// An adapter with factors `a`, `b` and scaling `s`; `dropout_seed` seeds its dropout masks.
     #[allow(clippy::too_many_arguments)]
-    fn new(
+    pub(crate) fn new(
         geometry: LayerGeometry,
         rank: usize,
         alpha: f64,
@@ -558,10 +566,12 @@ impl LoraAdapter {
         }
     }
 
+    /// The rank `r`.
     pub fn rank(&self) -> usize {
         self.rank
     }
 
+    /// `α`.
     pub fn alpha(&self) -> f64 {
         self.alpha
     }
@@ -571,15 +581,28 @@ impl LoraAdapter {
         self.scaling
     }
 
+    /// `A`.
     pub fn lora_a(&self) -> &Var {
         &self.a
     }
 
+    /// `B`.
     pub fn lora_b(&self) -> &Var {
         &self.b
     }
 
-    fn apply_dropout(&self, x: &Tensor) -> Result<Tensor> {
+    /// The layer's shape.
+    pub fn geometry(&self) -> LayerGeometry {
+        self.geometry
+    }
+
+    /// The dropout probability on the adapter's input.
+    pub(crate) fn dropout(&self) -> f32 {
+        self.dropout
+    }
+
+    /// `x` with this adapter's dropout applied (its own seeded mask stream).
+    pub(crate) fn apply_dropout(&self, x: &Tensor) -> Result<Tensor> {
         let mut rng = self
             .dropout_rng
             .lock()
@@ -590,7 +613,7 @@ impl LoraAdapter {
 
 impl Adapter for LoraAdapter {
     fn method(&self) -> Method {
-        Method::Lora
+        METHOD
     }
 
     fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -700,23 +723,5 @@ impl Adapter for LoraAdapter {
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
-    }
-}
-
-/// serde → JSON for values that may be `None`, used when assembling the PEFT config.
-mod erased {
-    use serde_json::Value;
-
-    use crate::error::{PeftError, Result};
-
-    pub trait ToValue {
-        fn to_value(&self) -> Result<Value>;
-    }
-
-    impl<T: serde::Serialize> ToValue for T {
-        fn to_value(&self) -> Result<Value> {
-            serde_json::to_value(self)
-                .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))
-        }
     }
 }

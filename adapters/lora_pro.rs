@@ -3,8 +3,9 @@
 //! arXiv:2407.18242).
 //!
 //! LoRA-Pro changes only the optimisation step: the adapter, its forward, merge and file format
-//! are plain LoRA ([`crate::adapters::lora`]). This file holds the math of one adapted matrix;
-//! the optimiser that uses it is [`crate::optim::lora_pro`].
+//! are plain LoRA ([`crate::adapters::lora`]). This file holds the registry entry and the math
+//! of one adapted matrix; the optimiser that applies it each step sits in the optimiser layer
+//! above the model, which imports this file (never the other way round).
 //!
 //! Shapes: `A: [r, in]`, `B: [out, r]`, scaling `s` (the layer's own α/r or α/√r), effective
 //! weight `W + s·B·A`. A conv2d LoRA is the same math on its flattened factors
@@ -54,7 +55,22 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::adapter::{Method, MethodSpec};
+use crate::adapters::lora::{LORA_CLI, LORA_TENSORS};
 use crate::error::{PeftError, Result};
+
+/// LoRA-Pro's registry entry: LoRA's adapter, file and CLI mapping, trained with the LoRA-Pro
+/// optimiser.
+pub const METHOD: Method = Method::new(&MethodSpec {
+    name: "lora-pro",
+    aliases: &["lora_pro"],
+    peft_type: "LORA",
+    summary: "LoRA trained with gradients adjusted to approximate full fine-tuning",
+    tensors: LORA_TENSORS,
+    cli: LORA_CLI,
+    needs_calibration: false,
+    lora_pro_optimizer: true,
+});
 
 /// The reference implementation's damping `δ` of `BᵀB` and `AAᵀ` before inversion.
 pub const DEFAULT_DAMPING: f64 = 1e-8;

@@ -59,8 +59,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::adapter::{Adapter, LayerGeometry, Method};
-use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting};
+use crate::adapter::{
+    Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
+};
+use crate::config::{
+    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, json_number, peft_json,
+};
 use crate::error::{PeftError, Result};
 use crate::init;
 use crate::kernels::frozen::{conv2d_trainable, frozen_conv2d, frozen_matmul};
@@ -75,60 +79,83 @@ const GAMMA: &str = "randlora_gamma";
 const BASIS_A: &str = "randlora_A";
 const BASIS_B: &str = "randlora_B";
 
-/// `RandLoraConfig`, with PEFT's field names and defaults.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RandLoraConfig {
-    pub targeting: Targeting,
-    /// Rank of each random basis. Fewer trainable parameters as `r` grows (`n = ⌈k/r⌉`).
-    pub r: usize,
-    pub randlora_alpha: f64,
-    pub randlora_dropout: f64,
-    /// Seed of the ChaCha generator that draws new bases.
-    pub projection_prng_key: u64,
-    /// Ternary bases with P(±1) = 1/6 each.
-    pub sparse: bool,
-    /// Ternary bases with P(±1) = 1/(2√k_g) each; wins over `sparse`, as in PEFT.
-    pub very_sparse: bool,
-    /// Kept so a file round-trips; layers built by `PeftBuilder` are `[out, in]` (see LoRA).
-    pub fan_in_fan_out: bool,
-    /// `false` draws `Λ ~ N(0, 1)` and sets `Γ = 1/K`: not the identity (for tests).
-    pub init_weights: bool,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub revision: Option<String>,
-    pub inference_mode: bool,
+/// RandLoRA's registry entry. CLI: r 32 and α = 20·r (PEFT's defaults) unless given.
+pub const METHOD: Method = Method::new(&MethodSpec {
+    name: "randlora",
+    aliases: &[],
+    peft_type: "RANDLORA",
+    summary: "full-rank update from shared random bases with trained diagonal scalings",
+    tensors: TensorRoles {
+        prefixes: &[LAMBDA, GAMMA, BASIS_A, BASIS_B],
+        frozen: &[BASIS_A, BASIS_B],
+        rank: None,
+    },
+    cli: CliSpec {
+        defaults: r#"{"r": 32, "randlora_dropout": 0.0}"#,
+        rank: Some("r"),
+        alpha: Some("randlora_alpha"),
+        alpha_per_rank: Some(20),
+        dropout: Some("randlora_dropout"),
+        options: &[
+            bool_option("sparse", "ternary bases, P(±1) = 1/6 each"),
+            bool_option("very_sparse", "ternary bases, P(±1) = 1/(2√k) each"),
+            OptionSpec {
+                key: "projection_prng_key",
+                path: "projection_prng_key",
+                kind: OptionKind::Int,
+                help: "seed of the bases",
+                excludes: None,
+            },
+            bool_option("init_weights", "false: Λ random, not the identity (for tests)"),
+        ],
+    },
+    needs_calibration: false,
+    lora_pro_optimizer: false,
+});
+
+const fn bool_option(key: &'static str, help: &'static str) -> OptionSpec {
+    OptionSpec {
+        key,
+        path: key,
+        kind: OptionKind::Bool,
+        help,
+        excludes: None,
+    }
 }
 
-#[derive(Deserialize)]
-struct RandLoraConfigFile {
+/// `RandLoraConfig`, with PEFT's field names and defaults.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct RandLoraConfig {
+    /// Which modules are adapted.
     #[serde(flatten)]
-    targeting: Targeting,
+    pub targeting: Targeting,
+    /// Rank of each random basis. Fewer trainable parameters as `r` grows (`n = ⌈k/r⌉`).
     #[serde(default = "default_r")]
-    r: usize,
+    pub r: usize,
+    /// `α` of the scaling `α/r`.
     #[serde(default = "default_alpha")]
-    randlora_alpha: f64,
+    pub randlora_alpha: f64,
+    /// Dropout on the adapter's input, in training.
     #[serde(default)]
-    randlora_dropout: f64,
+    pub randlora_dropout: f64,
+    /// Seed of the ChaCha generator that draws new bases.
     #[serde(default)]
-    projection_prng_key: u64,
+    pub projection_prng_key: u64,
+    /// Ternary bases with P(±1) = 1/6 each.
     #[serde(default)]
-    sparse: bool,
+    pub sparse: bool,
+    /// Ternary bases with P(±1) = 1/(2√k_g) each; wins over `sparse`, as in PEFT.
     #[serde(default)]
-    very_sparse: bool,
+    pub very_sparse: bool,
+    /// Kept so a file round-trips; layers built by `PeftBuilder` are `[out, in]` (see LoRA).
     #[serde(default)]
-    fan_in_fan_out: bool,
+    pub fan_in_fan_out: bool,
+    /// `false` draws `Λ ~ N(0, 1)` and sets `Γ = 1/K`: not the identity (for tests).
     #[serde(default = "default_true")]
-    init_weights: bool,
-    #[serde(default)]
-    bias: Option<String>,
-    #[serde(default)]
-    task_type: Option<String>,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    revision: Option<String>,
-    #[serde(default)]
-    inference_mode: bool,
+    pub init_weights: bool,
+    /// `task_type`, `base_model_name_or_path`, `revision`, `inference_mode`.
+    #[serde(flatten)]
+    pub common: CommonFields,
 }
 
 fn default_r() -> usize {
@@ -141,19 +168,6 @@ fn default_alpha() -> f64 {
 
 fn default_true() -> bool {
     true
-}
-
-/// A float as a JSON integer when it is one (PEFT's `randlora_alpha` is an int).
-fn json_number(v: f64) -> Value {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        json!(v as i64)
-    } else {
-        json!(v)
-    }
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> Result<Value> {
-    serde_json::to_value(v).map_err(|e| PeftError::config("adapter_config.json", e.to_string()))
 }
 
 /// `(out, in)` of the weight RandLoRA adapts: a conv kernel counts as `[out, in/g·kh·kw]`.
@@ -185,8 +199,6 @@ pub fn trainable_parameters(r: usize, layers: &[LayerGeometry]) -> Result<usize>
 }
 
 impl RandLoraConfig {
-    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] = &[LAMBDA, GAMMA, BASIS_A, BASIS_B];
-
     /// A config targeting `targets` with basis rank `r` and `randlora_alpha`; other fields take
     /// PEFT's defaults.
     pub fn new<S: AsRef<str>>(targets: &[S], r: usize, randlora_alpha: f64) -> Self {
@@ -200,10 +212,7 @@ impl RandLoraConfig {
             very_sparse: false,
             fan_in_fan_out: false,
             init_weights: true,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: false,
+            common: CommonFields::default(),
         }
     }
 
@@ -212,6 +221,7 @@ impl RandLoraConfig {
         self.randlora_alpha / self.r as f64
     }
 
+    /// Checks every field, without looking at a model.
     pub fn validate(&self) -> Result<()> {
         self.targeting.validate()?;
         if self.r == 0 {
@@ -229,94 +239,47 @@ impl RandLoraConfig {
         Ok(())
     }
 
+    /// Reads `adapter_config.json` content; a `bias` other than `"none"` is refused.
     pub fn from_peft_json(value: &Value) -> Result<Self> {
-        let file: RandLoraConfigFile = serde_json::from_value(value.clone())
-            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
-        if let Some(bias) = file.bias.as_deref().filter(|b| *b != "none") {
+        #[derive(Deserialize)]
+        struct Unsupported {
+            #[serde(default)]
+            bias: Option<String>,
+        }
+        let config: Self = crate::config::from_json(value)?;
+        let unsupported: Unsupported = crate::config::from_json(value)?;
+        if let Some(bias) = unsupported.bias.as_deref().filter(|b| *b != "none") {
             return Err(PeftError::config(
                 "bias",
                 format!("`{bias}` is not supported (only \"none\")"),
             ));
         }
-        Ok(Self {
-            targeting: file.targeting,
-            r: file.r,
-            randlora_alpha: file.randlora_alpha,
-            randlora_dropout: file.randlora_dropout,
-            projection_prng_key: file.projection_prng_key,
-            sparse: file.sparse,
-            very_sparse: file.very_sparse,
-            fan_in_fan_out: file.fan_in_fan_out,
-            init_weights: file.init_weights,
-            task_type: file.task_type,
-            base_model_name_or_path: file.base_model_name_or_path,
-            revision: file.revision,
-            inference_mode: file.inference_mode,
-        })
+        Ok(config)
     }
 
     /// Every field PEFT 0.21's `RandLoraConfig` writes. `save_projection` is always `true`:
     /// the bases are always in the file (see the module docs).
     pub fn to_peft_json(&self) -> Result<Value> {
-        let t = &self.targeting;
-        let mut value = json!({
+        let fields = json!({
             "auto_mapping": null,
-            "base_model_name_or_path": self.base_model_name_or_path,
             "bias": "none",
             "fan_in_fan_out": self.fan_in_fan_out,
-            "inference_mode": self.inference_mode,
             "init_weights": self.init_weights,
-            "layers_pattern": to_json(&t.layers_pattern)?,
-            "layers_to_transform": to_json(&t.layers_to_transform)?,
-            "modules_to_save": to_json(&t.modules_to_save)?,
             "peft_type": "RANDLORA",
-            "peft_version": crate::io::peft_format::PEFT_VERSION,
             "projection_prng_key": self.projection_prng_key,
             "r": self.r,
             "randlora_alpha": json_number(self.randlora_alpha),
             "randlora_dropout": self.randlora_dropout,
-            "revision": self.revision,
             "save_projection": true,
             "sparse": self.sparse,
-            "target_modules": to_json(&t.target_modules)?,
-            "task_type": self.task_type,
             "very_sparse": self.very_sparse,
         });
+        let mut value = peft_json(fields, &self.targeting, &self.common)?;
         // PEFT's RandLoraConfig has no `exclude_modules`; write it only when it is used.
-        if let (Some(exclude), Some(obj)) = (&t.exclude_modules, value.as_object_mut()) {
-            obj.insert("exclude_modules".into(), to_json(exclude)?);
+        if let (None, Some(obj)) = (&self.targeting.exclude_modules, value.as_object_mut()) {
+            obj.remove("exclude_modules");
         }
         Ok(value)
-    }
-
-    /// The config `--method randlora` builds: r 32 and α = 20·r (PEFT's defaults) unless
-    /// given; options `sparse`, `very_sparse`, `projection_prng_key`, `init_weights`.
-    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
-        args.check_options(
-            Method::RandLora,
-            &[
-                "sparse",
-                "very_sparse",
-                "projection_prng_key",
-                "init_weights",
-            ],
-        )?;
-        let r = args.rank.unwrap_or(default_r());
-        let mut c = Self::new(&args.targets, r, args.alpha.unwrap_or(20.0 * r as f64));
-        c.randlora_dropout = args.dropout.unwrap_or(0.0);
-        if let Some(v) = args.option::<bool>("sparse")? {
-            c.sparse = v;
-        }
-        if let Some(v) = args.option::<bool>("very_sparse")? {
-            c.very_sparse = v;
-        }
-        if let Some(v) = args.option::<u64>("projection_prng_key")? {
-            c.projection_prng_key = v;
-        }
-        if let Some(v) = args.option::<bool>("init_weights")? {
-            c.init_weights = v;
-        }
-        Ok(c)
     }
 
     /// The shared bases for layers of these shapes, under their file keys.
@@ -446,7 +409,7 @@ impl RandLoraConfig {
     ) -> Result<RandLoraAdapter> {
         let shape = self.layer_shape(module, geometry)?;
         let fetch = |name: &str, dims: &[usize]| -> Result<Var> {
-            let key = format!("{}{module}.{name}", crate::io::peft_format::KEY_PREFIX);
+            let key = format!("{}{module}.{name}", crate::config::KEY_PREFIX);
             let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
                 key: key.clone(),
                 location: "the adapter file".into(),
@@ -551,7 +514,33 @@ fn shared_basis(
 }
 
 impl MethodConfig for RandLoraConfig {
-    crate::config::method_config_plumbing!(Method::RandLora);
+    fn method(&self) -> Method {
+        METHOD
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.targeting
+    }
+
+    fn common(&self) -> &CommonFields {
+        &self.common
+    }
+
+    fn common_mut(&mut self) -> &mut CommonFields {
+        &mut self.common
+    }
+
+    fn validate(&self) -> Result<()> {
+        RandLoraConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        RandLoraConfig::to_peft_json(self)
+    }
 
     fn fan_in_fan_out(&self) -> bool {
         self.fan_in_fan_out
@@ -817,7 +806,7 @@ impl RandLoraAdapter {
 
 impl Adapter for RandLoraAdapter {
     fn method(&self) -> Method {
-        Method::RandLora
+        METHOD
     }
 
     fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {

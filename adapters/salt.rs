@@ -55,14 +55,80 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::adapter::{Adapter, LayerGeometry, Method};
+use crate::adapter::{
+    Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
+};
 use crate::adapters::factored::{
-    Factors, erased, flat_dims, parse_precision, reject_lora_flags, relu_zero_grad, saved_len,
+    Factors, SVD_DTYPE, f64_precision, flat_dims, precision_or_f64, relu_zero_grad, saved_len,
     saved_tensor, weight_matrix,
 };
-use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting};
+use crate::config::{
+    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, peft_json,
+};
 use crate::error::{PeftError, Result};
 use crate::linalg::{self, Precision};
+
+/// SALT's registry entry. CLI: `--rank` is `r_lora` (default 8); no alpha, no dropout.
+pub const METHOD: Method = Method::new(&MethodSpec {
+    name: "salt",
+    aliases: &[],
+    peft_type: "SALT",
+    summary: "scale and shift the top singular values, low-rank update of the rest",
+    tensors: TensorRoles {
+        prefixes: &[
+            "salt_scale",
+            "salt_shift",
+            "salt_X",
+            "salt_Y",
+            "salt_U",
+            "salt_S",
+            "salt_Vh",
+        ],
+        frozen: &["salt_U", "salt_S", "salt_Vh"],
+        rank: None,
+    },
+    cli: CliSpec {
+        defaults: r#"{"r_lora": 8}"#,
+        rank: Some("r_lora"),
+        alpha: None,
+        alpha_per_rank: None,
+        dropout: None,
+        options: &[
+            salt_option("r_t", OptionKind::Int, "singular values that get scale and shift", None),
+            salt_option(
+                "ratio_salt",
+                OptionKind::Float,
+                "r_t as a share of min(out, in) when r_t is not given (0.1)",
+                Some("r_t"),
+            ),
+            salt_option(
+                "store_factors",
+                OptionKind::Bool,
+                "save U, σ, Vᵀ in the file (true; false needs the base weight to load)",
+                None,
+            ),
+            SVD_DTYPE,
+            salt_option("reg_weight", OptionKind::Float, "weight of the regulariser in the loss (0)", None),
+        ],
+    },
+    needs_calibration: false,
+    lora_pro_optimizer: false,
+});
+
+const fn salt_option(
+    key: &'static str,
+    kind: OptionKind,
+    help: &'static str,
+    excludes: Option<&'static str>,
+) -> OptionSpec {
+    OptionSpec {
+        key,
+        path: key,
+        kind,
+        help,
+        excludes,
+    }
+}
 
 /// The sign rule recorded in the config (see [`crate::linalg`]).
 pub const SVD_SIGN_RULE: &str = "max_abs_entry_of_u_positive";
@@ -80,50 +146,32 @@ const VH: &str = "salt_Vh.weight";
 const TIE_TOLERANCE: f64 = 1e-6;
 
 /// SALT's configuration.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct SaltConfig {
+    /// Which modules are adapted.
+    #[serde(flatten)]
     pub targeting: Targeting,
     /// Singular values that get scale and shift; `None` takes `max(1, ⌊k · ratio_salt⌋)`.
+    #[serde(default)]
     pub r_t: Option<usize>,
+    /// The share of `k` that gets scale and shift when `r_t` is not given.
+    #[serde(default = "default_ratio")]
     pub ratio_salt: f64,
     /// Rank of the update inside the residual block (clamped to `k − r_t`).
+    #[serde(default = "default_r_lora")]
     pub r_lora: usize,
     /// Save `U`, `σ`, `Vᵀ` in the adapter file.
+    #[serde(default = "default_store_factors")]
     pub store_factors: bool,
     /// Precision of the SVD (the factors are stored in f32 either way).
+    #[serde(default = "f64_precision", deserialize_with = "precision_or_f64")]
     pub svd_dtype: Precision,
     /// Weight `λ` of the regulariser in the training loss (0: not added).
+    #[serde(default)]
     pub reg_weight: f64,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub revision: Option<String>,
-    pub inference_mode: bool,
-}
-
-#[derive(Deserialize)]
-struct SaltConfigFile {
+    /// `task_type`, `base_model_name_or_path`, `revision`, `inference_mode`.
     #[serde(flatten)]
-    targeting: Targeting,
-    #[serde(default)]
-    r_t: Option<usize>,
-    #[serde(default = "default_ratio")]
-    ratio_salt: f64,
-    #[serde(default = "default_r_lora")]
-    r_lora: usize,
-    #[serde(default = "default_store_factors")]
-    store_factors: bool,
-    #[serde(default)]
-    svd_dtype: Option<String>,
-    #[serde(default)]
-    reg_weight: f64,
-    #[serde(default)]
-    task_type: Option<String>,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    revision: Option<String>,
-    #[serde(default)]
-    inference_mode: bool,
+    pub common: CommonFields,
 }
 
 fn default_ratio() -> f64 {
@@ -139,16 +187,6 @@ fn default_store_factors() -> bool {
 }
 
 impl SaltConfig {
-    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] = &[
-        "salt_scale",
-        "salt_shift",
-        "salt_X",
-        "salt_Y",
-        "salt_U",
-        "salt_S",
-        "salt_Vh",
-    ];
-
     /// A config targeting `targets` with `r_t` from `ratio_salt = 0.1`, the given `r_lora`, and
     /// stored factors.
     pub fn new<S: AsRef<str>>(targets: &[S], r_lora: usize) -> Self {
@@ -160,13 +198,11 @@ impl SaltConfig {
             store_factors: true,
             svd_dtype: Precision::F64,
             reg_weight: 0.0,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: false,
+            common: CommonFields::default(),
         }
     }
 
+    /// Checks every field, without looking at a model.
     pub fn validate(&self) -> Result<()> {
         self.targeting.validate()?;
         if self.r_t == Some(0) {
@@ -217,87 +253,25 @@ impl SaltConfig {
         Ok((r_t, r_lora))
     }
 
+    /// Reads `adapter_config.json` content.
     pub fn from_peft_json(value: &Value) -> Result<Self> {
-        let file: SaltConfigFile = serde_json::from_value(value.clone())
-            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
-        Ok(Self {
-            targeting: file.targeting,
-            r_t: file.r_t,
-            ratio_salt: file.ratio_salt,
-            r_lora: file.r_lora,
-            store_factors: file.store_factors,
-            svd_dtype: parse_precision("svd_dtype", file.svd_dtype.as_deref(), Precision::F64)?,
-            reg_weight: file.reg_weight,
-            task_type: file.task_type,
-            base_model_name_or_path: file.base_model_name_or_path,
-            revision: file.revision,
-            inference_mode: file.inference_mode,
-        })
+        crate::config::from_json(value)
     }
 
+    /// The `adapter_config.json` fields.
     pub fn to_peft_json(&self) -> Result<Value> {
-        let t = &self.targeting;
-        let v = |x: &dyn erased::ToValue| x.to_value();
-        Ok(json!({
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "exclude_modules": v(&t.exclude_modules)?,
-            "inference_mode": self.inference_mode,
-            "layers_pattern": v(&t.layers_pattern)?,
-            "layers_to_transform": v(&t.layers_to_transform)?,
-            "modules_to_save": v(&t.modules_to_save)?,
-            "peft_type": Method::Salt.peft_type(),
-            "peft_version": crate::io::peft_format::PEFT_VERSION,
+        let fields = json!({
+            "peft_type": METHOD.peft_type(),
             "r_lora": self.r_lora,
             "r_t": self.r_t,
             "ratio_salt": self.ratio_salt,
             "reg_weight": self.reg_weight,
             "relu": "full",
-            "revision": self.revision,
             "store_factors": self.store_factors,
             "svd_dtype": self.svd_dtype.name(),
             "svd_sign_rule": SVD_SIGN_RULE,
-            "target_modules": v(&t.target_modules)?,
-            "task_type": self.task_type,
-        }))
-    }
-
-    /// `--method salt`: `--rank` is `r_lora` (default 8). Options: `r_t`, `ratio_salt`,
-    /// `store_factors`, `svd_dtype`, `reg_weight`. No alpha, no dropout.
-    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
-        args.check_options(
-            Method::Salt,
-            &[
-                "r_t",
-                "ratio_salt",
-                "store_factors",
-                "svd_dtype",
-                "reg_weight",
-            ],
-        )?;
-        reject_lora_flags(Method::Salt, args)?;
-        let mut c = Self::new(&args.targets, args.rank.unwrap_or_else(default_r_lora));
-        c.r_t = args.option::<usize>("r_t")?;
-        if let Some(ratio) = args.option::<f64>("ratio_salt")? {
-            if c.r_t.is_some() {
-                return Err(PeftError::config(
-                    "--opt ratio_salt",
-                    "give either r_t or ratio_salt, not both",
-                ));
-            }
-            c.ratio_salt = ratio;
-        }
-        if let Some(store) = args.option::<bool>("store_factors")? {
-            c.store_factors = store;
-        }
-        if let Some(w) = args.option::<f64>("reg_weight")? {
-            c.reg_weight = w;
-        }
-        c.svd_dtype = parse_precision(
-            "--opt svd_dtype",
-            args.options.get("svd_dtype").map(String::as_str),
-            c.svd_dtype,
-        )?;
-        Ok(c)
+        });
+        peft_json(fields, &self.targeting, &self.common)
     }
 
     /// The canonical SVD factors `(U [out, k], σ [k], Vᵀ [k, in_flat])` of a base weight, f32 on
@@ -458,7 +432,33 @@ fn warn_on_ties(module: &str, s: &Tensor) -> Result<()> {
 }
 
 impl MethodConfig for SaltConfig {
-    crate::config::method_config_plumbing!(Method::Salt);
+    fn method(&self) -> Method {
+        METHOD
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.targeting
+    }
+
+    fn common(&self) -> &CommonFields {
+        &self.common
+    }
+
+    fn common_mut(&mut self) -> &mut CommonFields {
+        &mut self.common
+    }
+
+    fn validate(&self) -> Result<()> {
+        SaltConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        SaltConfig::to_peft_json(self)
+    }
 
     fn regularizer_weight(&self) -> f64 {
         self.reg_weight
@@ -642,7 +642,7 @@ fn safe_norm(v: &Tensor) -> Result<Tensor> {
 
 impl Adapter for SaltAdapter {
     fn method(&self) -> Method {
-        Method::Salt
+        METHOD
     }
 
     fn forward_delta(&self, x: &Tensor, _train: bool) -> Result<Tensor> {

@@ -30,14 +30,51 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::adapter::{Adapter, LayerGeometry, Method};
+use crate::adapter::{
+    Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
+};
 use crate::adapters::factored::{
-    Factors, erased, flat_dims, parse_precision, reject_lora_flags, saved_len, saved_tensor,
+    Factors, SVD_DTYPE, f64_precision, flat_dims, precision_or_f64, saved_len, saved_tensor,
     weight_matrix,
 };
-use crate::config::{CliAdapterArgs, InitContext, LoadContext, MethodConfig, Targeting};
+use crate::config::{
+    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, peft_json,
+};
 use crate::error::{PeftError, Result};
 use crate::linalg::{self, Precision, RankRule, TruncatedSvdOptions};
+
+/// SVFit's registry entry. CLI: `--rank` fixes r; otherwise `--opt energy=…` (default 0.99)
+/// picks it. No alpha, no dropout.
+pub const METHOD: Method = Method::new(&MethodSpec {
+    name: "svfit",
+    aliases: &[],
+    peft_type: "SVFIT",
+    summary: "train the top-r singular values of the weight",
+    tensors: TensorRoles {
+        prefixes: &["svfit_S", "svfit_S0", "svfit_U", "svfit_Vh"],
+        frozen: &["svfit_S0", "svfit_U", "svfit_Vh"],
+        rank: Some(SIGMA),
+    },
+    cli: CliSpec {
+        defaults: "{}",
+        rank: Some("r"),
+        alpha: None,
+        alpha_per_rank: None,
+        dropout: None,
+        options: &[
+            OptionSpec {
+                key: "energy",
+                path: "energy",
+                kind: OptionKind::Float,
+                help: "share of ‖W‖² the kept singular values hold, picks r per layer (0.99)",
+                excludes: Some("--rank"),
+            },
+            SVD_DTYPE,
+        ],
+    },
+    needs_calibration: false,
+    lora_pro_optimizer: false,
+});
 
 /// The sign rule recorded in the config (see [`crate::linalg`]).
 pub const SVD_SIGN_RULE: &str = "max_abs_entry_of_u_positive";
@@ -48,40 +85,24 @@ const U: &str = "svfit_U.weight";
 const VH: &str = "svfit_Vh.weight";
 
 /// SVFit's configuration.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct SvfitConfig {
+    /// Which modules are adapted.
+    #[serde(flatten)]
     pub targeting: Targeting,
     /// A fixed rank for every module; `None` picks it per module by `energy`.
+    #[serde(default)]
     pub r: Option<usize>,
     /// Share of `‖W‖_F²` the kept singular values must hold, in (0, 1] (when `r` is `None`).
+    #[serde(default = "default_energy")]
     pub energy: f64,
     /// Precision of the SVD, f64 by default (the factors are stored in f32 either way; see
     /// [`linalg::top_svd`] for the method each precision uses).
+    #[serde(default = "f64_precision", deserialize_with = "precision_or_f64")]
     pub svd_dtype: Precision,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub revision: Option<String>,
-    pub inference_mode: bool,
-}
-
-#[derive(Deserialize)]
-struct SvfitConfigFile {
+    /// `task_type`, `base_model_name_or_path`, `revision`, `inference_mode`.
     #[serde(flatten)]
-    targeting: Targeting,
-    #[serde(default)]
-    r: Option<usize>,
-    #[serde(default = "default_energy")]
-    energy: f64,
-    #[serde(default)]
-    svd_dtype: Option<String>,
-    #[serde(default)]
-    task_type: Option<String>,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    revision: Option<String>,
-    #[serde(default)]
-    inference_mode: bool,
+    pub common: CommonFields,
 }
 
 fn default_energy() -> f64 {
@@ -89,9 +110,6 @@ fn default_energy() -> f64 {
 }
 
 impl SvfitConfig {
-    pub(crate) const TENSOR_PREFIXES: &'static [&'static str] =
-        &["svfit_S", "svfit_S0", "svfit_U", "svfit_Vh"];
-
     /// A config targeting `targets` whose rank comes from the energy rule (0.99).
     pub fn new<S: AsRef<str>>(targets: &[S]) -> Self {
         Self {
@@ -99,10 +117,7 @@ impl SvfitConfig {
             r: None,
             energy: default_energy(),
             svd_dtype: Precision::F64,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: false,
+            common: CommonFields::default(),
         }
     }
 
@@ -114,6 +129,7 @@ impl SvfitConfig {
         }
     }
 
+    /// Checks every field, without looking at a model.
     pub fn validate(&self) -> Result<()> {
         self.targeting.validate()?;
         if self.r == Some(0) {
@@ -128,65 +144,21 @@ impl SvfitConfig {
         Ok(())
     }
 
+    /// Reads `adapter_config.json` content.
     pub fn from_peft_json(value: &Value) -> Result<Self> {
-        let file: SvfitConfigFile = serde_json::from_value(value.clone())
-            .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
-        Ok(Self {
-            targeting: file.targeting,
-            r: file.r,
-            energy: file.energy,
-            svd_dtype: parse_precision("svd_dtype", file.svd_dtype.as_deref(), Precision::F64)?,
-            task_type: file.task_type,
-            base_model_name_or_path: file.base_model_name_or_path,
-            revision: file.revision,
-            inference_mode: file.inference_mode,
-        })
+        crate::config::from_json(value)
     }
 
+    /// The `adapter_config.json` fields.
     pub fn to_peft_json(&self) -> Result<Value> {
-        let t = &self.targeting;
-        let v = |x: &dyn erased::ToValue| x.to_value();
-        Ok(json!({
-            "base_model_name_or_path": self.base_model_name_or_path,
+        let fields = json!({
             "energy": self.energy,
-            "exclude_modules": v(&t.exclude_modules)?,
-            "inference_mode": self.inference_mode,
-            "layers_pattern": v(&t.layers_pattern)?,
-            "layers_to_transform": v(&t.layers_to_transform)?,
-            "modules_to_save": v(&t.modules_to_save)?,
-            "peft_type": Method::Svfit.peft_type(),
-            "peft_version": crate::io::peft_format::PEFT_VERSION,
+            "peft_type": METHOD.peft_type(),
             "r": self.r,
-            "revision": self.revision,
             "svd_dtype": self.svd_dtype.name(),
             "svd_sign_rule": SVD_SIGN_RULE,
-            "target_modules": v(&t.target_modules)?,
-            "task_type": self.task_type,
-        }))
-    }
-
-    /// `--method svfit`: `--rank` fixes r; otherwise `--opt energy=…` (default 0.99) picks it.
-    /// Options: `energy`, `svd_dtype`. SVFit has no alpha and no dropout.
-    pub fn from_cli(args: &CliAdapterArgs) -> Result<Self> {
-        args.check_options(Method::Svfit, &["energy", "svd_dtype"])?;
-        reject_lora_flags(Method::Svfit, args)?;
-        let mut c = Self::new(&args.targets);
-        c.r = args.rank;
-        if let Some(e) = args.option::<f64>("energy")? {
-            if c.r.is_some() {
-                return Err(PeftError::config(
-                    "--opt energy",
-                    "give either --rank or --opt energy, not both",
-                ));
-            }
-            c.energy = e;
-        }
-        c.svd_dtype = parse_precision(
-            "--opt svd_dtype",
-            args.options.get("svd_dtype").map(String::as_str),
-            c.svd_dtype,
-        )?;
-        Ok(c)
+        });
+        peft_json(fields, &self.targeting, &self.common)
     }
 
     /// A fresh adapter on a layer whose weight is `base_weight`.
@@ -268,7 +240,33 @@ impl SvfitConfig {
 }
 
 impl MethodConfig for SvfitConfig {
-    crate::config::method_config_plumbing!(Method::Svfit);
+    fn method(&self) -> Method {
+        METHOD
+    }
+
+    fn targeting(&self) -> &Targeting {
+        &self.targeting
+    }
+
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        &mut self.targeting
+    }
+
+    fn common(&self) -> &CommonFields {
+        &self.common
+    }
+
+    fn common_mut(&mut self) -> &mut CommonFields {
+        &mut self.common
+    }
+
+    fn validate(&self) -> Result<()> {
+        SvfitConfig::validate(self)
+    }
+
+    fn to_peft_json(&self) -> Result<Value> {
+        SvfitConfig::to_peft_json(self)
+    }
 
     fn init_adapter(
         &self,
@@ -350,7 +348,7 @@ impl SvfitAdapter {
 
 impl Adapter for SvfitAdapter {
     fn method(&self) -> Method {
-        Method::Svfit
+        METHOD
     }
 
     fn forward_delta(&self, x: &Tensor, _train: bool) -> Result<Tensor> {

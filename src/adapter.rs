@@ -1,4 +1,5 @@
-//! The `Adapter` contract every method implements, the method list, and layer geometry.
+//! The `Adapter` contract every method implements, the method descriptions the registry holds
+//! ([`MethodSpec`], [`Method`]), and layer geometry.
 //!
 //! An adapter is written as `y = base(x) + Δ(x)` relative to the pristine base weight `W`:
 //! `forward_delta` gives `Δ(x)` in activation space, `delta_weight` gives the dense `ΔW` with
@@ -8,86 +9,174 @@ use std::fmt;
 
 use candle_core::{Tensor, Var};
 
-use crate::error::{PeftError, Result};
+use crate::error::Result;
 
-/// The nine methods. Only those compiled into this build can be constructed; the rest are
-/// recognised by name so that errors can say what is missing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Method {
-    Lora,
-    LoraPro,
-    Eva,
-    Corda,
-    Svfit,
-    Loldu,
-    RandLora,
-    Flora,
-    Salt,
+/// What the registry knows about one method: its names, its file format, the roles of its
+/// tensors, and how the CLI's generic flags map onto its config JSON. Each method declares one
+/// in its own file under `adapters/`; the list of them is `crate::adapters::METHODS`.
+///
+#[derive(Debug, PartialEq, Eq)]
+pub struct MethodSpec {
+    /// The CLI name (`--method lora-pro`), also what [`Method`] displays.
+    pub name: &'static str,
+    /// Other accepted spellings of the CLI name (`lora_pro`).
+    pub aliases: &'static [&'static str],
+    /// The `peft_type` of the config file; methods that only change the init or the optimiser of
+    /// another method share its type (EVA and LoRA-Pro write `LORA`).
+    pub peft_type: &'static str,
+    /// One line for help texts.
+    pub summary: &'static str,
+    /// The per-layer tensors of its adapter files.
+    pub tensors: TensorRoles,
+    /// How `candle-peft train` builds its config from flags.
+    pub cli: CliSpec,
+    /// Its init needs a calibration pass over data (EVA, CorDA).
+    pub needs_calibration: bool,
+    /// It trains with the LoRA-Pro optimiser instead of AdamW.
+    pub lora_pro_optimizer: bool,
 }
 
+/// The per-layer tensors of a method's adapter files, named by their first segment
+/// (`lora_A` for `base_model.model.<module>.lora_A.weight`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct TensorRoles {
+    /// Every first segment a file of this method may hold per layer; used to split a file key
+    /// into module path and tensor name.
+    pub prefixes: &'static [&'static str],
+    /// Those of `prefixes` that are frozen state saved beside the trainables (listed, not counted
+    /// as trainable).
+    pub frozen: &'static [&'static str],
+    /// The trained tensor (full local name) whose first dimension is a module's rank, if any.
+    pub rank: Option<&'static str>,
+}
+
+/// How the CLI's generic flags (`--rank`, `--alpha`, `--dropout`, `--opt key=value`) become a
+/// method's config JSON, which is then read like any `adapter_config.json`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CliSpec {
+    /// The JSON object the CLI starts from (besides `peft_type` and `target_modules`): the
+    /// defaults the CLI uses where they differ from the file format's, and fixed fields
+    /// (`"init_lora_weights": "eva"`).
+    pub defaults: &'static str,
+    /// The key `--rank` sets; `None`: the method has no rank.
+    pub rank: Option<&'static str>,
+    /// The key `--alpha` sets; `None`: `--alpha` is refused.
+    pub alpha: Option<&'static str>,
+    /// When `--alpha` is not given, `alpha = alpha_per_rank · rank` (RandLoRA's `20·r`) instead
+    /// of the default in `defaults`.
+    pub alpha_per_rank: Option<u32>,
+    /// The key `--dropout` sets; `None`: a non-zero `--dropout` is refused.
+    pub dropout: Option<&'static str>,
+    /// The `--opt key=value` options, in the order help lists them.
+    pub options: &'static [OptionSpec],
+}
+
+/// One `--opt key=value` option of a method.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OptionSpec {
+    /// The key after `--opt`.
+    pub key: &'static str,
+    /// The JSON path it sets, dot-separated (`eva_config.tau`).
+    pub path: &'static str,
+    /// How the value is parsed.
+    pub kind: OptionKind,
+    /// One line for help texts.
+    pub help: &'static str,
+    /// A flag (`--rank`) or another option key that must not be given together with this one.
+    pub excludes: Option<&'static str>,
+}
+
+/// The value type of an [`OptionSpec`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptionKind {
+    /// `true` or `false`.
+    Bool,
+    /// An integer.
+    Int,
+    /// A number.
+    Float,
+    /// Any text.
+    Str,
+    /// `true` or `false` as a bool, anything else as text (LoRA's `init_lora_weights`).
+    BoolOrStr,
+    /// Comma-separated integers (`16,16,2,2`), written as a JSON list.
+    IntList,
+}
+
+/// A method: a `Copy` handle to its [`MethodSpec`]. Displays as its CLI name; compares and
+/// hashes by name (names are unique in the registry). Compare with `==`
+/// (`method == crate::adapters::eva::METHOD`), not in `match` patterns.
+#[derive(Clone, Copy, Debug)]
+pub struct Method(&'static MethodSpec);
+
+impl PartialEq for Method {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for Method {}
+
 impl Method {
-    /// The `peft_type` string written to `adapter_config.json`.
-    pub fn peft_type(self) -> &'static str {
-        match self {
-            // LoRA-Pro and EVA only change the optimiser / init: the file is a plain PEFT LoRA.
-            Method::Lora | Method::LoraPro | Method::Eva => "LORA",
-            Method::Corda => "CORDA",
-            Method::Svfit => "SVFIT",
-            Method::Loldu => "LOLDU",
-            Method::RandLora => "RANDLORA",
-            Method::Flora => "FLORA",
-            Method::Salt => "SALT",
-        }
+    /// The handle of `spec` (each method file declares `pub const METHOD: Method`).
+    pub const fn new(spec: &'static MethodSpec) -> Self {
+        Self(spec)
     }
 
-    /// Parses a CLI method name (`lora`, `lora-pro`, …).
-    pub fn from_cli_name(name: &str) -> Result<Self> {
-        Ok(match name.to_ascii_lowercase().as_str() {
-            "lora" => Method::Lora,
-            "lora-pro" | "lora_pro" => Method::LoraPro,
-            "eva" => Method::Eva,
-            "corda" => Method::Corda,
-            "svfit" => Method::Svfit,
-            "loldu" => Method::Loldu,
-            "randlora" => Method::RandLora,
-            "flora" => Method::Flora,
-            "salt" => Method::Salt,
-            other => {
-                return Err(PeftError::config(
-                    "method",
-                    format!(
-                        "unknown method `{other}` (expected one of lora, lora-pro, eva, corda, \
-                         svfit, loldu, randlora, flora, salt)"
-                    ),
-                ));
-            }
-        })
+    /// Everything the registry knows about the method.
+    pub const fn spec(self) -> &'static MethodSpec {
+        self.0
+    }
+
+    /// The CLI name (`lora-pro`).
+    pub fn name(self) -> &'static str {
+        self.0.name
+    }
+
+    /// The `peft_type` string written to `adapter_config.json`.
+    pub fn peft_type(self) -> &'static str {
+        self.0.peft_type
+    }
+
+    /// Whether `name` (any case) is this method's CLI name or one of its aliases.
+    pub fn answers_to(self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        self.0.name == name || self.0.aliases.contains(&name.as_str())
+    }
+
+    /// Whether its init needs a calibration pass over data.
+    pub fn needs_calibration(self) -> bool {
+        self.0.needs_calibration
+    }
+
+    /// Whether it trains with the LoRA-Pro optimiser.
+    pub fn uses_lora_pro(self) -> bool {
+        self.0.lora_pro_optimizer
+    }
+}
+
+impl std::hash::Hash for Method {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name.hash(state);
     }
 }
 
 impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match self {
-            Method::Lora => "lora",
-            Method::LoraPro => "lora-pro",
-            Method::Eva => "eva",
-            Method::Corda => "corda",
-            Method::Svfit => "svfit",
-            Method::Loldu => "loldu",
-            Method::RandLora => "randlora",
-            Method::Flora => "flora",
-            Method::Salt => "salt",
-        };
-        f.write_str(name)
+        f.write_str(self.0.name)
     }
 }
 
 /// Hyper-parameters of a 2-D convolution (candle uses one value for both spatial axes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dParams {
+    /// Step between kernel applications.
     pub stride: usize,
+    /// Zero padding on every side.
     pub padding: usize,
+    /// Spacing between kernel taps.
     pub dilation: usize,
+    /// Channel groups (`in` and `out` are split into this many independent convolutions).
     pub groups: usize,
 }
 
@@ -107,14 +196,20 @@ impl Default for Conv2dParams {
 pub enum LayerGeometry {
     /// Weight `[out_features, in_features]`.
     Linear {
+        /// Input features.
         in_features: usize,
+        /// Output features.
         out_features: usize,
     },
     /// Weight `[out_channels, in_channels / groups, kernel_h, kernel_w]`.
     Conv2d {
+        /// Input channels.
         in_channels: usize,
+        /// Output channels.
         out_channels: usize,
+        /// Kernel height and width.
         kernel: (usize, usize),
+        /// Stride, padding, dilation, groups.
         params: Conv2dParams,
     },
 }
@@ -141,6 +236,7 @@ impl LayerGeometry {
         }
     }
 
+    /// Input features (linear) or input channels (conv2d).
     pub fn in_features(&self) -> usize {
         match *self {
             LayerGeometry::Linear { in_features, .. } => in_features,
@@ -148,6 +244,7 @@ impl LayerGeometry {
         }
     }
 
+    /// Output features (linear) or output channels (conv2d).
     pub fn out_features(&self) -> usize {
         match *self {
             LayerGeometry::Linear { out_features, .. } => out_features,
@@ -163,6 +260,7 @@ impl LayerGeometry {
 
 /// One adapter on one layer. Implementations live in `adapters/`, one method per file.
 pub trait Adapter: Send + Sync + fmt::Debug {
+    /// The method this adapter belongs to.
     fn method(&self) -> Method;
 
     /// Activation-space delta: what the adapter adds to the base layer's output for input `x`

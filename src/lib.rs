@@ -31,9 +31,10 @@ pub mod tasks;
 pub mod train;
 
 pub use adapter::{Adapter, Conv2dParams, LayerGeometry, Method};
+pub use adapters::AdapterConfig;
 pub use adapters::lora::{LoraAdapter, LoraConfig};
 pub use builder::PeftBuilder;
-pub use config::{AdapterConfig, ModuleSelector, Targeting};
+pub use config::{ModuleSelector, Targeting};
 pub use error::{PeftError, Result};
 pub use generate::{GenerationConfig, generate, generate_uncached};
 pub use layer::{LayerHandle, PeftConv2d, PeftLinear};

@@ -14,8 +14,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::adapter::LayerGeometry;
+use crate::adapters::AdapterConfig;
 use crate::builder::PeftBuilder;
-use crate::config::{AdapterConfig, InitContext, LoadContext};
+use crate::config::{InitContext, LoadContext};
 use crate::error::{PeftError, Result};
 use crate::init::seed_from_name;
 use crate::io::peft_format::{self, KEY_PREFIX};

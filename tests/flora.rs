@@ -482,21 +482,31 @@ fn bad_input_is_refused_clearly() {
     let err = tiny_model(71, 0).load_adapter(&dir, ADAPTER).unwrap_err();
     assert!(matches!(err, PeftError::ShapeMismatch { .. }), "{err}");
     assert!(err.to_string().contains(key), "{err}");
-    // CLI options.
-    let args = |opts: &[(&str, &str)], rank| candle_peft::config::CliAdapterArgs {
-        targets: vec!["q".into()],
-        rank,
-        options: opts
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Default::default()
+    // CLI options: a per-mode rank list reads as one; bad ones are refused before any model
+    // is loaded.
+    let json =
+        serde_json::json!({"peft_type": "FLORA", "r": [16, 16, 2, 2], "target_modules": ["q"]});
+    let candle_peft::AdapterConfig::Flora(c) =
+        candle_peft::AdapterConfig::from_json(&json).unwrap()
+    else {
+        panic!("not a FLoRA config")
     };
-    let c = FloraConfig::from_cli(&args(&[("r", "16,16,2,2")], None)).unwrap();
     assert_eq!(c.r, OneOrMany::Many(vec![16, 16, 2, 2]));
-    assert!(FloraConfig::from_cli(&args(&[("r", "16,x")], None)).is_err());
-    assert!(FloraConfig::from_cli(&args(&[("r", "4,4")], Some(4))).is_err());
-    assert!(FloraConfig::from_cli(&args(&[("use_rslora", "true")], None)).is_err());
+    let train = |extra: &[&str]| {
+        let mut cmd = bin();
+        cmd.args([
+            "train", "--model", "unused", "--task", "classify", "--data", "unused",
+        ])
+        .args(["--method", "flora", "--targets", "q"])
+        .args(extra);
+        cmd
+    };
+    let e = common::run_err(&mut train(&["--opt", "r=16,x"]));
+    assert!(e.contains("--opt r"), "{e}");
+    let e = common::run_err(&mut train(&["--rank", "4", "--opt", "r=4,4"]));
+    assert!(e.contains("not both"), "{e}");
+    let e = common::run_err(&mut train(&["--opt", "use_rslora=true"]));
+    assert!(e.contains("use_rslora"), "{e}");
 }
 
 // =============================================================================================

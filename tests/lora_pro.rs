@@ -927,7 +927,7 @@ struct NotLora {
 
 impl Adapter for NotLora {
     fn method(&self) -> Method {
-        Method::Svfit
+        candle_peft::adapters::svfit::METHOD
     }
 
     fn forward_delta(&self, x: &Tensor, _train: bool) -> candle_peft::Result<Tensor> {

@@ -887,14 +887,22 @@ fn bad_input_is_refused_clearly() {
     let err = tiny_model(81, 0).load_adapter(&dir, ADAPTER).unwrap_err();
     assert!(err.to_string().contains("randlora_B"), "{err}");
 
-    // The CLI's options.
-    let args = candle_peft::config::CliAdapterArgs {
-        targets: vec!["q".into()],
-        options: BTreeMap::from([("use_rslora".to_string(), "true".to_string())]),
-        ..Default::default()
-    };
-    let err = RandLoraConfig::from_cli(&args).unwrap_err();
-    assert!(err.to_string().contains("use_rslora"), "{err}");
+    // The CLI's options (refused before any model is loaded).
+    let err = common::run_err(
+        bin()
+            .args([
+                "train", "--model", "unused", "--task", "classify", "--data", "unused",
+            ])
+            .args([
+                "--method",
+                "randlora",
+                "--targets",
+                "q",
+                "--opt",
+                "use_rslora=true",
+            ]),
+    );
+    assert!(err.contains("use_rslora"), "{err}");
 }
 
 // =============================================================================================

@@ -9,9 +9,10 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 
+use crate::adapters::AdapterConfig;
 use crate::adapters::corda::{CordaConfig, INIT_A, INIT_B, LORA_A, LORA_B};
 use crate::adapters::lora::{InitLoraWeights, LoraConfig};
-use crate::config::AdapterConfig;
+use crate::config::CommonFields;
 use crate::error::{PeftError, Result};
 use crate::io::peft_format::{self, KEY_PREFIX};
 
@@ -59,9 +60,10 @@ pub fn to_peft_lora(
         .iter()
         .map(|(k, v)| (k.clone(), v * factor))
         .collect();
-    lora.task_type = config.task_type.clone();
-    lora.base_model_name_or_path = config.base_model_name_or_path.clone();
-    lora.revision = config.revision.clone();
+    lora.common = CommonFields {
+        inference_mode: false,
+        ..config.common.clone()
+    };
 
     let (shared, per_module) = peft_format::split_shared(tensors);
     if let Some(key) = shared.keys().next() {

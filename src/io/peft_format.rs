@@ -14,18 +14,16 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-use crate::config::AdapterConfig;
+use crate::adapters::AdapterConfig;
 use crate::error::{PeftError, Result};
+
+pub use crate::config::{KEY_PREFIX, PEFT_VERSION};
 
 /// File name of the adapter's JSON config inside an adapter directory (PEFT's `CONFIG_NAME`).
 pub const CONFIG_NAME: &str = "adapter_config.json";
 /// File name of the adapter's weights inside an adapter directory (PEFT's
 /// `SAFETENSORS_WEIGHTS_NAME`).
 pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
-/// Prefix of every key in a PEFT adapter file.
-pub const KEY_PREFIX: &str = "base_model.model.";
-/// The PEFT version whose format we write.
-pub const PEFT_VERSION: &str = "0.21.2";
 
 /// An adapter directory as read from disk: the config and the tensors under their file keys.
 #[derive(Debug)]

@@ -19,7 +19,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor, Var};
 use tokenizers::Tokenizer;
 
-use crate::config::AdapterConfig;
+use crate::adapters::AdapterConfig;
 use crate::data::{PromptResponse, read_jsonl_pairs, read_text, tokenize_and_chunk};
 use crate::error::{PeftError, Result};
 use crate::generate::{GenerationConfig, generate};

@@ -30,7 +30,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use crate::config::AdapterConfig;
+use crate::adapters::AdapterConfig;
 use crate::data::{LabeledText, encode_batch, label_tensor, load_tokenizer};
 use crate::error::{PeftError, Result};
 use crate::io::peft_format::write_atomic;

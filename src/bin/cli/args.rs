@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use candle_peft::config::CliAdapterArgs;
 use candle_peft::optim::LoraProMode;
 use candle_peft::train::OptimizerKind;
 use candle_peft::{AdapterConfig, Method, Schedule, TrainConfig, Warmup};
@@ -169,7 +168,7 @@ fn parse_max_grad_norm(s: &str) -> Result<MaxGradNorm, String> {
 
 /// The settings checks that need no file: they fail before anything is loaded.
 pub fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
-    if args.lora_pro_mode.is_some() && Method::from_cli_name(&args.method)? != Method::LoraPro {
+    if args.lora_pro_mode.is_some() && !Method::from_cli_name(&args.method)?.uses_lora_pro() {
         bail!("--lora-pro-mode needs --method lora-pro");
     }
     for (flag, v) in [
@@ -247,8 +246,27 @@ pub fn adapter_config(
                 .with_context(|| format!("--config {}", file.display()))?
         }
         None => {
-            let cli = cli_adapter_args(args, default_targets)?;
-            AdapterConfig::from_cli(method, &cli)?
+            let targets = args
+                .targets
+                .clone()
+                .unwrap_or_else(|| default_targets.iter().map(|t| t.to_string()).collect());
+            let targets: Vec<String> = targets
+                .into_iter()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect();
+            if targets.is_empty() {
+                bail!("--targets is empty (give module names such as query,value)");
+            }
+            let opts: Vec<(String, String)> = parse_options(&args.opt)?.into_iter().collect();
+            super::method_args::adapter_config(
+                method,
+                &targets,
+                args.rank,
+                args.alpha,
+                args.dropout,
+                &opts,
+            )?
         }
     };
     let mut config = config;
@@ -257,45 +275,8 @@ pub fn adapter_config(
     Ok(config)
 }
 
-/// The adapter flags (`--targets`, `--rank`, `--alpha`, `--dropout`, `--opt`) as one value
-/// (default targets `default_targets`).
-pub fn cli_adapter_args(
-    args: &TrainArgs,
-    default_targets: &[&str],
-) -> anyhow::Result<CliAdapterArgs> {
-    let targets = args
-        .targets
-        .clone()
-        .unwrap_or_else(|| default_targets.iter().map(|t| t.to_string()).collect());
-    let targets: Vec<String> = targets
-        .into_iter()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect();
-    if targets.is_empty() {
-        bail!("--targets is empty (give module names such as query,value)");
-    }
-    Ok(CliAdapterArgs {
-        targets,
-        rank: args.rank,
-        alpha: args.alpha,
-        dropout: args.dropout,
-        options: parse_options(&args.opt)?,
-    })
-}
-
 /// The methods `train` can run in this build.
-const TRAINABLE_METHODS: &[Method] = &[
-    Method::Lora,
-    Method::LoraPro,
-    Method::Eva,
-    Method::Corda,
-    Method::RandLora,
-    Method::Flora,
-    Method::Svfit,
-    Method::Loldu,
-    Method::Salt,
-];
+const TRAINABLE_METHODS: &[Method] = candle_peft::adapters::METHODS;
 
 /// The method, or a clear error for the ones not implemented yet.
 pub fn check_method(name: &str) -> anyhow::Result<Method> {
@@ -345,7 +326,9 @@ pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
         warmup: args.warmup,
         max_grad_norm: args.max_grad_norm.0,
         optimizer: match Method::from_cli_name(&args.method) {
-            Ok(Method::LoraPro) => OptimizerKind::LoraPro(args.lora_pro_mode.unwrap_or_default()),
+            Ok(m) if m.uses_lora_pro() => {
+                OptimizerKind::LoraPro(args.lora_pro_mode.unwrap_or_default())
+            }
             _ => OptimizerKind::AdamW,
         },
         seed: args.seed,

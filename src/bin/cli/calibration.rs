@@ -19,12 +19,12 @@ use candle_peft::{AdapterConfig, DEFAULT_ADAPTER, Method, PeftModel};
 use super::args::TrainArgs;
 
 fn calibrated(method: Method) -> bool {
-    matches!(method, Method::Eva | Method::Corda)
+    method.needs_calibration()
 }
 
 /// The calibration flags make sense with EVA and CorDA only; `--corda-mode` with CorDA only.
 fn check_flags(args: &TrainArgs, method: Method) -> anyhow::Result<()> {
-    if args.corda_mode.is_some() && method != Method::Corda {
+    if args.corda_mode.is_some() && method != corda::METHOD {
         bail!("--corda-mode is a CorDA option (use it with --method corda)");
     }
     if !calibrated(method) && args.calib_data.is_some() {
@@ -49,7 +49,7 @@ fn add_adapter<M>(
     check_flags(args, method)?;
     let calibration = CalibrationOptions { quiet: args.quiet };
     match (method, config) {
-        (Method::Eva, AdapterConfig::Lora(mut c)) => {
+        (m, AdapterConfig::Lora(mut c)) if m == eva::METHOD => {
             c.init_lora_weights = InitLoraWeights::Named("eva".into());
             if c.eva_config.is_none() {
                 c.eva_config = Some(EvaConfig::default());
@@ -74,12 +74,12 @@ fn add_adapter<M>(
                 );
             }
         }
-        (Method::Eva, other) => bail!(
+        (m, other) if m == eva::METHOD => bail!(
             "--method eva initialises a LoRA adapter, but the config is {} (peft_type {})",
             other.method(),
             other.method().peft_type()
         ),
-        (Method::Corda, AdapterConfig::Corda(mut c)) => {
+        (m, AdapterConfig::Corda(mut c)) if m == corda::METHOD => {
             if let Some(mode) = &args.corda_mode {
                 c.corda_method = mode.parse().context("--corda-mode")?;
             }
@@ -96,7 +96,7 @@ fn add_adapter<M>(
                 );
             }
         }
-        (Method::Corda, other) => bail!(
+        (m, other) if m == corda::METHOD => bail!(
             "--method corda needs a CORDA config, but the config is {} (peft_type {})",
             other.method(),
             other.method().peft_type()

@@ -14,23 +14,6 @@ use clap::Args;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 
-/// Per-layer frozen state that SVFit, LoLDU, SALT and CorDA save beside their trainables
-/// (listed, not counted as trainable).
-const FROZEN_TENSORS: &[&str] = &[
-    "corda_A0.weight",
-    "corda_B0.weight",
-    "svfit_S0.weight",
-    "svfit_U.weight",
-    "svfit_Vh.weight",
-    "loldu_D.weight",
-    "loldu_L.weight",
-    "loldu_U.weight",
-    "loldu_perm.weight",
-    "salt_U.weight",
-    "salt_S.weight",
-    "salt_Vh.weight",
-];
-
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// Adapter directory (adapter_config.json + adapter_model.safetensors).
@@ -65,6 +48,15 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let prefixes = config.tensor_prefixes();
+    // Per-layer frozen state some methods save beside their trainables (listed, not counted)
+    // and the tensor whose first dimension is the rank, as the method's registry entry says.
+    let roles = &config.method().spec().tensors;
+    let frozen = |local: &str| {
+        local
+            .split('.')
+            .next()
+            .is_some_and(|head| roles.frozen.contains(&head))
+    };
 
     let mut modules: BTreeMap<String, ModuleInfo> = BTreeMap::new();
     let mut tensors = Vec::with_capacity(header.tensors.len());
@@ -89,7 +81,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             continue;
         }
         let (module, local) = split_key(key, prefixes);
-        if shared_names.contains(&local.as_str()) || FROZEN_TENSORS.contains(&local.as_str()) {
+        if shared_names.contains(&local.as_str()) || frozen(&local) {
             continue;
         }
         trainable += numel;
@@ -105,11 +97,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         });
         entry.params += numel;
         entry.saved_whole &= whole;
-        // LoRA's rank is lora_A's first dimension; SVFit's and LoLDU's, their trained vector's.
-        if matches!(
-            local.as_str(),
-            "lora_A.weight" | "svfit_S.weight" | "loldu_z.weight"
-        ) {
+        if roles.rank == Some(local.as_str()) {
             entry.rank = info.shape.first().copied();
         }
     }

@@ -17,6 +17,7 @@ pub mod generate;
 pub mod inspect;
 mod measure;
 pub mod merge;
+mod method_args;
 mod output;
 pub mod train;
 
