@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use candle_peft::generate::GenerationConfig;
 use candle_peft::io::source;
+use candle_peft::models::llama::LLAMA_TARGET_MODULES;
 use candle_peft::models::llama::LlamaForCausalLM;
 use candle_peft::tasks::causal_lm::CausalLmTask;
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig, Schedule, TrainConfig, Trainer, Warmup};
@@ -76,19 +77,7 @@ fn main() -> Result<()> {
     );
     println!("before: {PROMPT:?} → {sample_before:?}");
 
-    let lora = LoraConfig::new(
-        &[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-        16,
-        32.0,
-    );
+    let lora = LoraConfig::new(&LLAMA_TARGET_MODULES, 16, 32.0);
     task.add_adapter(DEFAULT_ADAPTER, lora)?;
     println!(
         "LoRA r=16 α=32 on all seven projections: {} trainable of {} parameters",

@@ -9,20 +9,11 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
 use candle_peft::adapters::lora::InitLoraWeights;
 use candle_peft::io::source::{self, SourceKind};
+use candle_peft::models::llama::LLAMA_TARGET_MODULES as SEVEN;
 use candle_peft::models::llama::{LlamaArch, LlamaConfig, LlamaForCausalLM, RopeScaling};
 use candle_peft::{LoraConfig, PeftError, PeftModel};
 use common::llama::*;
 use serde_json::json;
-
-const SEVEN: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     common::max_abs_diff(a, b)

@@ -20,6 +20,7 @@ use candle_peft::data_init::corda::{self, CordaOptions};
 use candle_peft::data_init::eva::{self, EvaOptions};
 use candle_peft::data_init::{CalibrationBatch, CalibrationOptions};
 use candle_peft::io::source;
+use candle_peft::models::llama::LLAMA_TARGET_MODULES;
 use candle_peft::models::llama::LlamaForCausalLM;
 use candle_peft::tasks::causal_lm::CausalLmTask;
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig};
@@ -29,15 +30,7 @@ use super::measure::{BenchResult, peak_rss_mb};
 
 const SMOLLM2_GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const TEXT: &str = "data/shakespeare/train.txt";
-const TARGETS: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const TARGETS: &[&str] = &LLAMA_TARGET_MODULES;
 const BATCHES: usize = 32;
 const BATCH: usize = 4;
 const SEQ: usize = 128;

@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use candle_peft::adapters::lora::InitLoraWeights;
 use candle_peft::io::source;
+use candle_peft::models::llama::LLAMA_TARGET_MODULES;
 use candle_peft::models::llama::LlamaForCausalLM;
 use candle_peft::optim::{AdamW, AdamWConfig};
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig};
@@ -28,15 +29,7 @@ use super::measure::{BenchResult, median_after};
 
 /// Where `scripts/fetch-models.sh` leaves SmolLM2.
 const SMOLLM2_GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-const TARGETS: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const TARGETS: &[&str] = &LLAMA_TARGET_MODULES;
 
 fn lora() -> LoraConfig {
     LoraConfig::new(TARGETS, 16, 32.0)

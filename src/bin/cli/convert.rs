@@ -50,5 +50,5 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         }
     )?;
     writeln!(o, "adapter saved to {}", args.out.display())?;
-    super::print_stdout(&o)
+    super::output::print_stdout(&o)
 }

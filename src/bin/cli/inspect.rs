@@ -188,7 +188,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             "tensors": tensors,
         });
         writeln!(o, "{}", serde_json::to_string(&out)?)?;
-        return super::print_stdout(&o);
+        return super::output::print_stdout(&o);
     }
 
     let show = |v: &Value| match v {
@@ -276,5 +276,5 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             t["shape"],
         )?;
     }
-    super::print_stdout(&o)
+    super::output::print_stdout(&o)
 }

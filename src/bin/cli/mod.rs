@@ -21,9 +21,6 @@ mod method_args;
 mod output;
 pub mod train;
 
-// `inspect` and `convert` still call `super::print_stdout`; they can import it from `output`.
-pub use output::print_stdout;
-
 use clap::{Parser, Subcommand};
 
 /// Parameter-efficient fine-tuning for candle, with Hugging Face PEFT's file format.

@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use candle_peft::io::source;
+use candle_peft::models::llama::LLAMA_TARGET_MODULES;
 use candle_peft::models::llama::LlamaForCausalLM;
 use candle_peft::tasks::causal_lm::{CausalLmTask, TASK_TYPE};
 use candle_peft::{DEFAULT_ADAPTER, Trainer};
@@ -19,22 +20,11 @@ use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, trai
 use crate::cli::calibration::add_causal_adapter;
 use crate::cli::output::{lm_eval_json, print_stdout};
 
-/// The seven projections of a Llama block: the default `--targets` for causal-LM.
-pub const LLAMA_TARGETS: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 /// `train --task causal-lm`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let method = check_method(&args.method)?;
     check_args(&args)?;
-    let mut config = adapter_config(&args, method, LLAMA_TARGETS)?;
+    let mut config = adapter_config(&args, method, &LLAMA_TARGET_MODULES)?;
     config
         .inner_mut()
         .set_task_type(Some(TASK_TYPE.to_string()));
