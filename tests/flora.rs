@@ -497,7 +497,7 @@ fn bad_input_is_refused_clearly() {
         cmd.args([
             "train", "--model", "unused", "--task", "classify", "--data", "unused",
         ])
-        .args(["--method", "flora", "--targets", "q"])
+        .args(["--out", "unused", "--method", "flora", "--targets", "q"])
         .args(extra);
         cmd
     };

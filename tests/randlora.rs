@@ -894,6 +894,8 @@ fn bad_input_is_refused_clearly() {
                 "train", "--model", "unused", "--task", "classify", "--data", "unused",
             ])
             .args([
+                "--out",
+                "unused",
                 "--method",
                 "randlora",
                 "--targets",
