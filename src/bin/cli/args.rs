@@ -42,8 +42,8 @@ pub struct TrainArgs {
     /// file of {"prompt", "response"} lines (loss on the response only).
     #[arg(long)]
     pub data: PathBuf,
-    /// Adapter method: lora, lora-pro, eva, corda, svfit, loldu, randlora, flora or salt.
-    #[arg(long)]
+    /// Adapter method (`--help` lists every registered method with its `--opt` options).
+    #[arg(long, long_help = crate::cli::method_args::methods_help())]
     pub method: String,
     /// Output folder: DIR/adapter/ and, with --merge, DIR/merged/.
     #[arg(long)]
@@ -275,20 +275,9 @@ pub fn adapter_config(
     Ok(config)
 }
 
-/// The methods `train` can run in this build.
-const TRAINABLE_METHODS: &[Method] = candle_peft::adapters::METHODS;
-
-/// The method, or a clear error for the ones not implemented yet.
+/// The registered method named `name`, or an error listing every registered name.
 pub fn check_method(name: &str) -> anyhow::Result<Method> {
-    let method = Method::from_cli_name(name)?;
-    if !TRAINABLE_METHODS.contains(&method) {
-        let implemented: Vec<String> = TRAINABLE_METHODS.iter().map(|m| m.to_string()).collect();
-        bail!(
-            "--method {method} is not implemented yet (implemented: {})",
-            implemented.join(", ")
-        );
-    }
-    Ok(method)
+    Ok(Method::from_cli_name(name)?)
 }
 
 /// `--opt key=value` pairs.

@@ -24,7 +24,7 @@ fn calibrated(method: Method) -> bool {
 
 /// The calibration flags make sense with EVA and CorDA only; `--corda-mode` with CorDA only.
 fn check_flags(args: &TrainArgs, method: Method) -> anyhow::Result<()> {
-    if args.corda_mode.is_some() && method != corda::METHOD {
+    if args.corda_mode.is_some() && method != candle_peft::adapters::corda::METHOD {
         bail!("--corda-mode is a CorDA option (use it with --method corda)");
     }
     if !calibrated(method) && args.calib_data.is_some() {
@@ -49,7 +49,7 @@ fn add_adapter<M>(
     check_flags(args, method)?;
     let calibration = CalibrationOptions { quiet: args.quiet };
     match (method, config) {
-        (m, AdapterConfig::Lora(mut c)) if m == eva::METHOD => {
+        (m, AdapterConfig::Lora(mut c)) if m == candle_peft::adapters::eva::METHOD => {
             c.init_lora_weights = InitLoraWeights::Named("eva".into());
             if c.eva_config.is_none() {
                 c.eva_config = Some(EvaConfig::default());
@@ -74,12 +74,12 @@ fn add_adapter<M>(
                 );
             }
         }
-        (m, other) if m == eva::METHOD => bail!(
+        (m, other) if m == candle_peft::adapters::eva::METHOD => bail!(
             "--method eva initialises a LoRA adapter, but the config is {} (peft_type {})",
             other.method(),
             other.method().peft_type()
         ),
-        (m, AdapterConfig::Corda(mut c)) if m == corda::METHOD => {
+        (m, AdapterConfig::Corda(mut c)) if m == candle_peft::adapters::corda::METHOD => {
             if let Some(mode) = &args.corda_mode {
                 c.corda_method = mode.parse().context("--corda-mode")?;
             }
@@ -96,7 +96,7 @@ fn add_adapter<M>(
                 );
             }
         }
-        (m, other) if m == corda::METHOD => bail!(
+        (m, other) if m == candle_peft::adapters::corda::METHOD => bail!(
             "--method corda needs a CORDA config, but the config is {} (peft_type {})",
             other.method(),
             other.method().peft_type()

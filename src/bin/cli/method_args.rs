@@ -95,7 +95,6 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PeftError {
 }
 
 /// Every method with its summary and options, for `--method`'s help.
-#[allow(dead_code)]
 pub fn methods_help() -> String {
     let mut out = String::new();
     for m in METHODS {
