@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, train_config};
 use crate::cli::calibration::add_causal_adapter;
-use crate::cli::output::{lm_eval_json, print_stdout};
+use crate::cli::output::{lm_eval_json, print_stdout, train_summary};
 
 /// `train --task causal-lm`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -96,26 +96,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         });
         writeln!(o, "{value}")?;
     } else {
-        match final_loss {
-            Some(l) => writeln!(
-                o,
-                "trained {} steps in {:.1}s, final loss {l:.4}",
-                report.global_step - report.start_step,
-                report.seconds
-            )?,
-            None => writeln!(o, "initialised without training (--steps 0)")?,
-        }
-        if let Some(r) = &final_eval {
-            writeln!(
-                o,
+        let eval = final_eval.as_ref().map(|r| {
+            format!(
                 "eval: perplexity {:.3} over {} tokens, loss {:.4}",
                 r.perplexity, r.tokens, r.loss
-            )?;
-        }
-        writeln!(o, "adapter saved to {}", adapter_dir.display())?;
-        if let Some(d) = &merged_dir {
-            writeln!(o, "merged model written to {}", d.display())?;
-        }
+            )
+        });
+        o.push_str(&train_summary(
+            &report,
+            final_loss,
+            eval,
+            &adapter_dir,
+            merged_dir.as_deref(),
+        ));
     }
     print_stdout(&o)
 }

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, train_config};
 use crate::cli::calibration::add_classify_adapter;
-use crate::cli::output::print_stdout;
+use crate::cli::output::{print_stdout, train_summary};
 
 fn eval_json(r: &EvalReport) -> Value {
     json!({
@@ -129,29 +129,22 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         });
         writeln!(o, "{value}")?;
     } else {
-        match final_loss {
-            Some(l) => writeln!(
-                o,
-                "trained {} steps in {:.1}s, final loss {l:.4}",
-                report.global_step - report.start_step,
-                report.seconds
-            )?,
-            None => writeln!(o, "initialised without training (--steps 0)")?,
-        }
-        if let Some(r) = &final_eval {
+        let eval = final_eval.as_ref().map(|r| {
             let v = eval_json(r);
-            writeln!(
-                o,
+            format!(
                 "eval: accuracy {:.4} on {} examples, loss {:.4}",
                 v["accuracy"].as_f64().unwrap_or(f64::NAN),
                 v["examples"],
                 r.loss
-            )?;
-        }
-        writeln!(o, "adapter saved to {}", adapter_dir.display())?;
-        if let Some(d) = &merged_dir {
-            writeln!(o, "merged model written to {}", d.display())?;
-        }
+            )
+        });
+        o.push_str(&train_summary(
+            &report,
+            final_loss,
+            eval,
+            &adapter_dir,
+            merged_dir.as_deref(),
+        ));
     }
     print_stdout(&o)
 }
