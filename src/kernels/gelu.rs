@@ -9,7 +9,7 @@ use super::blocks::{BLOCK, collect_blocks};
 #[cfg(feature = "cuda")]
 use super::cuda::{cuda_tensor, into_cuda};
 use super::fast_exp;
-use super::slices::{f32_input, output_storage};
+use super::slices::{f32_input, grad_operands, output_storage};
 
 /// `(Φ(x), φ(x))` for a block of `x`: the standard normal CDF and density. `Φ(x) =
 /// ½(1 + erf(x/√2))` with `erf` from Abramowitz–Stegun 7.1.26 (absolute error ≤ 1.5e-7, far
@@ -85,17 +85,9 @@ impl candle_core::CustomOp2 for GeluErfGrad {
         g: &CpuStorage,
         g_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = x_layout.shape().clone();
-        if g_layout.shape() != &shape {
-            candle_core::bail!(
-                "gelu-erf-grad: gradient {:?} vs input {:?}",
-                g_layout.shape(),
-                shape
-            );
-        }
         let (mut cx, mut cg) = (None, None);
-        let xs = f32_input(x, x_layout, &mut cx)?;
-        let gs = f32_input(g, g_layout, &mut cg)?;
+        let (shape, xs, gs) =
+            grad_operands("gelu-erf-grad", x, x_layout, g, g_layout, &mut cx, &mut cg)?;
         let out = collect_blocks(xs.len(), |start, dst| {
             let end = start + dst.len();
             let (xb, gb) = (&xs[start..end], &gs[start..end]);

@@ -12,7 +12,9 @@ use super::blocks::{BLOCK, ROWS_PER_TASK, collect_rows};
 #[cfg(feature = "cuda")]
 use super::cuda::{cuda_tensor, into_cuda};
 use super::simd::{LANES, lanes_to_f64, simd_kernel};
-use super::slices::{f32_input, output_storage, with_f32_values, with_optional_f32_values};
+use super::slices::{
+    f32_input, grad_operands, output_storage, with_f32_values, with_optional_f32_values,
+};
 
 /// Which normalisation `norm` computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,17 +163,16 @@ impl candle_core::CustomOp2 for NormGrad<'_> {
         g: &CpuStorage,
         g_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = x_layout.shape().clone();
-        if g_layout.shape() != &shape {
-            candle_core::bail!(
-                "frozen-norm-grad: gradient {:?} vs input {:?}",
-                g_layout.shape(),
-                shape
-            );
-        }
         let (mut cx, mut cg) = (None, None);
-        let xs = f32_input(x, x_layout, &mut cx)?;
-        let gs = f32_input(g, g_layout, &mut cg)?;
+        let (shape, xs, gs) = grad_operands(
+            "frozen-norm-grad",
+            x,
+            x_layout,
+            g,
+            g_layout,
+            &mut cx,
+            &mut cg,
+        )?;
         let dim = shape.dims().last().copied().unwrap_or(1);
         if dim == 0 {
             return Ok((output_storage(Vec::new(), &shape, x.dtype())?, shape));

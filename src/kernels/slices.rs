@@ -111,6 +111,30 @@ pub(crate) fn f32_input<'a>(
     }
 }
 
+/// A backward's two operands as f32 slices: the tensor the forward saved (`saved`, its input or
+/// output) and the incoming gradient `g`, which must have the saved tensor's shape (the shape is
+/// returned). `cs`/`cg` hold conversions for operands that are not contiguous f32.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn grad_operands<'a>(
+    op: &str,
+    saved: &'a CpuStorage,
+    saved_layout: &Layout,
+    g: &'a CpuStorage,
+    g_layout: &Layout,
+    cs: &'a mut Option<CpuStorage>,
+    cg: &'a mut Option<CpuStorage>,
+) -> candle_core::Result<(Shape, &'a [f32], &'a [f32])> {
+    let shape = saved_layout.shape().clone();
+    if g_layout.shape() != &shape {
+        candle_core::bail!("{op}: gradient {:?} vs {:?}", g_layout.shape(), shape);
+    }
+    Ok((
+        shape,
+        f32_input(saved, saved_layout, cs)?,
+        f32_input(g, g_layout, cg)?,
+    ))
+}
+
 /// The f32 result in the input's dtype.
 pub(crate) fn output_storage(
     out: Vec<f32>,

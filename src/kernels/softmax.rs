@@ -10,7 +10,7 @@ use super::blocks::ROWS_PER_TASK;
 use super::cuda::{cuda_tensor, into_cuda};
 use super::fast_exp;
 use super::simd::{dot_f32, row_max};
-use super::slices::{f32_input, output_storage};
+use super::slices::{f32_input, grad_operands, output_storage};
 
 struct MaskedSoftmax {
     mask: Option<Tensor>,
@@ -117,17 +117,16 @@ impl candle_core::CustomOp2 for SoftmaxGrad {
         g: &CpuStorage,
         g_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = y_layout.shape().clone();
-        if g_layout.shape() != &shape {
-            candle_core::bail!(
-                "masked-softmax-grad: gradient {:?} vs output {:?}",
-                g_layout.shape(),
-                shape
-            );
-        }
         let (mut cy, mut cg) = (None, None);
-        let ys = f32_input(y, y_layout, &mut cy)?;
-        let gs = f32_input(g, g_layout, &mut cg)?;
+        let (shape, ys, gs) = grad_operands(
+            "masked-softmax-grad",
+            y,
+            y_layout,
+            g,
+            g_layout,
+            &mut cy,
+            &mut cg,
+        )?;
         let tk = shape.dims().last().copied().unwrap_or(1);
         let mut out = vec![0f32; ys.len()];
         if tk == 0 {
