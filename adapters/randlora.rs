@@ -668,6 +668,7 @@ impl RandLoraAdapter {
         })
     }
 
+    /// The rank `r` of each basis.
     pub fn rank(&self) -> usize {
         self.shape.r
     }
@@ -677,6 +678,7 @@ impl RandLoraAdapter {
         self.shape.n
     }
 
+    /// `randlora_alpha`.
     pub fn alpha(&self) -> f64 {
         self.alpha
     }
@@ -686,10 +688,12 @@ impl RandLoraAdapter {
         self.scaling
     }
 
+    /// The trainable `Λ: [r, n]`.
     pub fn lambda(&self) -> &Var {
         &self.lambda
     }
 
+    /// The trainable `Γ: [n, k]`.
     pub fn gamma(&self) -> &Var {
         &self.gamma
     }
