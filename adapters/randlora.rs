@@ -67,7 +67,8 @@ use crate::config::{
 };
 use crate::error::{PeftError, Result};
 use crate::init;
-use crate::kernels::frozen::{conv2d_trainable, frozen_conv2d, frozen_matmul};
+use crate::kernels::frozen::conv2d_trainable;
+use crate::kernels::frozen_basis::{frozen_basis_conv2d, frozen_basis_linear};
 
 /// File key of the shared basis `A: [r, 1, k_g]`.
 pub const SHARED_A_KEY: &str = "base_model.randlora_A";
@@ -686,15 +687,7 @@ impl RandLoraAdapter {
         let x2 = x.reshape(((), in_features))?;
         let a = self.scaled_a()?;
         let b = self.flat_b()?;
-        let y = if self.shape.in_is_small {
-            // [T, in]·[in, rn] then the frozen [rn, out] product.
-            let h = x2.matmul(&a.t()?)?;
-            frozen_matmul(&h, &b, None)?
-        } else {
-            // The frozen [in, nr] product, then [T, nr]·[rn, out].
-            let h = frozen_matmul(&x2, &b.t()?, None)?;
-            h.matmul(&a)?
-        };
+        let y = frozen_basis_linear(&x2, &a, &b, self.shape.in_is_small)?;
         Ok((y * self.scaling)?.reshape(out_dims)?)
     }
 
@@ -721,28 +714,17 @@ impl RandLoraAdapter {
                 params.groups,
             )?);
         }
-        let q = self.shape.r * self.shape.n;
         let a = self.scaled_a()?;
         let b = self.flat_b()?;
-        let y = if self.shape.in_is_small {
-            let k1 = a.reshape((q, in_channels, kh, kw))?;
-            let h = conv2d_trainable(x, &k1, params.padding, params.stride, params.dilation, 1)?;
-            let k2 = b.reshape((out_channels, q, 1, 1))?;
-            frozen_conv2d(&h, &k2, None, 0, 1, 1, 1)?
-        } else {
-            let k1 = b.t()?.contiguous()?.reshape((q, in_channels, kh, kw))?;
-            let h = frozen_conv2d(
-                x,
-                &k1,
-                None,
-                params.padding,
-                params.stride,
-                params.dilation,
-                1,
-            )?;
-            let k2 = a.t()?.contiguous()?.reshape((out_channels, q, 1, 1))?;
-            conv2d_trainable(&h, &k2, 0, 1, 1, 1)?
-        };
+        let y = frozen_basis_conv2d(
+            x,
+            &a,
+            &b,
+            self.shape.in_is_small,
+            (in_channels, out_channels),
+            (kh, kw),
+            params,
+        )?;
         Ok((y * self.scaling)?)
     }
 }
