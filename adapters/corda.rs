@@ -162,7 +162,9 @@ impl std::fmt::Display for CordaMethod {
 /// The initial factors of one layer, made by the calibration (`A: [r, in]`, `B: [out, r]`, f32).
 #[derive(Clone, Debug)]
 pub struct CordaFactors {
+    /// `A: [r, in]`.
     pub a: Tensor,
+    /// `B: [out, r]`.
     pub b: Tensor,
 }
 

@@ -427,10 +427,12 @@ impl FloraAdapter {
         &self.ranks
     }
 
+    /// The plain multiplier `s` (`scale`, no `/r`).
     pub fn scale(&self) -> f64 {
         self.scale
     }
 
+    /// The trainable core tensor `G`.
     pub fn core(&self) -> &Var {
         &self.core
     }

@@ -395,6 +395,7 @@ impl LolduAdapter {
         })
     }
 
+    /// The rank `r` (number of kept pivots).
     pub fn rank(&self) -> usize {
         self.factors.k()
     }
@@ -429,6 +430,7 @@ impl LolduAdapter {
         &self.perm
     }
 
+    /// The trainable pivots `z: [r]` (initialised to `D_r`).
     pub fn z(&self) -> &Var {
         &self.z
     }

@@ -93,6 +93,7 @@ pub struct SmallMatrix {
 }
 
 impl SmallMatrix {
+    /// The `rows × cols` zero matrix.
     pub fn zeros(rows: usize, cols: usize) -> Self {
         Self {
             rows,
@@ -101,6 +102,7 @@ impl SmallMatrix {
         }
     }
 
+    /// The `n × n` identity.
     pub fn identity(n: usize) -> Self {
         let mut m = Self::zeros(n, n);
         for i in 0..n {
@@ -141,18 +143,22 @@ impl SmallMatrix {
         )
     }
 
+    /// Number of rows.
     pub fn rows(&self) -> usize {
         self.rows
     }
 
+    /// Number of columns.
     pub fn cols(&self) -> usize {
         self.cols
     }
 
+    /// The values, row-major.
     pub fn data(&self) -> &[f64] {
         &self.data
     }
 
+    /// The entry at row `i`, column `j`.
     pub fn get(&self, i: usize, j: usize) -> f64 {
         self.data[i * self.cols + j]
     }
@@ -161,6 +167,7 @@ impl SmallMatrix {
         self.data[i * self.cols + j] = v;
     }
 
+    /// `selfᵀ`.
     pub fn transpose(&self) -> Self {
         let mut out = Self::zeros(self.cols, self.rows);
         for i in 0..self.rows {
@@ -197,6 +204,7 @@ impl SmallMatrix {
         Ok(out)
     }
 
+    /// `factor · self`.
     pub fn scale(&self, factor: f64) -> Self {
         Self {
             rows: self.rows,
@@ -240,6 +248,7 @@ impl SmallMatrix {
         self.data.iter().fold(0.0, |m, v| m.max(v.abs()))
     }
 
+    /// The Frobenius norm `√(Σ m_ij²)`.
     pub fn frobenius(&self) -> f64 {
         self.data.iter().map(|v| v * v).sum::<f64>().sqrt()
     }
@@ -249,7 +258,9 @@ impl SmallMatrix {
 /// eigenvectors, `values` ascend.
 #[derive(Clone, Debug)]
 pub struct SymmetricEigen {
+    /// The eigenvalues, ascending.
     pub values: Vec<f64>,
+    /// The orthonormal eigenvectors `Q`, one per column, in the order of `values`.
     pub vectors: SmallMatrix,
 }
 
@@ -478,10 +489,12 @@ impl LoraProFactors {
         })
     }
 
+    /// The LoRA rank `r`.
     pub fn rank(&self) -> usize {
         self.ma_inv.rows
     }
 
+    /// The layer's scaling `s`.
     pub fn scaling(&self) -> f64 {
         self.scaling
     }

@@ -67,7 +67,8 @@ use crate::config::{
 };
 use crate::error::{PeftError, Result};
 use crate::init;
-use crate::kernels::frozen::{conv2d_trainable, frozen_conv2d, frozen_matmul};
+use crate::kernels::frozen::conv2d_trainable;
+use crate::kernels::frozen_basis::{frozen_basis_conv2d, frozen_basis_linear};
 
 /// File key of the shared basis `A: [r, 1, k_g]`.
 pub const SHARED_A_KEY: &str = "base_model.randlora_A";
@@ -301,44 +302,27 @@ impl RandLoraConfig {
                 "RandLoRA needs at least one targeted layer with a non-empty weight",
             ));
         }
-        let r = self.r;
         let (big, small) = (o_max.max(i_max), o_max.min(i_max));
-        let n_g = num_bases(small, r);
-        let mut rng = ChaCha8Rng::seed_from_u64(self.projection_prng_key);
-        let (a, b) = if self.very_sparse || self.sparse {
-            let sparsity = if self.very_sparse {
-                (small as f64).sqrt()
-            } else {
-                3.0
-            };
-            let a = ternary(&init::uniform(&mut rng, r * small, 0.0, 1.0), sparsity);
-            let b = ternary(&init::uniform(&mut rng, big * n_g * r, 0.0, 1.0), sparsity);
-            (a, b)
+        let sparsity = if self.very_sparse {
+            Some((small as f64).sqrt())
+        } else if self.sparse {
+            Some(3.0)
         } else {
-            let bound_a = 1.0 / (small as f32).sqrt();
-            let a = init::uniform(&mut rng, r * small, -bound_a, bound_a);
-            // One `[K_g, 1, r]` chunk per basis, concatenated along dim 1.
-            let bound_b = 1.0 / (r as f32).sqrt();
-            let mut b = vec![0f32; big * n_g * r];
-            for basis in 0..n_g {
-                let chunk = init::uniform(&mut rng, big * r, -bound_b, bound_b);
-                for p in 0..big {
-                    let dst = (p * n_g + basis) * r;
-                    b[dst..dst + r].copy_from_slice(&chunk[p * r..(p + 1) * r]);
-                }
-            }
-            (a, b)
+            None
         };
-        let a = divide_by_std(a, SHARED_A_KEY)?;
-        let b = divide_by_std(b, SHARED_B_KEY)?;
+        let (a, b) =
+            init::basis::draw_bases(self.projection_prng_key, self.r, small, big, sparsity);
+        let n_g = num_bases(small, self.r);
+        let a = init::basis::divide_by_std(a, SHARED_A_KEY)?;
+        let b = init::basis::divide_by_std(b, SHARED_B_KEY)?;
         Ok(BTreeMap::from([
             (
                 SHARED_A_KEY.to_string(),
-                Tensor::from_vec(a, (r, 1, small), device)?,
+                Tensor::from_vec(a, (self.r, 1, small), device)?,
             ),
             (
                 SHARED_B_KEY.to_string(),
-                Tensor::from_vec(b, (big, n_g, r), device)?,
+                Tensor::from_vec(b, (big, n_g, self.r), device)?,
             ),
         ]))
     }
@@ -452,50 +436,6 @@ impl RandLoraConfig {
             init::seed_from_name(module),
         )
     }
-}
-
-/// Maps `U(0, 1)` draws to −1 / 0 / +1 with P(±1) = 1/(2·sparsity) each.
-fn ternary(u: &[f32], sparsity: f64) -> Vec<f32> {
-    let lo = 1.0 / (2.0 * sparsity);
-    let hi = 1.0 - lo;
-    u.iter()
-        .map(|&v| {
-            let v = f64::from(v);
-            if v < lo {
-                -1.0
-            } else if v > hi {
-                1.0
-            } else {
-                0.0
-            }
-        })
-        .collect()
-}
-
-/// `v / std(v)` with torch's unbiased std over the whole tensor.
-fn divide_by_std(mut v: Vec<f32>, key: &str) -> Result<Vec<f32>> {
-    let n = v.len() as f64;
-    let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-    let var = v
-        .iter()
-        .map(|&x| (f64::from(x) - mean).powi(2))
-        .sum::<f64>()
-        / (n - 1.0);
-    let std = var.sqrt();
-    if !(std.is_finite() && std > 0.0) {
-        return Err(PeftError::config(
-            key,
-            format!(
-                "the random basis has std {std} ({} entries); it cannot be normalised \
-                 (use dense bases or larger layers)",
-                v.len()
-            ),
-        ));
-    }
-    for x in &mut v {
-        *x = (f64::from(*x) / std) as f32;
-    }
-    Ok(v)
 }
 
 fn shared_basis(
@@ -668,6 +608,7 @@ impl RandLoraAdapter {
         })
     }
 
+    /// The rank `r` of each basis.
     pub fn rank(&self) -> usize {
         self.shape.r
     }
@@ -677,6 +618,7 @@ impl RandLoraAdapter {
         self.shape.n
     }
 
+    /// `randlora_alpha`.
     pub fn alpha(&self) -> f64 {
         self.alpha
     }
@@ -686,10 +628,12 @@ impl RandLoraAdapter {
         self.scaling
     }
 
+    /// The trainable `Λ: [r, n]`.
     pub fn lambda(&self) -> &Var {
         &self.lambda
     }
 
+    /// The trainable `Γ: [n, k]`.
     pub fn gamma(&self) -> &Var {
         &self.gamma
     }
@@ -743,15 +687,7 @@ impl RandLoraAdapter {
         let x2 = x.reshape(((), in_features))?;
         let a = self.scaled_a()?;
         let b = self.flat_b()?;
-        let y = if self.shape.in_is_small {
-            // [T, in]·[in, rn] then the frozen [rn, out] product.
-            let h = x2.matmul(&a.t()?)?;
-            frozen_matmul(&h, &b, None)?
-        } else {
-            // The frozen [in, nr] product, then [T, nr]·[rn, out].
-            let h = frozen_matmul(&x2, &b.t()?, None)?;
-            h.matmul(&a)?
-        };
+        let y = frozen_basis_linear(&x2, &a, &b, self.shape.in_is_small)?;
         Ok((y * self.scaling)?.reshape(out_dims)?)
     }
 
@@ -778,28 +714,17 @@ impl RandLoraAdapter {
                 params.groups,
             )?);
         }
-        let q = self.shape.r * self.shape.n;
         let a = self.scaled_a()?;
         let b = self.flat_b()?;
-        let y = if self.shape.in_is_small {
-            let k1 = a.reshape((q, in_channels, kh, kw))?;
-            let h = conv2d_trainable(x, &k1, params.padding, params.stride, params.dilation, 1)?;
-            let k2 = b.reshape((out_channels, q, 1, 1))?;
-            frozen_conv2d(&h, &k2, None, 0, 1, 1, 1)?
-        } else {
-            let k1 = b.t()?.contiguous()?.reshape((q, in_channels, kh, kw))?;
-            let h = frozen_conv2d(
-                x,
-                &k1,
-                None,
-                params.padding,
-                params.stride,
-                params.dilation,
-                1,
-            )?;
-            let k2 = a.t()?.contiguous()?.reshape((out_channels, q, 1, 1))?;
-            conv2d_trainable(&h, &k2, 0, 1, 1, 1)?
-        };
+        let y = frozen_basis_conv2d(
+            x,
+            &a,
+            &b,
+            self.shape.in_is_small,
+            (in_channels, out_channels),
+            (kh, kw),
+            params,
+        )?;
         Ok((y * self.scaling)?)
     }
 }

@@ -534,6 +534,7 @@ impl SaltAdapter {
         self.factors.k()
     }
 
+    /// `r_t`, the number of top singular values that get scale and shift.
     pub fn r_t(&self) -> usize {
         self.r_t
     }

@@ -317,6 +317,7 @@ impl SvfitAdapter {
         })
     }
 
+    /// The number of kept singular values `r`.
     pub fn rank(&self) -> usize {
         self.factors.k()
     }

@@ -22,6 +22,7 @@ pub(crate) mod cross_entropy;
 pub(crate) mod cuda;
 pub(crate) mod fast_exp;
 pub(crate) mod frozen;
+pub(crate) mod frozen_basis;
 pub(crate) mod gelu;
 pub(crate) mod gemm;
 pub(crate) mod linear_cross_entropy;

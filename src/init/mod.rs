@@ -1,6 +1,8 @@
 //! Seeded random draws. candle's CPU RNG cannot be seeded, so every initial value and dropout
 //! mask comes from a ChaCha RNG here and enters candle through `Tensor::from_vec`.
 
+pub mod basis;
+
 use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
