@@ -293,6 +293,7 @@ mod tests {
     use crate::kernels::linear_lora::frozen_linear_lora;
     use crate::kernels::norm::{NormKind, norm};
     use crate::kernels::rope::rope;
+    use crate::kernels::test_values::{max_abs, max_diff, tensor, var};
 
     /// Rotary angles of positions `0..len` at frequencies `freqs`, as a Llama model builds them.
     struct Tables {
@@ -344,41 +345,6 @@ mod tests {
             }
         }
         Tensor::from_vec(mask, (batch, 1, seq, seq), &Device::Cpu).unwrap()
-    }
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (i as f32 * 0.618 + seed as f32 * 1.37).sin() * 0.9)
-            .collect()
-    }
-
-    fn tensor(shape: &[usize], seed: u32) -> Tensor {
-        let n = shape.iter().product();
-        Tensor::from_vec(values(n, seed), shape, &Device::Cpu).unwrap()
-    }
-
-    fn var(shape: &[usize], seed: u32) -> Var {
-        Var::from_tensor(&tensor(shape, seed)).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    fn max_abs(a: &Tensor) -> f32 {
-        a.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     struct Setup {

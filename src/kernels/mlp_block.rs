@@ -225,21 +225,7 @@ mod tests {
     use crate::kernels::linear_lora::frozen_linear_lora;
     use crate::kernels::norm::{NormKind, norm};
     use crate::kernels::swiglu::swiglu;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (i as f32 * 0.618 + seed as f32 * 1.37).sin() * 0.9)
-            .collect()
-    }
-
-    fn tensor(shape: &[usize], seed: u32) -> Tensor {
-        let n = shape.iter().product();
-        Tensor::from_vec(values(n, seed), shape, &Device::Cpu).unwrap()
-    }
-
-    fn var(shape: &[usize], seed: u32) -> Var {
-        Var::from_tensor(&tensor(shape, seed)).unwrap()
-    }
+    use crate::kernels::test_values::{max_abs, max_diff, tensor, var};
 
     struct Case {
         parts: [FusedLinearParts; 3],
@@ -287,19 +273,6 @@ mod tests {
         (h + linear(&act, &parts[2])).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     fn check(rows: (usize, usize), hidden: usize, inter: usize, with_lora: [bool; 3], bias: bool) {
         let Case { parts, vars } = case(hidden, inter, with_lora, bias);
         let h = var(&[rows.0, rows.1, hidden], 1);
@@ -309,13 +282,7 @@ mod tests {
             .unwrap()
             .expect("CPU f32 operands take the fused block");
         let plain = composed(h.as_tensor(), &gamma, 1e-5, &parts);
-        let scale = plain
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&plain);
         let diff = max_diff(&fused, &plain);
         assert!(
             diff <= 1e-5 * scale.max(1.0),
@@ -332,13 +299,7 @@ mod tests {
             for (i, v) in all.iter().enumerate() {
                 let f = fused_grads.get(v.as_tensor()).expect("fused gradient");
                 let p = plain_grads.get(v.as_tensor()).expect("plain gradient");
-                let scale = p
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let scale = max_abs(p);
                 assert!(
                     max_diff(f, p) <= 1e-5 * scale.max(1.0),
                     "pass {pass}, gradient {i}: {} (scale {scale})",

@@ -36,4 +36,6 @@ pub(crate) mod slices;
 pub(crate) mod softmax;
 pub(crate) mod swiglu;
 #[cfg(test)]
+pub(crate) mod test_values;
+#[cfg(test)]
 mod timing;

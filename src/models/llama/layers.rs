@@ -362,25 +362,7 @@ mod tests {
 
     use super::*;
     use crate::kernels::rope::rope_reference;
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::kernels::test_values::{grid_values as values, max_diff};
 
     /// `(Σ w ⊙ f(x), dL/dx)` for a fixed weighting `w` of the output.
     fn grad_of(x: &Var, y: &Tensor, seed: usize) -> Tensor {
