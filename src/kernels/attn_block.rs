@@ -204,7 +204,7 @@ impl SavingKernel for AttentionBlock {
         } = saved;
         let mut dpack = vec![0f32; pack.len()];
         let mut dx = self.layers.with_linears(pack, |linears| {
-            let [q_l, k_l, v_l, o_l] = linears else {
+            let [_, _, _, o_l] = linears else {
                 candle_core::bail!("{OP}: expected four layers");
             };
             let mut dcontext = vec![0f32; context.len()];
@@ -218,14 +218,9 @@ impl SavingKernel for AttentionBlock {
             drop((q, k, v, dcontext));
             let dq = self.rope(&dq, self.heads, self.query_scale(), true)?;
             let dk = self.rope(&dk, self.kv_heads, 1.0, true)?;
-            let mut dnormed = vec![0f32; normed.len()];
-            let grads = q_l.backward(&normed, &dq, rows, &mut dnormed, false)?;
-            self.layers.put_grads(&mut dpack, 0, grads)?;
-            let grads = k_l.backward(&normed, &dk, rows, &mut dnormed, true)?;
-            self.layers.put_grads(&mut dpack, 1, grads)?;
-            let grads = v_l.backward(&normed, &dv, rows, &mut dnormed, true)?;
-            self.layers.put_grads(&mut dpack, 2, grads)?;
-            Ok(dnormed)
+            let output_grads = [(0, &dq[..]), (1, &dk[..]), (2, &dv[..])];
+            self.layers
+                .shared_input_backward(linears, &mut dpack, &normed, rows, &output_grads)
         })?;
         rms_backward_into(&mut dx, x, &self.gamma()?, &inv_rms, dout);
         Ok((dx, dpack))

@@ -207,6 +207,27 @@ impl BlockLayers {
         Ok(())
     }
 
+    /// `dL/d(input)` of the layers that all read `input` (the block's normed hidden state), from
+    /// each one's output gradient as `(index, dL/dy)`; their factor gradients go into `dpack`.
+    pub(crate) fn shared_input_backward(
+        &self,
+        linears: &[LinearValues<'_>],
+        dpack: &mut [f32],
+        input: &[f32],
+        rows: usize,
+        output_grads: &[(usize, &[f32])],
+    ) -> candle_core::Result<Vec<f32>> {
+        let mut dinput = vec![0f32; input.len()];
+        for (n, &(index, dout)) in output_grads.iter().enumerate() {
+            let Some(layer) = linears.get(index) else {
+                candle_core::bail!("{}: no layer {index}", self.op);
+            };
+            let grads = layer.backward(input, dout, rows, &mut dinput, n > 0)?;
+            self.put_grads(dpack, index, grads)?;
+        }
+        Ok(dinput)
+    }
+
     /// The pack's gradient as a tensor shaped like `pack`, or none for a placeholder.
     pub(crate) fn pack_grad(
         &self,

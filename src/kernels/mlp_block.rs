@@ -148,7 +148,7 @@ impl SavingKernel for MlpBlock {
         } = saved;
         let mut dpack = vec![0f32; pack.len()];
         let mut dh = self.layers.with_linears(pack, |linears| {
-            let [gate_l, up_l, down_l] = linears else {
+            let [_, _, down_l] = linears else {
                 candle_core::bail!("{OP}: expected three layers");
             };
             let mut dact = vec![0f32; rows * inter];
@@ -171,12 +171,9 @@ impl SavingKernel for MlpBlock {
                         *g = dg;
                     }
                 });
-            let mut dnormed = vec![0f32; rows * self.hidden];
-            let grads = gate_l.backward(&normed, &gate, rows, &mut dnormed, false)?;
-            self.layers.put_grads(&mut dpack, 0, grads)?;
-            let grads = up_l.backward(&normed, &up, rows, &mut dnormed, true)?;
-            self.layers.put_grads(&mut dpack, 1, grads)?;
-            Ok(dnormed)
+            let output_grads = [(0, &gate[..]), (1, &up[..])];
+            self.layers
+                .shared_input_backward(linears, &mut dpack, &normed, rows, &output_grads)
         })?;
         rms_backward_into(&mut dh, h, &self.gamma()?, &inv_rms, dout);
         Ok((dh, dpack))
