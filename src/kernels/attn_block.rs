@@ -226,8 +226,8 @@ impl SavingKernel for AttentionBlock {
         Ok((dx, dpack))
     }
 
-    fn pack_grad(&self, dpack: Vec<f32>, pack: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        self.layers.pack_grad(dpack, pack)
+    fn layers(&self) -> &BlockLayers {
+        &self.layers
     }
 }
 

@@ -179,8 +179,8 @@ impl SavingKernel for MlpBlock {
         Ok((dh, dpack))
     }
 
-    fn pack_grad(&self, dpack: Vec<f32>, pack: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        self.layers.pack_grad(dpack, pack)
+    fn layers(&self) -> &BlockLayers {
+        &self.layers
     }
 }
 

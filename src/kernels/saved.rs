@@ -13,6 +13,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
+use super::block_layers::BlockLayers;
 use super::slices::{f32_slice, with_values};
 
 /// The math of a two-input op on CPU f32 values: input `x` (the output has its shape) and a
@@ -36,8 +37,8 @@ pub(crate) trait SavingKernel: Send + Sync {
         saved: Self::Saved,
     ) -> candle_core::Result<(Vec<f32>, Vec<f32>)>;
 
-    /// The pack's gradient as a tensor shaped like `pack`, or none when `pack` tracks none.
-    fn pack_grad(&self, dpack: Vec<f32>, pack: &Tensor) -> candle_core::Result<Option<Tensor>>;
+    /// The layers whose operands `pack` holds (they shape the pack's gradient).
+    fn layers(&self) -> &BlockLayers;
 }
 
 /// The candle op of a [`SavingKernel`]: the forward's activations wait here for the backward.
@@ -97,6 +98,6 @@ impl<K: SavingKernel> CustomOp2 for SavingOp<K> {
             })
         })?;
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
-        Ok((Some(dx), self.kernel.pack_grad(dpack, &pack)?))
+        Ok((Some(dx), self.kernel.layers().pack_grad(dpack, &pack)?))
     }
 }
