@@ -59,11 +59,11 @@ use crate::adapter::{
     Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
 };
 use crate::adapters::factored::{
-    Factors, SVD_DTYPE, f64_precision, flat_dims, precision_or_f64, relu_zero_grad, saved_len,
-    saved_tensor, weight_matrix,
+    Factors, SVD_DTYPE, f64_precision, precision_or_f64, relu_zero_grad, weight_matrix,
 };
+use crate::adapters::support::{flat_dims, option, saved_len, saved_tensor};
 use crate::config::{
-    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, peft_json,
+    CommonFields, ConfigFields, InitContext, LoadContext, MethodConfig, Targeting, peft_json,
 };
 use crate::error::{PeftError, Result};
 use crate::linalg::{self, Precision};
@@ -94,41 +94,35 @@ pub const METHOD: Method = Method::new(&MethodSpec {
         alpha_per_rank: None,
         dropout: None,
         options: &[
-            salt_option("r_t", OptionKind::Int, "singular values that get scale and shift", None),
-            salt_option(
-                "ratio_salt",
-                OptionKind::Float,
-                "r_t as a share of min(out, in) when r_t is not given (0.1)",
-                Some("r_t"),
+            option(
+                "r_t",
+                OptionKind::Int,
+                "singular values that get scale and shift",
             ),
-            salt_option(
+            OptionSpec {
+                excludes: Some("r_t"),
+                ..option(
+                    "ratio_salt",
+                    OptionKind::Float,
+                    "r_t as a share of min(out, in) when r_t is not given (0.1)",
+                )
+            },
+            option(
                 "store_factors",
                 OptionKind::Bool,
                 "save U, σ, Vᵀ in the file (true; false needs the base weight to load)",
-                None,
             ),
             SVD_DTYPE,
-            salt_option("reg_weight", OptionKind::Float, "weight of the regulariser in the loss (0)", None),
+            option(
+                "reg_weight",
+                OptionKind::Float,
+                "weight of the regulariser in the loss (0)",
+            ),
         ],
     },
     needs_calibration: false,
     lora_pro_optimizer: false,
 });
-
-const fn salt_option(
-    key: &'static str,
-    kind: OptionKind,
-    help: &'static str,
-    excludes: Option<&'static str>,
-) -> OptionSpec {
-    OptionSpec {
-        key,
-        path: key,
-        kind,
-        help,
-        excludes,
-    }
-}
 
 /// The sign rule recorded in the config (see [`crate::linalg`]).
 pub const SVD_SIGN_RULE: &str = "max_abs_entry_of_u_positive";
@@ -431,25 +425,19 @@ fn warn_on_ties(module: &str, s: &Tensor) -> Result<()> {
     Ok(())
 }
 
+impl ConfigFields for SaltConfig {
+    fn fields(&self) -> (&Targeting, &CommonFields) {
+        (&self.targeting, &self.common)
+    }
+
+    fn fields_mut(&mut self) -> (&mut Targeting, &mut CommonFields) {
+        (&mut self.targeting, &mut self.common)
+    }
+}
+
 impl MethodConfig for SaltConfig {
     fn method(&self) -> Method {
         METHOD
-    }
-
-    fn targeting(&self) -> &Targeting {
-        &self.targeting
-    }
-
-    fn targeting_mut(&mut self) -> &mut Targeting {
-        &mut self.targeting
-    }
-
-    fn common(&self) -> &CommonFields {
-        &self.common
-    }
-
-    fn common_mut(&mut self) -> &mut CommonFields {
-        &mut self.common
     }
 
     fn validate(&self) -> Result<()> {
