@@ -38,9 +38,13 @@
 //!
 //! Signs: the residual block is not diagonal and the ReLU is sign-sensitive, so flipping one
 //! residual pair `(u_j, v_j) → (−u_j, −v_j)` leaves W unchanged but changes the adapted layer.
-//! Factors are therefore always put in canonical form (entry of largest magnitude of each `u_j`
-//! positive), at init and on load. Repeated singular values leave the vectors undetermined
-//! beyond sign; a warning names the layer when the spectrum has near-ties.
+//! Init therefore puts the factors in canonical form (entry of largest magnitude of each `u_j`
+//! positive, decided on the SVD's own precision before the f32 cast), and stored factors are
+//! then the adapter: load and merge use them exactly as stored, never re-canonicalised (the rule
+//! re-applied to the f32 factors can flip a pair whose two largest entries round to the same
+//! magnitude, which would change the adapted layer). Without stored factors the load redoes
+//! init's SVD. Repeated singular values leave the vectors undetermined beyond sign; a warning
+//! names the layer when the spectrum has near-ties.
 //!
 //! File (`peft_type` "SALT"), per adapted module: `salt_scale.weight` (α), `salt_shift.weight`
 //! (β), `salt_X.weight`, `salt_Y.weight` (absent when `k = r_t`), and with `store_factors`
@@ -371,12 +375,12 @@ impl SaltConfig {
             None
         };
         let (u, s, vh) = if tensors.contains_key(U) {
-            let u = get(U, &[out, k])?;
-            let s = get(SIGMA, &[k])?;
-            let vh = get(VH, &[k, in_flat])?;
-            // Files written elsewhere may hold other signs; the adapter's meaning depends on them.
-            let (u, v) = linalg::canonicalize_svd_signs(&u, &vh.t()?)?;
-            (u.contiguous()?, s, v.t()?.contiguous()?)
+            // Used exactly as stored: the adapter's meaning depends on these signs.
+            (
+                get(U, &[out, k])?,
+                get(SIGMA, &[k])?,
+                get(VH, &[k, in_flat])?,
+            )
         } else {
             let Some(w) = base_weight else {
                 return Err(PeftError::layer(
