@@ -58,7 +58,6 @@
 //! This file holds the config and the adapter; the calibration runs in
 //! [`crate::data_init::corda`] ([`add_corda_adapter`](crate::data_init::corda::add_corda_adapter)).
 
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -72,12 +71,13 @@ use crate::adapter::{
     Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
 };
 use crate::adapters::lora::{InitLoraWeights, LoraAdapter, LoraConfig, USE_RSLORA};
+use crate::adapters::support::saved_tensor;
 use crate::config::{
-    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, json_number, peft_json,
+    CommonFields, ConfigFields, InitContext, LoadContext, MethodConfig, Targeting, json_number,
+    peft_json,
 };
 use crate::error::{PeftError, Result};
 use crate::init;
-use crate::config::KEY_PREFIX;
 
 pub(crate) const LORA_A: &str = "lora_A.weight";
 pub(crate) const LORA_B: &str = "lora_B.weight";
@@ -393,20 +393,8 @@ impl CordaConfig {
     ) -> Result<CordaAdapter> {
         let (in_f, out_f) = Self::linear_dims(module, geometry)?;
         let (r, alpha, scaling) = self.resolve(module)?;
-        let fetch = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let key = format!("{KEY_PREFIX}{module}.{name}");
-            let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
-                key: key.clone(),
-                location: "the adapter file".into(),
-            })?;
-            if t.dims() != shape {
-                return Err(PeftError::ShapeMismatch {
-                    key,
-                    expected: shape.to_vec(),
-                    got: t.dims().to_vec(),
-                });
-            }
-            Ok(t.to_dtype(DType::F32)?.to_device(device)?)
+        let fetch = |name: &str, shape: &[usize]| {
+            saved_tensor(module, tensors, name, shape, DType::F32, device)
         };
         let a = fetch(LORA_A, &[r, in_f])?;
         let b = fetch(LORA_B, &[out_f, r])?;
@@ -437,25 +425,19 @@ fn check_shape(module: &str, what: &str, t: &Tensor, expected: &[usize]) -> Resu
     Ok(())
 }
 
+impl ConfigFields for CordaConfig {
+    fn fields(&self) -> (&Targeting, &CommonFields) {
+        (&self.lora.targeting, &self.lora.common)
+    }
+
+    fn fields_mut(&mut self) -> (&mut Targeting, &mut CommonFields) {
+        (&mut self.lora.targeting, &mut self.lora.common)
+    }
+}
+
 impl MethodConfig for CordaConfig {
     fn method(&self) -> Method {
         METHOD
-    }
-
-    fn targeting(&self) -> &Targeting {
-        &self.lora.targeting
-    }
-
-    fn targeting_mut(&mut self) -> &mut Targeting {
-        &mut self.lora.targeting
-    }
-
-    fn common(&self) -> &CommonFields {
-        &self.lora.common
-    }
-
-    fn common_mut(&mut self) -> &mut CommonFields {
-        &mut self.lora.common
     }
 
     fn validate(&self) -> Result<()> {
@@ -546,11 +528,7 @@ impl Adapter for CordaAdapter {
         };
         *last = geometry.out_features();
         let x2 = x.reshape(((), geometry.in_features()))?;
-        let xd = if train && self.lora.dropout() > 0.0 {
-            self.lora.apply_dropout(&x2)?
-        } else {
-            x2.clone()
-        };
+        let xd = self.lora.dropout().apply(x2.clone(), train)?;
         let trained = xd
             .matmul(&self.lora_a().as_tensor().t()?)?
             .matmul(&self.lora_b().as_tensor().t()?)?;
@@ -560,7 +538,10 @@ impl Adapter for CordaAdapter {
     }
 
     fn delta_weight(&self) -> Result<Tensor> {
-        let trained = self.lora_b().as_tensor().matmul(self.lora_a().as_tensor())?;
+        let trained = self
+            .lora_b()
+            .as_tensor()
+            .matmul(self.lora_a().as_tensor())?;
         let initial = self.b0.matmul(&self.a0)?;
         Ok(((trained - initial)? * self.scaling())?)
     }

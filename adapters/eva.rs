@@ -48,7 +48,6 @@
 //! by layer order (PEFT's argsort leaves them unspecified); the randomised SVD draws its test
 //! matrix from a seeded ChaCha RNG, not torch's; PEFT loops until convergence with no cap.
 
-
 use crate::adapter::{CliSpec, Method, MethodSpec, OptionKind, OptionSpec};
 use crate::adapters::lora::{LORA_TENSORS, USE_RSLORA};
 pub use crate::config::EvaConfig;
@@ -69,17 +68,42 @@ pub const METHOD: Method = Method::new(&MethodSpec {
         alpha_per_rank: None,
         dropout: Some("lora_dropout"),
         options: &[
-            eva_option("rho", "eva_config.rho", OptionKind::Float, "components per layer as a multiple of its rank (≥ 1)"),
-            eva_option("tau", "eva_config.tau", OptionKind::Float, "cosine similarity at which a component has converged"),
-            eva_option("whiten", "eva_config.whiten", OptionKind::Bool, "divide each row of A by √(its singular value)"),
+            eva_option(
+                "rho",
+                "eva_config.rho",
+                OptionKind::Float,
+                "components per layer as a multiple of its rank (≥ 1)",
+            ),
+            eva_option(
+                "tau",
+                "eva_config.tau",
+                OptionKind::Float,
+                "cosine similarity at which a component has converged",
+            ),
+            eva_option(
+                "whiten",
+                "eva_config.whiten",
+                OptionKind::Bool,
+                "divide each row of A by √(its singular value)",
+            ),
             eva_option(
                 "adjust_scaling_factors",
                 "eva_config.adjust_scaling_factors",
                 OptionKind::Bool,
                 "scale α with the redistributed rank so that α/r stays",
             ),
-            eva_option("use_label_mask", "eva_config.use_label_mask", OptionKind::Bool, "skip tokens labelled label_mask_value"),
-            eva_option("label_mask_value", "eva_config.label_mask_value", OptionKind::Int, "the label of tokens that do not count"),
+            eva_option(
+                "use_label_mask",
+                "eva_config.use_label_mask",
+                OptionKind::Bool,
+                "skip tokens labelled label_mask_value",
+            ),
+            eva_option(
+                "label_mask_value",
+                "eva_config.label_mask_value",
+                OptionKind::Int,
+                "the label of tokens that do not count",
+            ),
             USE_RSLORA,
         ],
     },

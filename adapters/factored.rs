@@ -16,11 +16,10 @@
 //! so backward computes no gradient for the frozen factors; only the core's ops are ordinary
 //! (differentiable) candle ops.
 
-use std::collections::BTreeMap;
-
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::adapter::{LayerGeometry, OptionKind, OptionSpec};
+use crate::adapters::support::{flat_dims, option};
 use crate::error::{PeftError, Result};
 use crate::kernels::frozen::{frozen_conv2d, frozen_matmul};
 use crate::linalg::{self, Precision};
@@ -56,57 +55,6 @@ pub(crate) fn weight_matrix(
         ));
     }
     Ok(w)
-}
-
-/// `(out, in_flat)` of a layer's flattened weight.
-pub(crate) fn flat_dims(geometry: LayerGeometry) -> (usize, usize) {
-    let shape = geometry.weight_shape();
-    (shape[0], shape[1..].iter().product())
-}
-
-/// A saved tensor of one layer, checked against `shape` and moved to `device` as `dtype`.
-pub(crate) fn saved_tensor(
-    module: &str,
-    tensors: &BTreeMap<String, Tensor>,
-    name: &str,
-    shape: &[usize],
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    let key = format!("{}{module}.{name}", crate::config::KEY_PREFIX);
-    let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
-        key: key.clone(),
-        location: "the adapter file".into(),
-    })?;
-    if t.dims() != shape {
-        return Err(PeftError::ShapeMismatch {
-            key,
-            expected: shape.to_vec(),
-            got: t.dims().to_vec(),
-        });
-    }
-    Ok(t.to_dtype(dtype)?.to_device(device)?)
-}
-
-/// The length of a saved 1-D tensor (how a loader learns a layer's rank).
-pub(crate) fn saved_len(
-    module: &str,
-    tensors: &BTreeMap<String, Tensor>,
-    name: &str,
-) -> Result<usize> {
-    let key = format!("{}{module}.{name}", crate::config::KEY_PREFIX);
-    let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
-        key: key.clone(),
-        location: "the adapter file".into(),
-    })?;
-    match *t.dims() {
-        [n] => Ok(n),
-        _ => Err(PeftError::ShapeMismatch {
-            key,
-            expected: vec![t.elem_count()],
-            got: t.dims().to_vec(),
-        }),
-    }
 }
 
 /// Frozen factors `A: [k, in_flat]`, `B: [out, k]` of one layer, laid out for the forward.
@@ -260,13 +208,11 @@ pub(crate) fn relu_zero_grad(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `--opt svd_dtype=float32|float64`, shared by the SVD-based methods.
-pub(crate) const SVD_DTYPE: OptionSpec = OptionSpec {
-    key: "svd_dtype",
-    path: "svd_dtype",
-    kind: OptionKind::Str,
-    help: "precision of the SVD: float64 (default) or float32",
-    excludes: None,
-};
+pub(crate) const SVD_DTYPE: OptionSpec = option(
+    "svd_dtype",
+    OptionKind::Str,
+    "precision of the SVD: float64 (default) or float32",
+);
 
 /// serde's default of a precision field: f64.
 pub(crate) fn f64_precision() -> Precision {

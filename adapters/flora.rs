@@ -35,10 +35,9 @@
 //! needed to load or merge.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -46,11 +45,13 @@ use serde_json::{Value, json};
 use crate::adapter::{
     Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
 };
+use crate::adapters::support::saved_tensor;
 use crate::config::{
-    CommonFields, InitContext, LoadContext, MethodConfig, OneOrMany, Targeting, peft_json, to_json,
+    CommonFields, ConfigFields, InitContext, LoadContext, MethodConfig, OneOrMany, Targeting,
+    peft_json, to_json,
 };
 use crate::error::{PeftError, Result};
-use crate::init;
+use crate::init::{self, Dropout};
 use crate::kernels::frozen::conv2d_trainable;
 
 const PREFIX: &str = "flora_layer";
@@ -301,21 +302,8 @@ impl FloraConfig {
         let ranks = self.ranks_for(module, geometry)?;
         let dims = mode_sizes(geometry);
         let fetch = |name: &str, shape: &[usize]| -> Result<Var> {
-            let key = format!("{}{module}.{name}", crate::config::KEY_PREFIX);
-            let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
-                key: key.clone(),
-                location: "the adapter file".into(),
-            })?;
-            if t.dims() != shape {
-                return Err(PeftError::ShapeMismatch {
-                    key,
-                    expected: shape.to_vec(),
-                    got: t.dims().to_vec(),
-                });
-            }
-            Ok(Var::from_tensor(
-                &t.to_dtype(DType::F32)?.to_device(device)?,
-            )?)
+            let t = saved_tensor(module, tensors, name, shape, DType::F32, device)?;
+            Ok(Var::from_tensor(&t)?)
         };
         let core = fetch(&core_name(), &ranks)?;
         let factors = dims
@@ -335,25 +323,19 @@ impl FloraConfig {
     }
 }
 
+impl ConfigFields for FloraConfig {
+    fn fields(&self) -> (&Targeting, &CommonFields) {
+        (&self.targeting, &self.common)
+    }
+
+    fn fields_mut(&mut self) -> (&mut Targeting, &mut CommonFields) {
+        (&mut self.targeting, &mut self.common)
+    }
+}
+
 impl MethodConfig for FloraConfig {
     fn method(&self) -> Method {
         METHOD
-    }
-
-    fn targeting(&self) -> &Targeting {
-        &self.targeting
-    }
-
-    fn targeting_mut(&mut self) -> &mut Targeting {
-        &mut self.targeting
-    }
-
-    fn common(&self) -> &CommonFields {
-        &self.common
-    }
-
-    fn common_mut(&mut self) -> &mut CommonFields {
-        &mut self.common
     }
 
     fn validate(&self) -> Result<()> {
@@ -395,11 +377,10 @@ pub struct FloraAdapter {
     geometry: LayerGeometry,
     ranks: Vec<usize>,
     scale: f64,
-    dropout: f32,
+    dropout: Dropout,
     core: Var,
     /// `P_i: [d_i, r_i]` in mode order `[in, out, kh, kw]`.
     factors: Vec<Var>,
-    dropout_rng: Mutex<ChaCha8Rng>,
 }
 
 impl FloraAdapter {
@@ -415,10 +396,9 @@ impl FloraAdapter {
             geometry,
             ranks,
             scale: config.scale,
-            dropout: config.flora_dropout as f32,
+            dropout: Dropout::new(config.flora_dropout as f32, dropout_seed),
             core,
             factors,
-            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(dropout_seed)),
         }
     }
 
@@ -504,17 +484,6 @@ impl FloraAdapter {
         };
         Ok((delta * self.scale)?)
     }
-
-    fn apply_dropout(&self, x: Tensor, train: bool) -> Result<Tensor> {
-        if !train || self.dropout <= 0.0 {
-            return Ok(x);
-        }
-        let mut rng = self
-            .dropout_rng
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        init::dropout(&x, self.dropout, &mut rng)
-    }
 }
 
 impl Adapter for FloraAdapter {
@@ -523,7 +492,7 @@ impl Adapter for FloraAdapter {
     }
 
     fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.apply_dropout(x.to_dtype(DType::F32)?, train)?;
+        let x = self.dropout.apply(x.to_dtype(DType::F32)?, train)?;
         match self.geometry {
             LayerGeometry::Linear {
                 in_features,

@@ -37,13 +37,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::adapter::{
-    Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
+    Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, TensorRoles,
 };
-use crate::adapters::factored::{
-    Factors, f64_precision, flat_dims, precision_or_f64, saved_len, saved_tensor, weight_matrix,
-};
+use crate::adapters::factored::{Factors, f64_precision, precision_or_f64, weight_matrix};
+use crate::adapters::support::{flat_dims, option, saved_len, saved_tensor};
 use crate::config::{
-    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, peft_json,
+    CommonFields, ConfigFields, InitContext, LoadContext, MethodConfig, Targeting, peft_json,
 };
 use crate::error::{PeftError, Result};
 use crate::linalg::{self, Precision};
@@ -66,13 +65,11 @@ pub const METHOD: Method = Method::new(&MethodSpec {
         alpha: Some("lora_alpha"),
         alpha_per_rank: None,
         dropout: None,
-        options: &[OptionSpec {
-            key: "lu_dtype",
-            path: "lu_dtype",
-            kind: OptionKind::Str,
-            help: "precision of the LU: float64 (default) or float32",
-            excludes: None,
-        }],
+        options: &[option(
+            "lu_dtype",
+            OptionKind::Str,
+            "precision of the LU: float64 (default) or float32",
+        )],
     },
     needs_calibration: false,
     lora_pro_optimizer: false,
@@ -301,25 +298,19 @@ fn check_permutation(module: &str, perm: &Tensor) -> Result<()> {
     Ok(())
 }
 
+impl ConfigFields for LolduConfig {
+    fn fields(&self) -> (&Targeting, &CommonFields) {
+        (&self.targeting, &self.common)
+    }
+
+    fn fields_mut(&mut self) -> (&mut Targeting, &mut CommonFields) {
+        (&mut self.targeting, &mut self.common)
+    }
+}
+
 impl MethodConfig for LolduConfig {
     fn method(&self) -> Method {
         METHOD
-    }
-
-    fn targeting(&self) -> &Targeting {
-        &self.targeting
-    }
-
-    fn targeting_mut(&mut self) -> &mut Targeting {
-        &mut self.targeting
-    }
-
-    fn common(&self) -> &CommonFields {
-        &self.common
-    }
-
-    fn common_mut(&mut self) -> &mut CommonFields {
-        &mut self.common
     }
 
     fn validate(&self) -> Result<()> {

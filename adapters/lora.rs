@@ -22,10 +22,9 @@
 //! agree for dilation 1 and ours keeps the shapes right otherwise.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -33,13 +32,14 @@ use serde_json::{Value, json};
 use crate::adapter::{
     Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
 };
+use crate::adapters::support::saved_tensor;
 pub use crate::config::EvaConfig;
 use crate::config::{
-    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, json_number, pattern_value,
-    peft_json, to_json,
+    CommonFields, ConfigFields, InitContext, LoadContext, MethodConfig, Targeting, json_number,
+    pattern_value, peft_json, to_json,
 };
 use crate::error::{PeftError, Result};
-use crate::init;
+use crate::init::{self, Dropout};
 
 /// PEFT's `init_lora_weights`: a bool or a named scheme.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -394,21 +394,8 @@ impl LoraConfig {
         let (r, alpha, scaling) = self.resolve(module)?;
         let (a_shape, b_shape) = lora_shapes(module, geometry, r)?;
         let fetch = |name: &str, shape: &[usize]| -> Result<Var> {
-            let key = format!("base_model.model.{module}.{name}");
-            let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
-                key: key.clone(),
-                location: "the adapter file".into(),
-            })?;
-            if t.dims() != shape {
-                return Err(PeftError::ShapeMismatch {
-                    key,
-                    expected: shape.to_vec(),
-                    got: t.dims().to_vec(),
-                });
-            }
-            Ok(Var::from_tensor(
-                &t.to_dtype(DType::F32)?.to_device(device)?,
-            )?)
+            let t = saved_tensor(module, tensors, name, shape, DType::F32, device)?;
+            Ok(Var::from_tensor(&t)?)
         };
         let a = fetch("lora_A.weight", &a_shape)?;
         let b = fetch("lora_B.weight", &b_shape)?;
@@ -425,25 +412,19 @@ impl LoraConfig {
     }
 }
 
+impl ConfigFields for LoraConfig {
+    fn fields(&self) -> (&Targeting, &CommonFields) {
+        (&self.targeting, &self.common)
+    }
+
+    fn fields_mut(&mut self) -> (&mut Targeting, &mut CommonFields) {
+        (&mut self.targeting, &mut self.common)
+    }
+}
+
 impl MethodConfig for LoraConfig {
     fn method(&self) -> Method {
         METHOD
-    }
-
-    fn targeting(&self) -> &Targeting {
-        &self.targeting
-    }
-
-    fn targeting_mut(&mut self) -> &mut Targeting {
-        &mut self.targeting
-    }
-
-    fn common(&self) -> &CommonFields {
-        &self.common
-    }
-
-    fn common_mut(&mut self) -> &mut CommonFields {
-        &mut self.common
     }
 
     fn validate(&self) -> Result<()> {
@@ -535,10 +516,9 @@ pub struct LoraAdapter {
     rank: usize,
     alpha: f64,
     scaling: f64,
-    dropout: f32,
+    dropout: Dropout,
     a: Var,
     b: Var,
-    dropout_rng: Mutex<ChaCha8Rng>,
 }
 
 impl LoraAdapter {
@@ -559,10 +539,9 @@ impl LoraAdapter {
             rank,
             alpha,
             scaling,
-            dropout,
+            dropout: Dropout::new(dropout, dropout_seed),
             a,
             b,
-            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(dropout_seed)),
         }
     }
 
@@ -596,18 +575,9 @@ impl LoraAdapter {
         self.geometry
     }
 
-    /// The dropout probability on the adapter's input.
-    pub(crate) fn dropout(&self) -> f32 {
-        self.dropout
-    }
-
-    /// `x` with this adapter's dropout applied (its own seeded mask stream).
-    pub(crate) fn apply_dropout(&self, x: &Tensor) -> Result<Tensor> {
-        let mut rng = self
-            .dropout_rng
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        init::dropout(x, self.dropout, &mut rng)
+    /// The adapter's input dropout.
+    pub(crate) fn dropout(&self) -> &Dropout {
+        &self.dropout
     }
 }
 
@@ -617,12 +587,7 @@ impl Adapter for LoraAdapter {
     }
 
     fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?;
-        let x = if train && self.dropout > 0.0 {
-            self.apply_dropout(&x)?
-        } else {
-            x
-        };
+        let x = self.dropout.apply(x.to_dtype(DType::F32)?, train)?;
         match self.geometry {
             LayerGeometry::Linear { in_features, .. } => {
                 let mut out_dims = x.dims().to_vec();
@@ -660,7 +625,7 @@ impl Adapter for LoraAdapter {
     ) -> Option<Result<Tensor>> {
         let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
         let eligible = matches!(self.geometry, LayerGeometry::Linear { .. })
-            && !(train && self.dropout > 0.0)
+            && !self.dropout.is_active(train)
             && cpu_f32(x)
             && cpu_f32(weight)
             && bias.is_none_or(cpu_f32);
@@ -680,7 +645,7 @@ impl Adapter for LoraAdapter {
         let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
         let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
         let eligible = matches!(self.geometry, LayerGeometry::Linear { .. })
-            && !(train && self.dropout > 0.0)
+            && !self.dropout.is_active(train)
             && cpu_f32(a)
             && cpu_f32(b);
         eligible.then(|| (a.clone(), b.clone(), self.scaling))

@@ -16,6 +16,7 @@ use crate::config::{InitContext, LoadContext, MethodConfig, Targeting};
 use crate::error::{PeftError, Result};
 
 pub(crate) mod factored;
+pub(crate) mod support;
 
 /// Declares the method modules, the [`AdapterConfig`] enum over the config types (one variant
 /// per method with a file format of its own), its dispatch and `From` impls, and [`METHODS`].

@@ -51,22 +51,23 @@
 //! each of our files still loads in PEFT on its own.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::adapter::{
-    Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
+    Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, TensorRoles,
 };
+use crate::adapters::support::{option, saved_tensor};
 use crate::config::{
-    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, json_number, peft_json,
+    CommonFields, ConfigFields, InitContext, LoadContext, MethodConfig, Targeting, json_number,
+    peft_json,
 };
 use crate::error::{PeftError, Result};
-use crate::init;
+use crate::init::{self, Dropout};
 use crate::kernels::frozen::conv2d_trainable;
 use crate::kernels::frozen_basis::{frozen_basis_conv2d, frozen_basis_linear};
 
@@ -98,31 +99,27 @@ pub const METHOD: Method = Method::new(&MethodSpec {
         alpha_per_rank: Some(20),
         dropout: Some("randlora_dropout"),
         options: &[
-            bool_option("sparse", "ternary bases, P(±1) = 1/6 each"),
-            bool_option("very_sparse", "ternary bases, P(±1) = 1/(2√k) each"),
-            OptionSpec {
-                key: "projection_prng_key",
-                path: "projection_prng_key",
-                kind: OptionKind::Int,
-                help: "seed of the bases",
-                excludes: None,
-            },
-            bool_option("init_weights", "false: Λ random, not the identity (for tests)"),
+            option(
+                "sparse",
+                OptionKind::Bool,
+                "ternary bases, P(±1) = 1/6 each",
+            ),
+            option(
+                "very_sparse",
+                OptionKind::Bool,
+                "ternary bases, P(±1) = 1/(2√k) each",
+            ),
+            option("projection_prng_key", OptionKind::Int, "seed of the bases"),
+            option(
+                "init_weights",
+                OptionKind::Bool,
+                "false: Λ random, not the identity (for tests)",
+            ),
         ],
     },
     needs_calibration: false,
     lora_pro_optimizer: false,
 });
-
-const fn bool_option(key: &'static str, help: &'static str) -> OptionSpec {
-    OptionSpec {
-        key,
-        path: key,
-        kind: OptionKind::Bool,
-        help,
-        excludes: None,
-    }
-}
 
 /// `RandLoraConfig`, with PEFT's field names and defaults.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -172,10 +169,7 @@ fn default_true() -> bool {
 }
 
 /// `(out, in)` of the weight RandLoRA adapts: a conv kernel counts as `[out, in/g·kh·kw]`.
-pub fn flat_dims(geometry: LayerGeometry) -> (usize, usize) {
-    let shape = geometry.weight_shape();
-    (shape[0], shape[1..].iter().product())
-}
+pub use crate::adapters::support::flat_dims;
 
 /// PEFT's number of bases `n = ⌈k/r⌉`.
 pub fn num_bases(k: usize, r: usize) -> usize {
@@ -310,20 +304,17 @@ impl RandLoraConfig {
         } else {
             None
         };
-        let (a, b) =
-            init::basis::draw_bases(self.projection_prng_key, self.r, small, big, sparsity);
-        let n_g = num_bases(small, self.r);
-        let a = init::basis::divide_by_std(a, SHARED_A_KEY)?;
-        let b = init::basis::divide_by_std(b, SHARED_B_KEY)?;
+        let (a, b) = init::basis::make_bases(
+            self.projection_prng_key,
+            self.r,
+            (small, big),
+            sparsity,
+            (SHARED_A_KEY, SHARED_B_KEY),
+            device,
+        )?;
         Ok(BTreeMap::from([
-            (
-                SHARED_A_KEY.to_string(),
-                Tensor::from_vec(a, (self.r, 1, small), device)?,
-            ),
-            (
-                SHARED_B_KEY.to_string(),
-                Tensor::from_vec(b, (big, n_g, self.r), device)?,
-            ),
+            (SHARED_A_KEY.to_string(), a),
+            (SHARED_B_KEY.to_string(), b),
         ]))
     }
 
@@ -355,8 +346,9 @@ impl RandLoraConfig {
         rng: &mut ChaCha8Rng,
     ) -> Result<RandLoraAdapter> {
         let shape = self.layer_shape(module, geometry)?;
-        let basis_a = shared_basis(shared, SHARED_A_KEY, module, "init_shared did not run")?;
-        let basis_b = shared_basis(shared, SHARED_B_KEY, module, "init_shared did not run")?;
+        let location =
+            format!("the shared tensors of the adapter on `{module}` (init_shared did not run)");
+        let bases = find_bases(shared, &BTreeMap::new(), &location)?;
         let (r, n, k) = (shape.r, shape.n, shape.k);
         let (lambda, gamma) = if self.init_weights {
             (vec![0f32; r * n], vec![1.0 / k.max(n) as f32; n * k])
@@ -375,7 +367,7 @@ impl RandLoraConfig {
             self,
             lambda,
             gamma,
-            (basis_a, basis_b),
+            bases,
             device,
             rng.random(),
         )
@@ -393,37 +385,15 @@ impl RandLoraConfig {
     ) -> Result<RandLoraAdapter> {
         let shape = self.layer_shape(module, geometry)?;
         let fetch = |name: &str, dims: &[usize]| -> Result<Var> {
-            let key = format!("{}{module}.{name}", crate::config::KEY_PREFIX);
-            let t = tensors.get(name).ok_or_else(|| PeftError::MissingTensor {
-                key: key.clone(),
-                location: "the adapter file".into(),
-            })?;
-            if t.dims() != dims {
-                return Err(PeftError::ShapeMismatch {
-                    key,
-                    expected: dims.to_vec(),
-                    got: t.dims().to_vec(),
-                });
-            }
-            Ok(Var::from_tensor(
-                &t.to_dtype(DType::F32)?.to_device(device)?,
-            )?)
+            let t = saved_tensor(module, tensors, name, dims, DType::F32, device)?;
+            Ok(Var::from_tensor(&t)?)
         };
         let lambda = fetch(LAMBDA, &[shape.r, shape.n])?;
         let gamma = fetch(GAMMA, &[shape.n, shape.k])?;
-        let missing = "the file has neither model-level nor per-layer bases; files saved with \
-                       save_projection=false cannot be loaded (torch's generator cannot be \
-                       reproduced)";
-        let basis = |shared_key: &str, local: &str| -> Result<Tensor> {
-            match (shared.get(shared_key), tensors.get(local)) {
-                (Some(t), _) | (None, Some(t)) => Ok(t.clone()),
-                (None, None) => Err(PeftError::MissingTensor {
-                    key: shared_key.to_string(),
-                    location: format!("the adapter file ({missing})"),
-                }),
-            }
-        };
-        let bases = (basis(SHARED_A_KEY, BASIS_A)?, basis(SHARED_B_KEY, BASIS_B)?);
+        let location = "the adapter file (the file has neither model-level nor per-layer \
+                        bases; files saved with save_projection=false cannot be loaded \
+                        (torch's generator cannot be reproduced))";
+        let bases = find_bases(shared, tensors, location)?;
         RandLoraAdapter::new(
             module,
             geometry,
@@ -438,40 +408,36 @@ impl RandLoraConfig {
     }
 }
 
-fn shared_basis(
+/// The bases `(A, B)`: the model-level ones in `shared`, or else a layer's own duplicates in
+/// `local`; `location` says in the error where they were looked for.
+fn find_bases(
     shared: &BTreeMap<String, Tensor>,
-    key: &str,
-    module: &str,
-    why: &str,
-) -> Result<Tensor> {
-    shared
-        .get(key)
-        .cloned()
-        .ok_or_else(|| PeftError::MissingTensor {
+    local: &BTreeMap<String, Tensor>,
+    location: &str,
+) -> Result<(Tensor, Tensor)> {
+    let find = |key: &str, local_name: &str| match shared.get(key).or(local.get(local_name)) {
+        Some(t) => Ok(t.clone()),
+        None => Err(PeftError::MissingTensor {
             key: key.to_string(),
-            location: format!("the shared tensors of the adapter on `{module}` ({why})"),
-        })
+            location: location.to_string(),
+        }),
+    };
+    Ok((find(SHARED_A_KEY, BASIS_A)?, find(SHARED_B_KEY, BASIS_B)?))
+}
+
+impl ConfigFields for RandLoraConfig {
+    fn fields(&self) -> (&Targeting, &CommonFields) {
+        (&self.targeting, &self.common)
+    }
+
+    fn fields_mut(&mut self) -> (&mut Targeting, &mut CommonFields) {
+        (&mut self.targeting, &mut self.common)
+    }
 }
 
 impl MethodConfig for RandLoraConfig {
     fn method(&self) -> Method {
         METHOD
-    }
-
-    fn targeting(&self) -> &Targeting {
-        &self.targeting
-    }
-
-    fn targeting_mut(&mut self) -> &mut Targeting {
-        &mut self.targeting
-    }
-
-    fn common(&self) -> &CommonFields {
-        &self.common
-    }
-
-    fn common_mut(&mut self) -> &mut CommonFields {
-        &mut self.common
     }
 
     fn validate(&self) -> Result<()> {
@@ -543,7 +509,7 @@ pub struct RandLoraAdapter {
     shape: LayerShape,
     alpha: f64,
     scaling: f64,
-    dropout: f32,
+    dropout: Dropout,
     lambda: Var,
     gamma: Var,
     /// The adapter's full shared bases (saved as the per-layer duplicates PEFT writes).
@@ -551,7 +517,6 @@ pub struct RandLoraAdapter {
     basis_b: Tensor,
     /// `A_l = A[:, :, :k]: [r, 1, k]`.
     a_slice: Tensor,
-    dropout_rng: Mutex<ChaCha8Rng>,
 }
 
 impl RandLoraAdapter {
@@ -570,41 +535,19 @@ impl RandLoraAdapter {
         let basis_a = basis_a.to_dtype(DType::F32)?.to_device(device)?;
         let basis_b = basis_b.to_dtype(DType::F32)?.to_device(device)?;
         let (r, n, k, big) = (shape.r, shape.n, shape.k, shape.big);
-        let a_ok = matches!(*basis_a.dims(), [ra, 1, ka] if ra == r && ka >= k);
-        if !a_ok {
-            return Err(PeftError::layer(
-                module,
-                format!(
-                    "randlora_A has shape {:?}; this layer needs [{r}, 1, ≥{k}] (r = {r}, \
-                     min(in, out) = {k})",
-                    basis_a.dims()
-                ),
-            ));
-        }
-        let b_ok = matches!(*basis_b.dims(), [kb, nb, rb] if rb == r && kb >= big && nb >= n);
-        if !b_ok {
-            return Err(PeftError::layer(
-                module,
-                format!(
-                    "randlora_B has shape {:?}; this layer needs [≥{big}, ≥{n}, {r}] \
-                     (max(in, out) = {big}, n = ⌈{k}/{r}⌉ = {n})",
-                    basis_b.dims()
-                ),
-            ));
-        }
+        init::basis::check_covers(module, (&basis_a, &basis_b), r, n, (k, big))?;
         let a_slice = basis_a.narrow(2, 0, k)?.contiguous()?;
         Ok(Self {
             geometry,
             shape,
             alpha: config.randlora_alpha,
             scaling: config.scaling(),
-            dropout: config.randlora_dropout as f32,
+            dropout: Dropout::new(config.randlora_dropout as f32, dropout_seed),
             lambda,
             gamma,
             basis_a,
             basis_b,
             a_slice,
-            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(dropout_seed)),
         })
     }
 
@@ -667,17 +610,6 @@ impl RandLoraAdapter {
         Ok((flat * self.scaling)?.reshape(self.geometry.weight_shape())?)
     }
 
-    fn apply_dropout(&self, x: Tensor, train: bool) -> Result<Tensor> {
-        if !train || self.dropout <= 0.0 {
-            return Ok(x);
-        }
-        let mut rng = self
-            .dropout_rng
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        init::dropout(&x, self.dropout, &mut rng)
-    }
-
     fn linear_delta(&self, x: &Tensor, in_features: usize, out_features: usize) -> Result<Tensor> {
         let mut out_dims = x.dims().to_vec();
         let Some(last) = out_dims.last_mut() else {
@@ -735,7 +667,7 @@ impl Adapter for RandLoraAdapter {
     }
 
     fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.apply_dropout(x.to_dtype(DType::F32)?, train)?;
+        let x = self.dropout.apply(x.to_dtype(DType::F32)?, train)?;
         match self.geometry {
             LayerGeometry::Linear {
                 in_features,

@@ -38,9 +38,13 @@
 //!
 //! Signs: the residual block is not diagonal and the ReLU is sign-sensitive, so flipping one
 //! residual pair `(u_j, v_j) → (−u_j, −v_j)` leaves W unchanged but changes the adapted layer.
-//! Factors are therefore always put in canonical form (entry of largest magnitude of each `u_j`
-//! positive), at init and on load. Repeated singular values leave the vectors undetermined
-//! beyond sign; a warning names the layer when the spectrum has near-ties.
+//! Init therefore puts the factors in canonical form (entry of largest magnitude of each `u_j`
+//! positive, decided on the SVD's own precision before the f32 cast), and stored factors are
+//! then the adapter: load and merge use them exactly as stored, never re-canonicalised (the rule
+//! re-applied to the f32 factors can flip a pair whose two largest entries round to the same
+//! magnitude, which would change the adapted layer). Without stored factors the load redoes
+//! init's SVD. Repeated singular values leave the vectors undetermined beyond sign; a warning
+//! names the layer when the spectrum has near-ties.
 //!
 //! File (`peft_type` "SALT"), per adapted module: `salt_scale.weight` (α), `salt_shift.weight`
 //! (β), `salt_X.weight`, `salt_Y.weight` (absent when `k = r_t`), and with `store_factors`
@@ -59,11 +63,11 @@ use crate::adapter::{
     Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
 };
 use crate::adapters::factored::{
-    Factors, SVD_DTYPE, f64_precision, flat_dims, precision_or_f64, relu_zero_grad, saved_len,
-    saved_tensor, weight_matrix,
+    Factors, SVD_DTYPE, f64_precision, precision_or_f64, relu_zero_grad, weight_matrix,
 };
+use crate::adapters::support::{flat_dims, option, saved_len, saved_tensor};
 use crate::config::{
-    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, peft_json,
+    CommonFields, ConfigFields, InitContext, LoadContext, MethodConfig, Targeting, peft_json,
 };
 use crate::error::{PeftError, Result};
 use crate::linalg::{self, Precision};
@@ -94,41 +98,35 @@ pub const METHOD: Method = Method::new(&MethodSpec {
         alpha_per_rank: None,
         dropout: None,
         options: &[
-            salt_option("r_t", OptionKind::Int, "singular values that get scale and shift", None),
-            salt_option(
-                "ratio_salt",
-                OptionKind::Float,
-                "r_t as a share of min(out, in) when r_t is not given (0.1)",
-                Some("r_t"),
+            option(
+                "r_t",
+                OptionKind::Int,
+                "singular values that get scale and shift",
             ),
-            salt_option(
+            OptionSpec {
+                excludes: Some("r_t"),
+                ..option(
+                    "ratio_salt",
+                    OptionKind::Float,
+                    "r_t as a share of min(out, in) when r_t is not given (0.1)",
+                )
+            },
+            option(
                 "store_factors",
                 OptionKind::Bool,
                 "save U, σ, Vᵀ in the file (true; false needs the base weight to load)",
-                None,
             ),
             SVD_DTYPE,
-            salt_option("reg_weight", OptionKind::Float, "weight of the regulariser in the loss (0)", None),
+            option(
+                "reg_weight",
+                OptionKind::Float,
+                "weight of the regulariser in the loss (0)",
+            ),
         ],
     },
     needs_calibration: false,
     lora_pro_optimizer: false,
 });
-
-const fn salt_option(
-    key: &'static str,
-    kind: OptionKind,
-    help: &'static str,
-    excludes: Option<&'static str>,
-) -> OptionSpec {
-    OptionSpec {
-        key,
-        path: key,
-        kind,
-        help,
-        excludes,
-    }
-}
 
 /// The sign rule recorded in the config (see [`crate::linalg`]).
 pub const SVD_SIGN_RULE: &str = "max_abs_entry_of_u_positive";
@@ -377,12 +375,12 @@ impl SaltConfig {
             None
         };
         let (u, s, vh) = if tensors.contains_key(U) {
-            let u = get(U, &[out, k])?;
-            let s = get(SIGMA, &[k])?;
-            let vh = get(VH, &[k, in_flat])?;
-            // Files written elsewhere may hold other signs; the adapter's meaning depends on them.
-            let (u, v) = linalg::canonicalize_svd_signs(&u, &vh.t()?)?;
-            (u.contiguous()?, s, v.t()?.contiguous()?)
+            // Used exactly as stored: the adapter's meaning depends on these signs.
+            (
+                get(U, &[out, k])?,
+                get(SIGMA, &[k])?,
+                get(VH, &[k, in_flat])?,
+            )
         } else {
             let Some(w) = base_weight else {
                 return Err(PeftError::layer(
@@ -431,25 +429,19 @@ fn warn_on_ties(module: &str, s: &Tensor) -> Result<()> {
     Ok(())
 }
 
+impl ConfigFields for SaltConfig {
+    fn fields(&self) -> (&Targeting, &CommonFields) {
+        (&self.targeting, &self.common)
+    }
+
+    fn fields_mut(&mut self) -> (&mut Targeting, &mut CommonFields) {
+        (&mut self.targeting, &mut self.common)
+    }
+}
+
 impl MethodConfig for SaltConfig {
     fn method(&self) -> Method {
         METHOD
-    }
-
-    fn targeting(&self) -> &Targeting {
-        &self.targeting
-    }
-
-    fn targeting_mut(&mut self) -> &mut Targeting {
-        &mut self.targeting
-    }
-
-    fn common(&self) -> &CommonFields {
-        &self.common
-    }
-
-    fn common_mut(&mut self) -> &mut CommonFields {
-        &mut self.common
     }
 
     fn validate(&self) -> Result<()> {

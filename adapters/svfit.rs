@@ -34,11 +34,11 @@ use crate::adapter::{
     Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
 };
 use crate::adapters::factored::{
-    Factors, SVD_DTYPE, f64_precision, flat_dims, precision_or_f64, saved_len, saved_tensor,
-    weight_matrix,
+    Factors, SVD_DTYPE, f64_precision, precision_or_f64, weight_matrix,
 };
+use crate::adapters::support::{flat_dims, saved_len, saved_tensor};
 use crate::config::{
-    CommonFields, InitContext, LoadContext, MethodConfig, Targeting, peft_json,
+    CommonFields, ConfigFields, InitContext, LoadContext, MethodConfig, Targeting, peft_json,
 };
 use crate::error::{PeftError, Result};
 use crate::linalg::{self, Precision, RankRule, TruncatedSvdOptions};
@@ -239,25 +239,19 @@ impl SvfitConfig {
     }
 }
 
+impl ConfigFields for SvfitConfig {
+    fn fields(&self) -> (&Targeting, &CommonFields) {
+        (&self.targeting, &self.common)
+    }
+
+    fn fields_mut(&mut self) -> (&mut Targeting, &mut CommonFields) {
+        (&mut self.targeting, &mut self.common)
+    }
+}
+
 impl MethodConfig for SvfitConfig {
     fn method(&self) -> Method {
         METHOD
-    }
-
-    fn targeting(&self) -> &Targeting {
-        &self.targeting
-    }
-
-    fn targeting_mut(&mut self) -> &mut Targeting {
-        &mut self.targeting
-    }
-
-    fn common(&self) -> &CommonFields {
-        &self.common
-    }
-
-    fn common_mut(&mut self) -> &mut CommonFields {
-        &mut self.common
     }
 
     fn validate(&self) -> Result<()> {

@@ -14,7 +14,8 @@ use candle_peft::adapters::salt::{self, SaltConfig};
 use candle_peft::data::read_tsv;
 use candle_peft::io::source::{self, ModelSource};
 use candle_peft::{
-    AdapterConfig, ClassifyTask, LayerHandle, PeftError, TrainConfig, TrainTask, Trainer, Warmup,
+    AdapterConfig, ClassifyTask, LayerHandle, PeftError, PeftLinear, PeftModel, TrainConfig,
+    TrainTask, Trainer, Warmup,
 };
 use common::bin;
 use common::decomp;
@@ -253,7 +254,7 @@ fn without_stored_factors_the_svd_is_redone_from_the_base() {
 }
 
 #[test]
-fn sign_canonicalisation_keeps_delta_when_a_residual_pair_flips() {
+fn init_is_canonical_and_a_flipped_residual_pair_is_another_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let mut pm = single_linear(7, 6, 7);
     pm.add_adapter(ADAPTER, config(2, 3)).unwrap();
@@ -300,7 +301,7 @@ fn sign_canonicalisation_keeps_delta_when_a_residual_pair_flips() {
         "the flip should matter"
     );
 
-    // Write the flipped factors into a saved file; loading re-canonicalises them.
+    // A file holding the flipped factors is that other adapter: loading keeps the stored signs.
     pm.save_adapter(ADAPTER, tmp.path()).unwrap();
     let path = tmp.path().join("adapter_model.safetensors");
     let mut file = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
@@ -311,7 +312,98 @@ fn sign_canonicalisation_keeps_delta_when_a_residual_pair_flips() {
     let mut fresh = single_linear(7, 6, 7);
     fresh.load_adapter(tmp.path(), ADAPTER).unwrap();
     let after = delta(fresh.layer("lin").unwrap());
-    assert_eq!(bits(&after), bits(&before));
+    assert!(max_abs_diff(&after, &naive) <= 1e-6 * max_abs(&naive));
+}
+
+/// SALT's factors `U`, `Vᵀ` with column 3 of `U` rewritten so that its two largest-magnitude
+/// entries are tied, the negative one first: re-applying the sign rule to them would flip the
+/// residual pair 3 (what a load did when init's f64 choice and the f32 factors disagreed).
+fn tied_factors(pm: &PeftModel<PeftLinear>) -> BTreeMap<String, Tensor> {
+    let mut s = state(pm.layer("lin").unwrap());
+    let mut u = s["salt_U.weight"].to_vec2::<f32>().unwrap();
+    let m = 1.5 * u.iter().fold(0f32, |m, row| m.max(row[3].abs()));
+    u[0][3] = -m;
+    u[1][3] = m;
+    s.insert(
+        "salt_U.weight".into(),
+        Tensor::new(u, &Device::Cpu).unwrap(),
+    );
+    s
+}
+
+#[test]
+fn stored_factors_are_used_as_stored_on_load_and_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, again) = (tmp.path().join("tied"), tmp.path().join("again"));
+    let mut pm = single_linear(7, 6, 7);
+    pm.add_adapter(ADAPTER, config(2, 3)).unwrap();
+    perturb(&pm, 8);
+    let s = tied_factors(&pm);
+    let want = delta_from(&s);
+    // Re-canonicalising would change the layer: the flip matters.
+    let (cu, cv) = candle_peft::linalg::canonicalize_svd_signs(
+        &s["salt_U.weight"],
+        &s["salt_Vh.weight"].t().unwrap(),
+    )
+    .unwrap();
+    let mut flipped = s.clone();
+    flipped.insert("salt_U.weight".into(), cu);
+    flipped.insert("salt_Vh.weight".into(), cv.t().unwrap());
+    assert!(max_abs_diff(&delta_from(&flipped), &want) > 1e-2 * max_abs(&want));
+
+    // The adapter file with the tied factors.
+    pm.save_adapter(ADAPTER, &dir).unwrap();
+    let path = dir.join("adapter_model.safetensors");
+    let mut file = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    for (name, t) in &s {
+        file.insert(format!("base_model.model.lin.{name}"), t.clone());
+    }
+    candle_core::safetensors::save(&file, &path).unwrap();
+
+    // Load: every tensor as stored, bit for bit; ΔW from them; save → load is bit-identical.
+    let x = rand_tensor(&mut rng(9), &[4, 7], 1.0);
+    let mut fresh = single_linear(7, 6, 7);
+    fresh.load_adapter(&dir, ADAPTER).unwrap();
+    let loaded = state(fresh.layer("lin").unwrap());
+    assert_eq!(
+        loaded.keys().collect::<Vec<_>>(),
+        s.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &s {
+        assert_eq!(bits(&loaded[name]), bits(t), "{name}");
+    }
+    let got = delta(fresh.layer("lin").unwrap());
+    assert!(max_abs_diff(&got, &want) <= 1e-6 * max_abs(&want));
+    let y = fresh.model().forward(&x).unwrap();
+    fresh.save_adapter(ADAPTER, &again).unwrap();
+    let resaved =
+        candle_core::safetensors::load(again.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(resaved.len(), file.len());
+    for (key, t) in &file {
+        assert_eq!(bits(&resaved[key]), bits(t), "{key}");
+    }
+    let mut twice = single_linear(7, 6, 7);
+    twice.load_adapter(&again, ADAPTER).unwrap();
+    assert_eq!(bits(&twice.model().forward(&x).unwrap()), bits(&y));
+
+    // Merge in memory and the streaming merge from files: W + ΔW of the stored factors.
+    let w = fresh.layer("lin").unwrap().weight();
+    let merged_want = (&w + &want).unwrap();
+    fresh.merge().unwrap();
+    let merged = fresh.layer("lin").unwrap().weight();
+    assert!(max_abs_diff(&merged, &merged_want) <= 1e-6 * max_abs(&merged_want));
+    let base = tmp.path().join("base.safetensors");
+    let base_file = std::collections::HashMap::from([("lin.weight".to_string(), w)]);
+    candle_core::safetensors::save(&base_file, &base).unwrap();
+    let out = tmp.path().join("merged");
+    candle_peft::io::export::merge_adapter_into_base(&base, &dir, &out, Default::default())
+        .unwrap();
+    let streamed = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .remove("lin.weight")
+        .unwrap();
+    assert_eq!(bits(&streamed), bits(&merged));
 }
 
 #[test]

@@ -149,19 +149,22 @@ pub struct LoadContext<'a> {
     pub device: &'a Device,
 }
 
-/// One method's configuration. Each method implements it in its file under `adapters/`;
-/// `crate::adapters::AdapterConfig` dispatches to it.
-pub trait MethodConfig: std::fmt::Debug + Send + Sync {
+/// The two field groups every method's config holds (both serde-flattened into its JSON):
+/// [`Targeting`] and [`CommonFields`]. A config says once where they are; [`MethodConfig`]'s
+/// accessors ([`targeting`](MethodConfig::targeting), [`common`](MethodConfig::common), their
+/// `_mut` forms and the setters) read them through this trait.
+pub trait ConfigFields {
+    /// `(targeting, common)`.
+    fn fields(&self) -> (&Targeting, &CommonFields);
+    /// `(targeting, common)`, to change.
+    fn fields_mut(&mut self) -> (&mut Targeting, &mut CommonFields);
+}
+
+/// One method's configuration. Each method implements it (and [`ConfigFields`]) in its file
+/// under `adapters/`; `crate::adapters::AdapterConfig` dispatches to it.
+pub trait MethodConfig: ConfigFields + std::fmt::Debug + Send + Sync {
     /// The method whose file format this config is (EVA and LoRA-Pro configs are LoRA's).
     fn method(&self) -> Method;
-    /// Which modules are adapted.
-    fn targeting(&self) -> &Targeting;
-    /// Which modules are adapted, to change.
-    fn targeting_mut(&mut self) -> &mut Targeting;
-    /// The fields every PEFT config carries.
-    fn common(&self) -> &CommonFields;
-    /// The fields every PEFT config carries, to change.
-    fn common_mut(&mut self) -> &mut CommonFields;
     /// Checks every field, without looking at a model.
     fn validate(&self) -> Result<()>;
     /// The JSON written to `adapter_config.json` (PEFT's field names; keys sorted).
@@ -172,6 +175,22 @@ pub trait MethodConfig: std::fmt::Debug + Send + Sync {
     /// The adapter for one layer rebuilt from its saved tensors.
     fn load_adapter(&self, ctx: &LoadContext<'_>) -> Result<Box<dyn Adapter>>;
 
+    /// Which modules are adapted.
+    fn targeting(&self) -> &Targeting {
+        self.fields().0
+    }
+    /// Which modules are adapted, to change.
+    fn targeting_mut(&mut self) -> &mut Targeting {
+        self.fields_mut().0
+    }
+    /// The fields every PEFT config carries.
+    fn common(&self) -> &CommonFields {
+        self.fields().1
+    }
+    /// The fields every PEFT config carries, to change.
+    fn common_mut(&mut self) -> &mut CommonFields {
+        self.fields_mut().1
+    }
     /// PEFT's `task_type` (`SEQ_CLS`, `CAUSAL_LM`).
     fn set_task_type(&mut self, task_type: Option<String>) {
         self.common_mut().task_type = task_type;

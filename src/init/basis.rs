@@ -1,10 +1,63 @@
 //! Seeded shared random bases: a small basis `A` and a stack of large bases `B`, drawn dense
 //! (uniform) or ternary (sparse), then normalised by their standard deviation.
 
+use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{PeftError, Result};
+
+/// The bases as tensors on `device`: [`draw_bases`], then each [`divide_by_std`] (`keys` name
+/// `A` and `B` in its errors). `A: [r, 1, small]`, `B: [big, ⌈small/r⌉, r]`.
+pub fn make_bases(
+    seed: u64,
+    r: usize,
+    (small, big): (usize, usize),
+    sparsity: Option<f64>,
+    keys: (&str, &str),
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (a, b) = draw_bases(seed, r, small, big, sparsity);
+    let a = divide_by_std(a, keys.0)?;
+    let b = divide_by_std(b, keys.1)?;
+    Ok((
+        Tensor::from_vec(a, (r, 1, small), device)?,
+        Tensor::from_vec(b, (big, small.div_ceil(r), r), device)?,
+    ))
+}
+
+/// Checks that bases `A` and `B` (shapes as [`make_bases`] makes them, for any `small ≥ k`,
+/// `big ≥ big_k`) cover one layer of module `module` with `n` bases of rank `r`, smaller side
+/// `k` and larger side `big_k`; the error says what the layer needs.
+pub fn check_covers(
+    module: &str,
+    (a, b): (&Tensor, &Tensor),
+    r: usize,
+    n: usize,
+    (k, big_k): (usize, usize),
+) -> Result<()> {
+    if !matches!(*a.dims(), [ra, 1, ka] if ra == r && ka >= k) {
+        return Err(PeftError::layer(
+            module,
+            format!(
+                "randlora_A has shape {:?}; this layer needs [{r}, 1, ≥{k}] (r = {r}, \
+                 min(in, out) = {k})",
+                a.dims()
+            ),
+        ));
+    }
+    if !matches!(*b.dims(), [kb, nb, rb] if rb == r && kb >= big_k && nb >= n) {
+        return Err(PeftError::layer(
+            module,
+            format!(
+                "randlora_B has shape {:?}; this layer needs [≥{big_k}, ≥{n}, {r}] \
+                 (max(in, out) = {big_k}, n = ⌈{k}/{r}⌉ = {n})",
+                b.dims()
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// Draws the bases `A` (`r·small` values, laid out `[r, 1, small]`) and `B` (`big·n·r` values,
 /// laid out `[big, n, r]` with `n = ⌈small/r⌉`) from a ChaCha RNG seeded with `seed`, `A` first.

@@ -3,8 +3,10 @@
 
 pub mod basis;
 
+use std::sync::Mutex;
+
 use candle_core::Tensor;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::Result;
@@ -51,6 +53,47 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok(x.mul(&mask)?)
+}
+
+/// An adapter's input dropout: probability `p` and its own seeded stream of masks (one mask
+/// per training forward, drawn in call order).
+#[derive(Debug)]
+pub struct Dropout {
+    p: f32,
+    rng: Mutex<ChaCha8Rng>,
+}
+
+impl Dropout {
+    /// Dropout with probability `p`, its masks drawn from a ChaCha RNG seeded with `seed`.
+    pub fn new(p: f32, seed: u64) -> Self {
+        Self {
+            p,
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+        }
+    }
+
+    /// The probability `p`.
+    pub fn p(&self) -> f32 {
+        self.p
+    }
+
+    /// Whether a forward with this `train` flag draws a mask (`train` and `p > 0`).
+    pub fn is_active(&self, train: bool) -> bool {
+        train && self.p > 0.0
+    }
+
+    /// `x` with the stream's next mask applied ([`dropout`]) when [`Self::is_active`]; `x`
+    /// itself otherwise (no draw).
+    pub fn apply(&self, x: Tensor, train: bool) -> Result<Tensor> {
+        if !self.is_active(train) {
+            return Ok(x);
+        }
+        let mut rng = self
+            .rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        dropout(&x, self.p, &mut rng)
+    }
 }
 
 /// A stable 64-bit seed from a name (FNV-1a), so per-module streams don't depend on hash maps.

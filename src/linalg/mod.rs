@@ -204,6 +204,10 @@ fn canonical_signs<T: Real>(u: &mut Mat<T>, mut v: Option<&mut Mat<T>>) {
 /// Re-applies the sign rule to an SVD whose vector pairs may have been flipped: returns `(U, V)`
 /// with the entry of largest magnitude of each column of `U` positive (`V` flipped with `U`).
 /// `u: [m, k]`, `v: [n, k]`; the output keeps their dtype and device.
+///
+/// Not for factors an adapter has stored: applied to factors rounded after the rule chose their
+/// signs (f64 → f32), it can choose differently where a column's two largest magnitudes round to
+/// the same value, flipping that pair. Stored factors are used as stored.
 pub fn canonicalize_svd_signs(u: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let (_, k) = dims2(u, "canonicalize_svd_signs")?;
     let (_, kv) = dims2(v, "canonicalize_svd_signs")?;
