@@ -1,0 +1,161 @@
+//! The tasks as a library user meets them: one loading shape (`from_pretrained(spec, …,
+//! TaskOptions)`, every model's `from_pretrained` returning a `Pretrained`), a merged export
+//! that needs nothing but the output folder and reproduces the adapted model, and the adapter
+//! files a task saves.
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_peft::data::read_tsv;
+use candle_peft::models::Pretrained;
+use candle_peft::models::llama::load_causal_tokenizer;
+use candle_peft::tasks::classify;
+use candle_peft::tasks::{CausalLmTask, ClassifyTask, TaskOptions};
+use candle_peft::{BertModel, LlamaForCausalLM, PeftError};
+use common::llama::{config, random_weights, tiny, tiny_llama_json};
+use common::max_abs_diff;
+use common::tiny::lora_random_b;
+
+fn opts(seq_len: usize, seed: u64) -> TaskOptions {
+    TaskOptions {
+        seq_len,
+        seed,
+        ..TaskOptions::default()
+    }
+}
+
+/// A tiny Llama folder: config.json, f32 model.safetensors and SmolLM2's tokenizer.json (its ids
+/// exceed the tiny vocabulary; the tests feed ids directly).
+fn tiny_llama_folder(dir: &Path, seed: u64) {
+    let json = tiny_llama_json(false);
+    let weights: HashMap<String, Tensor> = random_weights(&config(&json), seed);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
+    let gguf = candle_peft::io::source::resolve(common::smollm2_gguf().to_str().unwrap()).unwrap();
+    let tokenizer = load_causal_tokenizer(&gguf).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        tokenizer.to_string(false).unwrap(),
+    )
+    .unwrap();
+}
+
+fn sst2_texts(n: usize) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sst2");
+    let valid = read_tsv(root.join("valid.tsv")).unwrap();
+    valid.examples.into_iter().take(n).map(|e| e.text).collect()
+}
+
+#[test]
+fn task_options_default_to_the_command_line_defaults() {
+    let o = TaskOptions::default();
+    assert_eq!((o.seq_len, o.seed, o.eval_batch), (128, 42, None));
+    assert!(o.device.is_cpu());
+}
+
+#[test]
+fn every_model_from_pretrained_returns_model_config_and_source() {
+    let minilm = common::minilm_dir();
+    let Pretrained {
+        model,
+        config,
+        source,
+    } = BertModel::from_pretrained(minilm.to_str().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(config.hidden_size, 384);
+    assert_eq!(model.layer_names().len(), 37);
+    assert_eq!(source.dir, minilm);
+
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_llama_folder(tmp.path(), 3);
+    let Pretrained {
+        model,
+        config,
+        source,
+    } = LlamaForCausalLM::from_pretrained(tmp.path().to_str().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!((config.hidden_size, config.num_hidden_layers), (32, 2));
+    assert_eq!(model.layer_names().len(), 2 * 7 + 1); // seven projections per layer, lm_head
+    assert_eq!(source.dir, tmp.path());
+}
+
+#[test]
+fn classify_task_exports_merged_from_its_own_source() {
+    let minilm = common::minilm_dir();
+    let labels = ["neg", "pos"];
+    let mut task = ClassifyTask::from_pretrained(minilm.to_str().unwrap(), labels, opts(32, 5))
+        .unwrap()
+        .with_eval_batch(3);
+    assert_eq!(task.source().unwrap().dir, minilm);
+    assert_eq!(task.labels(), ["neg", "pos"]);
+    task.add_adapter("default", lora_random_b(&["query", "value"], 4, 8.0))
+        .unwrap();
+    let texts = sst2_texts(6);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    task.model().eval();
+    let adapted = task.logits(&refs).unwrap();
+    let predicted = task.predict(&refs).unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    task.export_merged(&out).unwrap();
+    let spec = out.to_str().unwrap();
+    // The export's config carries the label names; another seed proves the head is read back.
+    let known = classify::known_labels(spec, None).unwrap().unwrap();
+    assert_eq!(known, ["neg", "pos"]);
+    let merged = ClassifyTask::from_pretrained(spec, known, opts(32, 99)).unwrap();
+    assert!(merged.model().adapter_names().is_empty());
+    let d = max_abs_diff(&merged.logits(&refs).unwrap(), &adapted);
+    assert!(
+        d < 1e-4,
+        "merged export differs from the adapted model by {d}"
+    );
+    assert_eq!(merged.predict(&refs).unwrap(), predicted);
+}
+
+#[test]
+fn causal_task_exports_merged_from_its_own_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    tiny_llama_folder(&base, 7);
+    let mut task = CausalLmTask::from_pretrained(base.to_str().unwrap(), opts(16, 5)).unwrap();
+    assert_eq!(task.source().unwrap().dir, base);
+    task.add_adapter("default", lora_random_b(&["q_proj", "down_proj"], 2, 4.0))
+        .unwrap();
+    task.model().eval();
+    let ids = vec![vec![5u32, 17, 42, 3, 88, 9]];
+    let adapted = task.logits(&ids).unwrap();
+    let base_logits = {
+        let plain = CausalLmTask::from_pretrained(base.to_str().unwrap(), opts(16, 5)).unwrap();
+        plain.logits(&ids).unwrap()
+    };
+    assert!(
+        max_abs_diff(&adapted, &base_logits) > 1e-3,
+        "the adapter changes nothing"
+    );
+
+    let out = tmp.path().join("merged");
+    task.export_merged(&out).unwrap();
+    let merged = CausalLmTask::from_pretrained(out.to_str().unwrap(), opts(16, 5)).unwrap();
+    assert_eq!(merged.model().model().dtype(), DType::F32);
+    let d = max_abs_diff(&merged.logits(&ids).unwrap(), &adapted);
+    assert!(
+        d < 1e-4,
+        "merged export differs from the adapted model by {d}"
+    );
+}
+
+#[test]
+fn a_task_built_with_new_has_no_source_to_export() {
+    let (model, cfg) = tiny(&tiny_llama_json(true), 3);
+    let gguf = candle_peft::io::source::resolve(common::smollm2_gguf().to_str().unwrap()).unwrap();
+    let tokenizer = load_causal_tokenizer(&gguf).unwrap();
+    let task = CausalLmTask::new(model, cfg, tokenizer, 8, Device::Cpu).unwrap();
+    assert!(task.source().is_none());
+    let tmp = tempfile::tempdir().unwrap();
+    let err = task.export_merged(tmp.path().join("out")).unwrap_err();
+    assert!(matches!(err, PeftError::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("from_pretrained"), "{err}");
+    assert!(!tmp.path().join("out").exists());
+}
