@@ -110,7 +110,7 @@ fn main() -> Result<()> {
     }
 
     let adapter_dir = out.join("adapter");
-    task.model().save_adapter(DEFAULT_ADAPTER, &adapter_dir)?;
+    task.save_adapter(&adapter_dir)?;
     println!("adapter saved to {}", adapter_dir.display());
     let merged_dir = out.join("merged");
     task.export_merged(&merged_dir)?;

@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use candle_peft::data::{read_tsv, read_tsv_with_labels};
 use candle_peft::tasks::TaskOptions;
 use candle_peft::tasks::classify::{self, ClassifyTask};
-use candle_peft::{DEFAULT_ADAPTER, LoraConfig, Schedule, TrainConfig, TrainTask, Trainer, Warmup};
+use candle_peft::{DEFAULT_ADAPTER, LoraConfig, Schedule, TrainConfig, Trainer, Warmup};
 
 // mimalloc keeps freed activation buffers instead of returning them to the kernel (see the
 // binary's note in src/bin/candle-peft.rs).

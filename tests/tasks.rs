@@ -1,7 +1,8 @@
 //! The tasks as a library user meets them: one loading shape (`from_pretrained(spec, …,
 //! TaskOptions)`, every model's `from_pretrained` returning a `Pretrained`), a merged export
 //! that needs nothing but the output folder and reproduces the adapted model, and the adapter
-//! files a task saves.
+//! files a task saves: the active adapter, whatever its name, from `save_adapter` and from the
+//! trainer's checkpoints alike.
 mod common;
 
 use std::collections::HashMap;
@@ -9,12 +10,14 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_peft::data::read_tsv;
+use candle_peft::io::peft_format::{WEIGHTS_NAME, read_safetensors};
 use candle_peft::models::Pretrained;
 use candle_peft::models::llama::load_causal_tokenizer;
 use candle_peft::tasks::classify;
-use candle_peft::tasks::{CausalLmTask, ClassifyTask, TaskOptions};
-use candle_peft::{BertModel, LlamaForCausalLM, PeftError};
-use common::llama::{config, random_weights, tiny, tiny_llama_json};
+use candle_peft::tasks::{CausalLmTask, ClassifyTask, LmExample, TaskOptions};
+use candle_peft::train::ADAPTER_DIR;
+use candle_peft::{BertModel, LlamaForCausalLM, LoraConfig, PeftError, TrainConfig, Trainer};
+use common::llama::{config, random_weights, tiny, tiny_llama_json, token_ids};
 use common::max_abs_diff;
 use common::tiny::lora_random_b;
 
@@ -146,12 +149,101 @@ fn causal_task_exports_merged_from_its_own_source() {
     );
 }
 
-#[test]
-fn a_task_built_with_new_has_no_source_to_export() {
+/// A causal-LM task over the tiny random Llama (tied head), built with `new`.
+fn tiny_causal_task() -> CausalLmTask {
     let (model, cfg) = tiny(&tiny_llama_json(true), 3);
     let gguf = candle_peft::io::source::resolve(common::smollm2_gguf().to_str().unwrap()).unwrap();
     let tokenizer = load_causal_tokenizer(&gguf).unwrap();
-    let task = CausalLmTask::new(model, cfg, tokenizer, 8, Device::Cpu).unwrap();
+    CausalLmTask::new(model, cfg, tokenizer, 8, Device::Cpu).unwrap()
+}
+
+/// The tensors of a saved adapter folder, by file key.
+fn saved(dir: &Path) -> HashMap<String, Tensor> {
+    read_safetensors(&dir.join(WEIGHTS_NAME), &Device::Cpu).unwrap()
+}
+
+/// `saved(dir)` equals the model's current tensors of adapter `name`, bit for bit.
+fn assert_saved_is(task: &CausalLmTask, dir: &Path, name: &str) {
+    let on_disk = saved(dir);
+    let in_memory = task.model().adapter_tensors(name).unwrap();
+    assert_eq!(on_disk.len(), in_memory.len(), "{}", dir.display());
+    for (key, t) in in_memory {
+        let d = max_abs_diff(&on_disk[&key], &t);
+        assert_eq!(
+            d,
+            0.0,
+            "{key} in {} is not adapter `{name}`'s",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn a_run_checkpoints_and_saves_the_active_adapter_whatever_its_name() {
+    let mut task = tiny_causal_task();
+    task.add_adapter("mine", LoraConfig::new(&["q_proj", "v_proj"], 2, 4.0))
+        .unwrap();
+    let examples: Vec<LmExample> = (0..4)
+        .map(|i| LmExample {
+            ids: token_ids(8, 97, i),
+            loss_from: 0,
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |task: &CausalLmTask, out: &str| {
+        let config = TrainConfig {
+            steps: 3,
+            batch_size: 2,
+            lr: 1e-2,
+            out_dir: Some(tmp.path().join(out)),
+            quiet: true,
+            ..TrainConfig::default()
+        };
+        Trainer::new(config)
+            .unwrap()
+            .run(task, &examples, None)
+            .unwrap()
+    };
+    let report = run(&task, "one");
+    assert_eq!(report.global_step, 3);
+    let [checkpoint] = report.checkpoints.as_slice() else {
+        panic!("expected one checkpoint, got {:?}", report.checkpoints);
+    };
+    assert_saved_is(&task, &checkpoint.join(ADAPTER_DIR), "mine");
+    // Trained: the checkpoint's lora_B moved off its zero init.
+    let moved = saved(&checkpoint.join(ADAPTER_DIR))
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .map(|(_, t)| common::tensors::max_abs(t))
+        .fold(0f32, f32::max);
+    assert!(moved > 0.0, "lora_B did not move");
+    let dir = tmp.path().join("saved");
+    task.save_adapter(&dir).unwrap();
+    assert_saved_is(&task, &dir, "mine");
+
+    // A second adapter, made the active one: the checkpoint holds it, not the first.
+    task.add_adapter("other", LoraConfig::new(&["k_proj"], 2, 4.0))
+        .unwrap();
+    task.model_mut().set_adapter("other").unwrap();
+    let report = run(&task, "two");
+    assert_saved_is(&task, &report.checkpoints[0].join(ADAPTER_DIR), "other");
+
+    // Both active: one folder per adapter.
+    task.model_mut().set_active(&["mine", "other"]).unwrap();
+    let both = tmp.path().join("both");
+    task.save_adapter(&both).unwrap();
+    assert_saved_is(&task, &both.join("mine"), "mine");
+    assert_saved_is(&task, &both.join("other"), "other");
+
+    // None active: an error that names the adapters there are.
+    task.model_mut().set_active(&[]).unwrap();
+    let err = task.save_adapter(tmp.path().join("none")).unwrap_err();
+    assert!(err.to_string().contains("mine, other"), "{err}");
+}
+
+#[test]
+fn a_task_built_with_new_has_no_source_to_export() {
+    let task = tiny_causal_task();
     assert!(task.source().is_none());
     let tmp = tempfile::tempdir().unwrap();
     let err = task.export_merged(tmp.path().join("out")).unwrap_err();

@@ -24,9 +24,9 @@ use crate::data::{PromptResponse, read_jsonl_pairs, read_text, tokenize_and_chun
 use crate::error::{PeftError, Result};
 use crate::generate::{GenerationConfig, generate};
 use crate::io::source::{self, ModelSource};
-use crate::model::{DEFAULT_ADAPTER, PeftModel};
+use crate::model::PeftModel;
 use crate::models::llama::{LlamaConfig, LlamaForCausalLM, load_causal_tokenizer};
-use crate::tasks::TaskOptions;
+use crate::tasks::{TaskOptions, save_active};
 use crate::train::{EvalReport, TrainTask};
 
 /// PEFT's `task_type` for causal language modelling.
@@ -186,6 +186,13 @@ impl CausalLmTask {
     /// Where the model came from; `None` for a task built with [`new`](Self::new).
     pub fn source(&self) -> Option<&ModelSource> {
         self.source.as_ref()
+    }
+
+    /// Writes the active adapter to `dir` in PEFT's format, the same files as
+    /// `model().save_adapter(active, dir)` (several active adapters: one folder each,
+    /// `dir/<name>/`). The [`crate::Trainer`]'s checkpoints write the same.
+    pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
+        save_active(&self.model, dir.as_ref())
     }
 
     /// Merges the active adapters into the weights, removes every adapter and writes the merged
@@ -429,8 +436,9 @@ impl TrainTask for CausalLmTask {
         self.model.trainable_vars()
     }
 
+    /// The active adapter (see [`CausalLmTask::save_adapter`]).
     fn save_adapter(&self, dir: &Path) -> Result<()> {
-        self.model.save_adapter(DEFAULT_ADAPTER, dir)
+        save_active(&self.model, dir)
     }
 
     fn set_training(&self, training: bool) {

@@ -41,7 +41,7 @@ use crate::model::{DEFAULT_ADAPTER, PeftModel};
 use crate::models::heads::{
     ARCHITECTURE, BertForSequenceClassification, labels_from_config, predictions,
 };
-use crate::tasks::TaskOptions;
+use crate::tasks::{TaskOptions, save_active};
 use crate::train::{EvalReport, TrainTask};
 
 /// PEFT's `task_type` for sequence classification.
@@ -207,6 +207,20 @@ impl ClassifyTask {
         self.model
     }
 
+    /// Writes the active adapter to `dir` in PEFT's format plus [`LABELS_FILE`] (several active
+    /// adapters: one folder each, `dir/<name>/`). The [`crate::Trainer`]'s checkpoints write
+    /// the same.
+    pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        save_active(&self.model, dir)?;
+        match self.model.active_adapters() {
+            [_] => write_labels(dir, &self.labels),
+            several => several
+                .iter()
+                .try_for_each(|name| write_labels(&dir.join(name), &self.labels)),
+        }
+    }
+
     /// Where the model came from; `None` for a task built with [`new`](Self::new).
     pub fn source(&self) -> Option<&ModelSource> {
         self.source.as_ref()
@@ -321,19 +335,6 @@ impl ClassifyTask {
             predictions: preds,
         })
     }
-
-    /// The name of the adapter that [`save_adapter`](TrainTask::save_adapter) writes: the first
-    /// active one.
-    fn active_adapter(&self) -> Result<String> {
-        self.model
-            .active_adapters()
-            .first()
-            .cloned()
-            .ok_or_else(|| PeftError::UnknownAdapter {
-                adapter: DEFAULT_ADAPTER.to_string(),
-                module: String::new(),
-            })
-    }
 }
 
 /// Eval mode for as long as it lives; the previous mode comes back on drop.
@@ -385,11 +386,10 @@ impl TrainTask for ClassifyTask {
         self.model.trainable_vars()
     }
 
-    /// The active adapter in PEFT's format, plus [`LABELS_FILE`].
+    /// The active adapter in PEFT's format, plus [`LABELS_FILE`] (see
+    /// [`ClassifyTask::save_adapter`]).
     fn save_adapter(&self, dir: &Path) -> Result<()> {
-        let name = self.active_adapter()?;
-        self.model.save_adapter(&name, dir)?;
-        write_labels(dir, &self.labels)
+        ClassifyTask::save_adapter(self, dir)
     }
 
     fn set_training(&self, training: bool) {

@@ -9,9 +9,15 @@
 //!
 //! Both load the same way, `from_pretrained(spec, …, TaskOptions)` with `spec` a hub id, a folder
 //! or (causal LM) a `.gguf` file; both keep the resolved source, so `export_merged(out)` needs
-//! nothing else.
+//! nothing else; and both save the active adapter, from `save_adapter` and from the
+//! [`crate::Trainer`]'s checkpoints alike.
+
+use std::path::Path;
 
 use candle_core::Device;
+
+use crate::error::{PeftError, Result};
+use crate::model::PeftModel;
 
 /// Next-token prediction on Llama-family models.
 pub mod causal_lm;
@@ -45,6 +51,33 @@ impl Default for TaskOptions {
             device: Device::Cpu,
             eval_batch: None,
             seed: 42,
+        }
+    }
+}
+
+/// Writes the active adapter of `model` into `dir` (what a task's `save_adapter` and the
+/// trainer's checkpoints write). With several active adapters, each goes to `dir/<name>/`
+/// (PEFT's layout for more than one adapter). No active adapter is an error naming the
+/// adapters there are.
+pub(crate) fn save_active<M>(model: &PeftModel<M>, dir: &Path) -> Result<()> {
+    match model.active_adapters() {
+        [] => Err(PeftError::config(
+            "active adapter",
+            format!(
+                "no adapter is active, nothing to save (adapters: {}); add one with add_adapter \
+                 or activate one with set_adapter",
+                match model.adapter_names() {
+                    names if names.is_empty() => "none".to_string(),
+                    names => names.join(", "),
+                }
+            ),
+        )),
+        [one] => model.save_adapter(one, dir),
+        several => {
+            for name in several {
+                model.save_adapter(name, dir.join(name))?;
+            }
+            Ok(())
         }
     }
 }

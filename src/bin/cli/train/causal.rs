@@ -8,10 +8,10 @@
 use std::fmt::Write as _;
 
 use anyhow::Context;
+use candle_peft::Trainer;
 use candle_peft::models::llama::LLAMA_TARGET_MODULES;
 use candle_peft::tasks::TaskOptions;
 use candle_peft::tasks::causal_lm::{CausalLmTask, TASK_TYPE};
-use candle_peft::{DEFAULT_ADAPTER, Trainer};
 use serde_json::json;
 
 use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, train_config};
@@ -64,8 +64,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let report = trainer.run(&task, &train, eval.as_deref())?;
 
     let adapter_dir = args.out.join("adapter");
-    task.model()
-        .save_adapter(DEFAULT_ADAPTER, &adapter_dir)
+    task.save_adapter(&adapter_dir)
         .with_context(|| format!("saving the adapter to {}", adapter_dir.display()))?;
     let final_eval = match &eval {
         Some(data) => Some(task.evaluate_lm(data)?),
