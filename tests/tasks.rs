@@ -2,7 +2,7 @@
 //! TaskOptions)`, every model's `from_pretrained` returning a `Pretrained`), a merged export
 //! that needs nothing but the output folder and reproduces the adapted model, and the adapter
 //! files a task saves: the active adapter, whatever its name, from `save_adapter` and from the
-//! trainer's checkpoints alike.
+//! trainer's checkpoints alike, and the same files as its model's `save_adapter`.
 mod common;
 
 use std::collections::HashMap;
@@ -250,4 +250,81 @@ fn a_task_built_with_new_has_no_source_to_export() {
     assert!(matches!(err, PeftError::Unsupported(_)), "{err}");
     assert!(err.to_string().contains("from_pretrained"), "{err}");
     assert!(!tmp.path().join("out").exists());
+}
+
+/// Every file of `dir` with its bytes, by name.
+fn folder(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn the_task_and_its_model_save_identical_folders() {
+    let minilm = common::minilm_dir();
+    let mut task =
+        ClassifyTask::from_pretrained(minilm.to_str().unwrap(), ["neg", "pos"], opts(32, 5))
+            .unwrap();
+    task.add_adapter("mine", lora_random_b(&["query"], 2, 4.0))
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (by_task, by_model, by_unwrapped) = (
+        tmp.path().join("task"),
+        tmp.path().join("model"),
+        tmp.path().join("unwrapped"),
+    );
+    task.save_adapter(&by_task).unwrap();
+    task.model().save_adapter("mine", &by_model).unwrap();
+    let files = folder(&by_task);
+    assert_eq!(
+        files.keys().collect::<Vec<_>>(),
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            classify::LABELS_FILE
+        ]
+    );
+    assert!(
+        files == folder(&by_model),
+        "the task and the model wrote different files"
+    );
+    assert_eq!(
+        classify::read_labels(&by_model).unwrap().unwrap(),
+        ["neg", "pos"]
+    );
+    // The model keeps the file once out of the task.
+    let model = task.into_model();
+    model.save_adapter("mine", &by_unwrapped).unwrap();
+    assert!(files == folder(&by_unwrapped));
+}
+
+#[test]
+fn an_adapter_file_is_a_plain_name_beside_the_adapter_files() {
+    let (mut model, _) = tiny(&tiny_llama_json(true), 3);
+    for bad in [
+        "../labels.json",
+        "sub/labels.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "",
+    ] {
+        let err = model.set_adapter_file(bad, "x").unwrap_err();
+        assert!(err.to_string().contains("plain file name"), "{bad}: {err}");
+    }
+    model.set_adapter_file("notes.txt", "one").unwrap();
+    model.set_adapter_file("notes.txt", "two").unwrap();
+    model
+        .add_adapter("default", LoraConfig::new(&["q_proj"], 2, 4.0))
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    model.save_adapter("default", tmp.path()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("notes.txt")).unwrap(),
+        "two"
+    );
 }

@@ -19,9 +19,10 @@
 //! Labels: the model's classes are named by a label list (`labels[id]`). It is written next to the
 //! adapter as `labels.json` (`{"id2label": {"0": name, …}, "label2id": {name: 0, …}}`; PEFT
 //! ignores the file) and into a merged export's `config.json` (`id2label` / `label2id`), so a
-//! reloaded adapter or merged model predicts the same label names. [`model_labels`] reads the
-//! names back from a classification export, [`read_labels`] from an adapter folder, and
-//! [`known_labels`] from either.
+//! reloaded adapter or merged model predicts the same label names. The task hands the file to its
+//! [`PeftModel`] ([`PeftModel::set_adapter_file`]), so the task's `save_adapter` and the model's
+//! write the same files. [`model_labels`] reads the names back from a classification export,
+//! [`read_labels`] from an adapter folder, and [`known_labels`] from either.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -110,9 +111,10 @@ impl std::fmt::Debug for ClassifyTask {
 impl ClassifyTask {
     /// Wraps a loaded model. `labels` name its classes (`labels[id]`) and must number as many as
     /// the classifier has outputs; `tokenizer` should come from [`load_tokenizer`] (no padding of
-    /// its own); sequences are cut to `max_len` tokens.
+    /// its own); sequences are cut to `max_len` tokens. Every adapter the model saves from now on
+    /// carries [`LABELS_FILE`].
     pub fn new(
-        model: ClassifierModel,
+        mut model: ClassifierModel,
         tokenizer: Tokenizer,
         max_len: usize,
         labels: Vec<String>,
@@ -131,6 +133,7 @@ impl ClassifyTask {
         if max_len == 0 {
             return Err(PeftError::config("max_len", "must be at least 1, got 0"));
         }
+        model.set_adapter_file(LABELS_FILE, labels_json(&labels)?)?;
         Ok(Self {
             model,
             tokenizer,
@@ -207,23 +210,16 @@ impl ClassifyTask {
         self.model
     }
 
-    /// Writes the active adapter to `dir` in PEFT's format plus [`LABELS_FILE`] (several active
-    /// adapters: one folder each, `dir/<name>/`). The [`crate::Trainer`]'s checkpoints write
-    /// the same.
-    pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let dir = dir.as_ref();
-        save_active(&self.model, dir)?;
-        match self.model.active_adapters() {
-            [_] => write_labels(dir, &self.labels),
-            several => several
-                .iter()
-                .try_for_each(|name| write_labels(&dir.join(name), &self.labels)),
-        }
-    }
-
     /// Where the model came from; `None` for a task built with [`new`](Self::new).
     pub fn source(&self) -> Option<&ModelSource> {
         self.source.as_ref()
+    }
+
+    /// Writes the active adapter to `dir` in PEFT's format plus [`LABELS_FILE`]: the same files
+    /// as `model().save_adapter(active, dir)` (several active adapters: one folder each,
+    /// `dir/<name>/`). The [`crate::Trainer`]'s checkpoints write the same.
+    pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
+        save_active(&self.model, dir.as_ref())
     }
 
     /// Merges the active adapters (and the trained classifier) into the weights, removes every
@@ -389,7 +385,7 @@ impl TrainTask for ClassifyTask {
     /// The active adapter in PEFT's format, plus [`LABELS_FILE`] (see
     /// [`ClassifyTask::save_adapter`]).
     fn save_adapter(&self, dir: &Path) -> Result<()> {
-        ClassifyTask::save_adapter(self, dir)
+        save_active(&self.model, dir)
     }
 
     fn set_training(&self, training: bool) {
@@ -461,14 +457,20 @@ pub fn model_labels(source: &ModelSource) -> Result<Option<Vec<String>>> {
     }))
 }
 
-/// Writes `dir/labels.json` (atomically): `{"id2label": {"0": name, …}, "label2id": {…}}`.
-pub fn write_labels(dir: &Path, labels: &[String]) -> Result<()> {
+/// The text of [`LABELS_FILE`]: `{"id2label": {"0": name, …}, "label2id": {…}}`, pretty-printed.
+pub fn labels_json(labels: &[String]) -> Result<String> {
     let (id2label, label2id) = crate::models::heads::label_maps(labels);
     let value = serde_json::json!({ "id2label": id2label, "label2id": label2id });
     let text = serde_json::to_string_pretty(&value)
         .map_err(|e| PeftError::config(LABELS_FILE, e.to_string()))?;
+    Ok(format!("{text}\n"))
+}
+
+/// Writes `dir/labels.json` (atomically): [`labels_json`].
+pub fn write_labels(dir: &Path, labels: &[String]) -> Result<()> {
+    let text = labels_json(labels)?;
     fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
-    write_atomic(&dir.join(LABELS_FILE), format!("{text}\n").as_bytes())
+    write_atomic(&dir.join(LABELS_FILE), text.as_bytes())
 }
 
 /// The label names saved next to an adapter (`dir/labels.json`), or `None` when the folder has
