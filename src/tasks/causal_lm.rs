@@ -31,6 +31,9 @@ use crate::train::{EvalReport, TrainTask};
 
 /// PEFT's `task_type` for causal language modelling.
 pub const TASK_TYPE: &str = "CAUSAL_LM";
+/// The modules a causal-LM adapter targets unless told otherwise (the command line's default):
+/// the seven projections of every decoder layer.
+pub const DEFAULT_TARGET_MODULES: [&str; 7] = crate::models::llama::LLAMA_TARGET_MODULES;
 /// Sequences per forward pass in evaluation.
 pub const DEFAULT_EVAL_BATCH: usize = 4;
 

@@ -47,6 +47,9 @@ use crate::train::{EvalReport, TrainTask};
 
 /// PEFT's `task_type` for sequence classification.
 pub const TASK_TYPE: &str = "SEQ_CLS";
+/// The modules a classification adapter targets unless told otherwise (the command line's
+/// default, and PEFT's for BERT): every attention `query` and `value` projection.
+pub const DEFAULT_TARGET_MODULES: [&str; 2] = ["query", "value"];
 /// The head trained whole and saved with the adapter (`modules_to_save`).
 pub const CLASSIFIER_MODULE: &str = "classifier";
 /// The label names written next to the adapter files.

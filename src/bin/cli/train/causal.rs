@@ -9,9 +9,8 @@ use std::fmt::Write as _;
 
 use anyhow::Context;
 use candle_peft::Trainer;
-use candle_peft::models::llama::LLAMA_TARGET_MODULES;
 use candle_peft::tasks::TaskOptions;
-use candle_peft::tasks::causal_lm::{CausalLmTask, TASK_TYPE};
+use candle_peft::tasks::causal_lm::{CausalLmTask, DEFAULT_TARGET_MODULES, TASK_TYPE};
 use serde_json::json;
 
 use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, train_config};
@@ -22,7 +21,7 @@ use crate::cli::output::{lm_eval_json, print_stdout, train_summary};
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let method = check_method(&args.method)?;
     check_args(&args)?;
-    let mut config = adapter_config(&args, method, &LLAMA_TARGET_MODULES)?;
+    let mut config = adapter_config(&args, method, &DEFAULT_TARGET_MODULES)?;
     config
         .inner_mut()
         .set_task_type(Some(TASK_TYPE.to_string()));

@@ -38,7 +38,8 @@ fn read_data(path: &Path, labels: Option<&[String]>, what: &str) -> anyhow::Resu
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let method = check_method(&args.method)?;
     check_args(&args)?;
-    let config = classify::for_classification(adapter_config(&args, method, &["query", "value"])?);
+    let targets = classify::DEFAULT_TARGET_MODULES;
+    let config = classify::for_classification(adapter_config(&args, method, &targets)?);
 
     // A classification export brings its labels; otherwise the training data defines them.
     let model_labels = classify::known_labels(&args.model, None)
