@@ -16,12 +16,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device};
 use candle_peft::generate::GenerationConfig;
-use candle_peft::io::source;
 use candle_peft::models::llama::LLAMA_TARGET_MODULES;
-use candle_peft::models::llama::LlamaForCausalLM;
-use candle_peft::tasks::causal_lm::CausalLmTask;
+use candle_peft::tasks::{CausalLmTask, TaskOptions};
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig, Schedule, TrainConfig, Trainer, Warmup};
 
 #[global_allocator]
@@ -45,14 +42,13 @@ fn main() -> Result<()> {
         .into();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let gguf = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let model_source = source::resolve(&gguf.display().to_string()).with_context(|| {
-        format!(
-            "{} (run `bash scripts/fetch-models.sh` first)",
-            gguf.display()
-        )
-    })?;
-    let device = Device::Cpu;
-    let mut task = CausalLmTask::from_source(&model_source, SEQ, SEED, &device)?;
+    let opts = TaskOptions {
+        seq_len: SEQ,
+        seed: SEED,
+        ..TaskOptions::default()
+    };
+    let mut task = CausalLmTask::from_pretrained(&gguf.display().to_string(), opts.clone())
+        .with_context(|| format!("{} (run `bash scripts/fetch-models.sh`)", gguf.display()))?;
     let train = task.read_examples(&root.join("data/shakespeare/train.txt"), false)?;
     let valid = task.read_examples(&root.join("data/shakespeare/valid.txt"), true)?;
     println!(
@@ -114,14 +110,13 @@ fn main() -> Result<()> {
     }
 
     let adapter_dir = out.join("adapter");
-    task.model().save_adapter(DEFAULT_ADAPTER, &adapter_dir)?;
+    task.save_adapter(&adapter_dir)?;
     println!("adapter saved to {}", adapter_dir.display());
     let merged_dir = out.join("merged");
-    LlamaForCausalLM::export_merged(task.into_model(), &model_source, &merged_dir, DType::F32)?;
+    task.export_merged(&merged_dir)?;
     println!("merged model written to {}", merged_dir.display());
 
-    let merged_source = source::resolve(&merged_dir.display().to_string())?;
-    let merged = CausalLmTask::from_source(&merged_source, SEQ, SEED, &device)?;
+    let merged = CausalLmTask::from_pretrained(&merged_dir.display().to_string(), opts)?;
     let reloaded = merged.evaluate_lm(&valid)?;
     println!(
         "merged folder reloaded: held-out perplexity {:.2}",

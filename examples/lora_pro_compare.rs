@@ -23,10 +23,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use candle_peft::data::{read_tsv, read_tsv_with_labels};
 use candle_peft::io::source;
 use candle_peft::optim::{LoraPair, LoraProMode};
+use candle_peft::tasks::TaskOptions;
 use candle_peft::tasks::causal_lm::CausalLmTask;
 use candle_peft::tasks::classify::ClassifyTask;
 use candle_peft::train::OptimizerKind;
@@ -327,13 +328,12 @@ fn minilm(root: &Path, steps: usize, quick: bool) -> Result<Workload> {
     let mut runs = Vec::new();
     for variant in VARIANTS {
         for &lr in variant.rates(quick) {
-            let mut task = ClassifyTask::from_source(
-                &model_source,
-                train.labels.clone(),
-                64,
-                SEED,
-                &Device::Cpu,
-            )?;
+            let opts = TaskOptions {
+                seq_len: 64,
+                seed: SEED,
+                ..TaskOptions::default()
+            };
+            let mut task = ClassifyTask::from_source(model_source.clone(), &train.labels, opts)?;
             task.add_adapter(DEFAULT_ADAPTER, lora(&["query", "value"]))?;
             let frozen = match variant {
                 Variant::FullFt => make_targets_trainable(task.model())?,
@@ -372,7 +372,12 @@ fn smollm2(root: &Path, steps: usize, quick: bool) -> Result<Workload> {
     let mut announced = false;
     for variant in VARIANTS {
         for &lr in variant.rates(quick) {
-            let mut task = CausalLmTask::from_source(&model_source, 128, SEED, &Device::Cpu)?;
+            let opts = TaskOptions {
+                seq_len: 128,
+                seed: SEED,
+                ..TaskOptions::default()
+            };
+            let mut task = CausalLmTask::from_source(model_source.clone(), opts)?;
             let train = task.read_examples(&root.join("data/shakespeare/train.txt"), false)?;
             let valid = task.read_examples(&root.join("data/shakespeare/valid.txt"), true)?;
             if !announced {

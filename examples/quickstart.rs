@@ -18,12 +18,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use candle_peft::data::{read_tsv, read_tsv_with_labels};
-use candle_peft::io::source;
-use candle_peft::models::heads::BertForSequenceClassification;
+use candle_peft::tasks::TaskOptions;
 use candle_peft::tasks::classify::{self, ClassifyTask};
-use candle_peft::{DEFAULT_ADAPTER, LoraConfig, Schedule, TrainConfig, TrainTask, Trainer, Warmup};
+use candle_peft::{DEFAULT_ADAPTER, LoraConfig, Schedule, TrainConfig, Trainer, Warmup};
 
 // mimalloc keeps freed activation buffers instead of returning them to the kernel (see the
 // binary's note in src/bin/candle-peft.rs).
@@ -46,15 +44,21 @@ fn main() -> Result<()> {
         .nth(1)
         .unwrap_or_else(|| "out/quickstart".into())
         .into();
-    let device = Device::Cpu;
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sst2");
     let train = read_tsv(data.join("train.tsv"))?;
     let valid = read_tsv_with_labels(data.join("valid.tsv"), &train.labels)?;
     let labels = train.labels.clone();
 
-    let model_source = source::resolve(MODEL)
+    let opts = TaskOptions {
+        seq_len: MAX_LEN,
+        seed: SEED,
+        ..TaskOptions::default()
+    };
+    let mut task = ClassifyTask::from_pretrained(MODEL, &labels, opts.clone())
         .with_context(|| format!("{MODEL} (run `bash scripts/fetch-models.sh` first)"))?;
-    println!("model: {MODEL} at {}", model_source.dir.display());
+    if let Some(source) = task.source() {
+        println!("model: {MODEL} at {}", source.dir.display());
+    }
     println!(
         "data: {} training and {} validation sentences, labels {}",
         train.len(),
@@ -62,8 +66,6 @@ fn main() -> Result<()> {
         labels.join(", ")
     );
 
-    let mut task =
-        ClassifyTask::from_source(&model_source, labels.clone(), MAX_LEN, SEED, &device)?;
     let before = task.evaluate_full(&valid.examples)?;
     println!(
         "validation accuracy before fine-tuning (untrained head): {:.1}%",
@@ -116,21 +118,19 @@ fn main() -> Result<()> {
     println!("adapter saved to {}", adapter_dir.display());
 
     let merged_dir = out.join("merged");
-    BertForSequenceClassification::export_merged(
-        task.into_model(),
-        &model_source,
-        &merged_dir,
-        &labels,
-    )?;
+    task.export_merged(&merged_dir)?;
     println!("merged model written to {}", merged_dir.display());
 
     // The merged folder is a plain classification model: its own classifier and label names,
     // no adapter. Another seed proves the head comes from the file.
-    let merged_source = source::resolve_local(&merged_dir)?;
-    let merged_labels = classify::model_labels(&merged_source)?
+    let merged_spec = merged_dir.display().to_string();
+    let merged_labels = classify::known_labels(&merged_spec, None)?
         .context("the merged config.json has no id2label")?;
-    let merged =
-        ClassifyTask::from_source(&merged_source, merged_labels, MAX_LEN, SEED + 1, &device)?;
+    let opts = TaskOptions {
+        seed: SEED + 1,
+        ..opts
+    };
+    let merged = ClassifyTask::from_pretrained(&merged_spec, merged_labels, opts)?;
     let reloaded = merged.evaluate_full(&valid.examples)?;
     let differ = after
         .predictions

@@ -38,6 +38,8 @@ pub struct PeftModel<M> {
     active: Vec<String>,
     enabled: bool,
     seed: u64,
+    /// Files written beside every saved adapter, by file name (see `set_adapter_file`).
+    adapter_files: BTreeMap<String, Vec<u8>>,
 }
 
 impl<M> PeftModel<M> {
@@ -54,6 +56,7 @@ impl<M> PeftModel<M> {
             active: Vec::new(),
             enabled: true,
             seed: 0,
+            adapter_files: BTreeMap::new(),
         }
     }
 
@@ -326,7 +329,26 @@ impl<M> PeftModel<M> {
     pub fn save_adapter(&self, name: &str, dir: impl AsRef<Path>) -> Result<()> {
         let config = self.adapter_config(name)?;
         let tensors = self.adapter_tensors(name)?;
-        peft_format::write_adapter_dir(dir.as_ref(), config, &tensors)
+        peft_format::write_adapter_dir(dir.as_ref(), config, &tensors)?;
+        for (file, contents) in &self.adapter_files {
+            peft_format::write_atomic(&dir.as_ref().join(file), contents)?;
+        }
+        Ok(())
+    }
+
+    /// A file that [`save_adapter`](Self::save_adapter) writes beside every adapter it saves
+    /// (a classifier's `labels.json`, which PEFT ignores); the same name again replaces it.
+    /// `name` must be a plain file name other than the adapter's own two files.
+    pub fn set_adapter_file(&mut self, name: &str, contents: impl Into<Vec<u8>>) -> Result<()> {
+        let plain = Path::new(name).file_name().is_some_and(|f| f == name);
+        if !plain || name == peft_format::CONFIG_NAME || name == peft_format::WEIGHTS_NAME {
+            return Err(PeftError::config(
+                "adapter file",
+                format!("`{name}` is not a plain file name beside the adapter's own two files"),
+            ));
+        }
+        self.adapter_files.insert(name.to_string(), contents.into());
+        Ok(())
     }
 
     /// Activates `names` (they must exist); outputs of several active adapters add up.

@@ -9,6 +9,7 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_peft::data::{PromptResponse, read_jsonl_pairs};
 use candle_peft::io::source;
 use candle_peft::models::llama::load_causal_tokenizer;
+use candle_peft::tasks::TaskOptions;
 use candle_peft::tasks::causal_lm::{CausalLmTask, LmExample};
 use candle_peft::{DEFAULT_ADAPTER, LoraConfig, Schedule, TrainConfig, TrainTask, Trainer, Warmup};
 use common::llama::{tiny, tiny_llama_json};
@@ -201,8 +202,13 @@ fn jsonl_errors_name_the_line() {
 
 #[test]
 fn a_short_lora_run_lowers_smollm2_held_out_perplexity() {
-    let src = source::resolve(common::smollm2_gguf().to_str().unwrap()).unwrap();
-    let mut task = CausalLmTask::from_source(&src, 64, 7, &Device::Cpu).unwrap();
+    let opts = TaskOptions {
+        seq_len: 64,
+        seed: 7,
+        ..TaskOptions::default()
+    };
+    let mut task =
+        CausalLmTask::from_pretrained(common::smollm2_gguf().to_str().unwrap(), opts).unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let train = task
         .read_examples(&root.join("data/shakespeare/train.txt"), false)

@@ -259,9 +259,16 @@ fn steps_zero_saves_the_initial_adapter() {
     }
     // Exactly the library's initialisation with the same seed.
     let src = source::resolve_local(&common::minilm_dir()).unwrap();
-    let mut task =
-        ClassifyTask::from_source(&src, vec!["0".into(), "1".into()], 128, 7, &Device::Cpu)
-            .unwrap();
+    let mut task = ClassifyTask::from_source(
+        src.clone(),
+        ["0", "1"],
+        candle_peft::tasks::TaskOptions {
+            seq_len: 128,
+            seed: 7,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     task.add_adapter(
         DEFAULT_ADAPTER,
         LoraConfig::new(&["query", "value"], 4, 8.0),
@@ -425,8 +432,16 @@ fn classify_task_loss_decreases() {
     let train = read_tsv(sst2("train.tsv")).unwrap();
     let rows: Vec<_> = train.examples[..16].to_vec();
     let src = source::resolve_local(&common::minilm_dir()).unwrap();
-    let mut task =
-        ClassifyTask::from_source(&src, train.labels.clone(), 64, 3, &Device::Cpu).unwrap();
+    let mut task = ClassifyTask::from_source(
+        src.clone(),
+        &train.labels,
+        candle_peft::tasks::TaskOptions {
+            seq_len: 64,
+            seed: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     task.add_adapter(
         DEFAULT_ADAPTER,
         LoraConfig::new(&["query", "value"], 8, 16.0),
@@ -475,8 +490,16 @@ fn classify_task_loss_decreases() {
         classify::read_labels(dir.path()).unwrap(),
         Some(train.labels.clone())
     );
-    let mut fresh =
-        ClassifyTask::from_source(&src, train.labels.clone(), 64, 99, &Device::Cpu).unwrap();
+    let mut fresh = ClassifyTask::from_source(
+        src.clone(),
+        &train.labels,
+        candle_peft::tasks::TaskOptions {
+            seq_len: 64,
+            seed: 99,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     fresh.load_adapter(dir.path(), DEFAULT_ADAPTER).unwrap();
     let texts: Vec<&str> = rows.iter().map(|e| e.text.as_str()).collect();
     assert_eq!(fresh.predict(&texts).unwrap(), after.predictions);

@@ -570,9 +570,16 @@ fn cli_train_corda_convert_and_merge() {
     let labels = vec!["0".to_string(), "1".to_string()];
     let source = candle_peft::io::source::resolve_local(&minilm).unwrap();
     let task_with = |dir: &Path| {
-        let mut t =
-            candle_peft::ClassifyTask::from_source(&source, labels.clone(), 32, 0, &Device::Cpu)
-                .unwrap();
+        let mut t = candle_peft::ClassifyTask::from_source(
+            source.clone(),
+            &labels,
+            candle_peft::tasks::TaskOptions {
+                seq_len: 32,
+                seed: 0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         t.load_adapter(dir, "default").unwrap();
         t
     };
@@ -586,8 +593,16 @@ fn cli_train_corda_convert_and_merge() {
     );
     // The merged export of `train --merge` predicts the same.
     let merged_src = candle_peft::io::source::resolve_local(&out.join("merged")).unwrap();
-    let exported =
-        candle_peft::ClassifyTask::from_source(&merged_src, labels, 32, 0, &Device::Cpu).unwrap();
+    let exported = candle_peft::ClassifyTask::from_source(
+        merged_src,
+        labels,
+        candle_peft::tasks::TaskOptions {
+            seq_len: 32,
+            seed: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(max_abs_diff(&tuned, &exported.logits(&refs).unwrap()) < 1e-4);
 
     // --steps 0 saves the initial adapter, whose Δ is exactly 0.

@@ -719,17 +719,32 @@ fn cli_train_eva_then_reload_and_merge() {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let labels = vec!["0".to_string(), "1".to_string()];
     let source = candle_peft::io::source::resolve_local(&minilm).unwrap();
-    let mut task =
-        candle_peft::ClassifyTask::from_source(&source, labels.clone(), 32, 0, &Device::Cpu)
-            .unwrap();
+    let mut task = candle_peft::ClassifyTask::from_source(
+        source,
+        &labels,
+        candle_peft::tasks::TaskOptions {
+            seq_len: 32,
+            seed: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     task.load_adapter(&adapter, "default").unwrap();
     let with_adapter = task.logits(&refs).unwrap();
     task.model_mut().merge().unwrap();
     let merged_in_memory = task.logits(&refs).unwrap();
     assert!(max_abs_diff(&with_adapter, &merged_in_memory) < 1e-4);
     let merged_src = candle_peft::io::source::resolve_local(&out.join("merged")).unwrap();
-    let exported =
-        candle_peft::ClassifyTask::from_source(&merged_src, labels, 32, 0, &Device::Cpu).unwrap();
+    let exported = candle_peft::ClassifyTask::from_source(
+        merged_src,
+        labels,
+        candle_peft::tasks::TaskOptions {
+            seq_len: 32,
+            seed: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let from_export = exported.logits(&refs).unwrap();
     assert!(max_abs_diff(&with_adapter, &from_export) < 1e-4);
 }

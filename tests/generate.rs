@@ -9,9 +9,12 @@ use common::llama::*;
 
 #[test]
 fn smollm2_cached_equals_uncached_greedy() {
-    let (peft, cfg, src) =
-        LlamaForCausalLM::from_pretrained(common::smollm2_gguf().to_str().unwrap(), &Device::Cpu)
-            .unwrap();
+    let candle_peft::models::Pretrained {
+        model: peft,
+        config: cfg,
+        source: src,
+    } = LlamaForCausalLM::from_pretrained(common::smollm2_gguf().to_str().unwrap(), &Device::Cpu)
+        .unwrap();
     let tok = candle_peft::load_causal_tokenizer(&src).unwrap();
     let prompt = tok
         .encode(

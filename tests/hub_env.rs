@@ -51,9 +51,10 @@ fn hf_home_and_hf_hub_offline() {
     // The hub id resolves from $HF_HOME/hub with no network.
     let src = source::resolve(MINILM).unwrap();
     assert!(src.config.starts_with(hf_home.join("hub")), "{src:?}");
-    let (model, cfg) = BertModel::from_pretrained(MINILM, &Device::Cpu).unwrap();
-    assert_eq!(cfg.hidden_size, 384);
-    assert_eq!(model.layer_names().len(), 37);
+    let loaded = BertModel::from_pretrained(MINILM, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config.hidden_size, 384);
+    assert_eq!(loaded.model.layer_names().len(), 37);
+    assert_eq!(loaded.source, src);
 
     // A repo that is not cached is a typed error naming the script, without a download try.
     let err = source::resolve("nobody/not-cached").unwrap_err();

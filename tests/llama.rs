@@ -288,9 +288,12 @@ fn lora_on_seven_projections_gradients_tiny() {
 
 #[test]
 fn lora_on_seven_projections_gradients_smollm2() {
-    let (mut peft, cfg, _) =
-        LlamaForCausalLM::from_pretrained(common::smollm2_gguf().to_str().unwrap(), &Device::Cpu)
-            .unwrap();
+    let candle_peft::models::Pretrained {
+        model: mut peft,
+        config: cfg,
+        ..
+    } = LlamaForCausalLM::from_pretrained(common::smollm2_gguf().to_str().unwrap(), &Device::Cpu)
+        .unwrap();
     with_lora_on_seven(&mut peft, 2);
     let loss = next_token_loss(peft.model(), &SMOLLM2_PROMPT[..8]);
     check_every_var_has_gradient(&peft, cfg.num_hidden_layers, &loss);

@@ -624,7 +624,16 @@ fn minilm_without_dropout(dir: &Path) -> ModelSource {
 /// exactly 0, which would make the comparison vacuous).
 fn salt_classify_task(src: &ModelSource, reg_weight: f64) -> ClassifyTask {
     let labels = vec!["0".to_string(), "1".to_string()];
-    let mut task = ClassifyTask::from_source(src, labels, 32, 7, &Device::Cpu).unwrap();
+    let mut task = ClassifyTask::from_source(
+        src.clone(),
+        labels,
+        candle_peft::tasks::TaskOptions {
+            seq_len: 32,
+            seed: 7,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut c = SaltConfig::new(&["query"], 2);
     c.r_t = Some(4);
     c.reg_weight = reg_weight;

@@ -27,6 +27,7 @@ use crate::error::{PeftError, Result};
 use crate::io::source::{self, ModelSource};
 use crate::layer::PeftLinear;
 use crate::model::PeftModel;
+use crate::models::Pretrained;
 
 /// `hidden_act` of a BERT config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -521,9 +522,14 @@ impl BertModel {
 
     /// Loads a local folder or a hub id (hub cache first; `HF_HUB_OFFLINE=1` means cache only)
     /// in f32 on `device`.
-    pub fn from_pretrained(model: &str, device: &Device) -> Result<(PeftModel<Self>, BertConfig)> {
+    pub fn from_pretrained(model: &str, device: &Device) -> Result<Pretrained<Self, BertConfig>> {
         let source = source::resolve(model)?;
-        Self::from_source(&source, DType::F32, device)
+        let (model, config) = Self::from_source(&source, DType::F32, device)?;
+        Ok(Pretrained {
+            model,
+            config,
+            source,
+        })
     }
 
     /// The config the model was built from.

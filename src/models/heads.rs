@@ -57,6 +57,7 @@ use crate::io::hf_folder::{
 use crate::io::source::{CONFIG_FILE, ModelSource, WEIGHTS_FILE};
 use crate::layer::PeftLinear;
 use crate::model::PeftModel;
+use crate::models::Pretrained;
 use crate::models::bert::{BertConfig, BertModel};
 
 /// The architecture name written to `config.json`.
@@ -174,6 +175,23 @@ impl BertForSequenceClassification {
         let b = PeftBuilder::new(Self::with_bert_prefix(vb));
         let model = Self::load(&b, &cfg, num_labels, seed)?;
         Ok((PeftModel::new(model, &b), cfg))
+    }
+
+    /// Resolves `spec` (a folder or a hub id) and loads it as [`from_source`](Self::from_source)
+    /// does.
+    pub fn from_pretrained(
+        spec: &str,
+        num_labels: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Pretrained<Self, BertConfig>> {
+        let source = crate::io::source::resolve(spec)?;
+        let (model, config) = Self::from_source(&source, num_labels, seed, device)?;
+        Ok(Pretrained {
+            model,
+            config,
+            source,
+        })
     }
 
     /// The BERT trunk (`bert.`).

@@ -1,8 +1,27 @@
 //! Model code built on [`crate::PeftBuilder`]: HF weight names and `config.json` structs, only
 //! differentiable ops, every linear layer adaptable.
+//!
+//! Every model's `from_pretrained` returns the same shape, a [`Pretrained`]: the model wrapped in
+//! a [`PeftModel`] with no adapters yet, the config it was built from, and the resolved
+//! [`ModelSource`] (which a merged export reads again).
 
 pub mod bert;
 pub mod heads;
 pub mod llama;
 
 pub use bert::{BertConfig, BertModel, HiddenAct, mean_pool};
+
+use crate::io::source::ModelSource;
+use crate::model::PeftModel;
+
+/// What a model's `from_pretrained` returns: the model with no adapters yet, its config and
+/// where it came from. Destructure it: `let Pretrained { model, config, source } = …?;`.
+#[derive(Debug)]
+pub struct Pretrained<M, C> {
+    /// The model, wrapped in a [`PeftModel`] with no adapters.
+    pub model: PeftModel<M>,
+    /// The config the model was built from (`config.json`, or a GGUF file's metadata).
+    pub config: C,
+    /// The resolved files (folder, hub snapshot or GGUF file), kept for a merged export.
+    pub source: ModelSource,
+}

@@ -23,13 +23,17 @@ use crate::adapters::AdapterConfig;
 use crate::data::{PromptResponse, read_jsonl_pairs, read_text, tokenize_and_chunk};
 use crate::error::{PeftError, Result};
 use crate::generate::{GenerationConfig, generate};
-use crate::io::source::ModelSource;
-use crate::model::{DEFAULT_ADAPTER, PeftModel};
+use crate::io::source::{self, ModelSource};
+use crate::model::PeftModel;
 use crate::models::llama::{LlamaConfig, LlamaForCausalLM, load_causal_tokenizer};
+use crate::tasks::{TaskOptions, save_active};
 use crate::train::{EvalReport, TrainTask};
 
 /// PEFT's `task_type` for causal language modelling.
 pub const TASK_TYPE: &str = "CAUSAL_LM";
+/// The modules a causal-LM adapter targets unless told otherwise (the command line's default):
+/// the seven projections of every decoder layer.
+pub const DEFAULT_TARGET_MODULES: [&str; 7] = crate::models::llama::LLAMA_TARGET_MODULES;
 /// Sequences per forward pass in evaluation.
 pub const DEFAULT_EVAL_BATCH: usize = 4;
 
@@ -87,6 +91,8 @@ pub struct CausalLmTask {
     pad_id: u32,
     device: Device,
     eval_batch: usize,
+    /// Where the model came from (`None` for a task built with [`CausalLmTask::new`]).
+    source: Option<ModelSource>,
 }
 
 impl std::fmt::Debug for CausalLmTask {
@@ -99,18 +105,24 @@ impl std::fmt::Debug for CausalLmTask {
 }
 
 impl CausalLmTask {
-    /// Loads a resolved model (HF folder, hub id or GGUF) in f32 with its tokenizer. Sequences
-    /// are cut to `seq_len` tokens; `seed` seeds the adapters added later.
-    pub fn from_source(
-        source: &ModelSource,
-        seq_len: usize,
-        seed: u64,
-        device: &Device,
-    ) -> Result<Self> {
-        let tokenizer = load_causal_tokenizer(source)?;
-        let (mut model, config) = LlamaForCausalLM::from_source(source, DType::F32, device)?;
-        model.set_seed(seed);
-        Self::new(model, config, tokenizer, seq_len, device.clone())
+    /// Loads `spec` (a hub id, an HF folder or a `.gguf` file; see [`source::resolve`]) in f32
+    /// with its tokenizer (`tokenizer.json`, or the GGUF file's own). Sequences are cut to
+    /// `opts.seq_len` tokens; `opts.seed` seeds the adapters added later.
+    pub fn from_pretrained(spec: &str, opts: TaskOptions) -> Result<Self> {
+        Self::from_source(source::resolve(spec)?, opts)
+    }
+
+    /// [`from_pretrained`](Self::from_pretrained) for a source resolved already.
+    pub fn from_source(source: ModelSource, opts: TaskOptions) -> Result<Self> {
+        let tokenizer = load_causal_tokenizer(&source)?;
+        let (mut model, config) = LlamaForCausalLM::from_source(&source, DType::F32, &opts.device)?;
+        model.set_seed(opts.seed);
+        let mut task = Self::new(model, config, tokenizer, opts.seq_len, opts.device)?;
+        if let Some(n) = opts.eval_batch {
+            task = task.with_eval_batch(n);
+        }
+        task.source = Some(source);
+        Ok(task)
     }
 
     /// A task over `model` (built with `config`) and `tokenizer`: sequences of at most
@@ -149,6 +161,7 @@ impl CausalLmTask {
             pad_id,
             device,
             eval_batch: DEFAULT_EVAL_BATCH,
+            source: None,
         })
     }
 
@@ -168,9 +181,37 @@ impl CausalLmTask {
         &mut self.model
     }
 
-    /// The wrapped model (e.g. for `LlamaForCausalLM::export_merged`).
+    /// The wrapped model.
     pub fn into_model(self) -> CausalModel {
         self.model
+    }
+
+    /// Where the model came from; `None` for a task built with [`new`](Self::new).
+    pub fn source(&self) -> Option<&ModelSource> {
+        self.source.as_ref()
+    }
+
+    /// Writes the active adapter to `dir` in PEFT's format, the same files as
+    /// `model().save_adapter(active, dir)` (several active adapters: one folder each,
+    /// `dir/<name>/`). The [`crate::Trainer`]'s checkpoints write the same.
+    pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
+        save_active(&self.model, dir.as_ref())
+    }
+
+    /// Merges the active adapters into the weights, removes every adapter and writes the merged
+    /// model to `out_dir` as a Hugging Face Llama folder in the model's dtype (see
+    /// [`LlamaForCausalLM::save_pretrained`]; a GGUF source gets its tokenizer files rebuilt
+    /// from the metadata). A task built with [`new`](Self::new) has no source to read the
+    /// tokenizer files from: that is an error.
+    pub fn export_merged(self, out_dir: impl AsRef<Path>) -> Result<()> {
+        let Some(source) = self.source else {
+            return Err(PeftError::Unsupported(
+                "this CausalLmTask was built with CausalLmTask::new and has no model source to                  export from; load it with from_pretrained or from_source, or call                  LlamaForCausalLM::export_merged with the source"
+                    .to_string(),
+            ));
+        };
+        let dtype = self.model.model().dtype();
+        LlamaForCausalLM::export_merged(self.model, &source, out_dir.as_ref(), dtype)
     }
 
     /// The model's architecture settings.
@@ -398,8 +439,9 @@ impl TrainTask for CausalLmTask {
         self.model.trainable_vars()
     }
 
+    /// The active adapter (see [`CausalLmTask::save_adapter`]).
     fn save_adapter(&self, dir: &Path) -> Result<()> {
-        self.model.save_adapter(DEFAULT_ADAPTER, dir)
+        save_active(&self.model, dir)
     }
 
     fn set_training(&self, training: bool) {

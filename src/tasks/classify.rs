@@ -19,8 +19,10 @@
 //! Labels: the model's classes are named by a label list (`labels[id]`). It is written next to the
 //! adapter as `labels.json` (`{"id2label": {"0": name, …}, "label2id": {name: 0, …}}`; PEFT
 //! ignores the file) and into a merged export's `config.json` (`id2label` / `label2id`), so a
-//! reloaded adapter or merged model predicts the same label names. [`model_labels`] reads them
-//! back from a classification export; [`read_labels`] from an adapter folder.
+//! reloaded adapter or merged model predicts the same label names. The task hands the file to its
+//! [`PeftModel`] ([`PeftModel::set_adapter_file`]), so the task's `save_adapter` and the model's
+//! write the same files. [`model_labels`] reads the names back from a classification export,
+//! [`read_labels`] from an adapter folder, and [`known_labels`] from either.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -33,16 +35,21 @@ use tokenizers::Tokenizer;
 use crate::adapters::AdapterConfig;
 use crate::data::{LabeledText, encode_batch, label_tensor, load_tokenizer};
 use crate::error::{PeftError, Result};
-use crate::io::peft_format::write_atomic;
-use crate::io::source::{ModelSource, TOKENIZER_FILE};
+use crate::io::export::read_safetensors_header;
+use crate::io::peft_format::{WEIGHTS_NAME, write_atomic};
+use crate::io::source::{self, ModelSource, TOKENIZER_FILE};
 use crate::model::{DEFAULT_ADAPTER, PeftModel};
 use crate::models::heads::{
     ARCHITECTURE, BertForSequenceClassification, labels_from_config, predictions,
 };
+use crate::tasks::{TaskOptions, save_active};
 use crate::train::{EvalReport, TrainTask};
 
 /// PEFT's `task_type` for sequence classification.
 pub const TASK_TYPE: &str = "SEQ_CLS";
+/// The modules a classification adapter targets unless told otherwise (the command line's
+/// default, and PEFT's for BERT): every attention `query` and `value` projection.
+pub const DEFAULT_TARGET_MODULES: [&str; 2] = ["query", "value"];
 /// The head trained whole and saved with the adapter (`modules_to_save`).
 pub const CLASSIFIER_MODULE: &str = "classifier";
 /// The label names written next to the adapter files.
@@ -61,6 +68,8 @@ pub struct ClassifyTask {
     device: Device,
     labels: Vec<String>,
     eval_batch: usize,
+    /// Where the model came from (`None` for a task built with [`ClassifyTask::new`]).
+    source: Option<ModelSource>,
 }
 
 /// The outcome of [`ClassifyTask::evaluate_full`].
@@ -105,9 +114,10 @@ impl std::fmt::Debug for ClassifyTask {
 impl ClassifyTask {
     /// Wraps a loaded model. `labels` name its classes (`labels[id]`) and must number as many as
     /// the classifier has outputs; `tokenizer` should come from [`load_tokenizer`] (no padding of
-    /// its own); sequences are cut to `max_len` tokens.
+    /// its own); sequences are cut to `max_len` tokens. Every adapter the model saves from now on
+    /// carries [`LABELS_FILE`].
     pub fn new(
-        model: ClassifierModel,
+        mut model: ClassifierModel,
         tokenizer: Tokenizer,
         max_len: usize,
         labels: Vec<String>,
@@ -126,6 +136,7 @@ impl ClassifyTask {
         if max_len == 0 {
             return Err(PeftError::config("max_len", "must be at least 1, got 0"));
         }
+        model.set_adapter_file(LABELS_FILE, labels_json(&labels)?)?;
         Ok(Self {
             model,
             tokenizer,
@@ -133,20 +144,30 @@ impl ClassifyTask {
             device,
             labels,
             eval_batch: DEFAULT_EVAL_BATCH,
+            source: None,
         })
     }
 
-    /// Loads a resolved model (a bare `BertModel` such as all-MiniLM-L6-v2, or a
-    /// `BertForSequenceClassification` export) in f32 with a classifier for `labels`, and its
-    /// `tokenizer.json`. `seed` draws a classifier the checkpoint lacks and seeds the adapters
-    /// added later ([`PeftModel::set_seed`]).
-    pub fn from_source(
-        source: &ModelSource,
-        labels: Vec<String>,
-        max_len: usize,
-        seed: u64,
-        device: &Device,
+    /// Loads `spec` (a hub id or a folder; see [`source::resolve`]): a bare `BertModel` such as
+    /// all-MiniLM-L6-v2, or a `BertForSequenceClassification` export, in f32 with a classifier
+    /// for `labels` (`labels[id]` names class `id`), and its `tokenizer.json`. `opts.seq_len`
+    /// cuts the examples; `opts.seed` draws a classifier the checkpoint lacks and seeds the
+    /// adapters added later ([`PeftModel::set_seed`]).
+    pub fn from_pretrained<L: Into<String>>(
+        spec: &str,
+        labels: impl IntoIterator<Item = L>,
+        opts: TaskOptions,
     ) -> Result<Self> {
+        Self::from_source(source::resolve(spec)?, labels, opts)
+    }
+
+    /// [`from_pretrained`](Self::from_pretrained) for a source resolved already.
+    pub fn from_source<L: Into<String>>(
+        source: ModelSource,
+        labels: impl IntoIterator<Item = L>,
+        opts: TaskOptions,
+    ) -> Result<Self> {
+        let labels: Vec<String> = labels.into_iter().map(Into::into).collect();
         if labels.is_empty() {
             return Err(PeftError::config("labels", "no label names"));
         }
@@ -154,11 +175,20 @@ impl ClassifyTask {
             .tokenizer
             .clone()
             .unwrap_or_else(|| source.dir.join(TOKENIZER_FILE));
-        let tokenizer = load_tokenizer(&tokenizer_path, max_len)?;
-        let (mut model, _) =
-            BertForSequenceClassification::from_source(source, labels.len(), seed, device)?;
-        model.set_seed(seed);
-        Self::new(model, tokenizer, max_len, labels, device.clone())
+        let tokenizer = load_tokenizer(&tokenizer_path, opts.seq_len)?;
+        let (mut model, _) = BertForSequenceClassification::from_source(
+            &source,
+            labels.len(),
+            opts.seed,
+            &opts.device,
+        )?;
+        model.set_seed(opts.seed);
+        let mut task = Self::new(model, tokenizer, opts.seq_len, labels, opts.device)?;
+        if let Some(n) = opts.eval_batch {
+            task = task.with_eval_batch(n);
+        }
+        task.source = Some(source);
+        Ok(task)
     }
 
     /// Examples per forward pass in [`evaluate_full`](Self::evaluate_full) and
@@ -178,9 +208,39 @@ impl ClassifyTask {
         &mut self.model
     }
 
-    /// The wrapped model (e.g. for `BertForSequenceClassification::export_merged`).
+    /// The wrapped model.
     pub fn into_model(self) -> ClassifierModel {
         self.model
+    }
+
+    /// Where the model came from; `None` for a task built with [`new`](Self::new).
+    pub fn source(&self) -> Option<&ModelSource> {
+        self.source.as_ref()
+    }
+
+    /// Writes the active adapter to `dir` in PEFT's format plus [`LABELS_FILE`]: the same files
+    /// as `model().save_adapter(active, dir)` (several active adapters: one folder each,
+    /// `dir/<name>/`). The [`crate::Trainer`]'s checkpoints write the same.
+    pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
+        save_active(&self.model, dir.as_ref())
+    }
+
+    /// Merges the active adapters (and the trained classifier) into the weights, removes every
+    /// adapter and writes a transformers `BertForSequenceClassification` folder to `out_dir`,
+    /// labels in its `config.json` (see [`BertForSequenceClassification::save_pretrained`]).
+    /// A task built with [`new`](Self::new) has no source to read the base tensors from: that is
+    /// an error.
+    pub fn export_merged(self, out_dir: impl AsRef<Path>) -> Result<()> {
+        let Some(source) = self.source else {
+            return Err(PeftError::Unsupported(
+                "this ClassifyTask was built with ClassifyTask::new and has no model source to \
+                 export from; load it with from_pretrained or from_source, or call \
+                 BertForSequenceClassification::export_merged with the source"
+                    .to_string(),
+            ));
+        };
+        BertForSequenceClassification::export_merged(self.model, &source, out_dir, &self.labels)?;
+        Ok(())
     }
 
     /// Label names; `labels()[id]` names label id `id`.
@@ -274,19 +334,6 @@ impl ClassifyTask {
             predictions: preds,
         })
     }
-
-    /// The name of the adapter that [`save_adapter`](TrainTask::save_adapter) writes: the first
-    /// active one.
-    fn active_adapter(&self) -> Result<String> {
-        self.model
-            .active_adapters()
-            .first()
-            .cloned()
-            .ok_or_else(|| PeftError::UnknownAdapter {
-                adapter: DEFAULT_ADAPTER.to_string(),
-                module: String::new(),
-            })
-    }
 }
 
 /// Eval mode for as long as it lives; the previous mode comes back on drop.
@@ -338,11 +385,10 @@ impl TrainTask for ClassifyTask {
         self.model.trainable_vars()
     }
 
-    /// The active adapter in PEFT's format, plus [`LABELS_FILE`].
+    /// The active adapter in PEFT's format, plus [`LABELS_FILE`] (see
+    /// [`ClassifyTask::save_adapter`]).
     fn save_adapter(&self, dir: &Path) -> Result<()> {
-        let name = self.active_adapter()?;
-        self.model.save_adapter(&name, dir)?;
-        write_labels(dir, &self.labels)
+        save_active(&self.model, dir)
     }
 
     fn set_training(&self, training: bool) {
@@ -414,14 +460,20 @@ pub fn model_labels(source: &ModelSource) -> Result<Option<Vec<String>>> {
     }))
 }
 
-/// Writes `dir/labels.json` (atomically): `{"id2label": {"0": name, …}, "label2id": {…}}`.
-pub fn write_labels(dir: &Path, labels: &[String]) -> Result<()> {
+/// The text of [`LABELS_FILE`]: `{"id2label": {"0": name, …}, "label2id": {…}}`, pretty-printed.
+pub fn labels_json(labels: &[String]) -> Result<String> {
     let (id2label, label2id) = crate::models::heads::label_maps(labels);
     let value = serde_json::json!({ "id2label": id2label, "label2id": label2id });
     let text = serde_json::to_string_pretty(&value)
         .map_err(|e| PeftError::config(LABELS_FILE, e.to_string()))?;
+    Ok(format!("{text}\n"))
+}
+
+/// Writes `dir/labels.json` (atomically): [`labels_json`].
+pub fn write_labels(dir: &Path, labels: &[String]) -> Result<()> {
+    let text = labels_json(labels)?;
     fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
-    write_atomic(&dir.join(LABELS_FILE), format!("{text}\n").as_bytes())
+    write_atomic(&dir.join(LABELS_FILE), text.as_bytes())
 }
 
 /// The label names saved next to an adapter (`dir/labels.json`), or `None` when the folder has
@@ -432,4 +484,29 @@ pub fn read_labels(dir: &Path) -> Result<Option<Vec<String>>> {
         return Ok(None);
     }
     labels_from_config(&path)
+}
+
+/// The label names a model brings, for reading data against them: the adapter's
+/// [`LABELS_FILE`] when `adapter` is given and has one, else the `id2label` of `model` when it
+/// is a classification export ([`model_labels`]), else `None` (the data defines them).
+pub fn known_labels(model: &str, adapter: Option<&Path>) -> Result<Option<Vec<String>>> {
+    if let Some(labels) = adapter.map(read_labels).transpose()?.flatten() {
+        return Ok(Some(labels));
+    }
+    model_labels(&source::resolve(model)?)
+}
+
+/// Output rows of the classifier saved in the adapter folder `dir` (read from the safetensors
+/// header, no tensor loaded), or `None` when the adapter saved no classifier.
+pub fn adapter_num_labels(dir: &Path) -> Result<Option<usize>> {
+    let header = read_safetensors_header(&dir.join(WEIGHTS_NAME))?;
+    let suffixes = [
+        format!(".{CLASSIFIER_MODULE}.weight"),
+        format!(".{CLASSIFIER_MODULE}.modules_to_save.{DEFAULT_ADAPTER}.weight"),
+    ];
+    Ok(header
+        .tensors
+        .iter()
+        .find(|(k, _)| suffixes.iter().any(|s| k.ends_with(s.as_str())))
+        .and_then(|(_, info)| info.shape.first().copied()))
 }

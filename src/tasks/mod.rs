@@ -6,6 +6,18 @@
 //!   `BertForSequenceClassification` (cross-entropy; accuracy).
 //! - [`causal_lm::CausalLmTask`]: next-token prediction on the Llama family, on packed text or
 //!   prompt/response pairs (cross-entropy; perplexity).
+//!
+//! Both load the same way, `from_pretrained(spec, …, TaskOptions)` with `spec` a hub id, a folder
+//! or (causal LM) a `.gguf` file; both keep the resolved source, so `export_merged(out)` needs
+//! nothing else; and both save the active adapter, from `save_adapter` and from the
+//! [`crate::Trainer`]'s checkpoints alike.
+
+use std::path::Path;
+
+use candle_core::Device;
+
+use crate::error::{PeftError, Result};
+use crate::model::PeftModel;
 
 /// Next-token prediction on Llama-family models.
 pub mod causal_lm;
@@ -14,3 +26,58 @@ pub mod classify;
 
 pub use causal_lm::{CausalLmTask, LmEval, LmExample};
 pub use classify::{ClassifyEval, ClassifyTask};
+
+/// How a task loads its model. Build it with struct-update syntax, so fields added later (the
+/// base dtype) keep your code compiling: `TaskOptions { seq_len: 64, ..TaskOptions::default() }`.
+#[derive(Clone, Debug)]
+pub struct TaskOptions {
+    /// Maximum tokens per example (classification: special tokens included) or per training
+    /// sequence (causal LM). Default 128.
+    pub seq_len: usize,
+    /// Where the model runs. Default: the CPU.
+    pub device: Device,
+    /// Examples per forward pass in evaluation; `None` (the default) is the task's own default
+    /// ([`classify::DEFAULT_EVAL_BATCH`], [`causal_lm::DEFAULT_EVAL_BATCH`]).
+    pub eval_batch: Option<usize>,
+    /// Seeds the adapters added later and, for classification, a classifier the checkpoint
+    /// lacks and its dropout. Default 42 (the command line's default).
+    pub seed: u64,
+}
+
+impl Default for TaskOptions {
+    fn default() -> Self {
+        Self {
+            seq_len: 128,
+            device: Device::Cpu,
+            eval_batch: None,
+            seed: 42,
+        }
+    }
+}
+
+/// Writes the active adapter of `model` into `dir` (what a task's `save_adapter` and the
+/// trainer's checkpoints write). With several active adapters, each goes to `dir/<name>/`
+/// (PEFT's layout for more than one adapter). No active adapter is an error naming the
+/// adapters there are.
+pub(crate) fn save_active<M>(model: &PeftModel<M>, dir: &Path) -> Result<()> {
+    match model.active_adapters() {
+        [] => Err(PeftError::config(
+            "active adapter",
+            format!(
+                "no adapter is active, nothing to save (adapters: {}); add one with add_adapter \
+                 or activate one with set_adapter",
+                match model.adapter_names() {
+                    names if names.is_empty() => "none".to_string(),
+                    names => names.join(", "),
+                }
+            ),
+        )),
+        [one] => model.save_adapter(one, dir),
+        several => {
+            for name in several {
+                model.save_adapter(name, dir.join(name))?;
+            }
+            Ok(())
+        }
+    }
+}

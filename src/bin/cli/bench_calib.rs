@@ -96,7 +96,13 @@ fn forward(m: &LlamaForCausalLM, b: &CalibrationBatch) -> candle_peft::Result<()
 fn init_in_process(init: Init, model: Option<&str>) -> Result<BenchResult> {
     let spec = model_spec(model);
     let src = source::resolve(&spec).with_context(|| format!("resolving {spec}"))?;
-    let mut task = CausalLmTask::from_source(&src, SEQ, 0, &Device::Cpu)?;
+    let opts = candle_peft::tasks::TaskOptions {
+        seq_len: SEQ,
+        seed: 0,
+        device: Device::Cpu,
+        ..Default::default()
+    };
+    let mut task = CausalLmTask::from_source(src, opts)?;
     let batches = batches(&task)?;
     let loaded_rss = peak_rss_mb()?;
     let calibration = CalibrationOptions { quiet: true };

@@ -5,10 +5,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use candle_peft::DEFAULT_ADAPTER;
 use candle_peft::generate::GenerationConfig;
-use candle_peft::io::source;
+use candle_peft::tasks::TaskOptions;
 use candle_peft::tasks::causal_lm::CausalLmTask;
 use clap::Args;
 use serde_json::json;
@@ -49,11 +48,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1] (got {})", args.top_p);
     }
-    let model_source = source::resolve(&args.model)
-        .with_context(|| format!("resolving --model {}", args.model))?;
-    let device = Device::Cpu;
-    let mut task = CausalLmTask::from_source(&model_source, 2, args.seed, &device)
-        .with_context(|| format!("loading {}", args.model))?;
+    // Generation is not cut to a sequence length: the shortest valid one keeps any model's
+    // context long enough.
+    let opts = TaskOptions {
+        seq_len: 2,
+        seed: args.seed,
+        ..TaskOptions::default()
+    };
+    let mut task = CausalLmTask::from_pretrained(&args.model, opts)
+        .with_context(|| format!("loading --model {}", args.model))?;
     if let Some(dir) = &args.adapter {
         if !dir.is_dir() {
             bail!("--adapter {} is not a folder", dir.display());

@@ -13,6 +13,7 @@ use crate::io::gguf::GgufModel;
 use crate::io::source::{self, ModelSource, SourceKind};
 use crate::layer::PeftLinear;
 use crate::model::PeftModel;
+use crate::models::Pretrained;
 
 /// A Llama-family decoder with its language-model head.
 #[derive(Clone, Debug)]
@@ -297,12 +298,13 @@ impl LlamaForCausalLM {
     }
 
     /// Resolves `spec` (folder, hub id or `.gguf` file) and loads it in f32 on `device`.
-    pub fn from_pretrained(
-        spec: &str,
-        device: &Device,
-    ) -> Result<(PeftModel<Self>, LlamaConfig, ModelSource)> {
-        let src = source::resolve(spec)?;
-        let (model, cfg) = Self::from_source(&src, DType::F32, device)?;
-        Ok((model, cfg, src))
+    pub fn from_pretrained(spec: &str, device: &Device) -> Result<Pretrained<Self, LlamaConfig>> {
+        let source = source::resolve(spec)?;
+        let (model, config) = Self::from_source(&source, DType::F32, device)?;
+        Ok(Pretrained {
+            model,
+            config,
+            source,
+        })
     }
 }

@@ -4,9 +4,8 @@
 use std::fmt::Write as _;
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use candle_peft::DEFAULT_ADAPTER;
-use candle_peft::io::source;
+use candle_peft::tasks::TaskOptions;
 use candle_peft::tasks::causal_lm::CausalLmTask;
 
 use crate::cli::args::EvalArgs;
@@ -19,12 +18,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             bail!("{flag} must be at least 1 (got 0)");
         }
     }
-    let model_source = source::resolve(&args.model)
-        .with_context(|| format!("resolving --model {}", args.model))?;
-    let device = Device::Cpu;
-    let mut task = CausalLmTask::from_source(&model_source, args.seq, args.seed, &device)
-        .with_context(|| format!("loading {}", args.model))?
-        .with_eval_batch(args.batch);
+    let opts = TaskOptions {
+        seq_len: args.seq,
+        seed: args.seed,
+        eval_batch: Some(args.batch),
+        ..TaskOptions::default()
+    };
+    let mut task = CausalLmTask::from_pretrained(&args.model, opts)
+        .with_context(|| format!("loading --model {}", args.model))?;
     if let Some(dir) = &args.adapter {
         if !dir.is_dir() {
             bail!("--adapter {} is not a folder", dir.display());

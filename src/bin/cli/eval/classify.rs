@@ -6,34 +6,15 @@
 //! the adapter's `labels.json`, else the model's `config.json` (`id2label`), else the data.
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use candle_peft::DEFAULT_ADAPTER;
 use candle_peft::data::{LabeledDataset, read_tsv, read_tsv_with_labels};
-use candle_peft::io::export::read_safetensors_header;
-use candle_peft::io::peft_format::WEIGHTS_NAME;
-use candle_peft::io::source;
-use candle_peft::tasks::classify::{self, CLASSIFIER_MODULE, ClassifyTask};
+use candle_peft::tasks::TaskOptions;
+use candle_peft::tasks::classify::{self, ClassifyTask};
 use serde_json::json;
 use std::fmt::Write as _;
 
 use crate::cli::args::EvalArgs;
 use crate::cli::output::print_stdout;
-
-/// Output rows of the adapter's saved classifier, read from the safetensors header.
-fn adapter_classifier_rows(dir: &std::path::Path) -> anyhow::Result<Option<usize>> {
-    let path = dir.join(WEIGHTS_NAME);
-    let header = read_safetensors_header(&path)
-        .with_context(|| format!("reading the adapter {}", dir.display()))?;
-    let suffixes = [
-        format!(".{CLASSIFIER_MODULE}.weight"),
-        format!(".{CLASSIFIER_MODULE}.modules_to_save.{DEFAULT_ADAPTER}.weight"),
-    ];
-    Ok(header
-        .tensors
-        .iter()
-        .find(|(k, _)| suffixes.iter().any(|s| k.ends_with(s.as_str())))
-        .and_then(|(_, info)| info.shape.first().copied()))
-}
 
 /// `eval --task classify`.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -47,17 +28,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             bail!("--adapter {} is not a folder", dir.display());
         }
     }
-    let model_source = source::resolve(&args.model)
-        .with_context(|| format!("resolving --model {}", args.model))?;
-
-    let known = match &args.adapter {
-        Some(dir) => classify::read_labels(dir)?,
-        None => None,
-    };
-    let known = match known {
-        Some(l) => Some(l),
-        None => classify::model_labels(&model_source)?,
-    };
+    let known = classify::known_labels(&args.model, args.adapter.as_deref())
+        .with_context(|| format!("reading the label names of --model {}", args.model))?;
     let read = |labels: Option<&[String]>| -> anyhow::Result<LabeledDataset> {
         match labels {
             Some(l) => read_tsv_with_labels(&args.data, l),
@@ -71,7 +43,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             let data = read(None)?;
             let mut labels = data.labels.clone();
             let rows = match &args.adapter {
-                Some(dir) => adapter_classifier_rows(dir)?,
+                Some(dir) => classify::adapter_num_labels(dir)
+                    .with_context(|| format!("reading the adapter {}", dir.display()))?,
                 None => None,
             };
             match rows {
@@ -92,10 +65,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     };
 
-    let device = Device::Cpu;
-    let mut task = ClassifyTask::from_source(&model_source, labels, args.seq, args.seed, &device)
-        .with_context(|| format!("loading {}", args.model))?
-        .with_eval_batch(args.batch);
+    let opts = TaskOptions {
+        seq_len: args.seq,
+        seed: args.seed,
+        eval_batch: Some(args.batch),
+        ..TaskOptions::default()
+    };
+    let mut task = ClassifyTask::from_pretrained(&args.model, labels, opts)
+        .with_context(|| format!("loading --model {}", args.model))?;
     if let Some(dir) = &args.adapter {
         task.load_adapter(dir, DEFAULT_ADAPTER)
             .with_context(|| format!("loading the adapter {}", dir.display()))?;

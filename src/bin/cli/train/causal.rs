@@ -8,12 +8,9 @@
 use std::fmt::Write as _;
 
 use anyhow::Context;
-use candle_core::{DType, Device};
-use candle_peft::io::source;
-use candle_peft::models::llama::LLAMA_TARGET_MODULES;
-use candle_peft::models::llama::LlamaForCausalLM;
-use candle_peft::tasks::causal_lm::{CausalLmTask, TASK_TYPE};
-use candle_peft::{DEFAULT_ADAPTER, Trainer};
+use candle_peft::Trainer;
+use candle_peft::tasks::TaskOptions;
+use candle_peft::tasks::causal_lm::{CausalLmTask, DEFAULT_TARGET_MODULES, TASK_TYPE};
 use serde_json::json;
 
 use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, train_config};
@@ -24,15 +21,17 @@ use crate::cli::output::{lm_eval_json, print_stdout, train_summary};
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let method = check_method(&args.method)?;
     check_args(&args)?;
-    let mut config = adapter_config(&args, method, &LLAMA_TARGET_MODULES)?;
+    let mut config = adapter_config(&args, method, &DEFAULT_TARGET_MODULES)?;
     config
         .inner_mut()
         .set_task_type(Some(TASK_TYPE.to_string()));
-    let model_source = source::resolve(&args.model)
-        .with_context(|| format!("resolving --model {}", args.model))?;
-    let device = Device::Cpu;
-    let mut task = CausalLmTask::from_source(&model_source, args.seq, args.seed, &device)
-        .with_context(|| format!("loading {}", args.model))?;
+    let opts = TaskOptions {
+        seq_len: args.seq,
+        seed: args.seed,
+        ..TaskOptions::default()
+    };
+    let mut task = CausalLmTask::from_pretrained(&args.model, opts)
+        .with_context(|| format!("loading --model {}", args.model))?;
     let train = task
         .read_examples(&args.data, false)
         .with_context(|| format!("reading --data {}", args.data.display()))?;
@@ -64,8 +63,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let report = trainer.run(&task, &train, eval.as_deref())?;
 
     let adapter_dir = args.out.join("adapter");
-    task.model()
-        .save_adapter(DEFAULT_ADAPTER, &adapter_dir)
+    task.save_adapter(&adapter_dir)
         .with_context(|| format!("saving the adapter to {}", adapter_dir.display()))?;
     let final_eval = match &eval {
         Some(data) => Some(task.evaluate_lm(data)?),
@@ -73,7 +71,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
     let merged_dir = if args.merge {
         let dir = args.out.join("merged");
-        LlamaForCausalLM::export_merged(task.into_model(), &model_source, &dir, DType::F32)
+        task.export_merged(&dir)
             .with_context(|| format!("writing the merged model to {}", dir.display()))?;
         Some(dir)
     } else {

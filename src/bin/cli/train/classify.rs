@@ -7,10 +7,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
-use candle_core::Device;
 use candle_peft::data::{LabeledDataset, read_tsv, read_tsv_with_labels};
-use candle_peft::io::source;
-use candle_peft::models::heads::BertForSequenceClassification;
+use candle_peft::tasks::TaskOptions;
 use candle_peft::tasks::classify::{self, ClassifyTask};
 use candle_peft::train::EvalReport;
 use candle_peft::{TrainTask, Trainer};
@@ -40,12 +38,12 @@ fn read_data(path: &Path, labels: Option<&[String]>, what: &str) -> anyhow::Resu
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let method = check_method(&args.method)?;
     check_args(&args)?;
-    let config = classify::for_classification(adapter_config(&args, method, &["query", "value"])?);
+    let targets = classify::DEFAULT_TARGET_MODULES;
+    let config = classify::for_classification(adapter_config(&args, method, &targets)?);
 
-    let model_source = source::resolve(&args.model)
-        .with_context(|| format!("resolving --model {}", args.model))?;
     // A classification export brings its labels; otherwise the training data defines them.
-    let model_labels = classify::model_labels(&model_source)?;
+    let model_labels = classify::known_labels(&args.model, None)
+        .with_context(|| format!("loading --model {}", args.model))?;
     let train = read_data(&args.data, model_labels.as_deref(), "--data")?;
     let labels = train.labels.clone();
     let eval = match &args.eval_data {
@@ -53,10 +51,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    let device = Device::Cpu;
-    let mut task =
-        ClassifyTask::from_source(&model_source, labels.clone(), args.seq, args.seed, &device)
-            .with_context(|| format!("loading {}", args.model))?;
+    let opts = TaskOptions {
+        seq_len: args.seq,
+        seed: args.seed,
+        ..TaskOptions::default()
+    };
+    let mut task = ClassifyTask::from_pretrained(&args.model, &labels, opts)
+        .with_context(|| format!("loading --model {}", args.model))?;
     add_classify_adapter(&mut task, config, method, &args, &train.examples)?;
     let trainable = task.model().num_trainable_parameters();
     let total = task.model().num_total_parameters();
@@ -100,13 +101,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 
     let merged_dir = if args.merge {
         let dir = args.out.join("merged");
-        BertForSequenceClassification::export_merged(
-            task.into_model(),
-            &model_source,
-            &dir,
-            &labels,
-        )
-        .with_context(|| format!("writing the merged model to {}", dir.display()))?;
+        task.export_merged(&dir)
+            .with_context(|| format!("writing the merged model to {}", dir.display()))?;
         Some(dir)
     } else {
         None
