@@ -114,7 +114,7 @@ fn main() -> Result<()> {
     }
 
     let adapter_dir = out.join("adapter");
-    task.model().save_adapter(DEFAULT_ADAPTER, &adapter_dir)?;
+    task.model().save_adapter(&adapter_dir, DEFAULT_ADAPTER)?;
     println!("adapter saved to {}", adapter_dir.display());
     let merged_dir = out.join("merged");
     LlamaForCausalLM::export_merged(task.into_model(), &model_source, &merged_dir, DType::F32)?;

@@ -9,7 +9,14 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Conv2dConfig, Init, VarBuilder, VarMap, var_builder::SimpleBackend};
-use candle_peft::{Conv2dParams, PeftBuilder};
+use candle_peft::adapters::corda::CordaConfig;
+use candle_peft::adapters::lora::InitLoraWeights;
+use candle_peft::data_init::with_base_model;
+use candle_peft::{
+    Conv2dParams, LoraConfig, PeftBuilder, PeftError, PeftModel,
+    
+};
+use common::tiny::{Tiny, bits, lora_random_b, tiny_image, tiny_input, tiny_model};
 
 // ---------------------------------------------------------------------------------------------
 // PeftBuilder: candle-nn's init hints
@@ -162,4 +169,199 @@ fn conv2d_params_from_candle_nn_config() {
         Conv2dParams::from(Conv2dConfig::default()),
         Conv2dParams::default()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// PeftModel: the disable guard
+// ---------------------------------------------------------------------------------------------
+
+/// Everything the guard must put back: outputs (linear and conv paths), every layer's weight
+/// bits, merged list, switch and active set, and the model's active set and switch.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    y: Vec<u32>,
+    conv: Vec<u32>,
+    layers: Vec<(String, Vec<u32>, Vec<String>, bool, Vec<String>)>,
+    active: Vec<String>,
+    enabled: bool,
+}
+
+fn snapshot(pm: &PeftModel<Tiny>) -> Snapshot {
+    Snapshot {
+        y: bits(&pm.forward(&tiny_input(3)).unwrap()),
+        conv: bits(&pm.conv_forward(&tiny_image(4)).unwrap()),
+        layers: pm
+            .layers()
+            .iter()
+            .map(|l| {
+                (
+                    l.name(),
+                    bits(&l.weight()),
+                    l.merged_adapters(),
+                    l.is_enabled(),
+                    l.active_adapters(),
+                )
+            })
+            .collect(),
+        active: pm.active_adapters().to_vec(),
+        enabled: pm.is_enabled(),
+    }
+}
+
+/// The tiny model with adapter `a` (q, v, conv) merged and `b` (q, head) live, both active.
+fn merged_and_live() -> PeftModel<Tiny> {
+    let mut pm = tiny_model(1, 2);
+    pm.add_adapter("a", lora_random_b(&["q", "v", "conv"], 2, 4.0))
+        .unwrap();
+    pm.add_adapter("b", lora_random_b(&["q", "head"], 2, 8.0))
+        .unwrap();
+    pm.merge().unwrap(); // merges the active one: a
+    pm.set_active(&["a", "b"]).unwrap();
+    pm
+}
+
+/// The base output of the tiny model: the same weights, no adapter.
+fn base_output() -> Tensor {
+    tiny_model(1, 2).forward(&tiny_input(3)).unwrap()
+}
+
+#[test]
+fn disable_guard_restores_merged_live_and_active_state_bit_identically() {
+    let mut pm = merged_and_live();
+    let before = snapshot(&pm);
+    assert_eq!(before.layers[0].2, vec!["a".to_string()], "a is merged");
+    assert!(common::max_abs_diff(&pm.forward(&tiny_input(3)).unwrap(), &base_output()) > 1e-3);
+    {
+        let base = pm.disable_adapter().unwrap();
+        // The base model: `a` unmerged (to rounding) and `b` off.
+        let y = base.forward(&tiny_input(3)).unwrap();
+        assert!(common::max_abs_diff(&y, &base_output()) < 1e-5);
+        assert!(!base.is_enabled());
+        assert!(base.layers().iter().all(|l| l.merged_adapters().is_empty()));
+    }
+    assert_eq!(snapshot(&pm), before);
+
+    // The closure form, twice (a failing closure restores too), and `restore()`.
+    let y: Tensor = pm
+        .with_disabled(|m| Ok::<_, PeftError>(m.forward(&tiny_input(3))?))
+        .unwrap();
+    assert!(common::max_abs_diff(&y, &base_output()) < 1e-5);
+    assert_eq!(snapshot(&pm), before);
+    let err = pm
+        .with_disabled(|_| -> candle_peft::Result<()> { Err(PeftError::Unsupported("x".into())) })
+        .unwrap_err();
+    assert!(matches!(err, PeftError::Unsupported(_)));
+    assert_eq!(snapshot(&pm), before);
+    pm.disable_adapter().unwrap().restore();
+    assert_eq!(snapshot(&pm), before);
+
+    // The calibration pass's base-model scope uses the guard: the merge survives it.
+    with_base_model(&mut pm, |m| {
+        assert!(common::max_abs_diff(&m.forward(&tiny_input(3))?, &base_output()) < 1e-5);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(snapshot(&pm), before);
+}
+
+#[test]
+fn disable_guard_on_a_disabled_model_leaves_it_disabled() {
+    let mut pm = merged_and_live();
+    pm.disable().unwrap();
+    let before = snapshot(&pm);
+    drop(pm.disable_adapter().unwrap());
+    assert_eq!(snapshot(&pm), before);
+    assert!(!pm.is_enabled());
+}
+
+// ---------------------------------------------------------------------------------------------
+// PeftModel: delete_adapter, Deref, model_mut, save/load argument order
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn deleting_the_active_adapter_activates_the_first_remaining_by_name() {
+    let mut pm = tiny_model(1, 2);
+    for name in ["zeta", "alpha", "mid"] {
+        pm.add_adapter(name, lora_random_b(&["q"], 2, 4.0)).unwrap();
+    }
+    pm.set_adapter("mid").unwrap();
+    // As PEFT: the only active adapter deleted → the first remaining in name order.
+    assert_eq!(pm.delete_adapter("mid").unwrap(), vec!["alpha".to_string()]);
+    assert_eq!(pm.active_adapters(), &["alpha".to_string()]);
+    let q = pm.layer("model.blocks.0.q").unwrap();
+    assert_eq!(q.active_adapters(), vec!["alpha".to_string()]);
+    // Its output is the alpha-only model's.
+    let mut alpha_only = tiny_model(1, 2);
+    for name in ["zeta", "alpha"] {
+        alpha_only
+            .add_adapter(name, lora_random_b(&["q"], 2, 4.0))
+            .unwrap();
+    }
+    alpha_only.set_adapter("alpha").unwrap();
+    assert_eq!(
+        bits(&pm.forward(&tiny_input(3)).unwrap()),
+        bits(&alpha_only.forward(&tiny_input(3)).unwrap())
+    );
+    // Another active adapter remains: it stays the active set.
+    pm.add_adapter("beta", lora_random_b(&["q"], 2, 4.0)).unwrap();
+    pm.set_active(&["alpha", "zeta"]).unwrap();
+    assert_eq!(pm.delete_adapter("alpha").unwrap(), vec!["zeta".to_string()]);
+    // An inactive one: nothing changes.
+    assert_eq!(pm.delete_adapter("beta").unwrap(), vec!["zeta".to_string()]);
+    // The last one: none active.
+    assert!(pm.delete_adapter("zeta").unwrap().is_empty());
+    assert!(pm.active_adapters().is_empty());
+    assert!(matches!(
+        pm.delete_adapter("zeta"),
+        Err(PeftError::UnknownAdapter { .. })
+    ));
+}
+
+#[test]
+fn peft_model_derefs_to_the_model_and_saves_with_load_adapters_argument_order() {
+    let mut pm = tiny_model(1, 2);
+    pm.add_adapter("one", lora_random_b(&["q", "v"], 2, 4.0))
+        .unwrap();
+    // Deref: the model's own forward and fields.
+    assert_eq!(
+        bits(&pm.forward(&tiny_input(3)).unwrap()),
+        bits(&pm.model().forward(&tiny_input(3)).unwrap())
+    );
+    assert_eq!(pm.blocks.len(), 2);
+    let y = pm.forward(&tiny_input(3)).unwrap();
+    pm.model_mut().norm = (pm.norm.clone() * 0.0).unwrap();
+    assert!(common::max_abs_diff(&pm.forward(&tiny_input(3)).unwrap(), &y) > 1e-3);
+    pm.model_mut().norm = tiny_model(1, 2).norm.clone();
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("one");
+    pm.save_adapter(&out, "one").unwrap();
+    pm.load_adapter(&out, "two").unwrap();
+    let y_one = pm.forward(&tiny_input(3)).unwrap();
+    pm.set_adapter("two").unwrap();
+    assert_eq!(bits(&pm.forward(&tiny_input(3)).unwrap()), bits(&y_one));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configs that need calibration
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn plain_add_adapter_rejects_inits_that_need_calibration_naming_the_call() {
+    let mut pm = tiny_model(1, 2);
+    let mut eva = LoraConfig::new(&["q"], 2, 4.0);
+    eva.init_lora_weights = InitLoraWeights::Named("eva".into());
+    let err = pm.add_adapter("x", eva).unwrap_err();
+    assert!(
+        matches!(&err, PeftError::InvalidConfig { field, .. } if field == "init_lora_weights"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("add_eva_adapter"), "{err}");
+    let err = pm
+        .add_adapter("x", CordaConfig::new(&["q"], 2, 4.0))
+        .unwrap_err();
+    assert!(err.to_string().contains("add_corda_adapter"), "{err}");
+    // Nothing was added.
+    assert!(pm.adapter_names().is_empty());
+    assert!(pm.layers().iter().all(|l| l.adapter_names().is_empty()));
 }

@@ -237,7 +237,7 @@ fn without_stored_factors_the_svd_is_redone_from_the_base() {
     perturb(&pm, 3);
     let x = tiny_input(4);
     let y = pm.model().forward(&x).unwrap();
-    pm.save_adapter(ADAPTER, tmp.path()).unwrap();
+    pm.save_adapter(tmp.path(), ADAPTER).unwrap();
     let file =
         candle_core::safetensors::load(tmp.path().join("adapter_model.safetensors"), &Device::Cpu)
             .unwrap();
@@ -301,7 +301,7 @@ fn sign_canonicalisation_keeps_delta_when_a_residual_pair_flips() {
     );
 
     // Write the flipped factors into a saved file; loading re-canonicalises them.
-    pm.save_adapter(ADAPTER, tmp.path()).unwrap();
+    pm.save_adapter(tmp.path(), ADAPTER).unwrap();
     let path = tmp.path().join("adapter_model.safetensors");
     let mut file = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     for name in ["salt_U.weight", "salt_Vh.weight"] {
@@ -751,7 +751,7 @@ fn cli_merge_without_stored_factors_is_a_clear_error() {
     c.store_factors = false;
     pm.add_adapter(ADAPTER, c).unwrap();
     let adapter = tmp.path().join("adapter");
-    pm.save_adapter(ADAPTER, &adapter).unwrap();
+    pm.save_adapter(&adapter, ADAPTER).unwrap();
     let msg = common::run_err(
         bin()
             .args(["merge", "--base"])

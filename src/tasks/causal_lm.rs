@@ -399,7 +399,7 @@ impl TrainTask for CausalLmTask {
     }
 
     fn save_adapter(&self, dir: &Path) -> Result<()> {
-        self.model.save_adapter(DEFAULT_ADAPTER, dir)
+        self.model.save_adapter(dir, DEFAULT_ADAPTER)
     }
 
     fn set_training(&self, training: bool) {

@@ -341,7 +341,7 @@ impl TrainTask for ClassifyTask {
     /// The active adapter in PEFT's format, plus [`LABELS_FILE`].
     fn save_adapter(&self, dir: &Path) -> Result<()> {
         let name = self.active_adapter()?;
-        self.model.save_adapter(&name, dir)?;
+        self.model.save_adapter(dir, &name)?;
         write_labels(dir, &self.labels)
     }
 

@@ -65,7 +65,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 
     let adapter_dir = args.out.join("adapter");
     task.model()
-        .save_adapter(DEFAULT_ADAPTER, &adapter_dir)
+        .save_adapter(&adapter_dir, DEFAULT_ADAPTER)
         .with_context(|| format!("saving the adapter to {}", adapter_dir.display()))?;
     let final_eval = match &eval {
         Some(data) => Some(task.evaluate_lm(data)?),
