@@ -116,7 +116,12 @@ impl<'a> PeftBuilder<'a> {
 
     /// A frozen base tensor as [`get`](Self::get), created with `init` when the `VarBuilder`
     /// creates missing tensors (e.g. `Init::Const(1.)` for a fresh norm weight).
-    pub fn get_with_hints<S: Into<Shape>>(&self, shape: S, name: &str, init: Init) -> Result<Tensor> {
+    pub fn get_with_hints<S: Into<Shape>>(
+        &self,
+        shape: S,
+        name: &str,
+        init: Init,
+    ) -> Result<Tensor> {
         let path = self.path(name);
         let t = self
             .vb

@@ -7,14 +7,16 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
+use std::path::Path;
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{Conv2dConfig, Init, VarBuilder, VarMap, var_builder::SimpleBackend};
 use candle_peft::adapters::corda::CordaConfig;
 use candle_peft::adapters::lora::InitLoraWeights;
 use candle_peft::data_init::with_base_model;
 use candle_peft::{
-    Conv2dParams, LoraConfig, PeftBuilder, PeftError, PeftModel,
-    
+    Conv2dParams, EvalReport, LoraConfig, NoGradientCause, PeftBuilder, PeftError, PeftModel,
+    TrainConfig, TrainTask, Trainer,
 };
 use common::tiny::{Tiny, bits, lora_random_b, tiny_image, tiny_input, tiny_model};
 
@@ -79,7 +81,10 @@ fn builder_asks_for_the_init_hints_candle_nn_asks_for() {
     b.linear(7, 5, true, "fc").unwrap();
     assert_eq!(rec.take(), want);
     // Kaiming-normal weight, U(±1/√7) bias: the hints are what make a fresh VarMap non-zero.
-    assert!(want[0].2.contains("Kaiming") && want[0].2.contains("Normal"), "{want:?}");
+    assert!(
+        want[0].2.contains("Kaiming") && want[0].2.contains("Normal"),
+        "{want:?}"
+    );
     assert!(want[1].2.contains("Uniform"), "{want:?}");
 
     candle_nn::linear_no_bias(7, 5, rec.vb().pp("fc")).unwrap();
@@ -104,7 +109,11 @@ fn moments(t: &Tensor) -> (f64, f64, f64) {
     let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
     let n = v.len() as f64;
     let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-    let var = v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n;
+    let var = v
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / n;
     let max = v.iter().fold(0f64, |m, &x| m.max(f64::from(x).abs()));
     (mean, var.sqrt(), max)
 }
@@ -119,12 +128,21 @@ fn builder_over_a_fresh_varmap_draws_candle_nn_distributions_not_zeros() {
     let (mean, std, _) = moments(&lin.handle().weight());
     let want = (2.0 / fan_in as f64).sqrt();
     assert!(mean.abs() < 0.02 * want, "weight mean {mean}");
-    assert!((std / want - 1.0).abs() < 0.02, "weight std {std}, want {want}");
+    assert!(
+        (std / want - 1.0).abs() < 0.02,
+        "weight std {std}, want {want}"
+    );
     // Bias: U(-1/√in, 1/√in), std bound/√3.
     let bound = 1.0 / (fan_in as f64).sqrt();
     let (_, std, max) = moments(&lin.handle().bias().unwrap());
-    assert!(max <= bound && max > 0.9 * bound, "bias max {max}, bound {bound}");
-    assert!((std / (bound / 3f64.sqrt()) - 1.0).abs() < 0.15, "bias std {std}");
+    assert!(
+        max <= bound && max > 0.9 * bound,
+        "bias max {max}, bound {bound}"
+    );
+    assert!(
+        (std / (bound / 3f64.sqrt()) - 1.0).abs() < 0.15,
+        "bias std {std}"
+    );
 
     // Conv: fan in = in/groups · kh · kw for the weight; candle-nn's bias bound uses in_channels.
     let cfg = Conv2dConfig {
@@ -134,12 +152,20 @@ fn builder_over_a_fresh_varmap_draws_candle_nn_distributions_not_zeros() {
     let conv = b.conv2d(64, 128, (5, 5), cfg, true, "conv").unwrap();
     let (_, std, _) = moments(&conv.handle().weight());
     let want = (2.0f64 / (32.0 * 25.0)).sqrt();
-    assert!((std / want - 1.0).abs() < 0.02, "conv weight std {std}, want {want}");
+    assert!(
+        (std / want - 1.0).abs() < 0.02,
+        "conv weight std {std}, want {want}"
+    );
     let bound = 1.0 / 64f64.sqrt();
     let (_, _, max) = moments(&conv.handle().bias().unwrap());
-    assert!(max <= bound && max > 0.8 * bound, "conv bias max {max}, bound {bound}");
+    assert!(
+        max <= bound && max > 0.8 * bound,
+        "conv bias max {max}, bound {bound}"
+    );
     // The VarMap holds the same (frozen) values the layer uses.
-    let stored = varmap.data().lock().unwrap()["fc.weight"].as_tensor().clone();
+    let stored = varmap.data().lock().unwrap()["fc.weight"]
+        .as_tensor()
+        .clone();
     assert_eq!(
         common::max_abs_diff(&stored, &lin.handle().weight()),
         0.0,
@@ -303,9 +329,13 @@ fn deleting_the_active_adapter_activates_the_first_remaining_by_name() {
         bits(&alpha_only.forward(&tiny_input(3)).unwrap())
     );
     // Another active adapter remains: it stays the active set.
-    pm.add_adapter("beta", lora_random_b(&["q"], 2, 4.0)).unwrap();
+    pm.add_adapter("beta", lora_random_b(&["q"], 2, 4.0))
+        .unwrap();
     pm.set_active(&["alpha", "zeta"]).unwrap();
-    assert_eq!(pm.delete_adapter("alpha").unwrap(), vec!["zeta".to_string()]);
+    assert_eq!(
+        pm.delete_adapter("alpha").unwrap(),
+        vec!["zeta".to_string()]
+    );
     // An inactive one: nothing changes.
     assert_eq!(pm.delete_adapter("beta").unwrap(), vec!["zeta".to_string()]);
     // The last one: none active.
@@ -340,6 +370,101 @@ fn peft_model_derefs_to_the_model_and_saves_with_load_adapters_argument_order() 
     let y_one = pm.forward(&tiny_input(3)).unwrap();
     pm.set_adapter("two").unwrap();
     assert_eq!(bits(&pm.forward(&tiny_input(3)).unwrap()), bits(&y_one));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed error: training a merged or disabled adapter
+// ---------------------------------------------------------------------------------------------
+
+/// A regression task over the tiny model that checks its adapters as the built-in tasks do.
+struct Fit(PeftModel<Tiny>);
+
+impl TrainTask for Fit {
+    type Example = Tensor;
+
+    fn loss(&self, batch: &[&Tensor]) -> candle_peft::Result<(Tensor, usize)> {
+        let x = Tensor::stack(batch, 0)?;
+        Ok((self.0.forward(&x)?.sqr()?.mean_all()?, batch.len()))
+    }
+
+    fn evaluate(&self, _: &[Tensor]) -> candle_peft::Result<EvalReport> {
+        Ok(EvalReport::default())
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.0.trainable_vars()
+    }
+
+    fn save_adapter(&self, dir: &Path) -> candle_peft::Result<()> {
+        self.0.save_adapter(dir, "fit")
+    }
+
+    fn check_trainable(&self) -> candle_peft::Result<()> {
+        self.0.check_trainable()
+    }
+}
+
+fn fit(task: &Fit) -> candle_peft::Result<Vec<f64>> {
+    let data: Vec<Tensor> = (0..4).map(|i| tiny_input(10 + i).get(0).unwrap()).collect();
+    let cfg = TrainConfig {
+        steps: 3,
+        batch_size: 2,
+        lr: 1e-2,
+        quiet: true,
+        ..TrainConfig::default()
+    };
+    Ok(Trainer::new(cfg)?.run(task, &data, None)?.losses)
+}
+
+#[test]
+fn training_a_merged_or_disabled_adapter_is_a_typed_error_naming_it() {
+    let mut pm = tiny_model(1, 2);
+    pm.add_adapter("fit", lora_random_b(&["q", "v"], 2, 4.0))
+        .unwrap();
+    pm.merge().unwrap();
+    let err = fit(&Fit(pm)).unwrap_err();
+    match &err {
+        PeftError::NoGradient {
+            adapter,
+            module,
+            cause: NoGradientCause::Merged,
+        } => {
+            assert_eq!(adapter, "fit");
+            assert_eq!(module, "model.blocks.0.q");
+        }
+        other => panic!("expected NoGradient(Merged), got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains("`fit` is merged") && msg.contains("unmerge"),
+        "{msg}"
+    );
+
+    let mut pm = tiny_model(1, 2);
+    pm.add_adapter("fit", lora_random_b(&["q", "v"], 2, 4.0))
+        .unwrap();
+    pm.disable().unwrap();
+    let err = fit(&Fit(pm)).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            PeftError::NoGradient { adapter, cause: NoGradientCause::Disabled, .. } if adapter == "fit"
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("`fit` is disabled"), "{err}");
+
+    // Unmerged and enabled again, it trains.
+    let mut pm = tiny_model(1, 2);
+    pm.add_adapter("fit", lora_random_b(&["q", "v"], 2, 4.0))
+        .unwrap();
+    pm.merge().unwrap();
+    pm.unmerge().unwrap();
+    pm.disable().unwrap();
+    pm.enable().unwrap();
+    assert!(pm.check_trainable().is_ok());
+    let losses = fit(&Fit(pm)).unwrap();
+    assert!(losses[2] < losses[0], "{losses:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-//! Switching adapters off for a scope (PEFT's `with model.disable_adapter():`).
+//! Switching adapters off for a scope (PEFT's `with model.disable_adapter():`), and the check
+//! that the active adapters can be trained at all.
 
 use std::ops::Deref;
 
-use crate::error::{PeftError, Result};
+use crate::error::{NoGradientCause, PeftError, Result};
 use crate::layer::SwitchState;
 
 use super::PeftModel;
@@ -86,6 +87,32 @@ impl<M> PeftModel<M> {
     ) -> std::result::Result<R, E> {
         let guard = self.disable_adapter()?;
         f(&guard)
+    }
+
+    /// Checks that the active adapters' trainable vars can get a gradient: none of them may be
+    /// merged into a layer's weight or switched off there. [`PeftError::NoGradient`] names the
+    /// first adapter and layer that fails. The trainer runs this before the first step.
+    pub fn check_trainable(&self) -> Result<()> {
+        for layer in &self.layers {
+            for adapter in &self.active {
+                if !layer.has_adapter(adapter) {
+                    continue;
+                }
+                let cause = if layer.merged_adapters().contains(adapter) {
+                    NoGradientCause::Merged
+                } else if !layer.is_enabled() {
+                    NoGradientCause::Disabled
+                } else {
+                    continue;
+                };
+                return Err(PeftError::NoGradient {
+                    adapter: adapter.clone(),
+                    module: layer.name(),
+                    cause,
+                });
+            }
+        }
+        Ok(())
     }
 }
 

@@ -402,6 +402,10 @@ impl TrainTask for CausalLmTask {
         self.model.save_adapter(dir, DEFAULT_ADAPTER)
     }
 
+    fn check_trainable(&self) -> Result<()> {
+        self.model.check_trainable()
+    }
+
     fn set_training(&self, training: bool) {
         if training {
             self.model.train();

@@ -345,6 +345,10 @@ impl TrainTask for ClassifyTask {
         write_labels(dir, &self.labels)
     }
 
+    fn check_trainable(&self) -> Result<()> {
+        self.model.check_trainable()
+    }
+
     fn set_training(&self, training: bool) {
         if training {
             self.model.train()
