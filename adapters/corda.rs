@@ -362,8 +362,9 @@ impl CordaConfig {
             .ok_or_else(|| {
                 PeftError::layer(
                     module,
-                    "CorDA needs the factors of a calibration pass first \
-                     (adapters::corda::add_corda_adapter, or `candle-peft train --method corda`)",
+                    "CorDA needs the factors of a calibration pass, which `add_adapter` does not \
+                     run: call the task's `add_corda_adapter` (or \
+                     `data_init::corda::add_corda_adapter`) instead",
                 )
             })?;
         check_shape(module, "A", &factors.a, &[r, in_f])?;

@@ -191,6 +191,19 @@ impl Default for Conv2dParams {
     }
 }
 
+/// candle-nn's conv config carries the same four numbers (its cuDNN algorithm choice is dropped),
+/// so `PeftBuilder::conv2d` takes a `candle_nn::Conv2dConfig` as it is.
+impl From<candle_nn::Conv2dConfig> for Conv2dParams {
+    fn from(c: candle_nn::Conv2dConfig) -> Self {
+        Self {
+            stride: c.stride,
+            padding: c.padding,
+            dilation: c.dilation,
+            groups: c.groups,
+        }
+    }
+}
+
 /// The shape of the layer an adapter is attached to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerGeometry {

@@ -1,14 +1,28 @@
 //! `PeftBuilder`: builds a model's layers from a `VarBuilder` and records every adaptable layer
 //! under its HF module path, so that `PeftModel` can find layers by name and model code carries
 //! no adapter code. A user's own candle model adopts the library by calling `b.linear(..)` /
-//! `b.conv2d(..)` here instead of `candle_nn::linear` / `candle_nn::conv2d`.
+//! `b.conv2d(..)` here instead of `candle_nn::linear` / `candle_nn::conv2d`:
+//!
+//! | candle-nn | `PeftBuilder` |
+//! |---|---|
+//! | `linear(i, o, vb.pp("fc"))` | `b.linear(i, o, true, "fc")` |
+//! | `linear_no_bias(i, o, vb.pp("fc"))` | `b.linear(i, o, false, "fc")` |
+//! | `linear_b(i, o, bias, vb.pp("fc"))` | `b.linear(i, o, bias, "fc")` |
+//! | `conv2d(ci, co, k, cfg, vb.pp("c"))` | `b.conv2d(ci, co, (k, k), cfg, true, "c")` |
+//! | `conv2d_no_bias(ci, co, k, cfg, vb.pp("c"))` | `b.conv2d(ci, co, (k, k), cfg, false, "c")` |
+//!
+//! The weights come from the same `VarBuilder` keys (`fc.weight`, `fc.bias`) and, when the
+//! `VarBuilder` creates them (`VarBuilder::from_varmap` on an empty `VarMap`), with the same init
+//! hints as candle-nn's: weight Kaiming-normal (fan in, ReLU gain: `N(0, 2 / fan_in)`), bias
+//! `U(−1/√in, 1/√in)` with `in` the input features or input channels. A loaded checkpoint
+//! ignores the hints.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{Init, VarBuilder};
 
 use crate::adapter::{Conv2dParams, LayerGeometry};
 use crate::error::{PeftError, Result};
@@ -93,19 +107,34 @@ impl<'a> PeftBuilder<'a> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A frozen (non-adaptable) base tensor, e.g. a norm weight or an embedding table.
+    /// A frozen (non-adaptable) base tensor, e.g. a norm weight or an embedding table. A
+    /// `VarBuilder` that creates missing tensors (`from_varmap`) makes this one all zeros, as
+    /// `VarBuilder::get` does: use [`get_with_hints`](Self::get_with_hints) to choose its init.
     pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
+        self.get_with_hints(shape, name, Init::Const(0.))
+    }
+
+    /// A frozen base tensor as [`get`](Self::get), created with `init` when the `VarBuilder`
+    /// creates missing tensors (e.g. `Init::Const(1.)` for a fresh norm weight).
+    pub fn get_with_hints<S: Into<Shape>>(
+        &self,
+        shape: S,
+        name: &str,
+        init: Init,
+    ) -> Result<Tensor> {
         let path = self.path(name);
         let t = self
             .vb
-            .get(shape, name)
+            .get_with_hints(shape, name, init)
             .map_err(|e| PeftError::layer(&path, e.to_string()))?
             .detach();
         self.registry().base_tensors.insert(path, t.elem_count());
         Ok(t)
     }
 
-    /// An adaptable linear layer `name` with weight `[out, in]` (and bias `[out]`).
+    /// An adaptable linear layer `name` with weight `[out, in]` (and bias `[out]`): the layer
+    /// `candle_nn::linear_b(in, out, bias, vb.pp(name))` builds, with candle-nn's init hints for
+    /// weights the `VarBuilder` creates (see the module doc).
     pub fn linear(
         &self,
         in_features: usize,
@@ -120,16 +149,20 @@ impl<'a> PeftBuilder<'a> {
         Ok(PeftLinear::new(self.layer(name, geometry, bias)?))
     }
 
-    /// An adaptable 2-D convolution `name` with kernel `[out, in/groups, kh, kw]`.
+    /// An adaptable 2-D convolution `name` with kernel `[out, in/groups, kh, kw]`. `params` is a
+    /// [`Conv2dParams`] or a `candle_nn::Conv2dConfig`; with a square kernel this is the layer
+    /// `candle_nn::conv2d` (or `conv2d_no_bias`) builds, with candle-nn's init hints for weights
+    /// the `VarBuilder` creates (see the module doc).
     pub fn conv2d(
         &self,
         in_channels: usize,
         out_channels: usize,
         kernel: (usize, usize),
-        params: Conv2dParams,
+        params: impl Into<Conv2dParams>,
         bias: bool,
         name: &str,
     ) -> Result<PeftConv2d> {
+        let params = params.into();
         let path = self.path(name);
         if params.groups == 0
             || in_channels % params.groups != 0
@@ -199,9 +232,10 @@ impl<'a> PeftBuilder<'a> {
 
     fn layer(&self, name: &str, geometry: LayerGeometry, bias: bool) -> Result<LayerHandle> {
         let layer_vb = self.pp(name);
-        let weight = layer_vb.get(geometry.weight_shape(), "weight")?;
+        let (weight_init, bias_init) = candle_nn_hints(geometry);
+        let weight = layer_vb.get_with_hints(geometry.weight_shape(), "weight", weight_init)?;
         let bias = if bias {
-            Some(layer_vb.get(geometry.out_features(), "bias")?)
+            Some(layer_vb.get_with_hints(geometry.out_features(), "bias", bias_init)?)
         } else {
             None
         };
@@ -226,4 +260,22 @@ impl<'a> PeftBuilder<'a> {
             self.training.clone(),
         )
     }
+}
+
+/// The init hints `candle_nn::linear` and `candle_nn::conv2d` give for a layer of `geometry`:
+/// weight Kaiming-normal (fan in, ReLU gain), bias `U(−1/√in, 1/√in)`, where `in` is the
+/// input features or, as candle-nn has it for a conv, the input channels (not channels × kernel).
+fn candle_nn_hints(geometry: LayerGeometry) -> (Init, Init) {
+    let fan_in = match geometry {
+        LayerGeometry::Linear { in_features, .. } => in_features,
+        LayerGeometry::Conv2d { in_channels, .. } => in_channels,
+    };
+    let bound = 1. / (fan_in as f64).sqrt();
+    (
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )
 }

@@ -132,6 +132,21 @@ pub enum PeftError {
         module: String,
     },
 
+    /// Training was asked of an adapter whose trainable vars cannot get a gradient: it is merged
+    /// into the base weight (the forward no longer reads its vars) or switched off.
+    #[error(
+        "adapter `{adapter}` is {cause} on `{module}`, so its trainable vars get no gradient; {}",
+        cause.remedy()
+    )]
+    NoGradient {
+        /// The adapter that cannot be trained.
+        adapter: String,
+        /// The first module where it is merged or disabled.
+        module: String,
+        /// Merged or disabled.
+        cause: NoGradientCause,
+    },
+
     /// An adapter is being added under a name that is already taken.
     #[error("an adapter named `{0}` already exists")]
     DuplicateAdapter(String),
@@ -173,6 +188,36 @@ pub enum PeftError {
         /// What is wrong with the row or file.
         reason: String,
     },
+}
+
+/// Why an adapter's trainable vars get no gradient ([`PeftError::NoGradient`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoGradientCause {
+    /// Its delta is folded into the base weight (`PeftModel::merge`).
+    Merged,
+    /// Adapters are switched off (`PeftModel::disable`, or inside a disable guard).
+    Disabled,
+}
+
+impl NoGradientCause {
+    /// What to do before training.
+    pub fn remedy(self) -> &'static str {
+        match self {
+            NoGradientCause::Merged => "unmerge it (`PeftModel::unmerge`) before training",
+            NoGradientCause::Disabled => {
+                "enable adapters (`PeftModel::enable`, or drop the disable guard) before training"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for NoGradientCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NoGradientCause::Merged => "merged into the base weight",
+            NoGradientCause::Disabled => "disabled",
+        })
+    }
 }
 
 /// `path:line`, or `path` when `line` is 0.

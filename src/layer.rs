@@ -52,6 +52,16 @@ impl std::fmt::Debug for ObserverSlot {
     }
 }
 
+/// A layer's merge and switch state, saved by a disable guard (see
+/// [`LayerHandle::switch_state`]).
+#[derive(Debug)]
+pub(crate) struct SwitchState {
+    weight: Tensor,
+    merged: Vec<String>,
+    enabled: bool,
+    active: Vec<String>,
+}
+
 /// A shared handle on one adaptable layer.
 #[derive(Clone, Debug)]
 pub struct LayerHandle(Arc<RwLock<LayerState>>);
@@ -134,6 +144,38 @@ impl LayerHandle {
     /// Adapters currently folded into the base weight, in merge order.
     pub fn merged_adapters(&self) -> Vec<String> {
         self.read().merged.clone()
+    }
+
+    /// Whether this layer's adapters are switched on (see [`set_enabled`](Self::set_enabled)).
+    pub fn is_enabled(&self) -> bool {
+        self.read().enabled
+    }
+
+    /// The adapters active on this layer (those it has or not, as last set).
+    pub fn active_adapters(&self) -> Vec<String> {
+        self.read().active.clone()
+    }
+
+    /// What a disable guard puts back: the current weight (merged deltas included), which
+    /// adapters are merged into it, the on/off switch and the active set.
+    pub(crate) fn switch_state(&self) -> SwitchState {
+        let s = self.read();
+        SwitchState {
+            weight: s.weight.clone(),
+            merged: s.merged.clone(),
+            enabled: s.enabled,
+            active: s.active.clone(),
+        }
+    }
+
+    /// Puts back a [`switch_state`](Self::switch_state) exactly (the saved weight itself, no
+    /// delta recomputed), so it cannot fail.
+    pub(crate) fn restore_switch_state(&self, saved: SwitchState) {
+        let mut s = self.write();
+        s.weight = saved.weight;
+        s.merged = saved.merged;
+        s.enabled = saved.enabled;
+        s.active = saved.active;
     }
 
     /// Attaches `adapter` under `name`. It becomes active only through `set_active`.

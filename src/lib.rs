@@ -35,7 +35,7 @@ pub use adapters::AdapterConfig;
 pub use adapters::lora::{LoraAdapter, LoraConfig};
 pub use builder::PeftBuilder;
 pub use config::{ModuleSelector, Targeting};
-pub use error::{PeftError, Result};
+pub use error::{NoGradientCause, PeftError, Result};
 pub use generate::{GenerationConfig, generate, generate_uncached};
 pub use layer::{LayerHandle, PeftConv2d, PeftLinear};
 pub use model::{DEFAULT_ADAPTER, PeftModel};

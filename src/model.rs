@@ -1,8 +1,10 @@
 //! `PeftModel`: a model built through `PeftBuilder`, plus named adapters on its layers.
 //!
-//! Mirrors HF PEFT's model-level API: `add_adapter`, `set_active`, `disable`/`enable`,
+//! Mirrors HF PEFT's model-level API: `add_adapter`, `load_adapter(dir, name)`,
+//! `save_adapter(dir, name)`, `set_adapter`/`set_active`, `disable`/`enable` and the scoped
+//! [`disable_adapter`](PeftModel::disable_adapter) guard (PEFT's `with model.disable_adapter():`),
 //! `delete_adapter`, `merge`/`unmerge`, `merge_and_unload`, `unload`, trainable parameters in a
-//! deterministic order, and adapter save/load in PEFT's format.
+//! deterministic order. `PeftModel<M>` derefs to `M`, so the model's own forward is called on it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,12 +17,17 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::adapter::LayerGeometry;
 use crate::adapters::AdapterConfig;
+use crate::adapters::lora::InitLoraWeights;
 use crate::builder::PeftBuilder;
 use crate::config::{InitContext, LoadContext};
 use crate::error::{PeftError, Result};
 use crate::init::seed_from_name;
 use crate::io::peft_format::{self, KEY_PREFIX};
 use crate::layer::LayerHandle;
+
+mod switch;
+
+pub use switch::DisabledAdapters;
 
 /// The name PEFT gives an adapter when none is given.
 pub const DEFAULT_ADAPTER: &str = "default";
@@ -60,9 +67,16 @@ impl<M> PeftModel<M> {
         }
     }
 
-    /// The wrapped base model, whose forward runs through the adapted layers.
+    /// The wrapped base model, whose forward runs through the adapted layers (also reached
+    /// through `Deref`: `peft_model.forward(..)` is `M`'s forward).
     pub fn model(&self) -> &M {
         &self.model
+    }
+
+    /// The wrapped base model, to change (e.g. a head of its own outside the adaptable layers).
+    /// Its adaptable layers stay registered: adapters are managed through `PeftModel`.
+    pub fn model_mut(&mut self) -> &mut M {
+        &mut self.model
     }
 
     /// Seed of the ChaCha RNG that initialises new adapters (default 0).
@@ -186,9 +200,26 @@ impl<M> PeftModel<M> {
     }
 
     /// Attaches a freshly initialised adapter `name` to every layer `config` targets. The first
-    /// adapter added becomes the active one. On error the model is left unchanged.
+    /// adapter added becomes the active one (PEFT's `add_adapter`: later ones are activated with
+    /// [`set_adapter`](Self::set_adapter)). On error the model is left unchanged.
+    ///
+    /// A config whose init needs calibration data (LoRA with `init_lora_weights: "eva"`; CorDA
+    /// without the factors of its calibration pass) is an error naming the call that runs the
+    /// calibration (the tasks' `add_eva_adapter` / `add_corda_adapter`, or
+    /// [`crate::data_init::eva::add_eva_adapter`] / [`crate::data_init::corda::add_corda_adapter`]).
     pub fn add_adapter(&mut self, name: &str, config: impl Into<AdapterConfig>) -> Result<()> {
         let config = config.into();
+        reject_calibrated_init(&config)?;
+        self.add_initialised_adapter(name, config)
+    }
+
+    /// [`add_adapter`](Self::add_adapter) for a data-driven init whose calibration has run (EVA
+    /// sets `A` from its PCA right after): the config may name that init.
+    pub(crate) fn add_initialised_adapter(
+        &mut self,
+        name: &str,
+        config: AdapterConfig,
+    ) -> Result<()> {
         self.check_new_name(name)?;
         config.validate()?;
         let (targets, to_save) = self.select(&config)?;
@@ -324,9 +355,10 @@ impl<M> PeftModel<M> {
         Ok(out)
     }
 
-    /// Saves adapter `name` to `dir` in PEFT's format. Atomic: an interrupted save leaves the
-    /// previous files intact.
-    pub fn save_adapter(&self, name: &str, dir: impl AsRef<Path>) -> Result<()> {
+    /// Saves adapter `name` to `dir` in PEFT's format (the argument order of
+    /// [`load_adapter`](Self::load_adapter)). Atomic: an interrupted save leaves the previous
+    /// files intact.
+    pub fn save_adapter(&self, dir: impl AsRef<Path>, name: &str) -> Result<()> {
         let config = self.adapter_config(name)?;
         let tensors = self.adapter_tensors(name)?;
         peft_format::write_adapter_dir(dir.as_ref(), config, &tensors)?;
@@ -390,8 +422,13 @@ impl<M> PeftModel<M> {
         self.enabled
     }
 
-    /// Removes adapter `name` from every layer. A merged adapter must be unmerged first.
-    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+    /// Removes adapter `name` from every layer and returns the adapters active afterwards. A
+    /// merged adapter must be unmerged first.
+    ///
+    /// As in PEFT, deleting an active adapter leaves the other active ones active; when it was
+    /// the only one, the first remaining adapter in name order becomes active (none if no
+    /// adapter remains).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<Vec<String>> {
         self.adapter_config(name)?;
         for layer in &self.layers {
             if layer.merged_adapters().iter().any(|n| n == name) {
@@ -406,8 +443,15 @@ impl<M> PeftModel<M> {
         }
         self.adapters.retain(|(n, _)| n != name);
         self.shared.remove(name);
+        let was_active = self.active.iter().any(|n| n == name);
         self.active.retain(|n| n != name);
-        Ok(())
+        if was_active && self.active.is_empty() {
+            let mut remaining = self.adapter_names();
+            remaining.sort();
+            self.active = remaining.into_iter().take(1).collect();
+        }
+        self.push_active();
+        Ok(self.active.clone())
     }
 
     /// Folds the active adapters into the base weights (PEFT's `merge_adapter`). Merging an
@@ -595,6 +639,16 @@ impl<M> PeftModel<M> {
     }
 }
 
+/// `PeftModel<M>` is used as the `M` it wraps: its forward and fields run through the adapted
+/// layers.
+impl<M> std::ops::Deref for PeftModel<M> {
+    type Target = M;
+
+    fn deref(&self) -> &M {
+        &self.model
+    }
+}
+
 impl<M> std::fmt::Debug for PeftModel<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeftModel")
@@ -617,6 +671,21 @@ fn in_memory_name(local: &str, adapter: &str) -> String {
         }
         None => format!("{local}.{adapter}"),
     }
+}
+
+/// A config that plain `add_adapter` cannot initialise: its init needs a calibration pass.
+fn reject_calibrated_init(config: &AdapterConfig) -> Result<()> {
+    if let AdapterConfig::Lora(c) = config {
+        if matches!(&c.init_lora_weights, InitLoraWeights::Named(n) if n == "eva") {
+            return Err(PeftError::config(
+                "init_lora_weights",
+                "\"eva\" initialises A from a calibration pass over data, which `add_adapter` \
+                 does not run: call the task's `add_eva_adapter` (or \
+                 `data_init::eva::add_eva_adapter`) instead",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn unknown_adapter(name: &str) -> PeftError {

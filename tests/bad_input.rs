@@ -23,7 +23,7 @@ fn saved_adapter(dir: &Path) -> (PathBuf, PeftModel<Tiny>) {
     pm.add_adapter(ADAPTER, lora_random_b(&["q", "v", "conv"], 2, 4.0))
         .unwrap();
     let out = dir.join("adapter");
-    pm.save_adapter(ADAPTER, &out).unwrap();
+    pm.save_adapter(&out, ADAPTER).unwrap();
     (out, pm)
 }
 
@@ -495,7 +495,7 @@ fn unknown_and_duplicate_adapter_names() {
         other => panic!("expected DuplicateAdapter, got {other:?}"),
     }
     assert!(matches!(
-        pm.save_adapter("nope", dir.path().join("x")),
+        pm.save_adapter(dir.path().join("x"), "nope"),
         Err(PeftError::UnknownAdapter { .. })
     ));
     assert!(!dir.path().join("x").exists());
@@ -587,7 +587,7 @@ fn failed_save_leaves_previous_adapter_intact() {
         let tmp = peft_format::temp_path(&adapter.join(blocked));
         fs::create_dir(&tmp).unwrap();
         let err = pm
-            .save_adapter("bigger", &adapter)
+            .save_adapter(&adapter, "bigger")
             .expect_err("save should fail");
         match &err {
             PeftError::Io { path, .. } => {
@@ -618,7 +618,7 @@ fn failed_save_leaves_previous_adapter_intact() {
         assert_eq!(names.len(), 2, "{names:?}");
     }
     // Unblocked, the save goes through.
-    pm.save_adapter("bigger", &adapter).unwrap();
+    pm.save_adapter(&adapter, "bigger").unwrap();
     assert!(snapshot(&adapter) != before);
     assert_eq!(read_config(&adapter)["r"], serde_json::json!(4));
 }

@@ -197,7 +197,7 @@ fn adapter_with_classifier_round_trip() {
     let logits = model.model().forward(&ids, &mask).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    model.save_adapter("default", dir.path()).unwrap();
+    model.save_adapter(dir.path(), "default").unwrap();
     let saved = read_weights(&dir.path().join("adapter_model.safetensors"));
     let keys: Vec<&String> = saved.keys().collect();
     println!("{} adapter tensors", keys.len());

@@ -295,7 +295,7 @@ fn init_is_the_base_model_and_the_file_round_trips() {
         let tuned = model.model().forward(&probe).unwrap();
         assert!(max_abs_diff(&tuned, &base) > 1e-3);
         let tmp = tempfile::tempdir().unwrap();
-        model.save_adapter("default", tmp.path()).unwrap();
+        model.save_adapter(tmp.path(), "default").unwrap();
         let json: Value = serde_json::from_str(
             &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
         )
@@ -346,7 +346,7 @@ fn convert_to_peft_lora_reproduces_the_tuned_model() {
     let tuned = model.model().forward(&probe).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let corda_dir = tmp.path().join("corda");
-    model.save_adapter("default", &corda_dir).unwrap();
+    model.save_adapter(&corda_dir, "default").unwrap();
     let (config, tensors) = {
         let file = candle_peft::io::peft_format::read_adapter_dir(&corda_dir).unwrap();
         match file.config {

@@ -617,7 +617,7 @@ fn minilm_eva_init_save_and_reload() {
         .model()
         .forward(&probe.input_ids, None, Some(&probe.attention_mask))
         .unwrap();
-    model.save_adapter("default", &out).unwrap();
+    model.save_adapter(&out, "default").unwrap();
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
             .unwrap();

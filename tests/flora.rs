@@ -370,7 +370,7 @@ fn save_load_is_bit_identical() {
     pm.add_adapter(ADAPTER, random_config(&["q", "conv"], &[2], 0.5))
         .unwrap();
     let dir = tmp.path().join("a");
-    pm.save_adapter(ADAPTER, &dir).unwrap();
+    pm.save_adapter(&dir, ADAPTER).unwrap();
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
             .unwrap();
@@ -420,7 +420,7 @@ fn save_load_is_bit_identical() {
     pm.add_adapter(ADAPTER, random_config(&["conv"], &[2, 3, 2, 1], 1.0))
         .unwrap();
     let dir = tmp.path().join("b");
-    pm.save_adapter(ADAPTER, &dir).unwrap();
+    pm.save_adapter(&dir, ADAPTER).unwrap();
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
             .unwrap();
@@ -474,7 +474,7 @@ fn bad_input_is_refused_clearly() {
     let mut pm = tiny_model(71, 72);
     pm.add_adapter(ADAPTER, config(&["q"], &[2], 1.0)).unwrap();
     let dir = tmp.path().join("a");
-    pm.save_adapter(ADAPTER, &dir).unwrap();
+    pm.save_adapter(&dir, ADAPTER).unwrap();
     let mut file = load_file(&dir.join("adapter_model.safetensors"));
     let key = "base_model.model.model.blocks.1.q.flora_layer.param_1";
     file.insert(key.into(), rand_tensor(&mut rng(0), &[6, 3], 1.0));
@@ -585,7 +585,7 @@ fn cli_merge_conv() {
         ]);
         candle_core::safetensors::save(&weights, &base).unwrap();
         let adapter = tmp.path().join(format!("adapter{case}"));
-        pm.save_adapter(ADAPTER, &adapter).unwrap();
+        pm.save_adapter(&adapter, ADAPTER).unwrap();
         let out = tmp.path().join(format!("merged{case}"));
         common::run_ok(
             bin()

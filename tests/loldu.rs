@@ -247,7 +247,7 @@ fn bad_input_is_refused_clearly() {
     let mut pm = single_linear(4, 4, 5);
     pm.add_adapter(ADAPTER, LolduConfig::new(&["lin"], 2))
         .unwrap();
-    pm.save_adapter(ADAPTER, tmp.path()).unwrap();
+    pm.save_adapter(tmp.path(), ADAPTER).unwrap();
     let path = tmp.path().join("adapter_model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     tensors.insert(

@@ -786,7 +786,7 @@ fn layers_to_transform_and_layers_pattern() {
     let mut pm = tiny_model(33, 34);
     pm.add_adapter(ADAPTER, cfg(OneOrMany::Many(vec![0]), Some("blocks")))
         .unwrap();
-    pm.save_adapter(ADAPTER, dir.path()).unwrap();
+    pm.save_adapter(dir.path(), ADAPTER).unwrap();
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
     )
@@ -853,7 +853,7 @@ fn modules_to_save_trainable_copy() {
 
     // Saved under the module's own key.
     let dir = tempfile::tempdir().unwrap();
-    pm.save_adapter(ADAPTER, dir.path()).unwrap();
+    pm.save_adapter(dir.path(), ADAPTER).unwrap();
     let saved =
         candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
             .unwrap();
@@ -970,7 +970,7 @@ fn rank_pattern_and_alpha_pattern() {
     check(&pm);
     // Round trip: the patterns are written to the config and read back.
     let dir = tempfile::tempdir().unwrap();
-    pm.save_adapter(ADAPTER, dir.path()).unwrap();
+    pm.save_adapter(dir.path(), ADAPTER).unwrap();
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
     )
@@ -1164,7 +1164,7 @@ fn save_load_round_trip() {
     let (y, c) = outputs(&pm);
     let dir = tempfile::tempdir().unwrap();
     let d1 = dir.path().join("one");
-    pm.save_adapter(ADAPTER, &d1).unwrap();
+    pm.save_adapter(&d1, ADAPTER).unwrap();
 
     // The safetensors file: PEFT keys, {"format": "pt"}, the adapter's values.
     let bytes = std::fs::read(d1.join("adapter_model.safetensors")).unwrap();
@@ -1244,7 +1244,7 @@ fn save_load_round_trip() {
 
     // save → load → save is byte-identical.
     let d2 = dir.path().join("two");
-    fresh.save_adapter(ADAPTER, &d2).unwrap();
+    fresh.save_adapter(&d2, ADAPTER).unwrap();
     assert_eq!(
         std::fs::read(d2.join("adapter_model.safetensors")).unwrap(),
         bytes,
@@ -1273,7 +1273,7 @@ fn lora_alpha_written_as_int_or_float() {
     pm.add_adapter(ADAPTER, LoraConfig::new(&["q"], 4, 2.5))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    pm.save_adapter(ADAPTER, dir.path()).unwrap();
+    pm.save_adapter(dir.path(), ADAPTER).unwrap();
     let text = std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["lora_alpha"].as_f64(), Some(2.5));
@@ -1302,7 +1302,7 @@ fn load_reads_in_memory_keys_with_adapter_name() {
     let dir = tempfile::tempdir().unwrap();
     for name in [ADAPTER, "second"] {
         let d = dir.path().join(name);
-        pm.save_adapter(name, &d).unwrap();
+        pm.save_adapter(&d, name).unwrap();
         // Rewrite the file with PEFT's in-memory names: `.lora_A.<name>.weight`,
         // `.modules_to_save.<name>.weight`.
         let path = d.join("adapter_model.safetensors");

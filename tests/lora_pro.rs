@@ -737,7 +737,7 @@ impl TrainTask for Regression {
     }
 
     fn save_adapter(&self, dir: &Path) -> candle_peft::Result<()> {
-        self.pm.save_adapter(DEFAULT_ADAPTER, dir)
+        self.pm.save_adapter(dir, DEFAULT_ADAPTER)
     }
 
     fn lora_pairs(&self) -> candle_peft::Result<Vec<LoraPair>> {

@@ -323,7 +323,7 @@ impl TrainTask for ZeroGrad {
     }
 
     fn save_adapter(&self, dir: &Path) -> candle_peft::Result<()> {
-        self.pm.save_adapter(DEFAULT_ADAPTER, dir)
+        self.pm.save_adapter(dir, DEFAULT_ADAPTER)
     }
 
     fn no_weight_decay_vars(&self) -> Vec<String> {

@@ -122,11 +122,11 @@ fn save_load_save_is_byte_identical() {
     let mut a = minilm();
     a.load_adapter(fixture().join("adapter"), "default")
         .unwrap();
-    a.save_adapter("default", &first).unwrap();
+    a.save_adapter(&first, "default").unwrap();
 
     let mut b = minilm();
     b.load_adapter(&first, "default").unwrap();
-    b.save_adapter("default", &second).unwrap();
+    b.save_adapter(&second, "default").unwrap();
 
     for f in ["adapter_model.safetensors", "adapter_config.json"] {
         let x = std::fs::read(first.join(f)).unwrap();

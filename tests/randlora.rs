@@ -479,7 +479,7 @@ fn save_load_is_bit_identical_and_peft_shaped() {
         }
     }
     let dir = tmp.path().join("a");
-    pm.save_adapter(ADAPTER, &dir).unwrap();
+    pm.save_adapter(&dir, ADAPTER).unwrap();
     let (x, img) = (tiny_input(54), tiny_image(55));
     let y = pm.model().forward(&x).unwrap();
     let c = pm.model().conv_forward(&img).unwrap();
@@ -723,7 +723,7 @@ fn two_adapters_with_different_r() {
     // Each saves its own bases and loads back on its own.
     for (name, y) in [("a", &ya), ("b", &yb)] {
         let dir = tmp.path().join(name);
-        pm.save_adapter(name, &dir).unwrap();
+        pm.save_adapter(&dir, name).unwrap();
         let mut fresh = tiny_model(61, 0);
         fresh.load_adapter(&dir, name).unwrap();
         assert_eq!(bits(&fresh.model().forward(&x).unwrap()), bits(y), "{name}");
@@ -867,7 +867,7 @@ fn bad_input_is_refused_clearly() {
     pm.add_adapter(ADAPTER, RandLoraConfig::new(&["q", "v"], 2, 4.0))
         .unwrap();
     let dir = tmp.path().join("a");
-    pm.save_adapter(ADAPTER, &dir).unwrap();
+    pm.save_adapter(&dir, ADAPTER).unwrap();
     let file = load_file(&dir.join("adapter_model.safetensors"));
     let key = "base_model.model.model.blocks.0.q.randlora_lambda";
     let mut bad = file.clone();
@@ -981,7 +981,7 @@ fn cli_train_inspect_merge() {
         .unwrap();
     randomize(&layer, ADAPTER, 91);
     let lib_adapter = tmp.path().join("lib_adapter");
-    pm.save_adapter(ADAPTER, &lib_adapter).unwrap();
+    pm.save_adapter(&lib_adapter, ADAPTER).unwrap();
     let merged_dir = tmp.path().join("merged");
     common::run_ok(
         bin()
@@ -1023,7 +1023,7 @@ fn cli_merge_conv() {
         ]);
         candle_core::safetensors::save(&weights, &base).unwrap();
         let adapter = tmp.path().join(format!("adapter{case}"));
-        pm.save_adapter(ADAPTER, &adapter).unwrap();
+        pm.save_adapter(&adapter, ADAPTER).unwrap();
         let out = tmp.path().join(format!("merged{case}"));
         common::run_ok(
             bin()

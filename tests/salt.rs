@@ -238,7 +238,7 @@ fn without_stored_factors_the_svd_is_redone_from_the_base() {
     perturb(&pm, 3);
     let x = tiny_input(4);
     let y = pm.model().forward(&x).unwrap();
-    pm.save_adapter(ADAPTER, tmp.path()).unwrap();
+    pm.save_adapter(tmp.path(), ADAPTER).unwrap();
     let file =
         candle_core::safetensors::load(tmp.path().join("adapter_model.safetensors"), &Device::Cpu)
             .unwrap();
@@ -302,7 +302,7 @@ fn init_is_canonical_and_a_flipped_residual_pair_is_another_adapter() {
     );
 
     // A file holding the flipped factors is that other adapter: loading keeps the stored signs.
-    pm.save_adapter(ADAPTER, tmp.path()).unwrap();
+    pm.save_adapter(tmp.path(), ADAPTER).unwrap();
     let path = tmp.path().join("adapter_model.safetensors");
     let mut file = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     for name in ["salt_U.weight", "salt_Vh.weight"] {
@@ -852,7 +852,7 @@ fn cli_merge_without_stored_factors_is_a_clear_error() {
     c.store_factors = false;
     pm.add_adapter(ADAPTER, c).unwrap();
     let adapter = tmp.path().join("adapter");
-    pm.save_adapter(ADAPTER, &adapter).unwrap();
+    pm.save_adapter(&adapter, ADAPTER).unwrap();
     let msg = common::run_err(
         bin()
             .args(["merge", "--base"])

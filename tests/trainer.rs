@@ -106,7 +106,7 @@ impl TrainTask for Regression {
     }
 
     fn save_adapter(&self, dir: &Path) -> candle_peft::Result<()> {
-        self.pm.save_adapter(DEFAULT_ADAPTER, dir)
+        self.pm.save_adapter(dir, DEFAULT_ADAPTER)
     }
 
     fn set_training(&self, training: bool) {

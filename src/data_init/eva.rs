@@ -479,7 +479,7 @@ pub fn add_eva_adapter<M>(
     }
     let state = eva_state(model, &config, batches, forward, options)?;
     let lora = eva_lora_config(&config, &state)?;
-    model.add_adapter(name, lora.clone())?;
+    model.add_initialised_adapter(name, lora.clone().into())?;
     for (module, r, a) in &state.layers {
         if *r == 0 {
             continue;

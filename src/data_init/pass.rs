@@ -89,24 +89,18 @@ pub fn target_layers<M>(
     Ok((linear, other))
 }
 
-/// Runs `f` on the base model: adapters switched off (when there are any) and dropout off; both
-/// are restored afterwards, also when `f` fails.
+/// Runs `f` on the base model: adapters switched off ([`PeftModel::with_disabled`]: merged
+/// adapters are merged again afterwards) and dropout off; both are restored afterwards, also when
+/// `f` fails.
 pub fn with_base_model<M, R>(
     model: &mut PeftModel<M>,
     f: impl FnOnce(&PeftModel<M>) -> Result<R>,
 ) -> Result<R> {
     let was_training = model.is_training();
-    let disable = !model.adapter_names().is_empty() && model.is_enabled();
-    if disable {
-        model.disable()?;
-    }
     model.eval();
-    let result = f(model);
+    let result = model.with_disabled(f);
     if was_training {
         model.train();
-    }
-    if disable {
-        model.enable()?;
     }
     result
 }

@@ -444,6 +444,10 @@ impl TrainTask for CausalLmTask {
         save_active(&self.model, dir)
     }
 
+    fn check_trainable(&self) -> Result<()> {
+        self.model.check_trainable()
+    }
+
     fn set_training(&self, training: bool) {
         if training {
             self.model.train();

@@ -27,6 +27,13 @@ pub trait TrainTask {
     /// Writes the adapter (e.g. `PeftModel::save_adapter`) into `dir`.
     fn save_adapter(&self, dir: &Path) -> Result<()>;
 
+    /// Fails when the trainable vars cannot get a gradient, with the reason (e.g.
+    /// [`crate::PeftModel::check_trainable`]: an active adapter merged or disabled). The trainer
+    /// calls it before the first step. Default: no check.
+    fn check_trainable(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Switches train-only behaviour such as dropout.
     fn set_training(&self, _training: bool) {}
 

@@ -88,6 +88,7 @@ impl<'a, T: TrainTask> Run<'a, T> {
         if vars.is_empty() {
             return Err(PeftError::config("trainable vars", "the task has none"));
         }
+        task.check_trainable()?;
         let schedule = LrSchedule::new(cfg.schedule, cfg.lr, cfg.warmup, cfg.steps)?;
         let mut opt = Optimizer::new(task, &vars, cfg)?;
 

@@ -287,7 +287,7 @@ pub fn save_load_round_trip(config: impl Fn() -> AdapterConfig) {
     let (x, img) = (tiny_input(4), tiny_image(5));
     let y = pm.model().forward(&x).unwrap();
     let yc = pm.model().conv_forward(&img).unwrap();
-    pm.save_adapter(ADAPTER, tmp.path()).unwrap();
+    pm.save_adapter(tmp.path(), ADAPTER).unwrap();
 
     let mut fresh = tiny_model(1, 99);
     fresh.load_adapter(tmp.path(), ADAPTER).unwrap();
@@ -430,7 +430,7 @@ pub fn cli_merge_matches_adapted_minilm(config: AdapterConfig) {
     let ids = Tensor::new(&[[101u32, 2023, 3185, 2003, 2307, 102]], &Device::Cpu).unwrap();
     let adapted = pm.model().forward(&ids, None, None).unwrap();
     let adapter = tmp.path().join("adapter");
-    pm.save_adapter(ADAPTER, &adapter).unwrap();
+    pm.save_adapter(&adapter, ADAPTER).unwrap();
     let out = tmp.path().join("merged");
     crate::common::run_ok(
         bin()

@@ -122,7 +122,7 @@ pub fn smollm2_merge(model: Option<&str>) -> Result<BenchResult> {
         let mut config = lora();
         config.init_lora_weights = InitLoraWeights::Bool(false);
         model.add_adapter(DEFAULT_ADAPTER, config)?;
-        model.save_adapter(DEFAULT_ADAPTER, &adapter_dir)?;
+        model.save_adapter(&adapter_dir, DEFAULT_ADAPTER)?;
     }
     let exe = std::env::current_exe().context("locating the candle-peft binary")?;
     let started = Instant::now();
