@@ -622,3 +622,49 @@ fn failed_save_leaves_previous_adapter_intact() {
     assert!(snapshot(&adapter) != before);
     assert_eq!(read_config(&adapter)["r"], serde_json::json!(4));
 }
+
+/// Integer tensors where floats belong and NaN or infinite weights are refused at load (and so
+/// by `merge` and `eval`), naming the file and the tensor.
+#[test]
+fn integer_and_non_finite_adapter_tensors_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "base_model.model.model.blocks.1.v.lora_A.weight";
+    let cases: [(&str, Tensor, &str); 4] = [
+        (
+            "i32",
+            Tensor::ones((2, HIDDEN), DType::I32, &Device::Cpu).unwrap(),
+            "is I32; adapter weights must be floating point",
+        ),
+        (
+            "u8",
+            Tensor::ones((2, HIDDEN), DType::U8, &Device::Cpu).unwrap(),
+            "is U8",
+        ),
+        ("nan", poisoned(f32::NAN, 7), "holds NaN at flat index 7"),
+        ("inf", poisoned(f32::NEG_INFINITY, 0), "holds -inf at flat index 0"),
+    ];
+    for (name, t, expected) in cases {
+        let (adapter, _) = saved_adapter(&dir.path().join(name));
+        let mut tensors =
+            candle_core::safetensors::load(weights_path(&adapter), &Device::Cpu).unwrap();
+        tensors.insert(key.to_string(), t);
+        candle_core::safetensors::save(&tensors, weights_path(&adapter)).unwrap();
+        let msg = load_err(&adapter).to_string();
+        println!("{name}: {msg}");
+        assert!(msg.contains(key), "{msg}");
+        assert!(msg.contains(expected), "{msg}");
+        assert!(
+            msg.contains(&weights_path(&adapter).display().to_string()),
+            "{msg}"
+        );
+        let e = peft_format::check_adapter_file(&weights_path(&adapter)).unwrap_err();
+        assert_eq!(e.to_string(), msg);
+    }
+}
+
+/// A `[2, HIDDEN]` f32 tensor of ones with `value` at flat index `at`.
+fn poisoned(value: f32, at: usize) -> Tensor {
+    let mut v = vec![1f32; 2 * HIDDEN];
+    v[at] = value;
+    Tensor::from_vec(v, (2, HIDDEN), &Device::Cpu).unwrap()
+}

@@ -4,15 +4,22 @@
 //! `base_model.model.encoder.layer.0.attention.self.query.lora_A.weight`. PEFT strips the adapter
 //! name when saving; files written from memory by other tools may still carry it
 //! (`lora_A.default.weight`, `classifier.modules_to_save.default.weight`), and both forms are read.
-//! The safetensors metadata is `{"format": "pt"}`. Writes go to a temporary file in the same
-//! directory and are renamed into place, so an interrupted save never destroys a good adapter.
+//! The safetensors metadata is `{"format": "pt"}`.
+//!
+//! Reading checks every tensor: adapter weights are floating point (F16, BF16, F32 or F64) and
+//! finite. An integer tensor where a float belongs (an I32 `lora_A`) or a NaN or infinity is an
+//! error naming the file and the tensor; the only integer tensors an adapter may hold are the
+//! index tensors of [`INDEX_TENSORS`].
+//!
+//! Writes go to a temporary file in the same directory and are renamed into place, so an
+//! interrupted save never destroys a good adapter.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::adapters::AdapterConfig;
 use crate::error::{PeftError, Result};
@@ -52,13 +59,93 @@ pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
     })
 }
 
-/// Reads a whole adapter directory onto the CPU.
+/// Reads a whole adapter directory onto the CPU, after [`check_adapter_tensors`].
 pub fn read_adapter_dir(dir: &Path) -> Result<AdapterFile> {
     let config = read_config(dir)?;
-    let tensors = read_safetensors(&dir.join(WEIGHTS_NAME), &Device::Cpu)?
-        .into_iter()
-        .collect();
+    let path = dir.join(WEIGHTS_NAME);
+    let tensors: BTreeMap<String, Tensor> =
+        read_safetensors(&path, &Device::Cpu)?.into_iter().collect();
+    check_adapter_tensors(&path, &tensors)?;
     Ok(AdapterFile { config, tensors })
+}
+
+/// The per-layer tensors (by first segment of their local name) that hold indices rather than
+/// weights and so are stored as integers: LoLDU's row permutation `loldu_perm.weight`.
+pub const INDEX_TENSORS: &[&str] = &["loldu_perm"];
+
+/// Reads `path` (an `adapter_model.safetensors`) and checks its tensors as
+/// [`check_adapter_tensors`] does.
+pub fn check_adapter_file(path: &Path) -> Result<()> {
+    let tensors: BTreeMap<String, Tensor> =
+        read_safetensors(path, &Device::Cpu)?.into_iter().collect();
+    check_adapter_tensors(path, &tensors)
+}
+
+/// Every tensor of an adapter file (`path` names it in errors) must be a finite float (F16,
+/// BF16, F32, F64), except the index tensors of [`INDEX_TENSORS`], which must be integers. The
+/// error is a [`PeftError::Io`] of kind `InvalidData` naming the file, the tensor and, for a
+/// non-finite value, its first position.
+pub fn check_adapter_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    for (key, t) in tensors {
+        let dtype = t.dtype();
+        let is_index = key
+            .split('.')
+            .any(|segment| INDEX_TENSORS.contains(&segment));
+        if is_index {
+            if !dtype.is_int() {
+                return Err(bad_tensor(
+                    path,
+                    format!("tensor `{key}` is {dtype:?}; an index tensor must be an integer"),
+                ));
+            }
+            continue;
+        }
+        if !matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
+            return Err(bad_tensor(
+                path,
+                format!(
+                    "tensor `{key}` is {dtype:?}; adapter weights must be floating point \
+                     (F16, BF16, F32 or F64)"
+                ),
+            ));
+        }
+        if let Some((index, value)) = first_non_finite(t)? {
+            return Err(bad_tensor(
+                path,
+                format!(
+                    "tensor `{key}` holds {value} at flat index {index}; adapter weights must \
+                     be finite"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The first NaN or infinite element of a float tensor (flat index and value), if any.
+pub fn first_non_finite(t: &Tensor) -> Result<Option<(usize, f64)>> {
+    let flat = t.flatten_all()?;
+    let found = if t.dtype() == DType::F64 {
+        flat.to_vec1::<f64>()?
+            .into_iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+    } else {
+        flat.to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+            .map(|(i, v)| (i, f64::from(v)))
+    };
+    Ok(found)
+}
+
+fn bad_tensor(path: &Path, reason: String) -> PeftError {
+    PeftError::io(
+        path,
+        std::io::Error::new(std::io::ErrorKind::InvalidData, reason),
+    )
 }
 
 /// Reads every tensor of a safetensors file, with an error naming the file when it is missing,

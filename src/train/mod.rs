@@ -57,5 +57,5 @@ pub use checkpoint::{
 };
 pub use config::{OptimizerKind, TrainConfig};
 pub use report::TrainReport;
-pub use task::{EvalRecord, EvalReport, TrainTask};
+pub use task::{EvalRecord, EvalReport, TrainTask, check_eval_loss};
 pub use trainer::Trainer;

@@ -6,7 +6,8 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{PeftError, Result};
+use crate::io::peft_format::first_non_finite;
 use crate::optim::lora_pro::LoraPair;
 
 /// What the trainer needs from a model + task.
@@ -67,4 +68,30 @@ pub struct EvalRecord {
     pub step: usize,
     /// What the evaluation measured.
     pub report: EvalReport,
+}
+
+/// An evaluation's mean loss must be finite: a NaN or infinite loss is an error rather than a
+/// `null` in a report. `weights` (name, tensor), e.g. [`crate::PeftModel::layer_weights`], are
+/// searched for the first tensor holding a NaN or an infinity, which the error names; adapter
+/// files are already checked when they are read.
+pub fn check_eval_loss(loss: f64, weights: &[(String, Tensor)]) -> Result<()> {
+    if loss.is_finite() {
+        return Ok(());
+    }
+    for (name, t) in weights {
+        if let Some((index, value)) = first_non_finite(t)? {
+            return Err(PeftError::InvalidLayer {
+                module: name.clone(),
+                reason: format!(
+                    "the evaluation loss is {loss}: this weight holds {value} at flat index \
+                     {index}"
+                ),
+            });
+        }
+    }
+    Err(PeftError::Unsupported(format!(
+        "the evaluation loss is {loss} although the {} layer weights searched are finite (the \
+         model's other weights or its activations overflowed)",
+        weights.len()
+    )))
 }
