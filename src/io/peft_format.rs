@@ -11,8 +11,9 @@
 //! error naming the file and the tensor; the only integer tensors an adapter may hold are the
 //! index tensors of [`INDEX_TENSORS`].
 //!
-//! Writes go to a temporary file in the same directory and are renamed into place, so an
-//! interrupted save never destroys a good adapter.
+//! Writing is atomic as a whole: the adapter folder is written as a temporary sibling and
+//! swapped into place ([`crate::io::atomic::write_dir_atomic`]), so an interrupted save leaves
+//! the previous adapter whole and never mixes the files of two saves.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapters::AdapterConfig;
+use crate::io::atomic::write_dir_atomic;
 use crate::error::{PeftError, Result};
 
 pub use crate::config::{KEY_PREFIX, PEFT_VERSION};
@@ -213,42 +215,26 @@ pub fn group_by_module(
     out
 }
 
-/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors`. Both files are written
-/// to synced temporaries first and renamed into place only when both are complete, so a failed
-/// save leaves the previous adapter whole (weights and config never come from different saves,
-/// short of a crash between the two renames).
+/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors`, atomically as a whole
+/// ([`write_dir_atomic`]): the folder is written as a temporary sibling and swapped into place,
+/// so a failed or killed save leaves the previous adapter whole, and weights and config always
+/// come from the same save. Other files of an existing `dir` are kept.
 pub fn write_adapter_dir(
     dir: &Path,
     config: &AdapterConfig,
     tensors: &[(String, Tensor)],
 ) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
     let mut json = config.to_json()?;
     if let Some(obj) = json.as_object_mut() {
         obj.insert("inference_mode".into(), serde_json::Value::Bool(true));
     }
     let text = serde_json::to_string_pretty(&json)
         .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
-    let weights_path = dir.join(WEIGHTS_NAME);
-    let config_path = dir.join(CONFIG_NAME);
-    let bytes = serialize_safetensors(&weights_path, tensors)?;
-    let weights_tmp = write_temp(&weights_path, &bytes)?;
-    let config_tmp = write_temp(&config_path, text.as_bytes()).inspect_err(|_| {
-        let _ = fs::remove_file(&weights_tmp);
-    })?;
-    let renamed = fs::rename(&weights_tmp, &weights_path)
-        .map_err(|e| PeftError::io(&weights_path, e))
-        .and_then(|()| {
-            fs::rename(&config_tmp, &config_path).map_err(|e| PeftError::io(&config_path, e))
-        });
-    if renamed.is_err() {
-        for tmp in [&weights_tmp, &config_tmp] {
-            if tmp.is_file() {
-                let _ = fs::remove_file(tmp);
-            }
-        }
-    }
-    renamed
+    let bytes = serialize_safetensors(&dir.join(WEIGHTS_NAME), tensors)?;
+    write_dir_atomic(dir, |tmp| {
+        write_synced(&tmp.join(WEIGHTS_NAME), &bytes)?;
+        write_synced(&tmp.join(CONFIG_NAME), text.as_bytes())
+    })
 }
 
 /// The bytes of a safetensors file with `{"format": "pt"}` metadata; `path` is for errors.
@@ -294,18 +280,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// the temporary is removed and the error names `path`.
 fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
     let tmp = temp_path(path);
-    let result = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    match result {
+    match write_synced(&tmp, bytes) {
         Ok(()) => Ok(tmp),
         Err(e) => {
             if tmp.is_file() {
                 let _ = fs::remove_file(&tmp);
             }
-            Err(PeftError::io(path, e))
+            Err(match e {
+                PeftError::Io { source, .. } => PeftError::io(path, source),
+                other => other,
+            })
         }
     }
+}
+
+/// Writes `bytes` to `path` (created or truncated) and syncs it to disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(path)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })()
+    .map_err(|e| PeftError::io(path, e))
 }

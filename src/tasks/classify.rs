@@ -338,11 +338,13 @@ impl TrainTask for ClassifyTask {
         self.model.trainable_vars()
     }
 
-    /// The active adapter in PEFT's format, plus [`LABELS_FILE`].
+    /// The active adapter in PEFT's format, plus [`LABELS_FILE`], written as one folder.
     fn save_adapter(&self, dir: &Path) -> Result<()> {
         let name = self.active_adapter()?;
-        self.model.save_adapter(&name, dir)?;
-        write_labels(dir, &self.labels)
+        crate::io::atomic::write_dir_atomic(dir, |tmp| {
+            self.model.save_adapter(&name, tmp)?;
+            write_labels(tmp, &self.labels)
+        })
     }
 
     fn set_training(&self, training: bool) {

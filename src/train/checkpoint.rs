@@ -11,6 +11,7 @@ use super::config::TrainConfig;
 use super::optimizer::Optimizer;
 use super::task::{EvalRecord, TrainTask};
 use crate::error::{PeftError, Result};
+use crate::io::atomic::write_dir_atomic;
 use crate::io::peft_format::{read_safetensors, write_atomic, write_safetensors};
 
 /// Name of the adapter folder inside a checkpoint.
@@ -199,8 +200,9 @@ fn restore_vars(vars: &[(String, Var)], path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `out/checkpoint-<step>` through a temporary folder and a rename; a failure leaves
-/// earlier checkpoints (and an existing folder of the same step) untouched.
+/// Writes `out/checkpoint-<step>` through a temporary folder swapped into place
+/// ([`write_dir_atomic`], as the final adapter save); a failure leaves earlier checkpoints (and
+/// an existing folder of the same step) untouched.
 pub(super) fn save_checkpoint<T: TrainTask>(
     out: &Path,
     task: &T,
@@ -208,15 +210,8 @@ pub(super) fn save_checkpoint<T: TrainTask>(
     opt: &Optimizer,
     state: &TrainerState,
 ) -> Result<PathBuf> {
-    let step = state.global_step;
-    fs::create_dir_all(out).map_err(|e| PeftError::io(out, e))?;
-    let target = out.join(format!("{CHECKPOINT_PREFIX}{step}"));
-    let tmp = out.join(format!(".{CHECKPOINT_PREFIX}{step}.tmp"));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
-    }
-    fs::create_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
-    let written = (|| -> Result<()> {
+    let target = out.join(format!("{CHECKPOINT_PREFIX}{}", state.global_step));
+    write_dir_atomic(&target, |tmp| {
         task.save_adapter(&tmp.join(ADAPTER_DIR))?;
         let values: Vec<(String, Tensor)> = vars
             .iter()
@@ -226,28 +221,7 @@ pub(super) fn save_checkpoint<T: TrainTask>(
         opt.save_state(&tmp.join(OPTIMIZER_FILE))?;
         let json = serde_json::to_string_pretty(state)
             .map_err(|e| PeftError::config("trainer_state", e.to_string()))?;
-        write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
-        if target.exists() {
-            let old = out.join(format!(".{CHECKPOINT_PREFIX}{step}.old"));
-            if old.exists() {
-                fs::remove_dir_all(&old).map_err(|e| PeftError::io(&old, e))?;
-            }
-            fs::rename(&target, &old).map_err(|e| PeftError::io(&target, e))?;
-            if let Err(e) = fs::rename(&tmp, &target) {
-                let _ = fs::rename(&old, &target);
-                return Err(PeftError::io(&target, e));
-            }
-            fs::remove_dir_all(&old).map_err(|e| PeftError::io(&old, e))?;
-        } else {
-            fs::rename(&tmp, &target).map_err(|e| PeftError::io(&target, e))?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = written {
-        if tmp.exists() {
-            let _ = fs::remove_dir_all(&tmp);
-        }
-        return Err(e);
-    }
+        write_atomic(&tmp.join(STATE_FILE), json.as_bytes())
+    })?;
     Ok(target)
 }
