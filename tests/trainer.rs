@@ -526,3 +526,35 @@ fn bad_configs_and_mismatched_resumes_are_typed_errors() {
         Err(PeftError::InvalidConfig { .. })
     ));
 }
+
+/// A micro-batch larger than the data takes the whole data set once (as a batch of exactly
+/// the data would), instead of cycling the data to fill the batch.
+#[test]
+fn batch_larger_than_the_data_is_capped() {
+    let data = examples(12, 3);
+    let capped = Regression::new();
+    let a = run(
+        &capped,
+        TrainConfig {
+            batch_size: 1_000_000,
+            grad_accum: 1,
+            ..config(3)
+        },
+        &data,
+    )
+    .unwrap();
+    let exact = Regression::new();
+    let b = run(
+        &exact,
+        TrainConfig {
+            batch_size: 12,
+            grad_accum: 1,
+            ..config(3)
+        },
+        &data,
+    )
+    .unwrap();
+    assert_eq!(a.losses, b.losses);
+    assert_eq!(a.tokens, 3 * 12 * TOKENS);
+    assert_eq!(var_values(&capped), var_values(&exact));
+}

@@ -69,6 +69,8 @@ struct Run<'a, T: TrainTask> {
     schedule: LrSchedule,
     opt: Optimizer,
     sampler: Sampler,
+    /// Examples per micro-batch: `batch_size`, capped at the number of training examples.
+    batch_size: usize,
     history: History,
     report: TrainReport,
     progress: Progress,
@@ -124,6 +126,15 @@ impl<'a, T: TrainTask> Run<'a, T> {
         };
         let started = Instant::now();
         let progress = Progress::new(cfg, start_step);
+        let batch_size = cfg.batch_size.min(train.len().max(1));
+        if batch_size < cfg.batch_size && start_step < cfg.steps {
+            progress.message(&format!(
+                "batch_size {} is larger than the {} training examples: each micro-batch takes \
+                 all {batch_size} of them",
+                cfg.batch_size,
+                train.len()
+            ));
+        }
         task.set_training(true);
         Ok(Self {
             cfg,
@@ -134,6 +145,7 @@ impl<'a, T: TrainTask> Run<'a, T> {
             schedule,
             opt,
             sampler,
+            batch_size,
             history,
             report,
             progress,
@@ -200,7 +212,7 @@ impl<'a, T: TrainTask> Run<'a, T> {
         let mut loss_sum = 0.0;
         let mut tokens = 0;
         for _ in 0..self.cfg.grad_accum {
-            let idx = self.sampler.next_batch(self.cfg.batch_size);
+            let idx = self.sampler.next_batch(self.batch_size);
             let batch: Vec<&T::Example> = idx.iter().map(|&i| &self.train[i]).collect();
             let (loss, n_tokens) = self.task.loss(&batch)?;
             let loss = match self.task.regularization_loss()? {

@@ -1,0 +1,86 @@
+//! The CLI under bad input and faults: an oversized batch, a locked or reused `--out`, stale and
+//! foreign checkpoints, unwritable outputs, non-finite or integer adapter weights, disagreeing
+//! label maps, misleading messages and help texts, and resume with dropout.
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use common::{bin, run_err, run_ok};
+
+const KEY: &str = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight";
+
+fn minilm() -> String {
+    common::minilm_dir().display().to_string()
+}
+
+fn json_line(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// `train --task classify` on MiniLM with small settings and no progress output, plus `extra`.
+fn train(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = train_loud(data, out, extra);
+    cmd.arg("--quiet");
+    cmd
+}
+
+/// [`train`] with its progress output.
+fn train_loud(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = bin();
+    cmd.args(["train", "--model", &minilm(), "--task", "classify", "--data"])
+        .arg(data)
+        .args(["--method", "lora", "--out"])
+        .arg(out)
+        .args(["--json", "--lr", "2e-3", "--warmup", "0"]);
+    if !extra.contains(&"--batch") {
+        cmd.args(["--batch", "4"]);
+    }
+    cmd.args(extra);
+    cmd
+}
+
+/// An adapter written by `train --steps 0` into `dir/adapter`.
+fn fresh_adapter(data: &Path, dir: &Path) -> PathBuf {
+    run_ok(&mut train(data, dir, &["--steps", "0"]));
+    dir.join("adapter")
+}
+
+/// Replaces tensor `key` of the adapter's weights file.
+fn replace_tensor(adapter: &Path, key: &str, t: Tensor) {
+    let path = adapter.join("adapter_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    assert!(tensors.contains_key(key), "{key} not in {}", path.display());
+    tensors.insert(key.to_string(), t);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
+fn host_name() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn batch_larger_than_the_data_is_capped_with_a_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 12);
+    let out = run_ok(&mut train_loud(
+        &data,
+        &tmp.path().join("out"),
+        &["--batch", "1000000", "--steps", "2"],
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("batch_size 1000000 is larger than the 12 training examples"),
+        "{stderr}"
+    );
+    assert_eq!(json_line(&out)["steps"], 2);
+}
