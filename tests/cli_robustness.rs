@@ -84,3 +84,33 @@ fn batch_larger_than_the_data_is_capped_with_a_message() {
     );
     assert_eq!(json_line(&out)["steps"], 2);
 }
+
+#[test]
+fn unwritable_outputs_fail_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 8);
+    let file = tmp.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    let under_file = file.join("out");
+
+    let e = run_err(
+        bin()
+            .args(["eval", "--model", &minilm(), "--data"])
+            .arg(&data)
+            .arg("--predictions")
+            .arg(file.join("predictions.txt")),
+    );
+    assert!(e.contains("--predictions"), "{e}");
+    assert!(e.contains(&file.join("predictions.txt").display().to_string()), "{e}");
+    assert!(e.contains("is a file, not a folder"), "{e}");
+
+    let adapter = fresh_adapter(&data, &tmp.path().join("run"));
+    let e = run_err(
+        bin()
+            .args(["merge", "--base", &minilm(), "--adapter"])
+            .arg(&adapter)
+            .arg("--out")
+            .arg(&under_file),
+    );
+    assert!(e.contains("--out") && e.contains("is a file, not a folder"), "{e}");
+}

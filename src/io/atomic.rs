@@ -1,4 +1,4 @@
-//! Whole-folder atomic writes.
+//! Whole-folder atomic writes, and the writability checks commands run before any work.
 //!
 //! [`write_dir_atomic`] writes a folder as a temporary sibling `.<name>.tmp/` and then swaps it
 //! into place. On Linux the swap is one `renameat2(RENAME_EXCHANGE)`, so a reader (or a kill at
@@ -7,8 +7,13 @@
 //! leaves the complete old folder there and the complete new one in `.<name>.tmp/`. Entries of
 //! the old folder that the new one does not write are carried over (hard links, or copies where
 //! a link is not possible), as a save file by file would have kept them.
+//!
+//! [`check_writable_dir`] and [`check_writable_file`] find an unwritable output before a
+//! command spends minutes on work whose result it cannot save. They create nothing that
+//! stays: a probe file is created and removed in the nearest existing folder.
 
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{PeftError, Result};
@@ -167,4 +172,103 @@ fn not_a_folder(path: &Path) -> PeftError {
             "exists and is not a folder",
         ),
     )
+}
+
+/// Checks, before any work, that the folder `dir` can be written: it is a folder or does not
+/// exist yet, no part of its path is a file, and a file can be created in it (or in its nearest
+/// existing ancestor, which is where it would be created). Creates nothing that stays.
+pub fn check_writable_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        if !dir.is_dir() {
+            return Err(not_a_folder(dir));
+        }
+        return probe(dir, dir);
+    }
+    let ancestor = existing_ancestor(dir);
+    if !ancestor.is_dir() {
+        return Err(PeftError::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                format!(
+                    "cannot create this folder: {} is a file, not a folder",
+                    ancestor.display()
+                ),
+            ),
+        ));
+    }
+    probe(&ancestor, dir)
+}
+
+/// Checks, before any work, that the file `path` can be written: it is not a folder, its
+/// folder exists (or can be created, see [`check_writable_dir`]) and is writable, and an
+/// existing file can be opened for writing (it is not truncated). Creates nothing that stays.
+pub fn check_writable_file(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(PeftError::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a folder; a file is to be written here",
+            ),
+        ));
+    }
+    if path.exists() {
+        fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| PeftError::io(path, e))?;
+    }
+    let (parent, _) = parent_and_name(path)?;
+    let folder = existing_ancestor(&parent);
+    if !folder.is_dir() {
+        return Err(PeftError::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                format!(
+                    "cannot write this file: {} is a file, not a folder",
+                    folder.display()
+                ),
+            ),
+        ));
+    }
+    probe(&folder, path)
+}
+
+/// The nearest ancestor of `path` (or `path` itself) that exists; `.` for a relative path none
+/// of whose parts exist.
+fn existing_ancestor(path: &Path) -> PathBuf {
+    let mut p = path;
+    loop {
+        if p.symlink_metadata().is_ok() {
+            return p.to_path_buf();
+        }
+        match p.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+            _ => return PathBuf::from("."),
+        }
+    }
+}
+
+/// Creates and removes a probe file in `folder`; an error names `target` (what is to be
+/// written) and the OS reason.
+fn probe(folder: &Path, target: &Path) -> Result<()> {
+    let file = folder.join(format!(".candle-peft-write-test.{}", std::process::id()));
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&file)
+        .and_then(|mut f| f.write_all(b"probe"));
+    let _ = fs::remove_file(&file);
+    written.map_err(|e| {
+        PeftError::io(
+            target,
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot write in {}: {e}", folder.display()),
+            ),
+        )
+    })
 }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use candle_peft::io::atomic::check_writable_file;
 use candle_peft::optim::LoraProMode;
 use candle_peft::train::OptimizerKind;
 use candle_peft::{AdapterConfig, Method, Schedule, TrainConfig, Warmup};
@@ -360,4 +361,14 @@ pub struct EvalArgs {
     /// Also write the predicted label of every example to FILE, one per line.
     #[arg(long, value_name = "FILE")]
     pub predictions: Option<PathBuf>,
+}
+
+impl EvalArgs {
+    /// Before any work: every file `eval` will write (--predictions) can be written.
+    pub fn check_outputs(&self) -> anyhow::Result<()> {
+        if let Some(p) = &self.predictions {
+            check_writable_file(p).context("--predictions")?;
+        }
+        Ok(())
+    }
 }
