@@ -93,6 +93,12 @@ fn unwritable_outputs_fail_before_any_work() {
     fs::write(&file, "x").unwrap();
     let under_file = file.join("out");
 
+    let started = std::time::Instant::now();
+    let e = run_err(&mut train(&data, &under_file, &["--steps", "1000"]));
+    assert!(e.contains(&under_file.display().to_string()), "{e}");
+    assert!(e.contains("is a file, not a folder"), "{e}");
+    println!("train --out under a file: {e} ({:?})", started.elapsed());
+
     let e = run_err(
         bin()
             .args(["eval", "--model", &minilm(), "--data"])
@@ -113,4 +119,55 @@ fn unwritable_outputs_fail_before_any_work() {
             .arg(&under_file),
     );
     assert!(e.contains("--out") && e.contains("is a file, not a folder"), "{e}");
+}
+
+#[test]
+fn out_is_locked_while_a_run_writes_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 8);
+    let out = tmp.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let lock = out.join(".candle-peft.lock");
+
+    // Held by a live process.
+    let mut holder = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = holder.id();
+    fs::write(&lock, format!("pid={pid}\nstart=0\nhost={}\n", host_name())).unwrap();
+    let e = run_err(&mut train(&data, &out, &["--steps", "1"]));
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(e.contains(&out.display().to_string()), "{e}");
+    assert!(e.contains(&format!("in use by another run (process {pid}")), "{e}");
+    assert!(!out.join("adapter").exists(), "the refused run wrote");
+
+    // Left behind by a process that is gone: reclaimed, and removed when the run ends.
+    run_ok(&mut train(&data, &out, &["--steps", "1"]));
+    assert!(!lock.exists());
+    assert!(out.join("adapter/adapter_model.safetensors").is_file());
+}
+
+#[test]
+fn stale_and_foreign_checkpoints_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 16);
+    let out = tmp.path().join("out");
+    run_ok(&mut train(
+        &data,
+        &out,
+        &["--steps", "2", "--checkpoint-every", "1"],
+    ));
+    let adapter_before = fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+
+    // A fresh run into the folder.
+    let e = run_err(&mut train(&data, &out, &["--steps", "3"]));
+    assert!(e.contains("holds checkpoints of another run"), "{e}");
+    assert!(e.contains("checkpoint-1, checkpoint-2") && e.contains("--overwrite"), "{e}");
+    assert_eq!(
+        fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
+        adapter_before
+    );
+
+    // --overwrite starts afresh and removes the old checkpoints.
+    run_ok(&mut train(&data, &out, &["--steps", "1", "--overwrite"]));
+    assert!(!out.join("checkpoint-1").exists() && !out.join("checkpoint-2").exists());
 }

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use candle_core::{Tensor, Var};
 use candle_peft::train::{
-    ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE, TrainerState, latest_checkpoint,
+    ADAPTER_DIR, LOCK_FILE, OPTIMIZER_FILE, OutputLock, STATE_FILE, TRAINABLE_FILE, TrainerState,
+    latest_checkpoint, prepare_output_dir,
 };
 use candle_peft::{
     DEFAULT_ADAPTER, EvalReport, PeftError, PeftModel, Schedule, TrainConfig, TrainReport,
@@ -557,4 +558,66 @@ fn batch_larger_than_the_data_is_capped() {
     assert_eq!(a.losses, b.losses);
     assert_eq!(a.tokens, 3 * 12 * TOKENS);
     assert_eq!(var_values(&capped), var_values(&exact));
+}
+
+/// `prepare_output_dir`: an unwritable folder is refused before any work; a second lock on a
+/// folder fails naming the folder and the holder, a lock whose process is gone is reclaimed,
+/// and dropping the lock releases the folder; another run's checkpoints are refused unless
+/// overwriting, and a resume from the folder continues it.
+#[test]
+fn output_folder_is_checked_locked_and_kept_from_other_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let e = prepare_output_dir(&file.join("out"), None, false).unwrap_err();
+    assert!(e.to_string().contains("is a file, not a folder"), "{e}");
+    assert!(!file.join("out").exists());
+
+    let out = tmp.path().join("out");
+    let lock = prepare_output_dir(&out, None, false).unwrap();
+    let text = std::fs::read_to_string(out.join(LOCK_FILE)).unwrap();
+    assert!(text.contains(&format!("pid={}", std::process::id())), "{text}");
+    let e = OutputLock::acquire(&out).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains(&out.display().to_string()), "{msg}");
+    assert!(msg.contains(&format!("process {}", std::process::id())), "{msg}");
+    assert!(msg.contains("in use by another run"), "{msg}");
+    drop(lock);
+    assert!(!out.join(LOCK_FILE).exists());
+    assert!(!out.exists(), "the lock removes the empty folder it created");
+
+    // A lock left by a process that is gone.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    std::fs::write(
+        out.join(LOCK_FILE),
+        format!("pid={dead}\nstart=1\nhost={}\n", host.trim()),
+    )
+    .unwrap();
+    let lock = OutputLock::acquire(&out).unwrap();
+    drop(lock);
+
+    // Another run's checkpoints.
+    let data = examples(32, 3);
+    let cfg = TrainConfig {
+        checkpoint_every: Some(2),
+        out_dir: Some(out.clone()),
+        ..config(2)
+    };
+    run(&Regression::new(), cfg, &data).unwrap();
+    let e = prepare_output_dir(&out, None, false).unwrap_err();
+    assert!(e.to_string().contains("checkpoints of another run (checkpoint-2)"), "{e}");
+    assert!(!out.join(LOCK_FILE).exists(), "a refused run keeps no lock");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let e = prepare_output_dir(&out, Some(&elsewhere), false).unwrap_err();
+    assert!(e.to_string().contains("--overwrite"), "{e}");
+    drop(prepare_output_dir(&out, Some(&out), false).unwrap());
+    drop(prepare_output_dir(&out, Some(&out.join("checkpoint-2")), false).unwrap());
+    assert!(prepare_output_dir(&out, Some(&out), true).is_err());
+    drop(prepare_output_dir(&out, None, true).unwrap());
+    assert!(!out.join("checkpoint-2").exists(), "--overwrite removes the old checkpoints");
 }

@@ -63,10 +63,14 @@ impl TrainerState {
     }
 }
 
-/// The highest-numbered `checkpoint-<step>` folder in `out_dir` (temporaries are ignored).
-pub fn latest_checkpoint(out_dir: &Path) -> Result<Option<PathBuf>> {
+/// Every `checkpoint-<step>` folder in `out_dir`, by step (temporaries are ignored; a missing
+/// `out_dir` has none).
+pub fn checkpoint_dirs(out_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    if !out_dir.is_dir() {
+        return Ok(Vec::new());
+    }
     let entries = fs::read_dir(out_dir).map_err(|e| PeftError::io(out_dir, e))?;
-    let mut best: Option<(usize, PathBuf)> = None;
+    let mut found = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| PeftError::io(out_dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -76,11 +80,26 @@ pub fn latest_checkpoint(out_dir: &Path) -> Result<Option<PathBuf>> {
         else {
             continue;
         };
-        if entry.path().join(STATE_FILE).is_file() && best.as_ref().is_none_or(|(b, _)| step > *b) {
-            best = Some((step, entry.path()));
+        if entry.path().is_dir() {
+            found.push((step, entry.path()));
         }
     }
-    Ok(best.map(|(_, p)| p))
+    found.sort();
+    Ok(found)
+}
+
+/// The highest-numbered `checkpoint-<step>` folder in `out_dir` (temporaries are ignored). A
+/// checkpoint is written whole, so one without `trainer_state.json` is damaged: it is still
+/// the latest, and resuming from it fails naming the missing file rather than silently going
+/// back to an older one.
+pub fn latest_checkpoint(out_dir: &Path) -> Result<Option<PathBuf>> {
+    if !out_dir.is_dir() {
+        return Err(PeftError::io(
+            out_dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder"),
+        ));
+    }
+    Ok(checkpoint_dirs(out_dir)?.pop().map(|(_, p)| p))
 }
 
 /// Restores the trainable vars and the optimiser state from the checkpoint `from` names (a

@@ -45,6 +45,7 @@
 mod checkpoint;
 mod config;
 mod optimizer;
+mod outdir;
 mod progress;
 mod report;
 mod sampler;
@@ -53,9 +54,10 @@ mod trainer;
 
 pub use checkpoint::{
     ADAPTER_DIR, CHECKPOINT_PREFIX, OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE, TrainerState,
-    latest_checkpoint,
+    checkpoint_dirs, latest_checkpoint,
 };
 pub use config::{OptimizerKind, TrainConfig};
+pub use outdir::{LOCK_FILE, OutputLock, prepare_output_dir};
 pub use report::TrainReport;
 pub use task::{EvalRecord, EvalReport, TrainTask, check_eval_loss};
 pub use trainer::Trainer;

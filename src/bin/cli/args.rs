@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use candle_peft::io::atomic::check_writable_file;
 use candle_peft::optim::LoraProMode;
-use candle_peft::train::OptimizerKind;
+use candle_peft::train::{OptimizerKind, OutputLock, prepare_output_dir};
 use candle_peft::{AdapterConfig, Method, Schedule, TrainConfig, Warmup};
 use clap::Args;
 use serde_json::Value;
@@ -122,6 +122,10 @@ pub struct TrainArgs {
     /// --out).
     #[arg(long, num_args = 0..=1, value_name = "DIR")]
     pub resume: Option<Option<PathBuf>>,
+    /// Start afresh in an --out folder that holds another run's checkpoints, removing them
+    /// (without it such a folder is refused).
+    #[arg(long)]
+    pub overwrite: bool,
     /// EVA / CorDA: calibration data, in --data's format [default: the training data].
     #[arg(long = "calib-data")]
     pub calib_data: Option<PathBuf>,
@@ -299,12 +303,29 @@ fn parse_options(opts: &[String]) -> anyhow::Result<std::collections::BTreeMap<S
     Ok(out)
 }
 
+/// Before any work: the flags' own checks, then --out checked for writability, locked for
+/// this run and refused when it holds another run's checkpoints (unless --overwrite). Hold
+/// the lock until the last write.
+pub fn prepare_output(args: &TrainArgs) -> anyhow::Result<OutputLock> {
+    check_method(&args.method)?;
+    check_args(args)?;
+    Ok(prepare_output_dir(
+        &args.out,
+        resume_from(args).as_deref(),
+        args.overwrite,
+    )?)
+}
+
+/// The checkpoint (or folder of checkpoints) `--resume` names: its value, or `--out`.
+fn resume_from(args: &TrainArgs) -> Option<PathBuf> {
+    args.resume
+        .as_ref()
+        .map(|r| r.clone().unwrap_or_else(|| args.out.clone()))
+}
+
 /// The trainer settings the flags give, for `steps` optimiser steps.
 pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
-    let resume_from = args
-        .resume
-        .as_ref()
-        .map(|r| r.clone().unwrap_or_else(|| args.out.clone()));
+    let resume_from = resume_from(args);
     let checkpoints = args.checkpoint_every.is_some() || resume_from.is_some();
     TrainConfig {
         steps,
