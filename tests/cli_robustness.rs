@@ -150,6 +150,8 @@ fn out_is_locked_while_a_run_writes_to_it() {
 fn stale_and_foreign_checkpoints_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::sst2_subset(tmp.path(), "train.tsv", 16);
+    let other = tmp.path().join("other.tsv");
+    fs::write(&other, fs::read_to_string(&data).unwrap() + "1\tone more\n").unwrap();
     let out = tmp.path().join("out");
     run_ok(&mut train(
         &data,
@@ -166,6 +168,33 @@ fn stale_and_foreign_checkpoints_are_refused() {
         fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
         adapter_before
     );
+
+    // A resume by a run with other data.
+    let e = run_err(&mut train(&other, &out, &["--steps", "3", "--resume"]));
+    assert!(e.contains("`data`") && e.contains("belongs to another run"), "{e}");
+    // A resume with fewer steps than the checkpoint has done.
+    let e = run_err(&mut train(&data, &out, &["--steps", "1", "--resume"]));
+    assert!(e.contains("`steps`") && e.contains("at step 2, beyond this run's 1 steps"), "{e}");
+
+    // An impossible position.
+    let state_file = out.join("checkpoint-2/trainer_state.json");
+    let mut state: Value = serde_json::from_str(&fs::read_to_string(&state_file).unwrap()).unwrap();
+    state["position"] = 999.into();
+    fs::write(&state_file, state.to_string()).unwrap();
+    let e = run_err(&mut train(&data, &out, &["--steps", "3", "--resume"]));
+    assert!(e.contains("`position`") && e.contains(&state_file.display().to_string()), "{e}");
+
+    // A checkpoint without trainer_state.json, named or found as the latest.
+    fs::remove_file(&state_file).unwrap();
+    for resume in [out.join("checkpoint-2"), out.clone()] {
+        let e = run_err(&mut train(
+            &data,
+            &out,
+            &["--steps", "3", "--resume", resume.to_str().unwrap()],
+        ));
+        assert!(e.contains(&state_file.display().to_string()), "{e}");
+        assert!(e.contains("missing (the checkpoint is incomplete"), "{e}");
+    }
 
     // --overwrite starts afresh and removes the old checkpoints.
     run_ok(&mut train(&data, &out, &["--steps", "1", "--overwrite"]));

@@ -621,3 +621,94 @@ fn output_folder_is_checked_locked_and_kept_from_other_runs() {
     drop(prepare_output_dir(&out, None, true).unwrap());
     assert!(!out.join("checkpoint-2").exists(), "--overwrite removes the old checkpoints");
 }
+
+/// A resume must continue the same run from a state that fits it: another run's identity, a
+/// step beyond `steps`, an impossible `position` and a checkpoint without `trainer_state.json`
+/// are refused naming the field (and the file).
+#[test]
+fn resume_refuses_checkpoints_that_do_not_fit_the_run() {
+    let data = examples(32, 3);
+    let out = tempfile::tempdir().unwrap();
+    let identity = |data: &str| {
+        BTreeMap::from([
+            ("method".to_string(), "lora".to_string()),
+            ("data".to_string(), data.to_string()),
+        ])
+    };
+    let cfg = TrainConfig {
+        checkpoint_every: Some(2),
+        out_dir: Some(out.path().to_path_buf()),
+        run_identity: identity("a.tsv"),
+        ..config(4)
+    };
+    run(&Regression::new(), cfg.clone(), &data).unwrap();
+    let ck = out.path().join("checkpoint-4");
+    let state = TrainerState::read(&ck.join(STATE_FILE)).unwrap();
+    assert_eq!(state.run_identity, identity("a.tsv"));
+    let resume_err = |cfg: TrainConfig| {
+        run(
+            &Regression::new(),
+            TrainConfig {
+                resume_from: Some(ck.clone()),
+                ..cfg
+            },
+            &data,
+        )
+        .unwrap_err()
+    };
+    let field = |e: &PeftError| match e {
+        PeftError::InvalidConfig { field, .. } => field.clone(),
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    };
+
+    let e = resume_err(TrainConfig {
+        run_identity: identity("b.tsv"),
+        ..cfg.clone()
+    });
+    assert_eq!(field(&e), "data");
+    assert!(e.to_string().contains("belongs to another run"), "{e}");
+    assert!(e.to_string().contains("a.tsv") && e.to_string().contains("b.tsv"), "{e}");
+
+    let e = resume_err(TrainConfig {
+        steps: 3,
+        ..cfg.clone()
+    });
+    assert_eq!(field(&e), "steps");
+    assert!(e.to_string().contains("step 4"), "{e}");
+    // Resuming a finished run at its own step count is allowed (nothing left to train).
+    let done = run(
+        &Regression::new(),
+        TrainConfig {
+            resume_from: Some(ck.clone()),
+            ..cfg.clone()
+        },
+        &data,
+    )
+    .unwrap();
+    assert_eq!((done.start_step, done.global_step), (4, 4));
+
+    let mut bad = state.clone();
+    bad.position = 33;
+    std::fs::write(ck.join(STATE_FILE), serde_json::to_string(&bad).unwrap()).unwrap();
+    let e = resume_err(cfg.clone());
+    assert_eq!(field(&e), "position");
+    assert!(e.to_string().contains(&ck.join(STATE_FILE).display().to_string()), "{e}");
+
+    std::fs::remove_file(ck.join(STATE_FILE)).unwrap();
+    for from in [ck.clone(), out.path().to_path_buf()] {
+        let e = run(
+            &Regression::new(),
+            TrainConfig {
+                resume_from: Some(from),
+                ..cfg.clone()
+            },
+            &data,
+        )
+        .unwrap_err();
+        match &e {
+            PeftError::Io { path, .. } => assert_eq!(path, &ck.join(STATE_FILE)),
+            other => panic!("expected Io, got {other:?}"),
+        }
+        assert!(e.to_string().contains("incomplete"), "{e}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Checkpoints: writing `out/checkpoint-<step>/` atomically, finding the latest one, and
 //! restoring a run from it after checking that it fits the run.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -54,6 +55,10 @@ pub struct TrainerState {
     pub grad_norms: Vec<f64>,
     /// Evaluations so far.
     pub evals: Vec<EvalRecord>,
+    /// What identifies the run ([`TrainConfig::run_identity`]); a resume must match it. Empty
+    /// in checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub run_identity: BTreeMap<String, String>,
 }
 
 impl TrainerState {
@@ -136,22 +141,59 @@ fn resolve_checkpoint(from: &Path) -> Result<PathBuf> {
     if from.join(STATE_FILE).is_file() {
         return Ok(from.to_path_buf());
     }
-    if from.is_dir() {
-        if let Some(dir) = latest_checkpoint(from)? {
-            return Ok(dir);
+    if let Some(dir) = latest_checkpoint(from)? {
+        if !dir.join(STATE_FILE).is_file() {
+            return Err(missing_state(&dir, "the checkpoint is incomplete"));
         }
+        return Ok(dir);
     }
-    Err(PeftError::io(
-        from.join(STATE_FILE),
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "not a checkpoint folder, nor a folder holding checkpoint-<step> folders",
-        ),
+    let looks_like_checkpoint = from
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with(CHECKPOINT_PREFIX))
+        || from.join(TRAINABLE_FILE).exists()
+        || from.join(ADAPTER_DIR).exists();
+    Err(missing_state(
+        from,
+        if looks_like_checkpoint {
+            "the checkpoint is incomplete"
+        } else {
+            "not a checkpoint folder, and it holds no checkpoint-<step> folders"
+        },
     ))
 }
 
-/// A resume must see the data and batching the checkpoint was written with.
+/// An error naming `dir/trainer_state.json` as missing.
+fn missing_state(dir: &Path, why: &str) -> PeftError {
+    PeftError::io(
+        dir.join(STATE_FILE),
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("missing ({why}; a checkpoint holds {STATE_FILE}, {TRAINABLE_FILE}, {OPTIMIZER_FILE} and {ADAPTER_DIR}/)"),
+        ),
+    )
+}
+
+/// A resume must continue the same run (its identity, data and batching) from a state that
+/// fits it: the error names the field, and the file when the state itself is impossible.
 fn check_resume(state: &TrainerState, cfg: &TrainConfig, n: usize, dir: &Path) -> Result<()> {
+    let file = dir.join(STATE_FILE);
+    for (key, now) in &cfg.run_identity {
+        // Checkpoints written before identities were recorded have none to compare.
+        if state.run_identity.is_empty() {
+            break;
+        }
+        let saved = state.run_identity.get(key).map(String::as_str).unwrap_or("(none)");
+        if saved != now {
+            return Err(PeftError::config(
+                key.clone(),
+                format!(
+                    "the checkpoint {} belongs to another run: it was written with {key} = \
+                     `{saved}`, this run has `{now}`",
+                    dir.display()
+                ),
+            ));
+        }
+    }
     let checks: [(&str, u64, u64); 4] = [
         ("seed", state.seed, cfg.seed),
         ("batch_size", state.batch_size as u64, cfg.batch_size as u64),
@@ -169,6 +211,30 @@ fn check_resume(state: &TrainerState, cfg: &TrainConfig, n: usize, dir: &Path) -
             ));
         }
     }
+    if state.global_step > cfg.steps {
+        return Err(PeftError::config(
+            "steps",
+            format!(
+                "the checkpoint {} is at step {}, beyond this run's {} steps; resume with at \
+                 least {} steps",
+                dir.display(),
+                state.global_step,
+                cfg.steps,
+                state.global_step
+            ),
+        ));
+    }
+    if state.position > state.num_examples {
+        return Err(PeftError::config(
+            "position",
+            format!(
+                "{} in {} is beyond the {} training examples of an epoch",
+                state.position,
+                file.display(),
+                state.num_examples
+            ),
+        ));
+    }
     if state.losses.len() != state.global_step
         || state.lrs.len() != state.global_step
         || state.grad_norms.len() != state.global_step
@@ -177,7 +243,7 @@ fn check_resume(state: &TrainerState, cfg: &TrainConfig, n: usize, dir: &Path) -
             "global_step",
             format!(
                 "{} has {} steps but {} losses",
-                dir.join(STATE_FILE).display(),
+                file.display(),
                 state.global_step,
                 state.losses.len()
             ),

@@ -293,6 +293,7 @@ impl<'a, T: TrainTask> Run<'a, T> {
             lrs: self.history.lrs.clone(),
             grad_norms: self.history.grad_norms.clone(),
             evals: self.history.evals.clone(),
+            run_identity: cfg.run_identity.clone(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The flags of `train` and `eval` and the checks and settings derived from them, shared by the
 //! classification and causal-LM sides of both commands (and by the calibration step of `train`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -119,7 +120,8 @@ pub struct TrainArgs {
     #[arg(long = "checkpoint-every")]
     pub checkpoint_every: Option<usize>,
     /// Resume from a checkpoint folder, or from the latest checkpoint in a folder (default:
-    /// --out).
+    /// --out). The checkpoint must belong to this run: same task, model, method and adapter
+    /// settings, data file, seed and batching.
     #[arg(long, num_args = 0..=1, value_name = "DIR")]
     pub resume: Option<Option<PathBuf>>,
     /// Start afresh in an --out folder that holds another run's checkpoints, removing them
@@ -323,6 +325,53 @@ fn resume_from(args: &TrainArgs) -> Option<PathBuf> {
         .map(|r| r.clone().unwrap_or_else(|| args.out.clone()))
 }
 
+/// What identifies a run beyond the trainer's own settings: a resume must match it. The
+/// adapter settings enter as a hash of the flags that make the config (or of the --config
+/// file), the data as its canonical path and size.
+fn run_identity(args: &TrainArgs) -> BTreeMap<String, String> {
+    let mut adapter = format!(
+        "method={}\ntargets={:?}\nrank={:?}\nalpha={:?}\ndropout={:?}\nopt={:?}\n\
+         lora_pro_mode={:?}\ncorda_mode={:?}\n",
+        args.method,
+        args.targets,
+        args.rank,
+        args.alpha,
+        args.dropout,
+        args.opt,
+        args.lora_pro_mode,
+        args.corda_mode
+    );
+    if let Some(config) = &args.config {
+        let file = if config.is_dir() {
+            config.join(candle_peft::io::peft_format::CONFIG_NAME)
+        } else {
+            config.clone()
+        };
+        adapter.push_str(&String::from_utf8_lossy(
+            &std::fs::read(&file).unwrap_or_default(),
+        ));
+    }
+    let data = std::fs::canonicalize(&args.data).unwrap_or_else(|_| args.data.clone());
+    let data_bytes = std::fs::metadata(&args.data).map(|m| m.len()).unwrap_or(0);
+    BTreeMap::from([
+        ("task".to_string(), args.task.clone()),
+        ("model".to_string(), args.model.clone()),
+        ("method".to_string(), args.method.clone()),
+        ("adapter_config".to_string(), fnv1a_hex(adapter.as_bytes())),
+        ("data".to_string(), data.display().to_string()),
+        ("data_bytes".to_string(), data_bytes.to_string()),
+        ("seq".to_string(), args.seq.to_string()),
+    ])
+}
+
+/// FNV-1a 64 of `bytes`, in hex: a stable fingerprint (not a security hash).
+fn fnv1a_hex(bytes: &[u8]) -> String {
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
 /// The trainer settings the flags give, for `steps` optimiser steps.
 pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
     let resume_from = resume_from(args);
@@ -348,6 +397,7 @@ pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
         out_dir: checkpoints.then(|| args.out.clone()),
         resume_from,
         quiet: args.quiet,
+        run_identity: run_identity(args),
         ..TrainConfig::default()
     }
 }
