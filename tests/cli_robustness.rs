@@ -200,3 +200,27 @@ fn stale_and_foreign_checkpoints_are_refused() {
     run_ok(&mut train(&data, &out, &["--steps", "1", "--overwrite"]));
     assert!(!out.join("checkpoint-1").exists() && !out.join("checkpoint-2").exists());
 }
+
+#[test]
+fn labels_json_whose_maps_disagree_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 8);
+    let adapter = fresh_adapter(&data, &tmp.path().join("run"));
+    let path = adapter.join("labels.json");
+    let mut labels: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(labels["id2label"]["0"], "0");
+    labels["label2id"] = serde_json::json!({"0": 1, "1": 0});
+    fs::write(&path, labels.to_string()).unwrap();
+    let e = run_err(
+        bin()
+            .args(["eval", "--model", &minilm(), "--adapter"])
+            .arg(&adapter)
+            .arg("--data")
+            .arg(&data),
+    );
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    assert!(
+        e.contains("label2id maps `0` to 1, but id2label names id 1 `1`"),
+        "{e}"
+    );
+}

@@ -433,5 +433,9 @@ pub fn read_labels(dir: &Path) -> Result<Option<Vec<String>>> {
     if !path.is_file() {
         return Ok(None);
     }
-    labels_from_config(&path)
+    let labels = labels_from_config(&path)?;
+    if let Some(l) = &labels {
+        crate::data::check_label2id(&path, l)?;
+    }
+    Ok(labels)
 }
