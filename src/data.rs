@@ -379,6 +379,20 @@ pub fn check_label2id(path: &Path, labels: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `max_len` tokens per example (special tokens included) must fit the model's
+/// `max_position_embeddings`; the error (field `seq_len`, the CLI's `--seq`) names both.
+pub fn check_max_len(max_len: usize, max_positions: usize) -> Result<()> {
+    if max_len > max_positions {
+        return Err(PeftError::config(
+            "seq_len",
+            format!(
+                "{max_len} is longer than the model's context ({max_positions} positions)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a UTF-8 text file for causal-LM training. A file with no text (empty or whitespace
 /// only) is an error; invalid UTF-8 is an error naming the line.
 pub fn read_text(path: impl AsRef<Path>) -> Result<String> {

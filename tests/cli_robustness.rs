@@ -224,3 +224,88 @@ fn labels_json_whose_maps_disagree_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn messages_and_help_texts_say_the_right_thing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 8);
+    let gguf = common::smollm2_gguf().display().to_string();
+
+    // A GGUF file is no classification model.
+    let mut cmd = bin();
+    cmd.args(["train", "--model", &gguf, "--task", "classify", "--data"])
+        .arg(&data)
+        .args(["--method", "lora", "--steps", "1", "--out"])
+        .arg(tmp.path().join("gguf-out"));
+    let e = run_err(&mut cmd);
+    assert!(e.contains("is a GGUF file") && e.contains("not a BERT classification model"), "{e}");
+    assert!(!e.contains("UTF-8"), "{e}");
+    let e = run_err(bin().args(["eval", "--model", &gguf, "--data"]).arg(&data));
+    assert!(e.contains("is a GGUF file"), "{e}");
+
+    // --seq beyond the model's positions: the same error in train and eval.
+    let reason = |e: &str| e[e.find("invalid config").unwrap_or(0)..].trim().to_string();
+    let t = run_err(&mut train(
+        &data,
+        &tmp.path().join("seq-out"),
+        &["--steps", "1", "--seq", "100000"],
+    ));
+    let adapter = fresh_adapter(&data, &tmp.path().join("run"));
+    let v = run_err(
+        bin()
+            .args(["eval", "--model", &minilm(), "--seq", "100000", "--adapter"])
+            .arg(&adapter)
+            .arg("--data")
+            .arg(&data),
+    );
+    assert!(
+        t.contains("100000 is longer than the model's context (512 positions)"),
+        "{t}"
+    );
+    assert_eq!(reason(&t), reason(&v));
+
+    // generate --help names exactly the fields generate --json prints.
+    let help = String::from_utf8_lossy(&run_ok(bin().args(["generate", "--help"])).stdout)
+        .into_owned();
+    let out = run_ok(bin().args([
+        "generate",
+        "--model",
+        &gguf,
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "1",
+        "--json",
+    ]));
+    let printed = json_line(&out);
+    let mut keys: Vec<&String> = printed.as_object().unwrap().keys().collect();
+    keys.sort();
+    let promised = help
+        .split_once("Print one JSON line: {")
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map(|(fields, _)| fields)
+        .unwrap_or_else(|| panic!("no JSON fields in generate --help: {help}"));
+    let mut promised: Vec<String> = promised
+        .split(',')
+        .map(|f| f.trim().trim_matches('"').to_string())
+        .collect();
+    promised.sort();
+    assert_eq!(keys, promised.iter().collect::<Vec<_>>(), "{help}");
+
+    // bench --help lists every workload.
+    let help = String::from_utf8_lossy(&run_ok(bin().args(["bench", "--help"])).stdout)
+        .into_owned();
+    for w in [
+        "minilm-lora-train",
+        "smollm2-lora-train",
+        "smollm2-merge",
+        "svd-init-smollm2",
+        "eva-corda-init-smollm2",
+        "eva-init-smollm2",
+        "corda-init-smollm2",
+    ] {
+        assert!(help.contains(w), "{w} missing from bench --help: {help}");
+    }
+    let e = run_err(bin().args(["bench", "no-such-workload"]));
+    assert!(e.contains("corda-init-smollm2"), "{e}");
+}

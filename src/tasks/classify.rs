@@ -126,6 +126,7 @@ impl ClassifyTask {
         if max_len == 0 {
             return Err(PeftError::config("max_len", "must be at least 1, got 0"));
         }
+        crate::data::check_max_len(max_len, model.model().config().max_position_embeddings)?;
         Ok(Self {
             model,
             tokenizer,
@@ -150,6 +151,7 @@ impl ClassifyTask {
         if labels.is_empty() {
             return Err(PeftError::config("labels", "no label names"));
         }
+        require_bert_folder(source)?;
         let tokenizer_path = source
             .tokenizer
             .clone()
@@ -393,6 +395,7 @@ pub fn for_classification(config: impl Into<AdapterConfig>) -> AdapterConfig {
 /// (`LABEL_0`, `LABEL_1`, … in id order) carry no meaning and are read as the integer labels
 /// `0`, `1`, …, so data labelled by id matches them.
 pub fn model_labels(source: &ModelSource) -> Result<Option<Vec<String>>> {
+    require_bert_folder(source)?;
     let path = &source.config;
     let value: Value = crate::io::read_json(path)?;
     let is_classifier = value
@@ -414,6 +417,20 @@ pub fn model_labels(source: &ModelSource) -> Result<Option<Vec<String>>> {
             labels
         }
     }))
+}
+
+/// A classification model comes as a Hugging Face folder: a GGUF file (a llama.cpp causal LM)
+/// is refused with a message saying so, instead of failing to read it as JSON.
+fn require_bert_folder(source: &ModelSource) -> Result<()> {
+    if source.kind == crate::io::source::SourceKind::Gguf {
+        return Err(PeftError::Unsupported(format!(
+            "{} is a GGUF file (a llama.cpp causal language model), not a BERT classification \
+             model; classification needs a Hugging Face folder with config.json, \
+             model.safetensors and tokenizer.json (e.g. sentence-transformers/all-MiniLM-L6-v2)",
+            source.spec
+        )));
+    }
+    Ok(())
 }
 
 /// Writes `dir/labels.json` (atomically): `{"id2label": {"0": name, …}, "label2id": {…}}`.
