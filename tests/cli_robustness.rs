@@ -86,42 +86,6 @@ fn batch_larger_than_the_data_is_capped_with_a_message() {
 }
 
 #[test]
-fn unwritable_outputs_fail_before_any_work() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = common::sst2_subset(tmp.path(), "train.tsv", 8);
-    let file = tmp.path().join("a-file");
-    fs::write(&file, "x").unwrap();
-    let under_file = file.join("out");
-
-    let started = std::time::Instant::now();
-    let e = run_err(&mut train(&data, &under_file, &["--steps", "1000"]));
-    assert!(e.contains(&under_file.display().to_string()), "{e}");
-    assert!(e.contains("is a file, not a folder"), "{e}");
-    println!("train --out under a file: {e} ({:?})", started.elapsed());
-
-    let e = run_err(
-        bin()
-            .args(["eval", "--model", &minilm(), "--data"])
-            .arg(&data)
-            .arg("--predictions")
-            .arg(file.join("predictions.txt")),
-    );
-    assert!(e.contains("--predictions"), "{e}");
-    assert!(e.contains(&file.join("predictions.txt").display().to_string()), "{e}");
-    assert!(e.contains("is a file, not a folder"), "{e}");
-
-    let adapter = fresh_adapter(&data, &tmp.path().join("run"));
-    let e = run_err(
-        bin()
-            .args(["merge", "--base", &minilm(), "--adapter"])
-            .arg(&adapter)
-            .arg("--out")
-            .arg(&under_file),
-    );
-    assert!(e.contains("--out") && e.contains("is a file, not a folder"), "{e}");
-}
-
-#[test]
 fn out_is_locked_while_a_run_writes_to_it() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::sst2_subset(tmp.path(), "train.tsv", 8);
@@ -199,6 +163,92 @@ fn stale_and_foreign_checkpoints_are_refused() {
     // --overwrite starts afresh and removes the old checkpoints.
     run_ok(&mut train(&data, &out, &["--steps", "1", "--overwrite"]));
     assert!(!out.join("checkpoint-1").exists() && !out.join("checkpoint-2").exists());
+}
+
+#[test]
+fn unwritable_outputs_fail_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 8);
+    let file = tmp.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    let under_file = file.join("out");
+
+    let started = std::time::Instant::now();
+    let e = run_err(&mut train(&data, &under_file, &["--steps", "1000"]));
+    assert!(e.contains(&under_file.display().to_string()), "{e}");
+    assert!(e.contains("is a file, not a folder"), "{e}");
+    println!("train --out under a file: {e} ({:?})", started.elapsed());
+
+    let e = run_err(
+        bin()
+            .args(["eval", "--model", &minilm(), "--data"])
+            .arg(&data)
+            .arg("--predictions")
+            .arg(file.join("predictions.txt")),
+    );
+    assert!(e.contains("--predictions"), "{e}");
+    assert!(e.contains(&file.join("predictions.txt").display().to_string()), "{e}");
+    assert!(e.contains("is a file, not a folder"), "{e}");
+
+    let adapter = fresh_adapter(&data, &tmp.path().join("run"));
+    let e = run_err(
+        bin()
+            .args(["merge", "--base", &minilm(), "--adapter"])
+            .arg(&adapter)
+            .arg("--out")
+            .arg(&under_file),
+    );
+    assert!(e.contains("--out") && e.contains("is a file, not a folder"), "{e}");
+}
+
+#[test]
+fn non_finite_and_integer_adapter_weights_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 8);
+    let adapter = fresh_adapter(&data, &tmp.path().join("run"));
+    let shape = candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap()[KEY]
+        .dims()
+        .to_vec();
+    let n: usize = shape.iter().product();
+    let merged = tmp.path().join("merged");
+    let cases = [
+        (
+            "NaN",
+            Tensor::from_vec(vec![f32::NAN; n], shape.as_slice(), &Device::Cpu).unwrap(),
+        ),
+        (
+            "inf",
+            Tensor::from_vec(vec![f32::INFINITY; n], shape.as_slice(), &Device::Cpu).unwrap(),
+        ),
+        (
+            "I32",
+            Tensor::ones(shape.as_slice(), DType::I32, &Device::Cpu).unwrap(),
+        ),
+    ];
+    for (what, t) in cases {
+        replace_tensor(&adapter, KEY, t);
+        let eval = run_err(
+            bin()
+                .args(["eval", "--model", &minilm(), "--adapter"])
+                .arg(&adapter)
+                .arg("--data")
+                .arg(&data),
+        );
+        let merge = run_err(
+            bin()
+                .args(["merge", "--base", &minilm(), "--adapter"])
+                .arg(&adapter)
+                .arg("--out")
+                .arg(&merged),
+        );
+        let inspect = run_err(bin().arg("inspect").arg(&adapter));
+        for (cmd, e) in [("eval", &eval), ("merge", &merge), ("inspect", &inspect)] {
+            println!("{what} {cmd}: {e}");
+            assert!(e.contains(KEY) && e.contains(what), "{cmd}: {e}");
+        }
+        assert!(!merged.join("model.safetensors").exists(), "merge wrote weights");
+    }
 }
 
 #[test]
@@ -308,4 +358,35 @@ fn messages_and_help_texts_say_the_right_thing() {
     }
     let e = run_err(bin().args(["bench", "no-such-workload"]));
     assert!(e.contains("corda-init-smollm2"), "{e}");
+}
+
+/// LoRA dropout and the classifier's dropout are on; a run resumed from its step-2 checkpoint
+/// writes the adapter of the uninterrupted 4-step run byte for byte.
+#[test]
+fn resume_with_dropout_is_bit_exact_from_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 16);
+    let full = tmp.path().join("full");
+    let flags = ["--steps", "4", "--dropout", "0.1"];
+    let mut with_checkpoints = flags.to_vec();
+    with_checkpoints.extend(["--checkpoint-every", "2"]);
+    run_ok(&mut train(&data, &full, &with_checkpoints));
+    let resumed = tmp.path().join("resumed");
+    let mut resume = flags.to_vec();
+    let from = full.join("checkpoint-2");
+    resume.extend(["--resume", from.to_str().unwrap()]);
+    let out = run_ok(&mut train(&data, &resumed, &resume));
+    assert_eq!(json_line(&out)["steps"], 4);
+    for f in ["adapter_model.safetensors", "adapter_config.json", "labels.json"] {
+        assert!(
+            fs::read(full.join("adapter").join(f)).unwrap()
+                == fs::read(resumed.join("adapter").join(f)).unwrap(),
+            "{f} differs after the resume"
+        );
+    }
+    let state: Value = serde_json::from_str(
+        &fs::read_to_string(from.join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(state["rng_states"]["classifier.dropout"].is_string(), "{state}");
 }

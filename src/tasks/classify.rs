@@ -47,6 +47,9 @@ pub const TASK_TYPE: &str = "SEQ_CLS";
 pub const CLASSIFIER_MODULE: &str = "classifier";
 /// The label names written next to the adapter files.
 pub const LABELS_FILE: &str = "labels.json";
+
+/// The name of the classifier dropout's RNG state in checkpoints.
+const HEAD_DROPOUT: &str = "classifier.dropout";
 /// Examples per forward pass in evaluation and prediction.
 pub const DEFAULT_EVAL_BATCH: usize = 64;
 
@@ -355,6 +358,23 @@ impl TrainTask for ClassifyTask {
         } else {
             self.model.eval()
         }
+    }
+
+    /// The adapters' dropout RNGs and the classifier dropout's (`classifier.dropout`).
+    fn rng_states(&self) -> BTreeMap<String, String> {
+        let mut states = crate::train::adapter_rng_states(&self.model);
+        let head = crate::train::encode_rng(&self.model.model().dropout_rng());
+        states.insert(HEAD_DROPOUT.to_string(), head);
+        states
+    }
+
+    fn restore_rng_states(&self, states: &BTreeMap<String, String>) -> Result<()> {
+        crate::train::restore_adapter_rng_states(&self.model, states)?;
+        if let Some(v) = states.get(HEAD_DROPOUT) {
+            let rng = crate::train::decode_rng(HEAD_DROPOUT, v)?;
+            self.model.model().set_dropout_rng(rng);
+        }
+        Ok(())
     }
 
     fn lora_pairs(&self) -> Result<Vec<crate::optim::LoraPair>> {

@@ -59,6 +59,10 @@ pub struct TrainerState {
     /// in checkpoints written before it was recorded.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub run_identity: BTreeMap<String, String>,
+    /// The task's random streams ([`TrainTask::rng_states`]: dropout RNG positions), restored
+    /// on resume. Empty when the task draws none, and in older checkpoints.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rng_states: BTreeMap<String, String>,
 }
 
 impl TrainerState {
@@ -111,9 +115,10 @@ pub fn latest_checkpoint(out_dir: &Path) -> Result<Option<PathBuf>> {
 /// checkpoint folder, or an output folder's latest checkpoint), after checking that it was
 /// written for this data and batching. Returns its trainer state and the RNG word position
 /// before the shuffle of its epoch.
-pub(super) fn restore_checkpoint(
+pub(super) fn restore_checkpoint<T: TrainTask>(
     from: &Path,
     cfg: &TrainConfig,
+    task: &T,
     num_examples: usize,
     vars: &[(String, Var)],
     opt: &mut Optimizer,
@@ -123,6 +128,8 @@ pub(super) fn restore_checkpoint(
     check_resume(&state, cfg, num_examples, &dir)?;
     restore_vars(vars, &dir.join(TRAINABLE_FILE))?;
     opt.load_state(&dir.join(OPTIMIZER_FILE))?;
+    task.restore_rng_states(&state.rng_states)
+        .map_err(|e| in_file(e, &dir.join(STATE_FILE)))?;
     let word_pos = state.epoch_word_pos.parse::<u128>().map_err(|_| {
         PeftError::config(
             "epoch_word_pos",
@@ -134,6 +141,17 @@ pub(super) fn restore_checkpoint(
         )
     })?;
     Ok((state, word_pos))
+}
+
+/// A config error with the file it came from appended.
+fn in_file(e: PeftError, file: &Path) -> PeftError {
+    match e {
+        PeftError::InvalidConfig { field, reason } => PeftError::InvalidConfig {
+            field,
+            reason: format!("{reason} (in {})", file.display()),
+        },
+        other => other,
+    }
 }
 
 /// A checkpoint folder, or the latest checkpoint of an output folder.

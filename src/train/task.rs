@@ -31,6 +31,19 @@ pub trait TrainTask {
     /// Switches train-only behaviour such as dropout.
     fn set_training(&self, _training: bool) {}
 
+    /// The positions of the random streams training advances (dropout masks), by name (e.g.
+    /// [`crate::train::adapter_rng_states`] of the task's `PeftModel`): checkpoints save them
+    /// and a resume restores them with [`restore_rng_states`](Self::restore_rng_states), so that
+    /// it draws the masks the uninterrupted run would have drawn. Default: none.
+    fn rng_states(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
+    /// Restores what [`rng_states`](Self::rng_states) returned. Default: nothing to restore.
+    fn restore_rng_states(&self, _states: &BTreeMap<String, String>) -> Result<()> {
+        Ok(())
+    }
+
     /// The LoRA adapters LoRA-Pro steps (e.g. [`crate::optim::lora_pairs`] of the task's
     /// `PeftModel`). The default reports none, which LoRA-Pro refuses.
     fn lora_pairs(&self) -> Result<Vec<LoraPair>> {

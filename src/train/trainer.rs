@@ -97,7 +97,8 @@ impl<'a, T: TrainTask> Run<'a, T> {
         let mut sampler = Sampler::new(train.len(), cfg.seed);
         let mut start_step = 0;
         if let Some(from) = &cfg.resume_from {
-            let (state, word_pos) = restore_checkpoint(from, cfg, train.len(), &vars, &mut opt)?;
+            let (state, word_pos) =
+                restore_checkpoint(from, cfg, task, train.len(), &vars, &mut opt)?;
             sampler =
                 Sampler::restore(train.len(), cfg.seed, state.epoch, word_pos, state.position);
             start_step = state.global_step;
@@ -294,6 +295,7 @@ impl<'a, T: TrainTask> Run<'a, T> {
             grad_norms: self.history.grad_norms.clone(),
             evals: self.history.evals.clone(),
             run_identity: cfg.run_identity.clone(),
+            rng_states: self.task.rng_states(),
         }
     }
 
