@@ -330,10 +330,11 @@ fn infer_labels(rows: &[(usize, &str, &str)]) -> Vec<String> {
 /// The error names the file and the label that disagrees.
 pub fn check_label2id(path: &Path, labels: &[String]) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| PeftError::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| PeftError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let Some(label2id) = value.get("label2id") else {
         return Ok(());
     };
@@ -385,9 +386,7 @@ pub fn check_max_len(max_len: usize, max_positions: usize) -> Result<()> {
     if max_len > max_positions {
         return Err(PeftError::config(
             "seq_len",
-            format!(
-                "{max_len} is longer than the model's context ({max_positions} positions)"
-            ),
+            format!("{max_len} is longer than the model's context ({max_positions} positions)"),
         ));
     }
     Ok(())

@@ -647,10 +647,16 @@ fn adapter_save_swaps_the_whole_folder() {
         fs::metadata(weights_path(&adapter)).unwrap().ino(),
         old_weights_inode
     );
-    assert_eq!(fs::read_to_string(adapter.join("README.md")).unwrap(), "notes");
+    assert_eq!(
+        fs::read_to_string(adapter.join("README.md")).unwrap(),
+        "notes"
+    );
     let fresh = dir.path().join("fresh");
     pm.save_adapter("bigger", &fresh).unwrap();
-    assert!(snapshot(&adapter) == snapshot(&fresh), "files differ from a fresh save");
+    assert!(
+        snapshot(&adapter) == snapshot(&fresh),
+        "files differ from a fresh save"
+    );
     let mut top: Vec<String> = fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -667,7 +673,11 @@ fn adapter_save_swaps_the_whole_folder() {
     .unwrap_err();
     assert!(err.to_string().contains("killed mid-save"));
     assert!(snapshot(&adapter) == before);
-    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "temporary left");
+    assert_eq!(
+        fs::read_dir(dir.path()).unwrap().count(),
+        2,
+        "temporary left"
+    );
 }
 
 /// Integer tensors where floats belong and NaN or infinite weights are refused at load (and so
@@ -688,7 +698,11 @@ fn integer_and_non_finite_adapter_tensors_are_refused() {
             "is U8",
         ),
         ("nan", poisoned(f32::NAN, 7), "holds NaN at flat index 7"),
-        ("inf", poisoned(f32::NEG_INFINITY, 0), "holds -inf at flat index 0"),
+        (
+            "inf",
+            poisoned(f32::NEG_INFINITY, 0),
+            "holds -inf at flat index 0",
+        ),
     ];
     for (name, t, expected) in cases {
         let (adapter, _) = saved_adapter(&dir.path().join(name));

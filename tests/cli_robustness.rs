@@ -34,11 +34,18 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> Command {
 /// [`train`] with its progress output.
 fn train_loud(data: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut cmd = bin();
-    cmd.args(["train", "--model", &minilm(), "--task", "classify", "--data"])
-        .arg(data)
-        .args(["--method", "lora", "--out"])
-        .arg(out)
-        .args(["--json", "--lr", "2e-3", "--warmup", "0"]);
+    cmd.args([
+        "train",
+        "--model",
+        &minilm(),
+        "--task",
+        "classify",
+        "--data",
+    ])
+    .arg(data)
+    .args(["--method", "lora", "--out"])
+    .arg(out)
+    .args(["--json", "--lr", "2e-3", "--warmup", "0"]);
     if !extra.contains(&"--batch") {
         cmd.args(["--batch", "4"]);
     }
@@ -101,7 +108,10 @@ fn out_is_locked_while_a_run_writes_to_it() {
     holder.kill().unwrap();
     holder.wait().unwrap();
     assert!(e.contains(&out.display().to_string()), "{e}");
-    assert!(e.contains(&format!("in use by another run (process {pid}")), "{e}");
+    assert!(
+        e.contains(&format!("in use by another run (process {pid}")),
+        "{e}"
+    );
     assert!(!out.join("adapter").exists(), "the refused run wrote");
 
     // Left behind by a process that is gone: reclaimed, and removed when the run ends.
@@ -127,7 +137,10 @@ fn stale_and_foreign_checkpoints_are_refused() {
     // A fresh run into the folder.
     let e = run_err(&mut train(&data, &out, &["--steps", "3"]));
     assert!(e.contains("holds checkpoints of another run"), "{e}");
-    assert!(e.contains("checkpoint-1, checkpoint-2") && e.contains("--overwrite"), "{e}");
+    assert!(
+        e.contains("checkpoint-1, checkpoint-2") && e.contains("--overwrite"),
+        "{e}"
+    );
     assert_eq!(
         fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
         adapter_before
@@ -135,10 +148,16 @@ fn stale_and_foreign_checkpoints_are_refused() {
 
     // A resume by a run with other data.
     let e = run_err(&mut train(&other, &out, &["--steps", "3", "--resume"]));
-    assert!(e.contains("`data`") && e.contains("belongs to another run"), "{e}");
+    assert!(
+        e.contains("`data`") && e.contains("belongs to another run"),
+        "{e}"
+    );
     // A resume with fewer steps than the checkpoint has done.
     let e = run_err(&mut train(&data, &out, &["--steps", "1", "--resume"]));
-    assert!(e.contains("`steps`") && e.contains("at step 2, beyond this run's 1 steps"), "{e}");
+    assert!(
+        e.contains("`steps`") && e.contains("at step 2, beyond this run's 1 steps"),
+        "{e}"
+    );
 
     // An impossible position.
     let state_file = out.join("checkpoint-2/trainer_state.json");
@@ -146,7 +165,10 @@ fn stale_and_foreign_checkpoints_are_refused() {
     state["position"] = 999.into();
     fs::write(&state_file, state.to_string()).unwrap();
     let e = run_err(&mut train(&data, &out, &["--steps", "3", "--resume"]));
-    assert!(e.contains("`position`") && e.contains(&state_file.display().to_string()), "{e}");
+    assert!(
+        e.contains("`position`") && e.contains(&state_file.display().to_string()),
+        "{e}"
+    );
 
     // A checkpoint without trainer_state.json, named or found as the latest.
     fs::remove_file(&state_file).unwrap();
@@ -187,7 +209,10 @@ fn unwritable_outputs_fail_before_any_work() {
             .arg(file.join("predictions.txt")),
     );
     assert!(e.contains("--predictions"), "{e}");
-    assert!(e.contains(&file.join("predictions.txt").display().to_string()), "{e}");
+    assert!(
+        e.contains(&file.join("predictions.txt").display().to_string()),
+        "{e}"
+    );
     assert!(e.contains("is a file, not a folder"), "{e}");
 
     let adapter = fresh_adapter(&data, &tmp.path().join("run"));
@@ -198,7 +223,10 @@ fn unwritable_outputs_fail_before_any_work() {
             .arg("--out")
             .arg(&under_file),
     );
-    assert!(e.contains("--out") && e.contains("is a file, not a folder"), "{e}");
+    assert!(
+        e.contains("--out") && e.contains("is a file, not a folder"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -206,10 +234,11 @@ fn non_finite_and_integer_adapter_weights_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::sst2_subset(tmp.path(), "train.tsv", 8);
     let adapter = fresh_adapter(&data, &tmp.path().join("run"));
-    let shape = candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu)
-        .unwrap()[KEY]
-        .dims()
-        .to_vec();
+    let shape =
+        candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap()[KEY]
+            .dims()
+            .to_vec();
     let n: usize = shape.iter().product();
     let merged = tmp.path().join("merged");
     let cases = [
@@ -247,7 +276,10 @@ fn non_finite_and_integer_adapter_weights_are_errors() {
             println!("{what} {cmd}: {e}");
             assert!(e.contains(KEY) && e.contains(what), "{cmd}: {e}");
         }
-        assert!(!merged.join("model.safetensors").exists(), "merge wrote weights");
+        assert!(
+            !merged.join("model.safetensors").exists(),
+            "merge wrote weights"
+        );
     }
 }
 
@@ -288,13 +320,20 @@ fn messages_and_help_texts_say_the_right_thing() {
         .args(["--method", "lora", "--steps", "1", "--out"])
         .arg(tmp.path().join("gguf-out"));
     let e = run_err(&mut cmd);
-    assert!(e.contains("is a GGUF file") && e.contains("not a BERT classification model"), "{e}");
+    assert!(
+        e.contains("is a GGUF file") && e.contains("not a BERT classification model"),
+        "{e}"
+    );
     assert!(!e.contains("UTF-8"), "{e}");
     let e = run_err(bin().args(["eval", "--model", &gguf, "--data"]).arg(&data));
     assert!(e.contains("is a GGUF file"), "{e}");
 
     // --seq beyond the model's positions: the same error in train and eval.
-    let reason = |e: &str| e[e.find("invalid config").unwrap_or(0)..].trim().to_string();
+    let reason = |e: &str| {
+        e[e.find("invalid config").unwrap_or(0)..]
+            .trim()
+            .to_string()
+    };
     let t = run_err(&mut train(
         &data,
         &tmp.path().join("seq-out"),
@@ -315,8 +354,8 @@ fn messages_and_help_texts_say_the_right_thing() {
     assert_eq!(reason(&t), reason(&v));
 
     // generate --help names exactly the fields generate --json prints.
-    let help = String::from_utf8_lossy(&run_ok(bin().args(["generate", "--help"])).stdout)
-        .into_owned();
+    let help =
+        String::from_utf8_lossy(&run_ok(bin().args(["generate", "--help"])).stdout).into_owned();
     let out = run_ok(bin().args([
         "generate",
         "--model",
@@ -343,8 +382,8 @@ fn messages_and_help_texts_say_the_right_thing() {
     assert_eq!(keys, promised.iter().collect::<Vec<_>>(), "{help}");
 
     // bench --help lists every workload.
-    let help = String::from_utf8_lossy(&run_ok(bin().args(["bench", "--help"])).stdout)
-        .into_owned();
+    let help =
+        String::from_utf8_lossy(&run_ok(bin().args(["bench", "--help"])).stdout).into_owned();
     for w in [
         "minilm-lora-train",
         "smollm2-lora-train",
@@ -377,16 +416,22 @@ fn resume_with_dropout_is_bit_exact_from_the_cli() {
     resume.extend(["--resume", from.to_str().unwrap()]);
     let out = run_ok(&mut train(&data, &resumed, &resume));
     assert_eq!(json_line(&out)["steps"], 4);
-    for f in ["adapter_model.safetensors", "adapter_config.json", "labels.json"] {
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "labels.json",
+    ] {
         assert!(
             fs::read(full.join("adapter").join(f)).unwrap()
                 == fs::read(resumed.join("adapter").join(f)).unwrap(),
             "{f} differs after the resume"
         );
     }
-    let state: Value = serde_json::from_str(
-        &fs::read_to_string(from.join("trainer_state.json")).unwrap(),
-    )
-    .unwrap();
-    assert!(state["rng_states"]["classifier.dropout"].is_string(), "{state}");
+    let state: Value =
+        serde_json::from_str(&fs::read_to_string(from.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert!(
+        state["rng_states"]["classifier.dropout"].is_string(),
+        "{state}"
+    );
 }

@@ -572,7 +572,11 @@ fn resume_with_dropout_is_bit_exact() {
     let full = run(&full_task, cfg.clone(), &data).unwrap();
     let no_dropout = Regression::new();
     run(&no_dropout, config(8), &data).unwrap();
-    assert_ne!(var_bits(&no_dropout), var_bits(&full_task), "dropout did nothing");
+    assert_ne!(
+        var_bits(&no_dropout),
+        var_bits(&full_task),
+        "dropout did nothing"
+    );
 
     let resume = |adapter_seed: u64| {
         let task = Regression {
@@ -596,7 +600,11 @@ fn resume_with_dropout_is_bit_exact() {
         let (task, report) = resume(seed);
         assert_eq!(report.start_step, 4);
         let bits = |r: &TrainReport| r.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&report), bits(&full), "adapter seed {seed}: losses differ");
+        assert_eq!(
+            bits(&report),
+            bits(&full),
+            "adapter seed {seed}: losses differ"
+        );
         assert_eq!(var_bits(&task), var_bits(&full_task), "adapter seed {seed}");
     }
     let state_file = full_dir.path().join("checkpoint-4").join(STATE_FILE);
@@ -689,7 +697,10 @@ fn resume_refuses_checkpoints_that_do_not_fit_the_run() {
     });
     assert_eq!(field(&e), "data");
     assert!(e.to_string().contains("belongs to another run"), "{e}");
-    assert!(e.to_string().contains("a.tsv") && e.to_string().contains("b.tsv"), "{e}");
+    assert!(
+        e.to_string().contains("a.tsv") && e.to_string().contains("b.tsv"),
+        "{e}"
+    );
 
     let e = resume_err(TrainConfig {
         steps: 3,
@@ -714,7 +725,11 @@ fn resume_refuses_checkpoints_that_do_not_fit_the_run() {
     std::fs::write(ck.join(STATE_FILE), serde_json::to_string(&bad).unwrap()).unwrap();
     let e = resume_err(cfg.clone());
     assert_eq!(field(&e), "position");
-    assert!(e.to_string().contains(&ck.join(STATE_FILE).display().to_string()), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&ck.join(STATE_FILE).display().to_string()),
+        "{e}"
+    );
 
     std::fs::remove_file(ck.join(STATE_FILE)).unwrap();
     for from in [ck.clone(), out.path().to_path_buf()] {
@@ -751,15 +766,24 @@ fn output_folder_is_checked_locked_and_kept_from_other_runs() {
     let out = tmp.path().join("out");
     let lock = prepare_output_dir(&out, None, false).unwrap();
     let text = std::fs::read_to_string(out.join(LOCK_FILE)).unwrap();
-    assert!(text.contains(&format!("pid={}", std::process::id())), "{text}");
+    assert!(
+        text.contains(&format!("pid={}", std::process::id())),
+        "{text}"
+    );
     let e = OutputLock::acquire(&out).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains(&out.display().to_string()), "{msg}");
-    assert!(msg.contains(&format!("process {}", std::process::id())), "{msg}");
+    assert!(
+        msg.contains(&format!("process {}", std::process::id())),
+        "{msg}"
+    );
     assert!(msg.contains("in use by another run"), "{msg}");
     drop(lock);
     assert!(!out.join(LOCK_FILE).exists());
-    assert!(!out.exists(), "the lock removes the empty folder it created");
+    assert!(
+        !out.exists(),
+        "the lock removes the empty folder it created"
+    );
 
     // A lock left by a process that is gone.
     let mut child = std::process::Command::new("true").spawn().unwrap();
@@ -784,7 +808,11 @@ fn output_folder_is_checked_locked_and_kept_from_other_runs() {
     };
     run(&Regression::new(), cfg, &data).unwrap();
     let e = prepare_output_dir(&out, None, false).unwrap_err();
-    assert!(e.to_string().contains("checkpoints of another run (checkpoint-2)"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("checkpoints of another run (checkpoint-2)"),
+        "{e}"
+    );
     assert!(!out.join(LOCK_FILE).exists(), "a refused run keeps no lock");
     let elsewhere = tmp.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
@@ -794,5 +822,8 @@ fn output_folder_is_checked_locked_and_kept_from_other_runs() {
     drop(prepare_output_dir(&out, Some(&out.join("checkpoint-2")), false).unwrap());
     assert!(prepare_output_dir(&out, Some(&out), true).is_err());
     drop(prepare_output_dir(&out, None, true).unwrap());
-    assert!(!out.join("checkpoint-2").exists(), "--overwrite removes the old checkpoints");
+    assert!(
+        !out.join("checkpoint-2").exists(),
+        "--overwrite removes the old checkpoints"
+    );
 }

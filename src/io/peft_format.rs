@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapters::AdapterConfig;
-use crate::io::atomic::write_dir_atomic;
 use crate::error::{PeftError, Result};
+use crate::io::atomic::write_dir_atomic;
 
 pub use crate::config::{KEY_PREFIX, PEFT_VERSION};
 

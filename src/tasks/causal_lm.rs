@@ -414,7 +414,10 @@ impl TrainTask for CausalLmTask {
         crate::train::adapter_rng_states(&self.model)
     }
 
-    fn restore_rng_states(&self, states: &std::collections::BTreeMap<String, String>) -> Result<()> {
+    fn restore_rng_states(
+        &self,
+        states: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
         crate::train::restore_adapter_rng_states(&self.model, states)
     }
 

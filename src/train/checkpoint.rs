@@ -186,7 +186,9 @@ fn missing_state(dir: &Path, why: &str) -> PeftError {
         dir.join(STATE_FILE),
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
-            format!("missing ({why}; a checkpoint holds {STATE_FILE}, {TRAINABLE_FILE}, {OPTIMIZER_FILE} and {ADAPTER_DIR}/)"),
+            format!(
+                "missing ({why}; a checkpoint holds {STATE_FILE}, {TRAINABLE_FILE}, {OPTIMIZER_FILE} and {ADAPTER_DIR}/)"
+            ),
         ),
     )
 }
@@ -200,7 +202,11 @@ fn check_resume(state: &TrainerState, cfg: &TrainConfig, n: usize, dir: &Path) -
         if state.run_identity.is_empty() {
             break;
         }
-        let saved = state.run_identity.get(key).map(String::as_str).unwrap_or("(none)");
+        let saved = state
+            .run_identity
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or("(none)");
         if saved != now {
             return Err(PeftError::config(
                 key.clone(),

@@ -56,7 +56,12 @@ pub fn prepare_output_dir(
         let names: Vec<String> = existing
             .iter()
             .take(4)
-            .map(|(_, p)| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+            .map(|(_, p)| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         let more = if existing.len() > names.len() {
             format!(" and {} more", existing.len() - names.len())
@@ -148,7 +153,10 @@ impl OutputLock {
             &path,
             std::io::Error::new(
                 std::io::ErrorKind::WouldBlock,
-                format!("could not lock {}: other runs keep taking it", dir.display()),
+                format!(
+                    "could not lock {}: other runs keep taking it",
+                    dir.display()
+                ),
             ),
         ))
     }
