@@ -520,6 +520,14 @@ impl Adapter for CordaAdapter {
         METHOD
     }
 
+    fn dropout_rng(&self) -> Option<ChaCha8Rng> {
+        self.lora.dropout_rng()
+    }
+
+    fn set_dropout_rng(&self, rng: ChaCha8Rng) {
+        self.lora.set_dropout_rng(rng)
+    }
+
     fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         let geometry = self.lora.geometry();

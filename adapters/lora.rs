@@ -586,6 +586,21 @@ impl Adapter for LoraAdapter {
         METHOD
     }
 
+    fn dropout_rng(&self) -> Option<ChaCha8Rng> {
+        let rng = self
+            .dropout_rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Some(rng.clone())
+    }
+
+    fn set_dropout_rng(&self, rng: ChaCha8Rng) {
+        *self
+            .dropout_rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = rng;
+    }
+
     fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.dropout.apply(x.to_dtype(DType::F32)?, train)?;
         match self.geometry {

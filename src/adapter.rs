@@ -8,6 +8,7 @@
 use std::fmt;
 
 use candle_core::{Tensor, Var};
+use rand_chacha::ChaCha8Rng;
 
 use crate::error::Result;
 
@@ -317,6 +318,17 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+
+    /// A copy of the adapter's dropout RNG, which training advances: checkpoints save it so
+    /// that a resume draws the masks the uninterrupted run would have drawn. `None` (the
+    /// default): the adapter draws no random numbers.
+    fn dropout_rng(&self) -> Option<ChaCha8Rng> {
+        None
+    }
+
+    /// Replaces the adapter's dropout RNG (with one [`dropout_rng`](Self::dropout_rng)
+    /// returned). Default: nothing to replace.
+    fn set_dropout_rng(&self, _rng: ChaCha8Rng) {}
 
     /// Number of trainable scalars.
     fn num_trainable(&self) -> usize {

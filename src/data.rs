@@ -325,6 +325,73 @@ fn infer_labels(rows: &[(usize, &str, &str)]) -> Vec<String> {
     }
 }
 
+/// Checks a labels file's `label2id` (when it has one) against the label names its `id2label`
+/// gives (`labels[id]`): every name maps back to its id, and both maps name the same labels.
+/// The error names the file and the label that disagrees.
+pub fn check_label2id(path: &Path, labels: &[String]) -> Result<()> {
+    let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| PeftError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let Some(label2id) = value.get("label2id") else {
+        return Ok(());
+    };
+    let bad = |label: &str, reason: String| {
+        PeftError::config(
+            format!("label2id.{label}"),
+            format!("{reason} (in {})", path.display()),
+        )
+    };
+    let map = label2id
+        .as_object()
+        .ok_or_else(|| bad("", "label2id is not an object".into()))?;
+    for (name, id) in map {
+        let id = id
+            .as_u64()
+            .or_else(|| id.as_str().and_then(|s| s.parse().ok()))
+            .ok_or_else(|| bad(name, format!("`{id}` is not an integer id")))?;
+        match labels.get(id as usize) {
+            Some(n) if n == name => {}
+            Some(n) => {
+                return Err(bad(
+                    name,
+                    format!("label2id maps `{name}` to {id}, but id2label names id {id} `{n}`"),
+                ));
+            }
+            None => {
+                return Err(bad(
+                    name,
+                    format!(
+                        "label2id maps `{name}` to {id}, but id2label has ids 0..{} only",
+                        labels.len()
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(missing) = labels.iter().find(|l| !map.contains_key(l.as_str())) {
+        return Err(bad(
+            missing,
+            format!("id2label names `{missing}`, which label2id lacks"),
+        ));
+    }
+    Ok(())
+}
+
+/// `max_len` tokens per example (special tokens included) must fit the model's
+/// `max_position_embeddings`; the error (field `seq_len`, the CLI's `--seq`) names both.
+pub fn check_max_len(max_len: usize, max_positions: usize) -> Result<()> {
+    if max_len > max_positions {
+        return Err(PeftError::config(
+            "seq_len",
+            format!("{max_len} is longer than the model's context ({max_positions} positions)"),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a UTF-8 text file for causal-LM training. A file with no text (empty or whitespace
 /// only) is an error; invalid UTF-8 is an error naming the line.
 pub fn read_text(path: impl AsRef<Path>) -> Result<String> {

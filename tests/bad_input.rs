@@ -578,47 +578,154 @@ fn snapshot(dir: &Path) -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn failed_save_leaves_previous_adapter_intact() {
     let dir = tempfile::tempdir().unwrap();
-    let (adapter, mut pm) = saved_adapter(dir.path());
+    // A folder name of 251 bytes: its temporary sibling `.<name>.tmp` (256 bytes) cannot be
+    // created, so the save fails before anything is swapped in.
+    let (saved, mut pm) = saved_adapter(dir.path());
+    let adapter = dir.path().join("a".repeat(251));
+    fs::rename(&saved, &adapter).unwrap();
     let before = snapshot(&adapter);
     // A different adapter (other rank and targets) saved over the same directory.
     pm.add_adapter("bigger", lora_random_b(&["q", "xq"], 4, 8.0))
         .unwrap();
-    for blocked in ["adapter_model.safetensors", "adapter_config.json"] {
-        let tmp = peft_format::temp_path(&adapter.join(blocked));
-        fs::create_dir(&tmp).unwrap();
-        let err = pm
-            .save_adapter(&adapter, "bigger")
-            .expect_err("save should fail");
-        match &err {
-            PeftError::Io { path, .. } => {
-                assert!(path.starts_with(&adapter), "{}", path.display());
-            }
-            other => panic!("expected Io, got {other:?}"),
+    let err = pm
+        .save_adapter(&adapter, "bigger")
+        .expect_err("save should fail");
+    match &err {
+        PeftError::Io { path, .. } => {
+            assert!(path.starts_with(dir.path()), "{}", path.display());
         }
-        println!("{blocked} blocked: {err}");
-        let after = snapshot(&adapter);
-        assert!(
-            after.0 == before.0,
-            "a failed save ({blocked} blocked) replaced adapter_model.safetensors"
-        );
-        assert!(
-            after.1 == before.1,
-            "a failed save ({blocked} blocked) replaced adapter_config.json"
-        );
-        // The adapter on disk still loads and is the original one.
-        let mut fresh = tiny_model(1, 9);
-        fresh.load_adapter(&adapter, ADAPTER).unwrap();
-        assert_eq!(outputs_bits(&fresh), outputs_bits(&pm));
-        fs::remove_dir(&tmp).unwrap();
-        // No stray temporary file.
-        let names: Vec<String> = fs::read_dir(&adapter)
+        other => panic!("expected Io, got {other:?}"),
+    }
+    println!("temporary blocked: {err}");
+    let after = snapshot(&adapter);
+    assert!(after.0 == before.0, "a failed save replaced the weights");
+    assert!(after.1 == before.1, "a failed save replaced the config");
+    // The adapter on disk still loads and is the original one.
+    let mut fresh = tiny_model(1, 9);
+    fresh.load_adapter(&adapter, ADAPTER).unwrap();
+    assert_eq!(outputs_bits(&fresh), outputs_bits(&pm));
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names.len(), 2, "{names:?}");
-    }
-    // Unblocked, the save goes through.
+        v.sort();
+        v
+    };
+    assert_eq!(names(&adapter).len(), 2, "{:?}", names(&adapter));
+    assert_eq!(names(dir.path()), ["a".repeat(251)], "no stray temporary");
+
+    // Under a name that fits, the save goes through.
+    let short = dir.path().join("adapter");
+    fs::rename(&adapter, &short).unwrap();
+    pm.save_adapter("bigger", &short).unwrap();
+    assert!(snapshot(&short) != before);
+    assert_eq!(read_config(&short)["r"], serde_json::json!(4));
+}
+
+/// The adapter folder is replaced as one: a new folder is swapped in (the old one is never
+/// written file by file), the files are those a fresh save writes byte for byte, other files
+/// of the folder are kept, and no temporary is left. A failure inside the write leaves the old
+/// folder as it was.
+#[test]
+fn adapter_save_swaps_the_whole_folder() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (adapter, mut pm) = saved_adapter(dir.path());
+    fs::write(adapter.join("README.md"), "notes").unwrap();
+    let inode = fs::metadata(&adapter).unwrap().ino();
+    let old_weights_inode = fs::metadata(weights_path(&adapter)).unwrap().ino();
+    pm.add_adapter("bigger", lora_random_b(&["q", "xq"], 4, 8.0))
+        .unwrap();
     pm.save_adapter(&adapter, "bigger").unwrap();
-    assert!(snapshot(&adapter) != before);
-    assert_eq!(read_config(&adapter)["r"], serde_json::json!(4));
+    assert_ne!(
+        fs::metadata(&adapter).unwrap().ino(),
+        inode,
+        "the folder was written in place, not swapped"
+    );
+    assert_ne!(
+        fs::metadata(weights_path(&adapter)).unwrap().ino(),
+        old_weights_inode
+    );
+    assert_eq!(
+        fs::read_to_string(adapter.join("README.md")).unwrap(),
+        "notes"
+    );
+    let fresh = dir.path().join("fresh");
+    pm.save_adapter("bigger", &fresh).unwrap();
+    assert!(
+        snapshot(&adapter) == snapshot(&fresh),
+        "files differ from a fresh save"
+    );
+    let mut top: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert_eq!(top, ["adapter", "fresh"]);
+
+    // A write that fails half-way (one file written, then an error) changes nothing.
+    let before = snapshot(&adapter);
+    let err = candle_peft::io::atomic::write_dir_atomic(&adapter, |tmp| {
+        fs::write(tmp.join("adapter_model.safetensors"), b"half").unwrap();
+        Err(PeftError::Unsupported("killed mid-save".into()))
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("killed mid-save"));
+    assert!(snapshot(&adapter) == before);
+    assert_eq!(
+        fs::read_dir(dir.path()).unwrap().count(),
+        2,
+        "temporary left"
+    );
+}
+
+/// Integer tensors where floats belong and NaN or infinite weights are refused at load (and so
+/// by `merge` and `eval`), naming the file and the tensor.
+#[test]
+fn integer_and_non_finite_adapter_tensors_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "base_model.model.model.blocks.1.v.lora_A.weight";
+    let cases: [(&str, Tensor, &str); 4] = [
+        (
+            "i32",
+            Tensor::ones((2, HIDDEN), DType::I32, &Device::Cpu).unwrap(),
+            "is I32; adapter weights must be floating point",
+        ),
+        (
+            "u8",
+            Tensor::ones((2, HIDDEN), DType::U8, &Device::Cpu).unwrap(),
+            "is U8",
+        ),
+        ("nan", poisoned(f32::NAN, 7), "holds NaN at flat index 7"),
+        (
+            "inf",
+            poisoned(f32::NEG_INFINITY, 0),
+            "holds -inf at flat index 0",
+        ),
+    ];
+    for (name, t, expected) in cases {
+        let (adapter, _) = saved_adapter(&dir.path().join(name));
+        let mut tensors =
+            candle_core::safetensors::load(weights_path(&adapter), &Device::Cpu).unwrap();
+        tensors.insert(key.to_string(), t);
+        candle_core::safetensors::save(&tensors, weights_path(&adapter)).unwrap();
+        let msg = load_err(&adapter).to_string();
+        println!("{name}: {msg}");
+        assert!(msg.contains(key), "{msg}");
+        assert!(msg.contains(expected), "{msg}");
+        assert!(
+            msg.contains(&weights_path(&adapter).display().to_string()),
+            "{msg}"
+        );
+        let e = peft_format::check_adapter_file(&weights_path(&adapter)).unwrap_err();
+        assert_eq!(e.to_string(), msg);
+    }
+}
+
+/// A `[2, HIDDEN]` f32 tensor of ones with `value` at flat index `at`.
+fn poisoned(value: f32, at: usize) -> Tensor {
+    let mut v = vec![1f32; 2 * HIDDEN];
+    v[at] = value;
+    Tensor::from_vec(v, (2, HIDDEN), &Device::Cpu).unwrap()
 }

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use candle_core::{Tensor, Var};
 use candle_peft::train::{
-    ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE, TrainerState, latest_checkpoint,
+    ADAPTER_DIR, LOCK_FILE, OPTIMIZER_FILE, OutputLock, STATE_FILE, TRAINABLE_FILE, TrainerState,
+    adapter_rng_states, latest_checkpoint, prepare_output_dir, restore_adapter_rng_states,
 };
 use candle_peft::{
     DEFAULT_ADAPTER, EvalReport, PeftError, PeftModel, Schedule, TrainConfig, TrainReport,
@@ -115,6 +116,14 @@ impl TrainTask for Regression {
         } else {
             self.pm.eval()
         }
+    }
+
+    fn rng_states(&self) -> BTreeMap<String, String> {
+        adapter_rng_states(&self.pm)
+    }
+
+    fn restore_rng_states(&self, states: &BTreeMap<String, String>) -> candle_peft::Result<()> {
+        restore_adapter_rng_states(&self.pm, states)
     }
 }
 
@@ -525,4 +534,296 @@ fn bad_configs_and_mismatched_resumes_are_typed_errors() {
         run(&Regression::new(), config(4), &[]),
         Err(PeftError::InvalidConfig { .. })
     ));
+}
+
+/// The tiny model with a LoRA adapter whose dropout is on (p = 0.3).
+fn model_with_dropout(adapter_seed: u64) -> PeftModel<Tiny> {
+    let mut pm = tiny_model(1, adapter_seed);
+    let mut cfg = lora_random_b(&["q", "v", "head"], 2, 4.0);
+    cfg.lora_dropout = 0.3;
+    pm.add_adapter(DEFAULT_ADAPTER, cfg).unwrap();
+    pm
+}
+
+fn var_bits(task: &Regression) -> Vec<(String, Vec<u32>)> {
+    task.trainable_vars()
+        .into_iter()
+        .map(|(n, v)| (n, common::tiny::bits(v.as_tensor())))
+        .collect()
+}
+
+/// With dropout on, N steps and N/2 steps + resume + N/2 steps give bit-identical adapters: the
+/// dropout RNGs are part of the checkpoint (restored whole, so even a model built with another
+/// seed continues the same masks). Without them in `trainer_state.json`, the resumed run
+/// differs, so the masks matter here.
+#[test]
+fn resume_with_dropout_is_bit_exact() {
+    let data = examples(32, 3);
+    let full_dir = tempfile::tempdir().unwrap();
+    let full_task = Regression {
+        pm: model_with_dropout(5),
+        ..Regression::new()
+    };
+    let cfg = TrainConfig {
+        checkpoint_every: Some(4),
+        out_dir: Some(full_dir.path().to_path_buf()),
+        ..config(8)
+    };
+    let full = run(&full_task, cfg.clone(), &data).unwrap();
+    let no_dropout = Regression::new();
+    run(&no_dropout, config(8), &data).unwrap();
+    assert_ne!(
+        var_bits(&no_dropout),
+        var_bits(&full_task),
+        "dropout did nothing"
+    );
+
+    let resume = |adapter_seed: u64| {
+        let task = Regression {
+            pm: model_with_dropout(adapter_seed),
+            ..Regression::new()
+        };
+        let out = tempfile::tempdir().unwrap();
+        let report = run(
+            &task,
+            TrainConfig {
+                out_dir: Some(out.path().to_path_buf()),
+                resume_from: Some(full_dir.path().join("checkpoint-4")),
+                ..cfg.clone()
+            },
+            &data,
+        )
+        .unwrap();
+        (task, report)
+    };
+    for seed in [5, 6] {
+        let (task, report) = resume(seed);
+        assert_eq!(report.start_step, 4);
+        let bits = |r: &TrainReport| r.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&report),
+            bits(&full),
+            "adapter seed {seed}: losses differ"
+        );
+        assert_eq!(var_bits(&task), var_bits(&full_task), "adapter seed {seed}");
+    }
+    let state_file = full_dir.path().join("checkpoint-4").join(STATE_FILE);
+    let state = TrainerState::read(&state_file).unwrap();
+    // q of blocks 0 and 1 and of extra.0, v of blocks 0 and 1, and head.
+    assert_eq!(state.rng_states.len(), 6, "{:?}", state.rng_states.keys());
+
+    // The same resume without the saved RNG states draws other masks.
+    let mut stripped = state.clone();
+    stripped.rng_states.clear();
+    std::fs::write(&state_file, serde_json::to_string(&stripped).unwrap()).unwrap();
+    let (task, _) = resume(5);
+    assert_ne!(var_bits(&task), var_bits(&full_task));
+}
+
+/// A micro-batch larger than the data takes the whole data set once (as a batch of exactly
+/// the data would), instead of cycling the data to fill the batch.
+#[test]
+fn batch_larger_than_the_data_is_capped() {
+    let data = examples(12, 3);
+    let capped = Regression::new();
+    let a = run(
+        &capped,
+        TrainConfig {
+            batch_size: 1_000_000,
+            grad_accum: 1,
+            ..config(3)
+        },
+        &data,
+    )
+    .unwrap();
+    let exact = Regression::new();
+    let b = run(
+        &exact,
+        TrainConfig {
+            batch_size: 12,
+            grad_accum: 1,
+            ..config(3)
+        },
+        &data,
+    )
+    .unwrap();
+    assert_eq!(a.losses, b.losses);
+    assert_eq!(a.tokens, 3 * 12 * TOKENS);
+    assert_eq!(var_values(&capped), var_values(&exact));
+}
+
+/// A resume must continue the same run from a state that fits it: another run's identity, a
+/// step beyond `steps`, an impossible `position` and a checkpoint without `trainer_state.json`
+/// are refused naming the field (and the file).
+#[test]
+fn resume_refuses_checkpoints_that_do_not_fit_the_run() {
+    let data = examples(32, 3);
+    let out = tempfile::tempdir().unwrap();
+    let identity = |data: &str| {
+        BTreeMap::from([
+            ("method".to_string(), "lora".to_string()),
+            ("data".to_string(), data.to_string()),
+        ])
+    };
+    let cfg = TrainConfig {
+        checkpoint_every: Some(2),
+        out_dir: Some(out.path().to_path_buf()),
+        run_identity: identity("a.tsv"),
+        ..config(4)
+    };
+    run(&Regression::new(), cfg.clone(), &data).unwrap();
+    let ck = out.path().join("checkpoint-4");
+    let state = TrainerState::read(&ck.join(STATE_FILE)).unwrap();
+    assert_eq!(state.run_identity, identity("a.tsv"));
+    let resume_err = |cfg: TrainConfig| {
+        run(
+            &Regression::new(),
+            TrainConfig {
+                resume_from: Some(ck.clone()),
+                ..cfg
+            },
+            &data,
+        )
+        .unwrap_err()
+    };
+    let field = |e: &PeftError| match e {
+        PeftError::InvalidConfig { field, .. } => field.clone(),
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    };
+
+    let e = resume_err(TrainConfig {
+        run_identity: identity("b.tsv"),
+        ..cfg.clone()
+    });
+    assert_eq!(field(&e), "data");
+    assert!(e.to_string().contains("belongs to another run"), "{e}");
+    assert!(
+        e.to_string().contains("a.tsv") && e.to_string().contains("b.tsv"),
+        "{e}"
+    );
+
+    let e = resume_err(TrainConfig {
+        steps: 3,
+        ..cfg.clone()
+    });
+    assert_eq!(field(&e), "steps");
+    assert!(e.to_string().contains("step 4"), "{e}");
+    // Resuming a finished run at its own step count is allowed (nothing left to train).
+    let done = run(
+        &Regression::new(),
+        TrainConfig {
+            resume_from: Some(ck.clone()),
+            ..cfg.clone()
+        },
+        &data,
+    )
+    .unwrap();
+    assert_eq!((done.start_step, done.global_step), (4, 4));
+
+    let mut bad = state.clone();
+    bad.position = 33;
+    std::fs::write(ck.join(STATE_FILE), serde_json::to_string(&bad).unwrap()).unwrap();
+    let e = resume_err(cfg.clone());
+    assert_eq!(field(&e), "position");
+    assert!(
+        e.to_string()
+            .contains(&ck.join(STATE_FILE).display().to_string()),
+        "{e}"
+    );
+
+    std::fs::remove_file(ck.join(STATE_FILE)).unwrap();
+    for from in [ck.clone(), out.path().to_path_buf()] {
+        let e = run(
+            &Regression::new(),
+            TrainConfig {
+                resume_from: Some(from),
+                ..cfg.clone()
+            },
+            &data,
+        )
+        .unwrap_err();
+        match &e {
+            PeftError::Io { path, .. } => assert_eq!(path, &ck.join(STATE_FILE)),
+            other => panic!("expected Io, got {other:?}"),
+        }
+        assert!(e.to_string().contains("incomplete"), "{e}");
+    }
+}
+
+/// `prepare_output_dir`: an unwritable folder is refused before any work; a second lock on a
+/// folder fails naming the folder and the holder, a lock whose process is gone is reclaimed,
+/// and dropping the lock releases the folder; another run's checkpoints are refused unless
+/// overwriting, and a resume from the folder continues it.
+#[test]
+fn output_folder_is_checked_locked_and_kept_from_other_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let e = prepare_output_dir(&file.join("out"), None, false).unwrap_err();
+    assert!(e.to_string().contains("is a file, not a folder"), "{e}");
+    assert!(!file.join("out").exists());
+
+    let out = tmp.path().join("out");
+    let lock = prepare_output_dir(&out, None, false).unwrap();
+    let text = std::fs::read_to_string(out.join(LOCK_FILE)).unwrap();
+    assert!(
+        text.contains(&format!("pid={}", std::process::id())),
+        "{text}"
+    );
+    let e = OutputLock::acquire(&out).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains(&out.display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&format!("process {}", std::process::id())),
+        "{msg}"
+    );
+    assert!(msg.contains("in use by another run"), "{msg}");
+    drop(lock);
+    assert!(!out.join(LOCK_FILE).exists());
+    assert!(
+        !out.exists(),
+        "the lock removes the empty folder it created"
+    );
+
+    // A lock left by a process that is gone.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    std::fs::write(
+        out.join(LOCK_FILE),
+        format!("pid={dead}\nstart=1\nhost={}\n", host.trim()),
+    )
+    .unwrap();
+    let lock = OutputLock::acquire(&out).unwrap();
+    drop(lock);
+
+    // Another run's checkpoints.
+    let data = examples(32, 3);
+    let cfg = TrainConfig {
+        checkpoint_every: Some(2),
+        out_dir: Some(out.clone()),
+        ..config(2)
+    };
+    run(&Regression::new(), cfg, &data).unwrap();
+    let e = prepare_output_dir(&out, None, false).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("checkpoints of another run (checkpoint-2)"),
+        "{e}"
+    );
+    assert!(!out.join(LOCK_FILE).exists(), "a refused run keeps no lock");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let e = prepare_output_dir(&out, Some(&elsewhere), false).unwrap_err();
+    assert!(e.to_string().contains("--overwrite"), "{e}");
+    drop(prepare_output_dir(&out, Some(&out), false).unwrap());
+    drop(prepare_output_dir(&out, Some(&out.join("checkpoint-2")), false).unwrap());
+    assert!(prepare_output_dir(&out, Some(&out), true).is_err());
+    drop(prepare_output_dir(&out, None, true).unwrap());
+    assert!(
+        !out.join("checkpoint-2").exists(),
+        "--overwrite removes the old checkpoints"
+    );
 }

@@ -1,6 +1,7 @@
 //! File formats: PEFT adapter directories, merged exports, model sources, and the one writer
 //! of Hugging Face model folders (`hf_folder`) every export goes through.
 
+pub mod atomic;
 pub mod export;
 pub mod gguf;
 pub(crate) mod hf_folder;

@@ -4,18 +4,27 @@
 //! `base_model.model.encoder.layer.0.attention.self.query.lora_A.weight`. PEFT strips the adapter
 //! name when saving; files written from memory by other tools may still carry it
 //! (`lora_A.default.weight`, `classifier.modules_to_save.default.weight`), and both forms are read.
-//! The safetensors metadata is `{"format": "pt"}`. Writes go to a temporary file in the same
-//! directory and are renamed into place, so an interrupted save never destroys a good adapter.
+//! The safetensors metadata is `{"format": "pt"}`.
+//!
+//! Reading checks every tensor: adapter weights are floating point (F16, BF16, F32 or F64) and
+//! finite. An integer tensor where a float belongs (an I32 `lora_A`) or a NaN or infinity is an
+//! error naming the file and the tensor; the only integer tensors an adapter may hold are the
+//! index tensors of [`INDEX_TENSORS`].
+//!
+//! Writing is atomic as a whole: the adapter folder is written as a temporary sibling and
+//! swapped into place ([`crate::io::atomic::write_dir_atomic`]), so an interrupted save leaves
+//! the previous adapter whole and never mixes the files of two saves.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::adapters::AdapterConfig;
 use crate::error::{PeftError, Result};
+use crate::io::atomic::write_dir_atomic;
 
 pub use crate::config::{KEY_PREFIX, PEFT_VERSION};
 
@@ -52,13 +61,93 @@ pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
     })
 }
 
-/// Reads a whole adapter directory onto the CPU.
+/// Reads a whole adapter directory onto the CPU, after [`check_adapter_tensors`].
 pub fn read_adapter_dir(dir: &Path) -> Result<AdapterFile> {
     let config = read_config(dir)?;
-    let tensors = read_safetensors(&dir.join(WEIGHTS_NAME), &Device::Cpu)?
-        .into_iter()
-        .collect();
+    let path = dir.join(WEIGHTS_NAME);
+    let tensors: BTreeMap<String, Tensor> =
+        read_safetensors(&path, &Device::Cpu)?.into_iter().collect();
+    check_adapter_tensors(&path, &tensors)?;
     Ok(AdapterFile { config, tensors })
+}
+
+/// The per-layer tensors (by first segment of their local name) that hold indices rather than
+/// weights and so are stored as integers: LoLDU's row permutation `loldu_perm.weight`.
+pub const INDEX_TENSORS: &[&str] = &["loldu_perm"];
+
+/// Reads `path` (an `adapter_model.safetensors`) and checks its tensors as
+/// [`check_adapter_tensors`] does.
+pub fn check_adapter_file(path: &Path) -> Result<()> {
+    let tensors: BTreeMap<String, Tensor> =
+        read_safetensors(path, &Device::Cpu)?.into_iter().collect();
+    check_adapter_tensors(path, &tensors)
+}
+
+/// Every tensor of an adapter file (`path` names it in errors) must be a finite float (F16,
+/// BF16, F32, F64), except the index tensors of [`INDEX_TENSORS`], which must be integers. The
+/// error is a [`PeftError::Io`] of kind `InvalidData` naming the file, the tensor and, for a
+/// non-finite value, its first position.
+pub fn check_adapter_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    for (key, t) in tensors {
+        let dtype = t.dtype();
+        let is_index = key
+            .split('.')
+            .any(|segment| INDEX_TENSORS.contains(&segment));
+        if is_index {
+            if !dtype.is_int() {
+                return Err(bad_tensor(
+                    path,
+                    format!("tensor `{key}` is {dtype:?}; an index tensor must be an integer"),
+                ));
+            }
+            continue;
+        }
+        if !matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
+            return Err(bad_tensor(
+                path,
+                format!(
+                    "tensor `{key}` is {dtype:?}; adapter weights must be floating point \
+                     (F16, BF16, F32 or F64)"
+                ),
+            ));
+        }
+        if let Some((index, value)) = first_non_finite(t)? {
+            return Err(bad_tensor(
+                path,
+                format!(
+                    "tensor `{key}` holds {value} at flat index {index}; adapter weights must \
+                     be finite"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The first NaN or infinite element of a float tensor (flat index and value), if any.
+pub fn first_non_finite(t: &Tensor) -> Result<Option<(usize, f64)>> {
+    let flat = t.flatten_all()?;
+    let found = if t.dtype() == DType::F64 {
+        flat.to_vec1::<f64>()?
+            .into_iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+    } else {
+        flat.to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+            .map(|(i, v)| (i, f64::from(v)))
+    };
+    Ok(found)
+}
+
+fn bad_tensor(path: &Path, reason: String) -> PeftError {
+    PeftError::io(
+        path,
+        std::io::Error::new(std::io::ErrorKind::InvalidData, reason),
+    )
 }
 
 /// Reads every tensor of a safetensors file, with an error naming the file when it is missing,
@@ -126,42 +215,26 @@ pub fn group_by_module(
     out
 }
 
-/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors`. Both files are written
-/// to synced temporaries first and renamed into place only when both are complete, so a failed
-/// save leaves the previous adapter whole (weights and config never come from different saves,
-/// short of a crash between the two renames).
+/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors`, atomically as a whole
+/// ([`write_dir_atomic`]): the folder is written as a temporary sibling and swapped into place,
+/// so a failed or killed save leaves the previous adapter whole, and weights and config always
+/// come from the same save. Other files of an existing `dir` are kept.
 pub fn write_adapter_dir(
     dir: &Path,
     config: &AdapterConfig,
     tensors: &[(String, Tensor)],
 ) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
     let mut json = config.to_json()?;
     if let Some(obj) = json.as_object_mut() {
         obj.insert("inference_mode".into(), serde_json::Value::Bool(true));
     }
     let text = serde_json::to_string_pretty(&json)
         .map_err(|e| PeftError::config("adapter_config.json", e.to_string()))?;
-    let weights_path = dir.join(WEIGHTS_NAME);
-    let config_path = dir.join(CONFIG_NAME);
-    let bytes = serialize_safetensors(&weights_path, tensors)?;
-    let weights_tmp = write_temp(&weights_path, &bytes)?;
-    let config_tmp = write_temp(&config_path, text.as_bytes()).inspect_err(|_| {
-        let _ = fs::remove_file(&weights_tmp);
-    })?;
-    let renamed = fs::rename(&weights_tmp, &weights_path)
-        .map_err(|e| PeftError::io(&weights_path, e))
-        .and_then(|()| {
-            fs::rename(&config_tmp, &config_path).map_err(|e| PeftError::io(&config_path, e))
-        });
-    if renamed.is_err() {
-        for tmp in [&weights_tmp, &config_tmp] {
-            if tmp.is_file() {
-                let _ = fs::remove_file(tmp);
-            }
-        }
-    }
-    renamed
+    let bytes = serialize_safetensors(&dir.join(WEIGHTS_NAME), tensors)?;
+    write_dir_atomic(dir, |tmp| {
+        write_synced(&tmp.join(WEIGHTS_NAME), &bytes)?;
+        write_synced(&tmp.join(CONFIG_NAME), text.as_bytes())
+    })
 }
 
 /// The bytes of a safetensors file with `{"format": "pt"}` metadata; `path` is for errors.
@@ -207,18 +280,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// the temporary is removed and the error names `path`.
 fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
     let tmp = temp_path(path);
-    let result = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    match result {
+    match write_synced(&tmp, bytes) {
         Ok(()) => Ok(tmp),
         Err(e) => {
             if tmp.is_file() {
                 let _ = fs::remove_file(&tmp);
             }
-            Err(PeftError::io(path, e))
+            Err(match e {
+                PeftError::Io { source, .. } => PeftError::io(path, source),
+                other => other,
+            })
         }
     }
+}
+
+/// Writes `bytes` to `path` (created or truncated) and syncs it to disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(path)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })()
+    .map_err(|e| PeftError::io(path, e))
 }

@@ -224,6 +224,20 @@ impl BertForSequenceClassification {
         self.dropout
     }
 
+    /// A copy of the classifier dropout's RNG, for checkpoints.
+    pub fn dropout_rng(&self) -> ChaCha8Rng {
+        self.dropout_rng
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the classifier dropout's RNG (with one [`dropout_rng`](Self::dropout_rng)
+    /// returned).
+    pub fn set_dropout_rng(&self, rng: ChaCha8Rng) {
+        *self.dropout_rng.lock().unwrap_or_else(|p| p.into_inner()) = rng;
+    }
+
     /// `logits: [B, num_labels]` for `input_ids: [B, T]` and `attention_mask: [B, T]`
     /// (1 = token, 0 = padding); token types are all 0.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {

@@ -456,6 +456,17 @@ impl TrainTask for CausalLmTask {
         }
     }
 
+    fn rng_states(&self) -> std::collections::BTreeMap<String, String> {
+        crate::train::adapter_rng_states(&self.model)
+    }
+
+    fn restore_rng_states(
+        &self,
+        states: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        crate::train::restore_adapter_rng_states(&self.model, states)
+    }
+
     fn lora_pairs(&self) -> Result<Vec<crate::optim::LoraPair>> {
         crate::optim::lora_pairs(&self.model)
     }

@@ -54,6 +54,9 @@ pub const DEFAULT_TARGET_MODULES: [&str; 2] = ["query", "value"];
 pub const CLASSIFIER_MODULE: &str = "classifier";
 /// The label names written next to the adapter files.
 pub const LABELS_FILE: &str = "labels.json";
+
+/// The name of the classifier dropout's RNG state in checkpoints.
+const HEAD_DROPOUT: &str = "classifier.dropout";
 /// Examples per forward pass in evaluation and prediction.
 pub const DEFAULT_EVAL_BATCH: usize = 64;
 
@@ -136,6 +139,7 @@ impl ClassifyTask {
         if max_len == 0 {
             return Err(PeftError::config("max_len", "must be at least 1, got 0"));
         }
+        crate::data::check_max_len(max_len, model.model().config().max_position_embeddings)?;
         model.set_adapter_file(LABELS_FILE, labels_json(&labels)?)?;
         Ok(Self {
             model,
@@ -171,6 +175,7 @@ impl ClassifyTask {
         if labels.is_empty() {
             return Err(PeftError::config("labels", "no label names"));
         }
+        require_bert_folder(source)?;
         let tokenizer_path = source
             .tokenizer
             .clone()
@@ -403,6 +408,23 @@ impl TrainTask for ClassifyTask {
         }
     }
 
+    /// The adapters' dropout RNGs and the classifier dropout's (`classifier.dropout`).
+    fn rng_states(&self) -> BTreeMap<String, String> {
+        let mut states = crate::train::adapter_rng_states(&self.model);
+        let head = crate::train::encode_rng(&self.model.model().dropout_rng());
+        states.insert(HEAD_DROPOUT.to_string(), head);
+        states
+    }
+
+    fn restore_rng_states(&self, states: &BTreeMap<String, String>) -> Result<()> {
+        crate::train::restore_adapter_rng_states(&self.model, states)?;
+        if let Some(v) = states.get(HEAD_DROPOUT) {
+            let rng = crate::train::decode_rng(HEAD_DROPOUT, v)?;
+            self.model.model().set_dropout_rng(rng);
+        }
+        Ok(())
+    }
+
     fn lora_pairs(&self) -> Result<Vec<crate::optim::LoraPair>> {
         crate::optim::lora_pairs(&self.model)
     }
@@ -441,6 +463,7 @@ pub fn for_classification(config: impl Into<AdapterConfig>) -> AdapterConfig {
 /// (`LABEL_0`, `LABEL_1`, … in id order) carry no meaning and are read as the integer labels
 /// `0`, `1`, …, so data labelled by id matches them.
 pub fn model_labels(source: &ModelSource) -> Result<Option<Vec<String>>> {
+    require_bert_folder(source)?;
     let path = &source.config;
     let value: Value = crate::io::read_json(path)?;
     let is_classifier = value
@@ -462,6 +485,20 @@ pub fn model_labels(source: &ModelSource) -> Result<Option<Vec<String>>> {
             labels
         }
     }))
+}
+
+/// A classification model comes as a Hugging Face folder: a GGUF file (a llama.cpp causal LM)
+/// is refused with a message saying so, instead of failing to read it as JSON.
+fn require_bert_folder(source: &ModelSource) -> Result<()> {
+    if source.kind == crate::io::source::SourceKind::Gguf {
+        return Err(PeftError::Unsupported(format!(
+            "{} is a GGUF file (a llama.cpp causal language model), not a BERT classification \
+             model; classification needs a Hugging Face folder with config.json, \
+             model.safetensors and tokenizer.json (e.g. sentence-transformers/all-MiniLM-L6-v2)",
+            source.spec
+        )));
+    }
+    Ok(())
 }
 
 /// The text of [`LABELS_FILE`]: `{"id2label": {"0": name, …}, "label2id": {…}}`, pretty-printed.
@@ -487,7 +524,11 @@ pub fn read_labels(dir: &Path) -> Result<Option<Vec<String>>> {
     if !path.is_file() {
         return Ok(None);
     }
-    labels_from_config(&path)
+    let labels = labels_from_config(&path)?;
+    if let Some(l) = &labels {
+        crate::data::check_label2id(&path, l)?;
+    }
+    Ok(labels)
 }
 
 /// The label names a model brings, for reading data against them: the adapter's

@@ -1,6 +1,7 @@
 //! Checkpoints: writing `out/checkpoint-<step>/` atomically, finding the latest one, and
 //! restoring a run from it after checking that it fits the run.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use super::config::TrainConfig;
 use super::optimizer::Optimizer;
 use super::task::{EvalRecord, TrainTask};
 use crate::error::{PeftError, Result};
+use crate::io::atomic::write_dir_atomic;
 use crate::io::peft_format::{read_safetensors, write_atomic, write_safetensors};
 
 /// Name of the adapter folder inside a checkpoint.
@@ -53,6 +55,14 @@ pub struct TrainerState {
     pub grad_norms: Vec<f64>,
     /// Evaluations so far.
     pub evals: Vec<EvalRecord>,
+    /// What identifies the run ([`TrainConfig::run_identity`]); a resume must match it. Empty
+    /// in checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub run_identity: BTreeMap<String, String>,
+    /// The task's random streams ([`TrainTask::rng_states`]: dropout RNG positions), restored
+    /// on resume. Empty when the task draws none, and in older checkpoints.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rng_states: BTreeMap<String, String>,
 }
 
 impl TrainerState {
@@ -62,10 +72,14 @@ impl TrainerState {
     }
 }
 
-/// The highest-numbered `checkpoint-<step>` folder in `out_dir` (temporaries are ignored).
-pub fn latest_checkpoint(out_dir: &Path) -> Result<Option<PathBuf>> {
+/// Every `checkpoint-<step>` folder in `out_dir`, by step (temporaries are ignored; a missing
+/// `out_dir` has none).
+pub fn checkpoint_dirs(out_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    if !out_dir.is_dir() {
+        return Ok(Vec::new());
+    }
     let entries = fs::read_dir(out_dir).map_err(|e| PeftError::io(out_dir, e))?;
-    let mut best: Option<(usize, PathBuf)> = None;
+    let mut found = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| PeftError::io(out_dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -75,20 +89,36 @@ pub fn latest_checkpoint(out_dir: &Path) -> Result<Option<PathBuf>> {
         else {
             continue;
         };
-        if entry.path().join(STATE_FILE).is_file() && best.as_ref().is_none_or(|(b, _)| step > *b) {
-            best = Some((step, entry.path()));
+        if entry.path().is_dir() {
+            found.push((step, entry.path()));
         }
     }
-    Ok(best.map(|(_, p)| p))
+    found.sort();
+    Ok(found)
+}
+
+/// The highest-numbered `checkpoint-<step>` folder in `out_dir` (temporaries are ignored). A
+/// checkpoint is written whole, so one without `trainer_state.json` is damaged: it is still
+/// the latest, and resuming from it fails naming the missing file rather than silently going
+/// back to an older one.
+pub fn latest_checkpoint(out_dir: &Path) -> Result<Option<PathBuf>> {
+    if !out_dir.is_dir() {
+        return Err(PeftError::io(
+            out_dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder"),
+        ));
+    }
+    Ok(checkpoint_dirs(out_dir)?.pop().map(|(_, p)| p))
 }
 
 /// Restores the trainable vars and the optimiser state from the checkpoint `from` names (a
 /// checkpoint folder, or an output folder's latest checkpoint), after checking that it was
 /// written for this data and batching. Returns its trainer state and the RNG word position
 /// before the shuffle of its epoch.
-pub(super) fn restore_checkpoint(
+pub(super) fn restore_checkpoint<T: TrainTask>(
     from: &Path,
     cfg: &TrainConfig,
+    task: &T,
     num_examples: usize,
     vars: &[(String, Var)],
     opt: &mut Optimizer,
@@ -98,6 +128,8 @@ pub(super) fn restore_checkpoint(
     check_resume(&state, cfg, num_examples, &dir)?;
     restore_vars(vars, &dir.join(TRAINABLE_FILE))?;
     opt.load_state(&dir.join(OPTIMIZER_FILE))?;
+    task.restore_rng_states(&state.rng_states)
+        .map_err(|e| in_file(e, &dir.join(STATE_FILE)))?;
     let word_pos = state.epoch_word_pos.parse::<u128>().map_err(|_| {
         PeftError::config(
             "epoch_word_pos",
@@ -111,27 +143,81 @@ pub(super) fn restore_checkpoint(
     Ok((state, word_pos))
 }
 
+/// A config error with the file it came from appended.
+fn in_file(e: PeftError, file: &Path) -> PeftError {
+    match e {
+        PeftError::InvalidConfig { field, reason } => PeftError::InvalidConfig {
+            field,
+            reason: format!("{reason} (in {})", file.display()),
+        },
+        other => other,
+    }
+}
+
 /// A checkpoint folder, or the latest checkpoint of an output folder.
 fn resolve_checkpoint(from: &Path) -> Result<PathBuf> {
     if from.join(STATE_FILE).is_file() {
         return Ok(from.to_path_buf());
     }
-    if from.is_dir() {
-        if let Some(dir) = latest_checkpoint(from)? {
-            return Ok(dir);
+    if let Some(dir) = latest_checkpoint(from)? {
+        if !dir.join(STATE_FILE).is_file() {
+            return Err(missing_state(&dir, "the checkpoint is incomplete"));
         }
+        return Ok(dir);
     }
-    Err(PeftError::io(
-        from.join(STATE_FILE),
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "not a checkpoint folder, nor a folder holding checkpoint-<step> folders",
-        ),
+    let looks_like_checkpoint = from
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with(CHECKPOINT_PREFIX))
+        || from.join(TRAINABLE_FILE).exists()
+        || from.join(ADAPTER_DIR).exists();
+    Err(missing_state(
+        from,
+        if looks_like_checkpoint {
+            "the checkpoint is incomplete"
+        } else {
+            "not a checkpoint folder, and it holds no checkpoint-<step> folders"
+        },
     ))
 }
 
-/// A resume must see the data and batching the checkpoint was written with.
+/// An error naming `dir/trainer_state.json` as missing.
+fn missing_state(dir: &Path, why: &str) -> PeftError {
+    PeftError::io(
+        dir.join(STATE_FILE),
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "missing ({why}; a checkpoint holds {STATE_FILE}, {TRAINABLE_FILE}, {OPTIMIZER_FILE} and {ADAPTER_DIR}/)"
+            ),
+        ),
+    )
+}
+
+/// A resume must continue the same run (its identity, data and batching) from a state that
+/// fits it: the error names the field, and the file when the state itself is impossible.
 fn check_resume(state: &TrainerState, cfg: &TrainConfig, n: usize, dir: &Path) -> Result<()> {
+    let file = dir.join(STATE_FILE);
+    for (key, now) in &cfg.run_identity {
+        // Checkpoints written before identities were recorded have none to compare.
+        if state.run_identity.is_empty() {
+            break;
+        }
+        let saved = state
+            .run_identity
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or("(none)");
+        if saved != now {
+            return Err(PeftError::config(
+                key.clone(),
+                format!(
+                    "the checkpoint {} belongs to another run: it was written with {key} = \
+                     `{saved}`, this run has `{now}`",
+                    dir.display()
+                ),
+            ));
+        }
+    }
     let checks: [(&str, u64, u64); 4] = [
         ("seed", state.seed, cfg.seed),
         ("batch_size", state.batch_size as u64, cfg.batch_size as u64),
@@ -149,6 +235,30 @@ fn check_resume(state: &TrainerState, cfg: &TrainConfig, n: usize, dir: &Path) -
             ));
         }
     }
+    if state.global_step > cfg.steps {
+        return Err(PeftError::config(
+            "steps",
+            format!(
+                "the checkpoint {} is at step {}, beyond this run's {} steps; resume with at \
+                 least {} steps",
+                dir.display(),
+                state.global_step,
+                cfg.steps,
+                state.global_step
+            ),
+        ));
+    }
+    if state.position > state.num_examples {
+        return Err(PeftError::config(
+            "position",
+            format!(
+                "{} in {} is beyond the {} training examples of an epoch",
+                state.position,
+                file.display(),
+                state.num_examples
+            ),
+        ));
+    }
     if state.losses.len() != state.global_step
         || state.lrs.len() != state.global_step
         || state.grad_norms.len() != state.global_step
@@ -157,7 +267,7 @@ fn check_resume(state: &TrainerState, cfg: &TrainConfig, n: usize, dir: &Path) -
             "global_step",
             format!(
                 "{} has {} steps but {} losses",
-                dir.join(STATE_FILE).display(),
+                file.display(),
                 state.global_step,
                 state.losses.len()
             ),
@@ -199,8 +309,9 @@ fn restore_vars(vars: &[(String, Var)], path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `out/checkpoint-<step>` through a temporary folder and a rename; a failure leaves
-/// earlier checkpoints (and an existing folder of the same step) untouched.
+/// Writes `out/checkpoint-<step>` through a temporary folder swapped into place
+/// ([`write_dir_atomic`], as the final adapter save); a failure leaves earlier checkpoints (and
+/// an existing folder of the same step) untouched.
 pub(super) fn save_checkpoint<T: TrainTask>(
     out: &Path,
     task: &T,
@@ -208,15 +319,8 @@ pub(super) fn save_checkpoint<T: TrainTask>(
     opt: &Optimizer,
     state: &TrainerState,
 ) -> Result<PathBuf> {
-    let step = state.global_step;
-    fs::create_dir_all(out).map_err(|e| PeftError::io(out, e))?;
-    let target = out.join(format!("{CHECKPOINT_PREFIX}{step}"));
-    let tmp = out.join(format!(".{CHECKPOINT_PREFIX}{step}.tmp"));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
-    }
-    fs::create_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
-    let written = (|| -> Result<()> {
+    let target = out.join(format!("{CHECKPOINT_PREFIX}{}", state.global_step));
+    write_dir_atomic(&target, |tmp| {
         task.save_adapter(&tmp.join(ADAPTER_DIR))?;
         let values: Vec<(String, Tensor)> = vars
             .iter()
@@ -226,28 +330,7 @@ pub(super) fn save_checkpoint<T: TrainTask>(
         opt.save_state(&tmp.join(OPTIMIZER_FILE))?;
         let json = serde_json::to_string_pretty(state)
             .map_err(|e| PeftError::config("trainer_state", e.to_string()))?;
-        write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
-        if target.exists() {
-            let old = out.join(format!(".{CHECKPOINT_PREFIX}{step}.old"));
-            if old.exists() {
-                fs::remove_dir_all(&old).map_err(|e| PeftError::io(&old, e))?;
-            }
-            fs::rename(&target, &old).map_err(|e| PeftError::io(&target, e))?;
-            if let Err(e) = fs::rename(&tmp, &target) {
-                let _ = fs::rename(&old, &target);
-                return Err(PeftError::io(&target, e));
-            }
-            fs::remove_dir_all(&old).map_err(|e| PeftError::io(&old, e))?;
-        } else {
-            fs::rename(&tmp, &target).map_err(|e| PeftError::io(&target, e))?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = written {
-        if tmp.exists() {
-            let _ = fs::remove_dir_all(&tmp);
-        }
-        return Err(e);
-    }
+        write_atomic(&tmp.join(STATE_FILE), json.as_bytes())
+    })?;
     Ok(target)
 }

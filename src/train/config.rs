@@ -1,5 +1,6 @@
 //! Training settings.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::error::{PeftError, Result};
@@ -60,6 +61,12 @@ pub struct TrainConfig {
     pub resume_from: Option<PathBuf>,
     /// No progress output at all.
     pub quiet: bool,
+    /// What identifies the run beyond the fields above (the CLI records the task, model, method,
+    /// a hash of the adapter config, the data file and its size): written into every
+    /// checkpoint's `trainer_state.json`, and a resume from a checkpoint whose identity differs
+    /// is refused naming the key. Empty: nothing beyond seed, batching and example count is
+    /// checked.
+    pub run_identity: BTreeMap<String, String>,
 }
 
 impl Default for TrainConfig {
@@ -84,6 +91,7 @@ impl Default for TrainConfig {
             out_dir: None,
             resume_from: None,
             quiet: false,
+            run_identity: BTreeMap::new(),
         }
     }
 }

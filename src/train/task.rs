@@ -6,7 +6,8 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{PeftError, Result};
+use crate::io::peft_format::first_non_finite;
 use crate::optim::lora_pro::LoraPair;
 
 /// What the trainer needs from a model + task.
@@ -36,6 +37,19 @@ pub trait TrainTask {
 
     /// Switches train-only behaviour such as dropout.
     fn set_training(&self, _training: bool) {}
+
+    /// The positions of the random streams training advances (dropout masks), by name (e.g.
+    /// [`crate::train::adapter_rng_states`] of the task's `PeftModel`): checkpoints save them
+    /// and a resume restores them with [`restore_rng_states`](Self::restore_rng_states), so that
+    /// it draws the masks the uninterrupted run would have drawn. Default: none.
+    fn rng_states(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
+    /// Restores what [`rng_states`](Self::rng_states) returned. Default: nothing to restore.
+    fn restore_rng_states(&self, _states: &BTreeMap<String, String>) -> Result<()> {
+        Ok(())
+    }
 
     /// The LoRA adapters LoRA-Pro steps (e.g. [`crate::optim::lora_pairs`] of the task's
     /// `PeftModel`). The default reports none, which LoRA-Pro refuses.
@@ -74,4 +88,30 @@ pub struct EvalRecord {
     pub step: usize,
     /// What the evaluation measured.
     pub report: EvalReport,
+}
+
+/// An evaluation's mean loss must be finite: a NaN or infinite loss is an error rather than a
+/// `null` in a report. `weights` (name, tensor), e.g. [`crate::PeftModel::layer_weights`], are
+/// searched for the first tensor holding a NaN or an infinity, which the error names; adapter
+/// files are already checked when they are read.
+pub fn check_eval_loss(loss: f64, weights: &[(String, Tensor)]) -> Result<()> {
+    if loss.is_finite() {
+        return Ok(());
+    }
+    for (name, t) in weights {
+        if let Some((index, value)) = first_non_finite(t)? {
+            return Err(PeftError::InvalidLayer {
+                module: name.clone(),
+                reason: format!(
+                    "the evaluation loss is {loss}: this weight holds {value} at flat index \
+                     {index}"
+                ),
+            });
+        }
+    }
+    Err(PeftError::Unsupported(format!(
+        "the evaluation loss is {loss} although the {} layer weights searched are finite (the \
+         model's other weights or its activations overflowed)",
+        weights.len()
+    )))
 }

@@ -69,6 +69,8 @@ struct Run<'a, T: TrainTask> {
     schedule: LrSchedule,
     opt: Optimizer,
     sampler: Sampler,
+    /// Examples per micro-batch: `batch_size`, capped at the number of training examples.
+    batch_size: usize,
     history: History,
     report: TrainReport,
     progress: Progress,
@@ -96,7 +98,8 @@ impl<'a, T: TrainTask> Run<'a, T> {
         let mut sampler = Sampler::new(train.len(), cfg.seed);
         let mut start_step = 0;
         if let Some(from) = &cfg.resume_from {
-            let (state, word_pos) = restore_checkpoint(from, cfg, train.len(), &vars, &mut opt)?;
+            let (state, word_pos) =
+                restore_checkpoint(from, cfg, task, train.len(), &vars, &mut opt)?;
             sampler =
                 Sampler::restore(train.len(), cfg.seed, state.epoch, word_pos, state.position);
             start_step = state.global_step;
@@ -125,6 +128,15 @@ impl<'a, T: TrainTask> Run<'a, T> {
         };
         let started = Instant::now();
         let progress = Progress::new(cfg, start_step);
+        let batch_size = cfg.batch_size.min(train.len().max(1));
+        if batch_size < cfg.batch_size && start_step < cfg.steps {
+            progress.message(&format!(
+                "batch_size {} is larger than the {} training examples: each micro-batch takes \
+                 all {batch_size} of them",
+                cfg.batch_size,
+                train.len()
+            ));
+        }
         task.set_training(true);
         Ok(Self {
             cfg,
@@ -135,6 +147,7 @@ impl<'a, T: TrainTask> Run<'a, T> {
             schedule,
             opt,
             sampler,
+            batch_size,
             history,
             report,
             progress,
@@ -201,7 +214,7 @@ impl<'a, T: TrainTask> Run<'a, T> {
         let mut loss_sum = 0.0;
         let mut tokens = 0;
         for _ in 0..self.cfg.grad_accum {
-            let idx = self.sampler.next_batch(self.cfg.batch_size);
+            let idx = self.sampler.next_batch(self.batch_size);
             let batch: Vec<&T::Example> = idx.iter().map(|&i| &self.train[i]).collect();
             let (loss, n_tokens) = self.task.loss(&batch)?;
             let loss = match self.task.regularization_loss()? {
@@ -282,6 +295,8 @@ impl<'a, T: TrainTask> Run<'a, T> {
             lrs: self.history.lrs.clone(),
             grad_norms: self.history.grad_norms.clone(),
             evals: self.history.evals.clone(),
+            run_identity: cfg.run_identity.clone(),
+            rng_states: self.task.rng_states(),
         }
     }
 

@@ -3,8 +3,12 @@
 use std::process::Command;
 
 /// The `candle-peft` binary, with the hub offline (tests never reach the network).
+/// `$CANDLE_PEFT_BIN` overrides the binary cargo built (e.g. a copy taken right after the
+/// build, when several checkouts share one target folder).
 pub fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candle-peft"));
+    let exe = std::env::var_os("CANDLE_PEFT_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_candle-peft").into());
+    let mut cmd = Command::new(exe);
     cmd.env("HF_HUB_OFFLINE", "1");
     cmd
 }

@@ -1,11 +1,13 @@
 //! The flags of `train` and `eval` and the checks and settings derived from them, shared by the
 //! classification and causal-LM sides of both commands (and by the calibration step of `train`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use candle_peft::io::atomic::check_writable_file;
 use candle_peft::optim::LoraProMode;
-use candle_peft::train::OptimizerKind;
+use candle_peft::train::{OptimizerKind, OutputLock, prepare_output_dir};
 use candle_peft::{AdapterConfig, Method, Schedule, TrainConfig, Warmup};
 use clap::Args;
 use serde_json::Value;
@@ -118,9 +120,14 @@ pub struct TrainArgs {
     #[arg(long = "checkpoint-every")]
     pub checkpoint_every: Option<usize>,
     /// Resume from a checkpoint folder, or from the latest checkpoint in a folder (default:
-    /// --out).
+    /// --out). The checkpoint must belong to this run: same task, model, method and adapter
+    /// settings, data file, seed and batching.
     #[arg(long, num_args = 0..=1, value_name = "DIR")]
     pub resume: Option<Option<PathBuf>>,
+    /// Start afresh in an --out folder that holds another run's checkpoints, removing them
+    /// (without it such a folder is refused).
+    #[arg(long)]
+    pub overwrite: bool,
     /// EVA / CorDA: calibration data, in --data's format [default: the training data].
     #[arg(long = "calib-data")]
     pub calib_data: Option<PathBuf>,
@@ -298,12 +305,76 @@ fn parse_options(opts: &[String]) -> anyhow::Result<std::collections::BTreeMap<S
     Ok(out)
 }
 
+/// Before any work: the flags' own checks, then --out checked for writability, locked for
+/// this run and refused when it holds another run's checkpoints (unless --overwrite). Hold
+/// the lock until the last write.
+pub fn prepare_output(args: &TrainArgs) -> anyhow::Result<OutputLock> {
+    check_method(&args.method)?;
+    check_args(args)?;
+    Ok(prepare_output_dir(
+        &args.out,
+        resume_from(args).as_deref(),
+        args.overwrite,
+    )?)
+}
+
+/// The checkpoint (or folder of checkpoints) `--resume` names: its value, or `--out`.
+fn resume_from(args: &TrainArgs) -> Option<PathBuf> {
+    args.resume
+        .as_ref()
+        .map(|r| r.clone().unwrap_or_else(|| args.out.clone()))
+}
+
+/// What identifies a run beyond the trainer's own settings: a resume must match it. The
+/// adapter settings enter as a hash of the flags that make the config (or of the --config
+/// file), the data as its canonical path and size.
+fn run_identity(args: &TrainArgs) -> BTreeMap<String, String> {
+    let mut adapter = format!(
+        "method={}\ntargets={:?}\nrank={:?}\nalpha={:?}\ndropout={:?}\nopt={:?}\n\
+         lora_pro_mode={:?}\ncorda_mode={:?}\n",
+        args.method,
+        args.targets,
+        args.rank,
+        args.alpha,
+        args.dropout,
+        args.opt,
+        args.lora_pro_mode,
+        args.corda_mode
+    );
+    if let Some(config) = &args.config {
+        let file = if config.is_dir() {
+            config.join(candle_peft::io::peft_format::CONFIG_NAME)
+        } else {
+            config.clone()
+        };
+        adapter.push_str(&String::from_utf8_lossy(
+            &std::fs::read(&file).unwrap_or_default(),
+        ));
+    }
+    let data = std::fs::canonicalize(&args.data).unwrap_or_else(|_| args.data.clone());
+    let data_bytes = std::fs::metadata(&args.data).map(|m| m.len()).unwrap_or(0);
+    BTreeMap::from([
+        ("task".to_string(), args.task.clone()),
+        ("model".to_string(), args.model.clone()),
+        ("method".to_string(), args.method.clone()),
+        ("adapter_config".to_string(), fnv1a_hex(adapter.as_bytes())),
+        ("data".to_string(), data.display().to_string()),
+        ("data_bytes".to_string(), data_bytes.to_string()),
+        ("seq".to_string(), args.seq.to_string()),
+    ])
+}
+
+/// FNV-1a 64 of `bytes`, in hex: a stable fingerprint (not a security hash).
+fn fnv1a_hex(bytes: &[u8]) -> String {
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
 /// The trainer settings the flags give, for `steps` optimiser steps.
 pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
-    let resume_from = args
-        .resume
-        .as_ref()
-        .map(|r| r.clone().unwrap_or_else(|| args.out.clone()));
+    let resume_from = resume_from(args);
     let checkpoints = args.checkpoint_every.is_some() || resume_from.is_some();
     TrainConfig {
         steps,
@@ -326,6 +397,7 @@ pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
         out_dir: checkpoints.then(|| args.out.clone()),
         resume_from,
         quiet: args.quiet,
+        run_identity: run_identity(args),
         ..TrainConfig::default()
     }
 }
@@ -360,4 +432,14 @@ pub struct EvalArgs {
     /// Also write the predicted label of every example to FILE, one per line.
     #[arg(long, value_name = "FILE")]
     pub predictions: Option<PathBuf>,
+}
+
+impl EvalArgs {
+    /// Before any work: every file `eval` will write (--predictions) can be written.
+    pub fn check_outputs(&self) -> anyhow::Result<()> {
+        if let Some(p) = &self.predictions {
+            check_writable_file(p).context("--predictions")?;
+        }
+        Ok(())
+    }
 }

@@ -13,7 +13,8 @@ const MINILM: &str = "sentence-transformers/all-MiniLM-L6-v2";
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// The workload: minilm-lora-train.
+    /// The workload (`--help` lists them all).
+    #[arg(long_help = workloads_help())]
     pub workload: String,
     /// The model to run it on (hub id or folder).
     #[arg(long)]
@@ -23,14 +24,47 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// The workloads, for the error message on an unknown name.
-const WORKLOADS: &[&str] = &[
-    "minilm-lora-train",
-    "smollm2-lora-train",
-    "smollm2-merge",
-    "svd-init-smollm2",
-    "eva-corda-init-smollm2",
+/// Every workload `run` accepts, with what it measures: `--help` and the error on an unknown
+/// name list them from here.
+const WORKLOADS: &[(&str, &str)] = &[
+    (
+        "minilm-lora-train",
+        "LoRA training steps on all-MiniLM-L6-v2 (classification), ms/step",
+    ),
+    (
+        "smollm2-lora-train",
+        "LoRA training steps on SmolLM2-135M (causal LM), ms/step",
+    ),
+    (
+        "smollm2-merge",
+        "streaming merge of a LoRA adapter into SmolLM2-135M, seconds",
+    ),
+    (
+        "svd-init-smollm2",
+        "SVFit's SVD initialisation of SmolLM2-135M's projections, seconds",
+    ),
+    (
+        "eva-corda-init-smollm2",
+        "EVA's and CorDA's data-driven initialisations on SmolLM2-135M, each in its own process",
+    ),
+    (
+        "eva-init-smollm2",
+        "EVA's initialisation alone, in this process",
+    ),
+    (
+        "corda-init-smollm2",
+        "CorDA's initialisation alone, in this process",
+    ),
 ];
+
+/// The long help of the workload argument: one line per workload.
+fn workloads_help() -> String {
+    let mut help = String::from("The workload, one of:");
+    for (name, what) in WORKLOADS {
+        help.push_str(&format!("\n  {name}: {what}"));
+    }
+    help
+}
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let result = match args.workload.as_str() {
@@ -43,7 +77,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         other => bail!(
             "unknown workload `{other}` (available: {})",
-            WORKLOADS.join(", ")
+            WORKLOADS
+                .iter()
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     let peak_rss_mb = peak_rss_mb()?;

@@ -34,6 +34,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out {} exists and is not a directory", args.out.display());
     }
+    candle_peft::io::atomic::check_writable_dir(&args.out).context("--out")?;
     let report = convert_to_peft_lora(&args.adapter, &args.base, &args.out, &[LABELS_FILE])
         .with_context(|| format!("converting {} to a PEFT LoRA", args.adapter.display()))?;
     let mut o = String::new();

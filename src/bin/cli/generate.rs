@@ -35,7 +35,7 @@ pub struct GenerateArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Print one JSON line: {"prompt", "text", "tokens"}.
+    /// Print one JSON line: {"prompt", "text", "model"}.
     #[arg(long)]
     pub json: bool,
 }

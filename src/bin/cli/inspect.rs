@@ -1,7 +1,8 @@
 //! `candle-peft inspect <adapter dir> [--json]`: what an adapter directory holds — method,
 //! targets, per-module ranks (read from the tensors, so `rank_pattern` shows), alpha and scaling,
-//! trainable parameter count, and every tensor's key, dtype and shape. Reads only the
-//! safetensors header, never the tensor data.
+//! trainable parameter count, and every tensor's key, dtype and shape. The tensor data is read
+//! once to check it as loading does: a NaN or infinite weight, or an integer tensor where a
+//! float belongs, is an error naming the tensor.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,7 +10,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_peft::AdapterConfig;
 use candle_peft::io::export::read_safetensors_header;
-use candle_peft::io::peft_format::{KEY_PREFIX, WEIGHTS_NAME, read_config, split_key};
+use candle_peft::io::peft_format::{
+    KEY_PREFIX, WEIGHTS_NAME, check_adapter_file, read_config, split_key,
+};
 use clap::Args;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
@@ -40,6 +43,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let config = read_config(dir).with_context(|| format!("reading {}", dir.display()))?;
     let weights = dir.join(WEIGHTS_NAME);
     let header = read_safetensors_header(&weights)?;
+    check_adapter_file(&weights)?;
     let cfg = config.to_json()?;
     // LoRA-family configs carry r / alpha; other methods print what their JSON holds.
     let lora = match &config {

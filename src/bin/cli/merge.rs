@@ -44,6 +44,7 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(args: MergeArgs) -> anyhow::Result<()> {
+    candle_peft::io::atomic::check_writable_dir(&args.out).context("--out")?;
     let started = std::time::Instant::now();
     let mut o = String::new();
     let opts = MergeOptions {

@@ -37,6 +37,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .read_examples(&args.data, true)
         .with_context(|| format!("reading --data {}", args.data.display()))?;
     let r = task.evaluate_lm(&data)?;
+    candle_peft::train::check_eval_loss(r.loss, &task.model().layer_weights())?;
     let mut o = String::new();
     if args.json {
         writeln!(o, "{}", lm_eval_json(&r))?;

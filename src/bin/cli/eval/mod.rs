@@ -8,6 +8,7 @@ mod classify;
 use super::args::{EvalArgs, Task};
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    args.check_outputs()?;
     match args.task.parse::<Task>()? {
         Task::Classify => classify::run(args),
         Task::CausalLm => causal::run(args),

@@ -10,7 +10,9 @@ mod classify;
 use super::args::{Task, TrainArgs};
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    match args.task.parse::<Task>()? {
+    let task = args.task.parse::<Task>()?;
+    let _out = super::args::prepare_output(&args)?;
+    match task {
         Task::Classify => classify::run(args),
         Task::CausalLm => causal::run(args),
     }
