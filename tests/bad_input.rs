@@ -618,7 +618,7 @@ fn failed_save_leaves_previous_adapter_intact() {
     // Under a name that fits, the save goes through.
     let short = dir.path().join("adapter");
     fs::rename(&adapter, &short).unwrap();
-    pm.save_adapter("bigger", &short).unwrap();
+    pm.save_adapter(&short, "bigger").unwrap();
     assert!(snapshot(&short) != before);
     assert_eq!(read_config(&short)["r"], serde_json::json!(4));
 }
@@ -652,7 +652,7 @@ fn adapter_save_swaps_the_whole_folder() {
         "notes"
     );
     let fresh = dir.path().join("fresh");
-    pm.save_adapter("bigger", &fresh).unwrap();
+    pm.save_adapter(&fresh, "bigger").unwrap();
     assert!(
         snapshot(&adapter) == snapshot(&fresh),
         "files differ from a fresh save"

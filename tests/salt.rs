@@ -352,7 +352,7 @@ fn stored_factors_are_used_as_stored_on_load_and_merge() {
     assert!(max_abs_diff(&delta_from(&flipped), &want) > 1e-2 * max_abs(&want));
 
     // The adapter file with the tied factors.
-    pm.save_adapter(ADAPTER, &dir).unwrap();
+    pm.save_adapter(&dir, ADAPTER).unwrap();
     let path = dir.join("adapter_model.safetensors");
     let mut file = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     for (name, t) in &s {
@@ -375,7 +375,7 @@ fn stored_factors_are_used_as_stored_on_load_and_merge() {
     let got = delta(fresh.layer("lin").unwrap());
     assert!(max_abs_diff(&got, &want) <= 1e-6 * max_abs(&want));
     let y = fresh.model().forward(&x).unwrap();
-    fresh.save_adapter(ADAPTER, &again).unwrap();
+    fresh.save_adapter(&again, ADAPTER).unwrap();
     let resaved =
         candle_core::safetensors::load(again.join("adapter_model.safetensors"), &Device::Cpu)
             .unwrap();

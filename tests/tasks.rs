@@ -279,7 +279,7 @@ fn the_task_and_its_model_save_identical_folders() {
         tmp.path().join("unwrapped"),
     );
     task.save_adapter(&by_task).unwrap();
-    task.model().save_adapter("mine", &by_model).unwrap();
+    task.model().save_adapter(&by_model, "mine").unwrap();
     let files = folder(&by_task);
     assert_eq!(
         files.keys().collect::<Vec<_>>(),
@@ -299,7 +299,7 @@ fn the_task_and_its_model_save_identical_folders() {
     );
     // The model keeps the file once out of the task.
     let model = task.into_model();
-    model.save_adapter("mine", &by_unwrapped).unwrap();
+    model.save_adapter(&by_unwrapped, "mine").unwrap();
     assert!(files == folder(&by_unwrapped));
 }
 
@@ -322,7 +322,7 @@ fn an_adapter_file_is_a_plain_name_beside_the_adapter_files() {
         .add_adapter("default", LoraConfig::new(&["q_proj"], 2, 4.0))
         .unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    model.save_adapter("default", tmp.path()).unwrap();
+    model.save_adapter(tmp.path(), "default").unwrap();
     assert_eq!(
         std::fs::read_to_string(tmp.path().join("notes.txt")).unwrap(),
         "two"

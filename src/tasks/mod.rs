@@ -72,10 +72,10 @@ pub(crate) fn save_active<M>(model: &PeftModel<M>, dir: &Path) -> Result<()> {
                 }
             ),
         )),
-        [one] => model.save_adapter(one, dir),
+        [one] => model.save_adapter(dir, one),
         several => {
             for name in several {
-                model.save_adapter(name, dir.join(name))?;
+                model.save_adapter(dir.join(name), name)?;
             }
             Ok(())
         }
