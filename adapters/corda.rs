@@ -7,9 +7,11 @@
 //!
 //! 1. **Covariance** of the layer's inputs over the calibration batches (rows of non-padding
 //!    tokens only, see [`crate::data_init`]; PEFT and the reference take every token, which is the
-//!    same for unpadded batch-size-1 calibration and wrong otherwise). Per batch `X: [N, in]`:
-//!    `X ← X / |max(X)|` (the signed maximum, then its magnitude, as the reference does),
-//!    `C += Xᵀ X`; at the end `C /= number of batches`. Accumulated in f32 on the model's device,
+//!    same for unpadded sequences and wrong otherwise). Per sequence `X: [n, in]` (its counted
+//!    rows): `X ← X / |max(X)|` (the signed maximum, then its magnitude, as the reference does),
+//!    `C += Xᵀ X`; at the end `C /= number of sequences`. (PEFT's hook takes one sequence per
+//!    forward, so its count of forwards is this count of sequences; a batch of several sequences
+//!    gives the same `C` as running them one by one.) Accumulated in f32 on the model's device,
 //!    as PEFT does (one `[in, in]` matrix per input group is the pass's memory); the
 //!    decomposition then runs in f64.
 //! 2. **Damping**: `damp = 0.01`; `Ĉ = C + damp·mean(diag C)·I`, `Ĉ⁻¹ = inv(Ĉ)`; while

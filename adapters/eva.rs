@@ -8,7 +8,8 @@
 //!
 //! 1. **Incremental PCA** of the layer's inputs on the calibration batches (rows of non-padding
 //!    tokens only, see [`crate::data_init`]), with `k_l = round(ρ·r_l)` components (at most
-//!    `min(in, out)`). Per batch `X: [N, in]` (skipped while `N < k_l`), sklearn's update as PEFT
+//!    `in`; layers sharing an input all take the group's largest `k_l`, as PEFT does, so a
+//!    `v_proj` beside a wider `q_proj` can end with a rank above its `out`). Per batch `X: [N, in]` (skipped while `N < k_l`), sklearn's update as PEFT
 //!    runs it: running mean `μ` and variance `σ²` (Chan's update, f64), then the SVD of
 //!    `X − μ` (first batch) or of `[diag(S)·Vᵀ; X − mean(X); √(n·N/(n+N))·(μ_old − mean(X))]`;
 //!    `components = Vᵀ[:k]` with each row's largest-magnitude entry positive (sklearn's

@@ -464,7 +464,9 @@ impl MethodConfig for LoraConfig {
     }
 }
 
-/// Shapes of A and B for a layer, after checking the rank fits.
+/// Shapes of A and B for a layer, after checking the rank fits. A linear layer takes any rank
+/// ≥ 1, as in PEFT: a rank above `min(in, out)` is wasteful but valid (EVA gives one to a
+/// `v_proj` that shares its PCA with a wider `q_proj`).
 fn lora_shapes(
     module: &str,
     geometry: LayerGeometry,
@@ -474,18 +476,7 @@ fn lora_shapes(
         LayerGeometry::Linear {
             in_features,
             out_features,
-        } => {
-            let max = in_features.min(out_features);
-            if r > max {
-                return Err(PeftError::layer(
-                    module,
-                    format!(
-                        "LoRA rank {r} exceeds min(in, out) = min({in_features}, {out_features}) = {max}"
-                    ),
-                ));
-            }
-            Ok((vec![r, in_features], vec![out_features, r]))
-        }
+        } => Ok((vec![r, in_features], vec![out_features, r])),
         LayerGeometry::Conv2d {
             in_channels,
             out_channels,

@@ -17,7 +17,9 @@ use candle_peft::data_init::convert;
 use candle_peft::data_init::corda::{
     self, CordaOptions, CovarianceStatistic, damped_inverse, oriented_svd, split_factors,
 };
-use candle_peft::data_init::{CalibrationBatch, CalibrationOptions, RowStatistic, text_batches};
+use candle_peft::data_init::{
+    self as calibrate, CalibrationBatch, CalibrationOptions, RowStatistic, text_batches,
+};
 use candle_peft::linalg::{self, Precision};
 use candle_peft::{AdapterConfig, BertModel, PeftBuilder, PeftLinear, PeftModel, Result};
 use rand::SeedableRng;
@@ -50,7 +52,8 @@ fn covariance_follows_the_reference_normalisation() {
     let x1 = randn(&mut rng, &[7, 5], 1.0);
     let x2 = (randn(&mut rng, &[4, 5], 1.0) - 3.0).unwrap();
     let got = covariance(&[x1.clone(), x2.clone()]);
-    // C = mean over batches of (X/|max X|)ᵀ (X/|max X|), with the signed max.
+    // Each update is one sequence: C = mean over them of (X/|max X|)ᵀ (X/|max X|), with the
+    // signed max.
     let term = |x: &Tensor| {
         let x = f64_of(x);
         let m = x
@@ -74,6 +77,103 @@ fn covariance_follows_the_reference_normalisation() {
         .unwrap() as f32;
     let diff = max_abs_diff(&got, &want);
     assert!(diff <= 1e-6 * scale, "{diff} (largest entry {scale})");
+}
+
+/// PEFT's covariance of three sequences (`scripts/fixtures/corda_covariance.py`): the inputs
+/// `[3, 6, 5]`, the sequence count and `C: [5, 5]`.
+fn peft_covariance_fixture() -> (Vec<f32>, usize, Tensor) {
+    let path = common::fixture("corda_covariance.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fixtures/corda_covariance.py)", path.display()));
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let flat = |v: &Value| -> Vec<f64> {
+        fn walk(v: &Value, out: &mut Vec<f64>) {
+            match v {
+                Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+                x => out.push(x.as_f64().unwrap()),
+            }
+        }
+        let mut out = Vec::new();
+        walk(v, &mut out);
+        out
+    };
+    let inputs: Vec<f32> = flat(&v["inputs"]).into_iter().map(|x| x as f32).collect();
+    assert_eq!(inputs.len(), 3 * 6 * 5);
+    let cov = Tensor::from_vec(flat(&v["covariance"]), (5, 5), &Device::Cpu).unwrap();
+    (inputs, v["sequences"].as_u64().unwrap() as usize, cov)
+}
+
+/// The covariance of the shared input of the toy's `a` and `c` after one calibration pass.
+fn pass_covariance(batch: CalibrationBatch) -> (Tensor, usize) {
+    let model = toy(5);
+    let (layers, _) = calibrate::target_layers(&model, &toy_config(2, CordaMethod::Ipm).targeting)
+        .unwrap();
+    let mut groups = calibrate::collect(
+        layers,
+        &[batch],
+        |b| toy_forward(model.model(), b),
+        |g, _| Ok(CovarianceStatistic::new(format!("{:?}", g.members))),
+        &CalibrationOptions { quiet: true },
+        "CorDA",
+    )
+    .unwrap();
+    let (group, stat, _) = groups.remove(0);
+    assert_eq!(group.members, vec![0, 2], "a and c share the input");
+    (stat.covariance().unwrap(), stat.sequences())
+}
+
+fn assert_close_rel(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let diff = (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    println!("{what}: max |Δ| {diff:.3e} (largest entry {scale:.3e})");
+    assert!(diff <= tol * scale, "{what}: max |Δ| {diff} vs largest entry {scale}");
+}
+
+/// A batch of three sequences gives PEFT's covariance: each sequence divided by its own |max|,
+/// the sum divided by the number of sequences. (Divided by the batch's |max| and by 1 batch, it
+/// would not: the sequences have different scales.) Padding changes nothing: padded positions
+/// take no part, neither in the products nor in the maxima.
+#[test]
+fn covariance_of_a_batch_matches_peft_per_sequence() {
+    let (inputs, sequences, want) = peft_covariance_fixture();
+    assert_eq!(sequences, 3);
+    let x = Tensor::from_vec(inputs.clone(), (3, 6, 5), &Device::Cpu).unwrap();
+    let mask = Tensor::ones((3, 6), DType::U32, &Device::Cpu).unwrap();
+    let (got, n) = pass_covariance(CalibrationBatch::new(x, mask));
+    assert_eq!(n, 3);
+    assert_close_rel(&got, &want, 1e-5, "unpadded batch vs PEFT");
+
+    // The same sequences in a batch of 8 positions: sequences 0 and 2 right-padded, sequence 1
+    // left-padded, padding holding large values that would set the maximum if they counted.
+    let mut padded = vec![50f32; 3 * 8 * 5];
+    let mut mask = vec![0u32; 3 * 8];
+    for s in 0..3 {
+        let offset = if s == 1 { 2 } else { 0 };
+        for t in 0..6 {
+            let src = (s * 6 + t) * 5;
+            let dst = (s * 8 + t + offset) * 5;
+            padded[dst..dst + 5].copy_from_slice(&inputs[src..src + 5]);
+            mask[s * 8 + t + offset] = 1;
+        }
+    }
+    let x = Tensor::from_vec(padded, (3, 8, 5), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(mask, (3, 8), &Device::Cpu).unwrap();
+    let (got, n) = pass_covariance(CalibrationBatch::new(x, mask));
+    assert_eq!(n, 3);
+    assert_close_rel(&got, &want, 1e-5, "padded batch vs PEFT");
+
+    // The normalisation by the whole batch's |max| would be another matrix.
+    let x = Tensor::from_vec(inputs, (18, 5), &Device::Cpu).unwrap();
+    let per_batch = covariance(&[x]);
+    let diff = max_abs_diff(&per_batch, &want);
+    assert!(diff > 1e-2, "per-batch normalisation is indistinguishable ({diff})");
 }
 
 #[test]

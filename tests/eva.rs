@@ -748,3 +748,101 @@ fn cli_train_eva_then_reload_and_merge() {
     let from_export = exported.logits(&refs).unwrap();
     assert!(max_abs_diff(&with_adapter, &from_export) < 1e-4);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Grouped-query attention: a member's rank can pass its `out`, as in PEFT
+
+#[test]
+fn components_are_round_r_rho_capped_by_in_only() {
+    let eva = EvaConfig {
+        rho: 1.2,
+        ..EvaConfig::default()
+    };
+    // PEFT: `max_components[name] = round(layer_rank * rho)`; no min(in, out) cap.
+    assert_eq!(eva::layer_components(&eva, 200, 576), 240);
+    assert_eq!(eva::layer_components(&eva, 5, 576), 6);
+    // A PCA over `in` features has at most `in` components.
+    assert_eq!(eva::layer_components(&eva, 200, 100), 100);
+}
+
+/// SmolLM2's `v_proj` (576 → 192) shares its input with `q_proj` (576 → 576) and `k_proj`
+/// (576 → 192). With r = 200 and ρ = 1.2 each asks round(240) components, the group computes 240,
+/// and the budget of 600 splits evenly over the three (their ratios are the same numbers), so
+/// `v_proj` gets rank 200 > 192: PEFT builds `A: [200, 576]`, `B: [192, 200]`, and so do we.
+#[test]
+fn smollm2_v_proj_takes_a_rank_above_its_out_as_in_peft() {
+    let src = candle_peft::io::source::resolve(common::smollm2_gguf().to_str().unwrap()).unwrap();
+    let mut task =
+        candle_peft::tasks::CausalLmTask::from_source(&src, 128, 3, &Device::Cpu).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let examples = task
+        .read_examples(&root.join("data/shakespeare/train.txt"), false)
+        .unwrap();
+    // One batch of 2 × 128 = 256 tokens (≥ 240 components), cycled: with the exact SVD the
+    // second fit of the same rows reproduces the components, so every component converges.
+    let batches: Vec<CalibrationBatch> = examples
+        .chunks(2)
+        .take(1)
+        .map(|chunk| {
+            let seqs: Vec<Vec<u32>> = chunk.iter().map(|e| e.ids.clone()).collect();
+            let b = candle_peft::data::pad_batch(&seqs, 0, &Device::Cpu).unwrap();
+            CalibrationBatch::new(b.input_ids, b.attention_mask)
+        })
+        .collect();
+    // Block 2: the inputs of block 0 are per-token embeddings, whose repeats leave ratios of 0.
+    let block = "model.layers.2.self_attn";
+    let modules: Vec<String> = ["q_proj", "k_proj", "v_proj"]
+        .iter()
+        .map(|m| format!("{block}.{m}"))
+        .collect();
+    let targets: Vec<&str> = modules.iter().map(String::as_str).collect();
+    let config = eva_config(&targets, 200, 1.2);
+    let probe = Tensor::new(&examples[0].ids[..16], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let before = task.model().model().forward(&probe, None).unwrap();
+
+    let report = eva::add_eva_adapter(
+        task.model_mut(),
+        "default",
+        config,
+        &batches,
+        |m, b| {
+            m.forward_hidden(&b.input_ids, Some(&b.attention_mask))
+                .map(|_| ())
+        },
+        &EvaOptions {
+            svd: Some(PcaSvd::Exact),
+            ..quiet(4)
+        },
+    )
+    .expect("EVA on a grouped-query block");
+    assert_eq!(report.state.iterations, 2);
+
+    assert_eq!(report.state.shared_inputs, vec![modules.clone()]);
+    // PEFT's rule, computed here: the three members pool the same 240 ratios (any strictly
+    // decreasing values), the 600 largest are taken, the leader keeps the most.
+    let ratios: Vec<f64> = (0..240).map(|i| 1.0 / (i + 1) as f64).collect();
+    let want = rank_distribution(&vec![ratios; 3], 600, &[0, 0, 0]);
+    assert_eq!(want, vec![200, 200, 200]);
+    let got: Vec<usize> = modules.iter().map(|m| report.state.ranks()[m]).collect();
+    assert_eq!(got, want);
+
+    let v = format!("{block}.v_proj");
+    let vars = task.model().layer(&v).unwrap().trainable_vars("default");
+    let shape = |name: &str| {
+        vars.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.dims().to_vec())
+            .unwrap()
+    };
+    assert_eq!(shape("lora_A.weight"), vec![200, 576]);
+    assert_eq!(shape("lora_B.weight"), vec![192, 200]);
+    // A = the PCA's orthonormal rows, B = 0: the model is the base model.
+    assert!(gram_error(&lora_a(task.model(), &v)) < 1e-4);
+    let after = task.model().model().forward(&probe, None).unwrap();
+    assert!(max_abs_diff(&before, &after) < 1e-4);
+    // r = 200 everywhere: no rank_pattern; α unchanged.
+    assert!(report.config.rank_pattern.is_empty(), "{:?}", report.config.rank_pattern);
+}

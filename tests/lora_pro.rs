@@ -517,6 +517,52 @@ fn hand_full_step(
     )
 }
 
+/// Full mode with weight decay against the documented rule (the reference's SGD decay, on A and
+/// B each): `A' = A·(1 − ηλ) − η·Δ_A`, `B' = B·(1 − ηλ) − η·Δ_B`, `Δ` being the λ = 0 step's. A
+/// step whose gradients are zero only decays: `s·B'·A' = (1 − ηλ)²·s·B·A`, about `2ηλ` per step.
+#[test]
+fn full_mode_weight_decay_decays_a_and_b_each() {
+    assert_eq!(LoraProConfig::default().weight_decay, 0.0, "the paper's λ");
+    let (a0, b0, g) = problem(11, 12, 9, 3);
+    let (lr, wd) = (1e-2, 0.3);
+    let cfg = LoraProConfig {
+        weight_decay: wd,
+        ..LoraProConfig::default()
+    };
+    let a = var64(&a0);
+    let b = var64(&b0);
+    let vars = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+    let mut opt = LoraPro::new(vars, vec![pair(&a, &b, S)], cfg).unwrap();
+    let f = LoraProFactors::new(&a0, &b0, S, 0.0).unwrap();
+    let (ga, gb) = f.lora_gradients(&g).unwrap();
+    let mut grads = GradStore::default();
+    grads.insert(a.as_tensor(), ga.clone());
+    grads.insert(b.as_tensor(), gb.clone());
+    opt.step(&grads, lr).unwrap();
+    let (a_step, b_step) = hand_full_step(&a0, &b0, S, &ga, &gb, lr);
+    for (what, var, theta, stepped) in [("A", &a, &a0, &a_step), ("B", &b, &b0, &b_step)] {
+        let want = (stepped - (theta * (lr * wd)).unwrap()).unwrap();
+        let decay = max_abs64(theta) * lr * wd;
+        let err = diff64(var.as_tensor(), &want);
+        println!("{what}: err {err:.2e} vs the decay term {decay:.2e}");
+        assert!(err < 1e-6 * decay, "{what}: err {err}");
+    }
+
+    // Zero gradients into fresh moments: Ĝ = 0, Δ = 0, the factors only decay.
+    let (a1, b1) = (a.as_tensor().copy().unwrap(), b.as_tensor().copy().unwrap());
+    let vars = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+    let mut opt = LoraPro::new(vars, vec![pair(&a, &b, S)], cfg).unwrap();
+    let mut zeros = GradStore::default();
+    zeros.insert(a.as_tensor(), a1.zeros_like().unwrap());
+    zeros.insert(b.as_tensor(), b1.zeros_like().unwrap());
+    opt.step(&zeros, lr).unwrap();
+    let before = (mm(&b1, &a1) * S).unwrap();
+    let after = (mm(b.as_tensor(), a.as_tensor()) * S).unwrap();
+    let factor = (1.0 - lr * wd) * (1.0 - lr * wd);
+    let err = diff64(&after, &(&before * factor).unwrap()) / max_abs64(&before);
+    assert!(err < 1e-12, "s·B·A after a zero-gradient step: rel err {err}");
+}
+
 #[test]
 fn two_layers_with_different_scaling_each_match_a_hand_computation() {
     let mut pm = tiny_model(1, 3);
@@ -1097,7 +1143,9 @@ fn cli_train(out: &Path, extra: &[&str]) -> std::process::Command {
 fn cli_trains_lora_pro_in_both_modes_and_writes_a_peft_lora_adapter() {
     let dir = tempfile::tempdir().unwrap();
     for extra in [&[][..], &["--lora-pro-mode", "efficient"][..]] {
-        let out = common::run_ok(&mut cli_train(dir.path(), extra));
+        let mut cmd = cli_train(dir.path(), extra);
+        cmd.args(["--checkpoint-every", "2"]);
+        let out = common::run_ok(&mut cmd);
         let line: serde_json::Value =
             serde_json::from_slice(out.stdout.trim_ascii()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(line["steps"], 2, "{line}");
@@ -1118,6 +1166,14 @@ fn cli_trains_lora_pro_in_both_modes_and_writes_a_peft_lora_adapter() {
             support::max_abs(b) > 0.0,
             "{extra:?}: lora_B was not trained"
         );
+        // No --weight-decay: LoRA-Pro's default is the paper's λ = 0 (AdamW's is 0.01).
+        let state = dir.path().join("run/checkpoint-2").join(OPTIMIZER_FILE);
+        let bytes = std::fs::read(&state).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = meta.metadata().clone().unwrap();
+        assert_eq!(meta["optimizer"], "LoraPro");
+        assert_eq!(meta["weight_decay"], "0", "{extra:?}");
+        std::fs::remove_dir_all(dir.path().join("run")).unwrap();
     }
     // A bad mode is refused by the argument parser (exit 2, clap's usage error).
     let out = cli_train(dir.path(), &["--lora-pro-mode", "fast"])

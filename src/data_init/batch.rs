@@ -58,6 +58,10 @@ impl CalibrationBatch {
             .filter(|&i| flags[i] != 0.0)
             .map(|i| i as u32)
             .collect();
+        let token_lengths: Vec<usize> = (0..b)
+            .map(|s| flags[s * t..(s + 1) * t].iter().filter(|&&f| f != 0.0).count())
+            .filter(|&n| n > 0)
+            .collect();
         let sequences: Vec<u32> = (0..b)
             .filter(|&s| flags[s * t..(s + 1) * t].iter().any(|&f| f != 0.0))
             .map(|s| s as u32)
@@ -70,6 +74,8 @@ impl CalibrationBatch {
             sequences: sequences.len(),
             token_index: Tensor::from_vec(tokens.clone(), tokens.len(), device)?,
             sequence_index: Tensor::from_vec(sequences.clone(), sequences.len(), device)?,
+            token_lengths,
+            sequence_lengths: vec![1; sequences.len()],
         })
     }
 }
@@ -82,18 +88,36 @@ pub(super) struct RowSelection {
     sequences: usize,
     token_index: Tensor,
     sequence_index: Tensor,
+    /// Counted tokens of each sequence that has one, in batch order.
+    token_lengths: Vec<usize>,
+    /// One row for each sequence that has a counted token (inputs of one row per sequence).
+    sequence_lengths: Vec<usize>,
 }
 
 impl RowSelection {
-    /// The counted rows of `x` as `[N, in]` f32; `None` when there are none.
-    pub(super) fn rows(&self, x: &Tensor, layer: &str) -> Result<Option<Tensor>> {
+    /// The counted rows of `x` as `[N, in]` f32, sequence after sequence, and the rows of each
+    /// sequence; `None` when there are none.
+    pub(super) fn rows(&self, x: &Tensor, layer: &str) -> Result<Option<(Tensor, &[usize])>> {
         let dims = x.dims();
-        let (flat, index, n) = match *dims {
-            [b, t, d] if b == self.batch && t == self.seq => {
-                (x.reshape((b * t, d))?, &self.token_index, self.tokens)
-            }
-            [n, _] if n == self.batch * self.seq => (x.clone(), &self.token_index, self.tokens),
-            [n, _] if n == self.batch => (x.clone(), &self.sequence_index, self.sequences),
+        let (flat, index, n, lengths) = match *dims {
+            [b, t, d] if b == self.batch && t == self.seq => (
+                x.reshape((b * t, d))?,
+                &self.token_index,
+                self.tokens,
+                &self.token_lengths,
+            ),
+            [n, _] if n == self.batch * self.seq => (
+                x.clone(),
+                &self.token_index,
+                self.tokens,
+                &self.token_lengths,
+            ),
+            [n, _] if n == self.batch => (
+                x.clone(),
+                &self.sequence_index,
+                self.sequences,
+                &self.sequence_lengths,
+            ),
             _ => {
                 return Err(PeftError::layer(
                     layer,
@@ -108,11 +132,12 @@ impl RowSelection {
         if n == 0 {
             return Ok(None);
         }
-        Ok(Some(
+        Ok(Some((
             flat.contiguous()?
                 .index_select(index, 0)?
                 .to_dtype(DType::F32)?,
-        ))
+            lengths.as_slice(),
+        )))
     }
 }
 

@@ -14,6 +14,15 @@ use crate::layer::{InputObserver, LayerHandle};
 pub trait RowStatistic: Send {
     /// Takes one batch's counted input rows, `[N, in]` f32 with `N ≥ 1`, on the model's device.
     fn update(&mut self, rows: &Tensor) -> Result<()>;
+
+    /// As [`update`](Self::update), told which rows came from which sequence: the rows are the
+    /// batch's sequences one after the other, `lengths[i]` rows for the `i`-th sequence that
+    /// has a counted token (`Σ lengths = N`; an input of one row per sequence, `[B, in]`, gives
+    /// lengths of 1). The calibrator calls this one; the default ignores the split.
+    fn update_sequences(&mut self, rows: &Tensor, lengths: &[usize]) -> Result<()> {
+        let _ = lengths;
+        self.update(rows)
+    }
 }
 
 /// Layers that see the same input: indices into [`Calibrator::layers`], in layer order.
@@ -84,7 +93,7 @@ impl<S: RowStatistic> PassState<S> {
                 let Some(selection) = &self.selection else {
                     return Ok(());
                 };
-                let Some(rows) = selection.rows(x, &self.names[i])? else {
+                let Some((rows, lengths)) = selection.rows(x, &self.names[i])? else {
                     return Ok(());
                 };
                 let n = rows.dim(0)?;
@@ -94,7 +103,7 @@ impl<S: RowStatistic> PassState<S> {
                         "calibration: the layer was not reached by the first batch's forward",
                     ));
                 };
-                stat.update(&rows)?;
+                stat.update_sequences(&rows, lengths)?;
                 self.rows_seen[i] += n;
                 self.updates[i] += 1;
                 Ok(())

@@ -15,12 +15,14 @@ use crate::layer::LayerHandle;
 use crate::linalg::{self, Precision};
 use crate::model::PeftModel;
 
-/// Covariance of one input group's rows with the reference normalisation (step 1).
+/// Covariance of one input group's rows with the reference normalisation (step 1): each
+/// sequence divided by the magnitude of its own largest entry, as PEFT's hook does with one
+/// sequence per forward.
 #[derive(Debug)]
 pub struct CovarianceStatistic {
     layer: String,
     sum: Option<Tensor>,
-    batches: usize,
+    sequences: usize,
 }
 
 impl CovarianceStatistic {
@@ -29,20 +31,22 @@ impl CovarianceStatistic {
         Self {
             layer: layer.into(),
             sum: None,
-            batches: 0,
+            sequences: 0,
         }
     }
 
-    /// Batches accumulated.
-    pub fn batches(&self) -> usize {
-        self.batches
+    /// Sequences accumulated (those with at least one counted token).
+    pub fn sequences(&self) -> usize {
+        self.sequences
     }
 
-    /// `C = Σ_batches (X/|max X|)ᵀ (X/|max X|) / batches`, `[in, in]` f64 on the CPU.
+    /// `C = Σ_sequences (X/|max X|)ᵀ (X/|max X|) / sequences`, `[in, in]` f64 on the CPU, with
+    /// `X` a sequence's counted rows.
     pub fn covariance(&self) -> Result<Tensor> {
         match &self.sum {
-            Some(sum) if self.batches > 0 => {
-                let c = (sum.to_device(&Device::Cpu)?.to_dtype(DType::F64)? / self.batches as f64)?;
+            Some(sum) if self.sequences > 0 => {
+                let c =
+                    (sum.to_device(&Device::Cpu)?.to_dtype(DType::F64)? / self.sequences as f64)?;
                 // A non-finite input entry reaches the sum, so one check at the end finds it.
                 if let Some((i, v)) = linalg::first_non_finite(&c)? {
                     let n = c.dim(0)?;
@@ -67,30 +71,53 @@ impl CovarianceStatistic {
 }
 
 impl RowStatistic for CovarianceStatistic {
+    /// `rows` as one sequence.
     fn update(&mut self, rows: &Tensor) -> Result<()> {
-        let max = rows
-            .max_keepdim(0)?
-            .max_keepdim(1)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let max = f64::from(max.first().copied().unwrap_or(0.0));
-        let scale = max.abs();
-        if !(scale.is_finite() && scale > 0.0) {
+        let n = rows.dim(0)?;
+        self.update_sequences(rows, &[n])
+    }
+
+    /// Each sequence's rows divided by `|max|` of its own entries (the signed maximum, then its
+    /// magnitude, as the reference), then `C += Σ Xᵀ X` in one product.
+    fn update_sequences(&mut self, rows: &Tensor, lengths: &[usize]) -> Result<()> {
+        let n = rows.dim(0)?;
+        if lengths.iter().sum::<usize>() != n {
             return Err(PeftError::layer(
                 &self.layer,
                 format!(
-                    "CorDA: the largest entry of a calibration batch's inputs is {max}; the \
-                     reference normalisation divides by |max(X)| and cannot use it"
+                    "CorDA: {n} calibration rows do not split into sequences of {lengths:?} rows"
                 ),
             ));
         }
-        let x = (rows / scale)?;
+        let row_max = rows.max_keepdim(1)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut scales = Vec::with_capacity(n);
+        let mut start = 0;
+        for (s, &len) in lengths.iter().enumerate() {
+            let max = row_max[start..start + len]
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, |a, b| if b > a || b.is_nan() { b } else { a });
+            let scale = max.abs();
+            if !(scale.is_finite() && scale > 0.0) {
+                return Err(PeftError::layer(
+                    &self.layer,
+                    format!(
+                        "CorDA: the largest entry of calibration sequence {s} of a batch is \
+                         {max}; the reference normalisation divides by |max(X)| and cannot use it"
+                    ),
+                ));
+            }
+            scales.extend(std::iter::repeat_n(scale, len));
+            start += len;
+        }
+        let scales = Tensor::from_vec(scales, (n, 1), rows.device())?;
+        let x = rows.broadcast_div(&scales)?;
         let xtx = x.t()?.matmul(&x)?;
         self.sum = Some(match self.sum.take() {
             Some(s) => (s + xtx)?,
             None => xtx,
         });
-        self.batches += 1;
+        self.sequences += lengths.len();
         Ok(())
     }
 }

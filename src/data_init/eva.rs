@@ -10,7 +10,7 @@ use super::batch::CalibrationBatch;
 use super::calibrator::{Calibrator, InputGroup, RowStatistic};
 use super::pass::{CalibrationOptions, progress_bar, target_layers, with_base_model};
 use crate::adapters::lora::{InitLoraWeights, LoraConfig};
-use crate::config::ModuleSelector;
+use crate::config::{EvaConfig, ModuleSelector};
 use crate::error::{PeftError, Result};
 use crate::layer::LayerHandle;
 use crate::linalg::{IncrementalPca, PcaSvd};
@@ -92,6 +92,15 @@ impl RowStatistic for EvaStatistic {
         }
         Ok(())
     }
+}
+
+/// The components EVA computes for a layer of rank `r` over `in_features` inputs, before its
+/// input group raises them to the group's largest: PEFT's `round(r·ρ)`. PEFT does not cap this
+/// by `min(in, out)`: a layer's rank can end above its `out` (`A: [r, in]`, `B: [out, r]`), as
+/// a `v_proj` sharing `q_proj`'s input under grouped-query attention does. The one cap is
+/// `in_features`, the most components a PCA over `in` features has (PEFT's PCA refuses more).
+pub fn layer_components(eva: &EvaConfig, r: usize, in_features: usize) -> usize {
+    eva.max_components(r).min(in_features)
 }
 
 /// PEFT's `_get_rank_distribution`: `ratios[l]` holds layer `l`'s explained-variance ratios
@@ -185,12 +194,8 @@ pub fn eva_state<M>(
     let mut max_components = Vec::with_capacity(linear.len());
     for layer in &linear {
         let (r, _, _) = config.resolve(&layer.name())?;
-        let g = layer.geometry();
         base_ranks.push(r);
-        max_components.push(
-            eva.max_components(r)
-                .min(g.in_features().min(g.out_features())),
-        );
+        max_components.push(layer_components(&eva, r, layer.geometry().in_features()));
     }
     let budget: usize = base_ranks.iter().sum();
     let n_batches = batches.len();

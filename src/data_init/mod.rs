@@ -11,7 +11,7 @@
 //!     model forward; at the start of each targeted layer's forward, with input x:
 //!         x [B, T, in] (or [B·T, in])  →  X = rows of x at the usable positions   [N, in] f32
 //!         x [B, in] (one row per sequence, e.g. a pooler) → rows of sequences with a usable token
-//!         statistic(leader of x).update(X)
+//!         statistic(leader of x).update_sequences(X, rows of each sequence)
 //! ```
 //!
 //! **Shared inputs.** Layers fed the same tensor (q/k/v of one attention block, gate/up of one

@@ -90,10 +90,12 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// AdamW weight decay. Trainables that start at a value of the base weight (SVFit's σ',
-    /// LoLDU's z, SALT's scale, CorDA's A and B) are never decayed.
-    #[arg(long = "weight-decay", default_value_t = 0.01)]
-    pub weight_decay: f64,
+    /// Weight decay λ [default: 0.01; 0 with --method lora-pro, as the LoRA-Pro paper's runs].
+    /// Trainables that start at a value of the base weight (SVFit's σ', LoLDU's z, SALT's scale,
+    /// CorDA's A and B) are never decayed. LoRA-Pro decays A and B each, as its reference does
+    /// (A ← A·(1 − lr·λ) − lr·Δ_A), so B·A, the weight's change, decays at about 2·lr·λ.
+    #[arg(long = "weight-decay")]
+    pub weight_decay: Option<f64>,
     /// Learning-rate schedule: constant, linear or cosine.
     #[arg(long, default_value = "linear", value_parser = parse_schedule)]
     pub schedule: Schedule,
@@ -201,11 +203,10 @@ pub fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     if !(args.lr.is_finite() && args.lr >= 0.0) {
         bail!("--lr must be a finite number ≥ 0 (got {})", args.lr);
     }
-    if !(args.weight_decay.is_finite() && args.weight_decay >= 0.0) {
-        bail!(
-            "--weight-decay must be a finite number ≥ 0 (got {})",
-            args.weight_decay
-        );
+    if let Some(wd) = args.weight_decay {
+        if !(wd.is_finite() && wd >= 0.0) {
+            bail!("--weight-decay must be a finite number ≥ 0 (got {wd})");
+        }
     }
     if let Some(r) = args.rank {
         if r == 0 {
@@ -372,16 +373,22 @@ fn fnv1a_hex(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
+/// `--weight-decay` when not given (AdamW; LoRA-Pro's is 0).
+const DEFAULT_WEIGHT_DECAY: f64 = 0.01;
+
 /// The trainer settings the flags give, for `steps` optimiser steps.
 pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
     let resume_from = resume_from(args);
     let checkpoints = args.checkpoint_every.is_some() || resume_from.is_some();
+    let lora_pro = Method::from_cli_name(&args.method).is_ok_and(|m| m.uses_lora_pro());
     TrainConfig {
         steps,
         batch_size: args.batch,
         grad_accum: args.grad_accum,
         lr: args.lr,
-        weight_decay: args.weight_decay,
+        weight_decay: args
+            .weight_decay
+            .unwrap_or(if lora_pro { 0.0 } else { DEFAULT_WEIGHT_DECAY }),
         schedule: args.schedule,
         warmup: args.warmup,
         max_grad_norm: args.max_grad_norm.0,

@@ -61,7 +61,8 @@ pub struct LoraProConfig {
     pub beta2: f64,
     /// Adam's ε in the denominator `√v̂ + ε`; default 1e-8.
     pub eps: f64,
-    /// Decoupled weight-decay coefficient λ, applied to A and B (never the frozen base).
+    /// Weight-decay coefficient λ, applied to A and B each (`θ ← θ·(1 − η·λ) − η·Δ_θ`, the
+    /// reference's SGD decay; never the frozen base). Default 0, as the paper's runs.
     pub weight_decay: f64,
     /// δ added to `BᵀB` and `AAᵀ` before their r×r inverses; default 1e-8, as the reference.
     pub damping: f64,
@@ -75,7 +76,7 @@ impl Default for LoraProConfig {
             beta1: a.beta1,
             beta2: a.beta2,
             eps: a.eps,
-            weight_decay: a.weight_decay,
+            weight_decay: 0.0,
             damping: DEFAULT_DAMPING,
         }
     }

@@ -32,10 +32,17 @@
 //! (rank_pattern / alpha_pattern / rsLoRA), never a constant; the Adam step count is the
 //! standard `t` (the reference's first step uses t = 2); both moments are f32 (f64 for f64
 //! factors); clipping acts on the raw gradients before the adjustment; A and B are paired by
-//! module, never by position. Weight decay is decoupled and acts on A and B only (the
-//! reference's full mode decays the frozen base, which would break adapter-only checkpoints).
-//! Vars outside a LoRA pair (a `modules_to_save` classifier) get plain AdamW. Vars named in the
-//! exempt set of [`LoraPro::with_no_decay`] get no weight decay, inside a pair or outside.
+//! module, never by position. Vars outside a LoRA pair (a `modules_to_save` classifier) get plain
+//! AdamW. Vars named in the exempt set of [`LoraPro::with_no_decay`] get no weight decay, inside
+//! a pair or outside.
+//!
+//! **Weight decay** `λ` acts on A and B, each on its own, as the reference's does: its LoRA-Pro
+//! step replaces the gradients of A and B by `Δ_A`, `Δ_B`, and the training script's optimiser
+//! is plain SGD with the run's weight decay, `θ ← θ − η·(Δ_θ + λ·θ)`, which is the full-mode
+//! update above. So `s·B·A` decays towards 0, i.e. the adapted weight towards the base, at about
+//! `2ηλ` per step (`(1 − ηλ)²` exactly for a step with zero gradients), where full fine-tuning's
+//! decay pulls the whole weight towards 0 at `ηλ`. The paper's and the reference's runs use
+//! `λ = 0`, which is [`LoraProConfig::default`]'s and the CLI's default for `--method lora-pro`.
 //!
 //! State file (safetensors, written atomically): the AdamW part under AdamW's keys
 //! (`<var>.exp_avg`, `<var>.exp_avg_sq`, `<var>.step`); in full mode, per pair,
