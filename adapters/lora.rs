@@ -35,7 +35,8 @@ use crate::adapter::{
 use crate::adapters::support::saved_tensor;
 pub use crate::config::EvaConfig;
 use crate::config::{
-    CommonFields, ConfigFields, InitContext, LoadContext, MethodConfig, Targeting, json_number,
+    CommonFields, ConfigFields, InitContext, LoadContext, MethodConfig, PatternMap, Targeting,
+    json_number,
     pattern_value, peft_json, to_json,
 };
 use crate::error::{PeftError, Result};
@@ -136,12 +137,12 @@ pub struct LoraConfig {
     /// How `A` and `B` start.
     #[serde(default)]
     pub init_lora_weights: InitLoraWeights,
-    /// Per-module ranks (keys matched as PEFT matches them).
+    /// Per-module ranks (keys matched as PEFT matches them: the first, in order, wins).
     #[serde(default, deserialize_with = "crate::config::whole_rank_pattern")]
-    pub rank_pattern: BTreeMap<String, usize>,
-    /// Per-module `α`.
+    pub rank_pattern: PatternMap<usize>,
+    /// Per-module `α` (matched as `rank_pattern`).
     #[serde(default, deserialize_with = "crate::config::null_as_empty")]
-    pub alpha_pattern: BTreeMap<String, f64>,
+    pub alpha_pattern: PatternMap<f64>,
     /// PEFT's `eva_config`, for adapters made by EVA.
     #[serde(default)]
     pub eva_config: Option<EvaConfig>,
@@ -222,8 +223,8 @@ impl LoraConfig {
             use_rslora: false,
             fan_in_fan_out: false,
             init_lora_weights: InitLoraWeights::Bool(true),
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
+            rank_pattern: PatternMap::new(),
+            alpha_pattern: PatternMap::new(),
             eva_config: None,
             common: CommonFields::default(),
         }

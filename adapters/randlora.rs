@@ -272,7 +272,7 @@ impl RandLoraConfig {
         let mut value = peft_json(fields, &self.targeting, &self.common)?;
         // PEFT's RandLoraConfig has no `exclude_modules`; write it only when it is used.
         if let (None, Some(obj)) = (&self.targeting.exclude_modules, value.as_object_mut()) {
-            obj.remove("exclude_modules");
+            obj.shift_remove("exclude_modules");
         }
         Ok(value)
     }

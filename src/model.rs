@@ -141,55 +141,30 @@ impl<M> PeftModel<M> {
         &self.active
     }
 
-    /// The layers `config` targets and the layers it trains whole (`modules_to_save`).
-    /// A config that targets nothing is an error listing the layers that exist.
-    fn select(&self, config: &AdapterConfig) -> Result<(Vec<LayerHandle>, Vec<LayerHandle>)> {
-        let targeting = config.targeting();
-        let mut targets = Vec::new();
-        let mut to_save = Vec::new();
-        for layer in &self.layers {
-            let name = layer.name();
-            let is_target = targeting.is_target(&name)?;
-            let is_saved = targeting.is_module_to_save(&name);
-            if is_target && is_saved {
-                return Err(PeftError::config(
-                    "modules_to_save",
-                    format!("`{name}` is both a target and a module to save"),
-                ));
-            }
-            if is_target {
-                targets.push(layer.clone());
-            } else if is_saved {
-                to_save.push(layer.clone());
-            }
+    /// The layers `config` targets and the layers it trains whole (`modules_to_save`), chosen by
+    /// [`crate::config::Targeting::select`] as PEFT chooses them; a config that targets nothing
+    /// is an error naming the field at fault. `"all-linear"` in `config` is replaced by the layer
+    /// names it selected, as PEFT keeps it.
+    fn select(&self, config: &mut AdapterConfig) -> Result<(Vec<LayerHandle>, Vec<LayerHandle>)> {
+        let names = self.layer_names();
+        let candidates: Vec<crate::config::Candidate<'_>> = self
+            .layers
+            .iter()
+            .zip(&names)
+            .map(|(l, name)| crate::config::Candidate {
+                name,
+                linear: matches!(l.geometry(), LayerGeometry::Linear { .. }),
+            })
+            .collect();
+        let task_type = config.inner().common().task_type.clone();
+        let selection = config
+            .targeting()
+            .select(&candidates, task_type.as_deref())?;
+        if let Some(resolved) = selection.resolved_targets {
+            config.targeting_mut().target_modules = Some(resolved);
         }
-        if targets.is_empty() {
-            let targets = targeting
-                .target_modules
-                .as_ref()
-                .map_or_else(|| "(none)".to_string(), |t| t.to_string());
-            return Err(PeftError::NoTargetMatch {
-                targets,
-                found: self.layer_names().join(", "),
-            });
-        }
-        if let Some(names) = &targeting.modules_to_save {
-            for wanted in names {
-                let found = to_save
-                    .iter()
-                    .any(|l| crate::config::suffix_match(&l.name(), wanted));
-                if !found {
-                    return Err(PeftError::config(
-                        "modules_to_save",
-                        format!(
-                            "`{wanted}` matches no adaptable layer; layers found: {}",
-                            self.layer_names().join(", ")
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok((targets, to_save))
+        let pick = |idx: &[usize]| idx.iter().map(|&i| self.layers[i].clone()).collect();
+        Ok((pick(&selection.targets), pick(&selection.to_save)))
     }
 
     fn check_new_name(&self, name: &str) -> Result<()> {
@@ -218,11 +193,11 @@ impl<M> PeftModel<M> {
     pub(crate) fn add_initialised_adapter(
         &mut self,
         name: &str,
-        config: AdapterConfig,
+        mut config: AdapterConfig,
     ) -> Result<()> {
         self.check_new_name(name)?;
         config.validate()?;
-        let (targets, to_save) = self.select(&config)?;
+        let (targets, to_save) = self.select(&mut config)?;
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ seed_from_name(name));
         let geometries: Vec<(String, LayerGeometry)> =
             targets.iter().map(|l| (l.name(), l.geometry())).collect();
@@ -276,8 +251,8 @@ impl<M> PeftModel<M> {
         let dir = dir.as_ref();
         self.check_new_name(name)?;
         let file = peft_format::read_adapter_dir(dir)?;
-        let config = file.config;
-        let (targets, to_save) = self.select(&config)?;
+        let mut config = file.config;
+        let (targets, to_save) = self.select(&mut config)?;
         let (shared, per_module) = peft_format::split_shared(file.tensors);
         let mut by_module = peft_format::group_by_module(per_module, config.tensor_prefixes());
         let location = dir.display().to_string();

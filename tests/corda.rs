@@ -458,8 +458,8 @@ fn convert_to_peft_lora_reproduces_the_tuned_model() {
     let lora = report.config.clone();
     assert_eq!(lora.r, 4);
     assert_eq!(lora.lora_alpha, 8.0);
-    assert_eq!(lora.rank_pattern["b"], 6);
-    assert_eq!(lora.alpha_pattern["c"], 10.0);
+    assert_eq!(lora.rank_pattern.get("b"), Some(&6));
+    assert_eq!(lora.alpha_pattern.get("c"), Some(&10.0));
     assert_eq!(report.modules, vec!["a", "b", "c"]);
     let lora_dir = tmp.path().join("lora");
     candle_peft::io::peft_format::write_adapter_dir(&lora_dir, &AdapterConfig::Lora(lora), &out)

@@ -5,7 +5,7 @@
 mod common;
 use common::bin;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{D, DType, Device, Tensor};
@@ -329,12 +329,12 @@ fn planted_subspace_is_recovered_and_ranks_follow_the_variance() {
     );
     assert_eq!(
         report.config.rank_pattern,
-        BTreeMap::from([("a".into(), 3), ("c".into(), 3)])
+        candle_peft::config::PatternMap::from([("a".into(), 3), ("c".into(), 3)])
     );
     // adjust_scaling_factors: α_l = α·r_l/r, so s = α/r = 2 everywhere.
     assert_eq!(
         report.config.alpha_pattern,
-        BTreeMap::from([("a".into(), 6.0), ("c".into(), 6.0)])
+        candle_peft::config::PatternMap::from([("a".into(), 6.0), ("c".into(), 6.0)])
     );
     for module in ["a", "c"] {
         let s = model

@@ -775,12 +775,19 @@ fn layers_to_transform_and_layers_pattern() {
             "model.blocks.1.v"
         ]
     );
-    // A layer index that does not exist selects nothing.
+    // A layer index that does not exist selects nothing: the error names layers_to_transform.
     let mut pm = tiny_model(33, 34);
     let err = pm
         .add_adapter(ADAPTER, cfg(OneOrMany::One(5), None))
         .unwrap_err();
-    assert!(matches!(err, PeftError::NoTargetMatch { .. }), "{err}");
+    match &err {
+        PeftError::InvalidConfig { field, reason } => {
+            assert_eq!(field, "layers_to_transform");
+            assert!(reason.starts_with("no layer has index 5:"), "{reason}");
+            assert!(reason.ends_with("are in layers 0, 1"), "{reason}");
+        }
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
     // The choice survives a save/load round trip through adapter_config.json.
     let dir = tempfile::tempdir().unwrap();
     let mut pm = tiny_model(33, 34);
@@ -939,8 +946,14 @@ fn rslora_scales_by_alpha_over_sqrt_r() {
 #[test]
 fn rank_pattern_and_alpha_pattern() {
     let mut c = lora_random_b(&["q", "xq", "v", "conv"], 2, 4.0);
-    c.rank_pattern = BTreeMap::from([("blocks.0.q".to_string(), 4), ("q".to_string(), 3)]);
-    c.alpha_pattern = BTreeMap::from([("v".to_string(), 10.0), ("model.conv".to_string(), 1.0)]);
+    c.rank_pattern = candle_peft::config::PatternMap::from([
+        ("blocks.0.q".to_string(), 4),
+        ("q".to_string(), 3),
+    ]);
+    c.alpha_pattern = candle_peft::config::PatternMap::from([
+        ("v".to_string(), 10.0),
+        ("model.conv".to_string(), 1.0),
+    ]);
     let mut pm = tiny_model(42, 43);
     pm.add_adapter(ADAPTER, c).unwrap();
     // (module, r, α)

@@ -5,7 +5,6 @@
 mod common;
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
@@ -567,8 +566,8 @@ fn full_mode_weight_decay_decays_a_and_b_each() {
 fn two_layers_with_different_scaling_each_match_a_hand_computation() {
     let mut pm = tiny_model(1, 3);
     let mut cfg = lora_random_b(&["q"], 2, 4.0);
-    cfg.alpha_pattern = BTreeMap::from([("blocks.1.q".to_string(), 12.0)]);
-    cfg.rank_pattern = BTreeMap::from([("extra.0.q".to_string(), 3)]);
+    cfg.alpha_pattern = candle_peft::config::PatternMap::from([("blocks.1.q".to_string(), 12.0)]);
+    cfg.rank_pattern = candle_peft::config::PatternMap::from([("extra.0.q".to_string(), 3)]);
     cfg.targeting.modules_to_save = Some(vec!["head".to_string()]);
     pm.add_adapter(DEFAULT_ADAPTER, cfg).unwrap();
     let pairs = candle_peft::optim::lora_pairs(&pm).unwrap();

@@ -14,12 +14,17 @@ use rand_chacha::ChaCha8Rng;
 use crate::adapter::{Adapter, LayerGeometry, Method};
 use crate::error::{PeftError, Result};
 
+mod diagnose;
 mod eva;
+mod pattern;
+mod selector;
 mod targeting;
 
 pub use eva::EvaConfig;
-pub(crate) use targeting::suffix_match;
-pub use targeting::{ModuleSelector, OneOrMany, Targeting, pattern_value};
+pub use pattern::{PatternMap, pattern_value};
+pub(crate) use selector::suffix_match;
+pub use selector::{ALL_LINEAR, ModuleSelector, OneOrMany};
+pub use targeting::{Candidate, OUTPUT_LAYER_NAMES, SEQ_CLS_HEAD_NAMES, Selection, Targeting};
 
 /// Prefix of every per-layer key in a PEFT adapter file (`base_model.model.<module>.lora_A.weight`).
 pub const KEY_PREFIX: &str = "base_model.model.";
@@ -59,14 +64,98 @@ pub(crate) fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<Value> {
     serde_json::to_value(v).map_err(|e| PeftError::config("adapter_config.json", e.to_string()))
 }
 
-/// Reads a method's config from `adapter_config.json` content, with serde's error as a config
-/// error. Unknown fields are ignored, as PEFT ignores them.
+/// Reads a method's config from `adapter_config.json` content. Unknown fields are ignored, as
+/// PEFT ignores them. A value of the wrong type is an error naming its key and what it should
+/// be (`lora_alpha: expected a number, got string "16"`).
 pub(crate) fn from_json<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T> {
-    T::deserialize(value).map_err(|e| PeftError::config("adapter_config.json", e.to_string()))
+    let err = match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let reason = readable(&err.inner().to_string());
+    let path = err.path().to_string();
+    if !(path.is_empty() || path == ".") {
+        return Err(PeftError::config(path, reason));
+    }
+    Err(PeftError::config(flattened_key::<T>(value), reason))
 }
 
+/// The key at fault when serde could not say (a field of a `#[serde(flatten)]` struct, such as
+/// [`Targeting`]): the targeting path when the targeting fields fail on their own, else the
+/// first top-level key whose removal changes the outcome.
+fn flattened_key<T: serde::de::DeserializeOwned>(value: &Value) -> String {
+    if let Err(e) = serde_path_to_error::deserialize::<_, Targeting>(value) {
+        let path = e.path().to_string();
+        if !(path.is_empty() || path == ".") {
+            return path;
+        }
+    }
+    let whole = "adapter_config.json".to_string();
+    let (Value::Object(map), Err(first)) = (value, T::deserialize(value).map(|_| ())) else {
+        return whole;
+    };
+    let first = first.to_string();
+    for key in map.keys() {
+        let mut without = map.clone();
+        without.shift_remove(key);
+        match T::deserialize(&Value::Object(without)) {
+            Ok(_) => return key.clone(),
+            Err(e) if e.to_string() != first => return key.clone(),
+            Err(_) => {}
+        }
+    }
+    whole
+}
+
+/// serde's `invalid type: string "16", expected f64` as `expected a number, got string "16"`.
+fn readable(message: &str) -> String {
+    let (got, expected) = match ["invalid type: ", "invalid value: "]
+        .iter()
+        .find_map(|p| message.strip_prefix(p))
+        .and_then(|rest| rest.split_once(", expected "))
+    {
+        Some(parts) => parts,
+        None => return message.to_string(),
+    };
+    let expected = match expected {
+        "f64" | "f32" => "a number",
+        "usize" | "u64" | "u32" | "u16" | "u8" => "a whole number >= 0",
+        "i64" | "i32" => "a whole number",
+        "a boolean" | "bool" => "true or false",
+        "a sequence" => "a list",
+        "a map" => "an object",
+        other => other,
+    };
+    format!("expected {expected}, got {}", got.replace('`', ""))
+}
+
+/// Sorts the keys of every JSON object in `value`, at every depth, as Python's
+/// `json.dumps(sort_keys=True)` does, except inside the objects under the keys in `keep` (at
+/// any depth), whose key order is their meaning (`rank_pattern`, `alpha_pattern`).
+pub(crate) fn sort_keys(value: &mut Value, keep: &[&str]) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = std::mem::take(map).into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            for (k, v) in &mut entries {
+                if !keep.contains(&k.as_str()) {
+                    sort_keys(v, keep);
+                }
+            }
+            map.extend(entries);
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| sort_keys(v, keep)),
+        _ => {}
+    }
+}
+
+/// The config keys whose objects keep their key order when written.
+pub(crate) const ORDERED_KEYS: &[&str] = &["rank_pattern", "alpha_pattern"];
+
 /// A config's JSON: the method's own `fields` plus the targeting fields, the common fields and
-/// `peft_version` (every key sorted, as PEFT sorts them).
+/// `peft_version`. Keys are sorted at every depth, as PEFT writes them, except the keys of
+/// `rank_pattern` / `alpha_pattern`, which keep their order: PEFT matches them in that order, and
+/// sorting would change which key wins when reading the file back.
 pub(crate) fn peft_json(
     fields: Value,
     targeting: &Targeting,
@@ -82,37 +171,37 @@ pub(crate) fn peft_json(
         }
     }
     out.insert("peft_version".into(), json!(PEFT_VERSION));
-    Ok(Value::Object(out))
+    let mut out = Value::Object(out);
+    sort_keys(&mut out, ORDERED_KEYS);
+    Ok(out)
 }
 
 /// serde's `deserialize_with` for `rank_pattern`: a map of whole numbers (PEFT may write them
-/// as floats), `null` read as empty.
-pub(crate) fn whole_rank_pattern<'de, D>(
-    d: D,
-) -> std::result::Result<BTreeMap<String, usize>, D::Error>
+/// as floats), `null` read as empty, key order kept.
+pub(crate) fn whole_rank_pattern<'de, D>(d: D) -> std::result::Result<PatternMap<usize>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
-    let raw: Option<BTreeMap<String, f64>> = Option::deserialize(d)?;
-    let mut out = BTreeMap::new();
-    for (k, v) in raw.unwrap_or_default() {
+    let raw: PatternMap<f64> = PatternMap::deserialize(d)?;
+    let mut out = PatternMap::new();
+    for (k, &v) in &raw {
         if v.fract() != 0.0 || v < 0.0 {
             return Err(serde::de::Error::custom(format!(
                 "rank_pattern.{k}: rank must be a whole number, got {v}"
             )));
         }
-        out.insert(k, v as usize);
+        out.insert(k.clone(), v as usize);
     }
     Ok(out)
 }
 
 /// serde's `deserialize_with` for maps that PEFT may write as `null` (read as empty).
-pub(crate) fn null_as_empty<'de, D, V>(d: D) -> std::result::Result<BTreeMap<String, V>, D::Error>
+pub(crate) fn null_as_empty<'de, D, V>(d: D) -> std::result::Result<PatternMap<V>, D::Error>
 where
     D: serde::Deserializer<'de>,
     V: Deserialize<'de>,
 {
-    Ok(Option::deserialize(d)?.unwrap_or_default())
+    PatternMap::deserialize(d)
 }
 
 /// What a method's init sees for one targeted layer.

@@ -1,87 +1,45 @@
-//! PEFT's target selection rules, as in `peft.tuners.tuners_utils.check_target_module_exists`:
-//! - `target_modules` as a list matches a module whose name equals an entry or ends with
-//!   `.<entry>`; as a string it is a regex that must match the whole module name.
-//! - `exclude_modules` uses the same rules and wins over `target_modules`.
-//! - `layers_to_transform` keeps modules whose layer index is listed. The index is the number in
-//!   the last `.<segment>.<digits>.` of the name, or the one after a `layers_pattern` segment.
-//! - `rank_pattern` / `alpha_pattern` keys match when `^(.*\.)?(<key>)$` matches the module name;
-//!   keys are tried in sorted order (the order PEFT writes them, since it sorts JSON keys).
+//! PEFT 0.21's target selection (`peft.tuners.tuners_utils.check_target_module_exists` and
+//! `_maybe_include_all_linear_layers`), applied to a model's adaptable layers:
+//! - `exclude_modules` wins first: as a list, a module whose name equals an entry or ends with
+//!   `.<entry>`; as a string, a regex that must match the whole name.
+//! - A module that `modules_to_save` covers (`re.match(r"(^|.*\.){m}($|\..*)", name)`) is never
+//!   a target; the modules trained whole are those whose name ends with an entry
+//!   (`name.endswith(m)`, as PEFT's `_set_trainable`).
+//! - `target_modules` as a list matches a name equal to an entry or ending with `.<entry>`; as a
+//!   string it is a regex that must match the whole name, except `"all-linear"` (any case): every
+//!   linear layer but the model's output layer (`lm_head`, see [`OUTPUT_LAYER_NAMES`]), or, for
+//!   `task_type: "SEQ_CLS"` with no output layer, but the classification head (the first of
+//!   [`SEQ_CLS_HEAD_NAMES`] the model has).
+//! - `layers_to_transform` (an int or a list) applies only when `target_modules` is a list and
+//!   the name is not itself an entry. The layer index is the number after the FIRST
+//!   `.<segment>.` followed by digits (`.*?\.[^.]*\.(\d+)\.`), or, with `layers_pattern` (a string
+//!   or a list, tried in order), the number after the first `<pattern>.` (`(?:^|.*?\.)<pattern>\.(\d+)\.`).
+//!   A name without an index is not a target.
+//! - Regexes use Python's syntax (lookaround included), as PEFT's `re` does.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
-use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use super::diagnose;
+use super::selector::{ModuleSelector, OneOrMany, PyRegex, suffix_match};
 use crate::error::{PeftError, Result};
 
-/// `target_modules` / `exclude_modules`: a list of names or suffixes, or one regex.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ModuleSelector {
-    /// Names or suffixes (`q_proj` matches `model.layers.0.self_attn.q_proj`).
-    List(Vec<String>),
-    /// One regex that must match the whole module name.
-    Regex(String),
-}
+/// The output layers `"all-linear"` leaves out: transformers' `get_output_embeddings()` module of
+/// every causal-LM architecture this crate builds (a top-level module of that name).
+pub const OUTPUT_LAYER_NAMES: &[&str] = &["lm_head"];
 
-impl ModuleSelector {
-    /// A list selector of `names`.
-    pub fn list<S: AsRef<str>>(names: &[S]) -> Self {
-        ModuleSelector::List(names.iter().map(|s| s.as_ref().to_string()).collect())
-    }
+/// The classification heads `"all-linear"` leaves out for `task_type: "SEQ_CLS"` (PEFT's
+/// `SEQ_CLS_HEAD_NAMES`, tried in this order, top-level modules). PEFT also adds them to
+/// `modules_to_save` for that task, so an entry among them that matches nothing is not an error.
+pub const SEQ_CLS_HEAD_NAMES: &[&str] = &["score", "classifier"];
 
-    /// Does `module` (a full HF module path) match?
-    pub fn matches(&self, module: &str) -> Result<bool> {
-        match self {
-            ModuleSelector::List(names) => Ok(names.iter().any(|n| suffix_match(module, n))),
-            ModuleSelector::Regex(pattern) => {
-                Ok(full_regex(pattern, "target_modules")?.is_match(module))
-            }
-        }
-    }
-}
+/// PEFT's `task_type` of sequence classification.
+const SEQ_CLS: &str = "SEQ_CLS";
 
-impl std::fmt::Display for ModuleSelector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ModuleSelector::List(names) => write!(f, "{names:?}"),
-            ModuleSelector::Regex(p) => write!(f, "regex {p:?}"),
-        }
-    }
-}
-
-/// `name == key` or `name` ends with `.key`.
-pub(crate) fn suffix_match(name: &str, key: &str) -> bool {
-    name == key
-        || (name.len() > key.len()
-            && name.ends_with(key)
-            && name.as_bytes()[name.len() - key.len() - 1] == b'.')
-}
-
-fn full_regex(pattern: &str, field: &str) -> Result<Regex> {
-    Regex::new(&format!("^(?:{pattern})$"))
-        .map_err(|e| PeftError::config(field, format!("invalid regex {pattern:?}: {e}")))
-}
-
-/// An int or a list of ints, as PEFT accepts for `layers_to_transform`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany<T> {
-    /// A single value.
-    One(T),
-    /// A list.
-    Many(Vec<T>),
-}
-
-impl<T: Clone> OneOrMany<T> {
-    /// The values as a list.
-    pub fn to_vec(&self) -> Vec<T> {
-        match self {
-            OneOrMany::One(v) => vec![v.clone()],
-            OneOrMany::Many(v) => v.clone(),
-        }
-    }
-}
+/// PEFT condenses a `target_modules` list of at least this many names to suffixes
+/// (`MIN_TARGET_MODULES_FOR_OPTIMIZATION`).
+const MIN_TARGETS_TO_CONDENSE: usize = 20;
 
 /// The target-selection fields every method's config carries (PEFT names).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -95,12 +53,60 @@ pub struct Targeting {
     /// Layer indices to adapt (all when absent).
     #[serde(default)]
     pub layers_to_transform: Option<OneOrMany<usize>>,
-    /// The name segment(s) before the layer index (`layers`, `h`).
+    /// The name segment(s) before the layer index (`layers`, `h`); regexes, as in PEFT.
     #[serde(default)]
     pub layers_pattern: Option<OneOrMany<String>>,
     /// Modules whose full weights are trained and saved.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+}
+
+/// A module [`Targeting::select`] may pick: its path and whether it is a linear layer (the
+/// layers `"all-linear"` means).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate<'a> {
+    /// The module path (`model.layers.0.self_attn.q_proj`).
+    pub name: &'a str,
+    /// A linear layer (not a convolution).
+    pub linear: bool,
+}
+
+/// What a config selects from a model's candidate modules (indices into the candidates, in
+/// their order).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Selection {
+    /// The modules adapted.
+    pub targets: Vec<usize>,
+    /// The modules trained whole (`modules_to_save`).
+    pub to_save: Vec<usize>,
+    /// `target_modules` as PEFT keeps it after adding the adapter, when that differs from the
+    /// config's: `"all-linear"` resolved to the layer names it selected (sorted; condensed to
+    /// suffixes, as PEFT condenses lists of 20 or more).
+    pub resolved_targets: Option<ModuleSelector>,
+}
+
+/// Why a candidate is not a target.
+#[derive(Clone, Copy, PartialEq)]
+enum Verdict {
+    Target,
+    NoMatch,
+    /// Matched by `target_modules` but not in `layers_to_transform`.
+    OtherLayer,
+    /// Removed by `exclude_modules`.
+    Excluded,
+    /// Removed because `modules_to_save` covers it.
+    Saved,
+}
+
+/// The compiled regexes of one targeting.
+struct Rules<'t> {
+    targets: &'t ModuleSelector,
+    target_re: Option<PyRegex>,
+    exclude: Option<&'t ModuleSelector>,
+    exclude_re: Option<PyRegex>,
+    saved_re: Vec<PyRegex>,
+    layers: Option<Vec<usize>>,
+    layer_res: Vec<PyRegex>,
 }
 
 impl Targeting {
@@ -112,104 +118,388 @@ impl Targeting {
         }
     }
 
-    /// Checks the fields that can be wrong on their own.
+    /// `layers_pattern` as a list (empty when unset, `""` or `[]`: any segment).
+    fn layer_patterns(&self) -> Vec<String> {
+        let patterns = self
+            .layers_pattern
+            .as_ref()
+            .map_or_else(Vec::new, |p| p.to_vec());
+        patterns.into_iter().filter(|p| !p.is_empty()).collect()
+    }
+
+    /// Checks the fields that can be wrong on their own (PEFT's `LoraConfig.__post_init__`).
     pub fn validate(&self) -> Result<()> {
         match &self.target_modules {
             None => {
                 return Err(PeftError::config(
                     "target_modules",
-                    "must be set (a list of module names or a regex)",
+                    "must be set (a list of module names, a regex, or \"all-linear\")",
                 ));
             }
             Some(ModuleSelector::List(l)) if l.is_empty() => {
                 return Err(PeftError::config("target_modules", "is an empty list"));
             }
-            Some(ModuleSelector::Regex(p)) => {
-                full_regex(p, "target_modules")?;
+            Some(sel @ ModuleSelector::Regex(p)) => {
+                if !sel.is_all_linear() {
+                    PyRegex::full(p, "target_modules")?;
+                }
                 if self.layers_to_transform.is_some() {
                     return Err(PeftError::config(
                         "layers_to_transform",
-                        "only works when target_modules is a list, not a regex",
+                        "cannot be used when target_modules is a string (a regex or \"all-linear\"); \
+                         give target_modules as a list",
+                    ));
+                }
+                if self.layers_pattern.is_some() {
+                    return Err(PeftError::config(
+                        "layers_pattern",
+                        "cannot be used when target_modules is a string (a regex or \"all-linear\"); \
+                         give target_modules as a list",
                     ));
                 }
             }
             Some(ModuleSelector::List(_)) => {}
         }
         if let Some(ModuleSelector::Regex(p)) = &self.exclude_modules {
-            full_regex(p, "exclude_modules")?;
+            PyRegex::full(p, "exclude_modules")?;
         }
-        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
+        if !self.layer_patterns().is_empty() && self.layers_to_transform.is_none() {
             return Err(PeftError::config(
                 "layers_pattern",
                 "requires layers_to_transform",
             ));
         }
+        self.rules()?;
         Ok(())
     }
 
-    /// Is `module` a target? (Not counting `modules_to_save`.)
-    pub fn is_target(&self, module: &str) -> Result<bool> {
+    fn rules(&self) -> Result<Rules<'_>> {
         let Some(targets) = &self.target_modules else {
-            return Ok(false);
+            return Err(PeftError::config("target_modules", "must be set"));
         };
-        if let Some(exclude) = &self.exclude_modules {
-            if exclude.matches(module)? {
-                return Ok(false);
+        let target_re = match targets {
+            ModuleSelector::Regex(p) if !targets.is_all_linear() => {
+                Some(PyRegex::full(p, "target_modules")?)
+            }
+            _ => None,
+        };
+        let exclude = self.exclude_modules.as_ref().filter(|e| match e {
+            ModuleSelector::List(l) => !l.is_empty(),
+            ModuleSelector::Regex(p) => !p.is_empty(),
+        });
+        let exclude_re = match exclude {
+            Some(ModuleSelector::Regex(p)) => Some(PyRegex::full(p, "exclude_modules")?),
+            _ => None,
+        };
+        let saved_re = self
+            .modules_to_save
+            .iter()
+            .flatten()
+            .map(|m| PyRegex::new(&format!(r"^(?:(^|.*\.){m}($|\..*))"), "modules_to_save"))
+            .collect::<Result<_>>()?;
+        let layers = self
+            .layers_to_transform
+            .as_ref()
+            .map(|l| l.to_vec())
+            .filter(|l| {
+                !l.is_empty() || matches!(self.layers_to_transform, Some(OneOrMany::One(_)))
+            });
+        let patterns = self.layer_patterns();
+        let layer_res = if patterns.is_empty() {
+            vec![PyRegex::new(
+                r"^.*?\.[^.]*\.(?P<idx>\d+)\.",
+                "layers_pattern",
+            )?]
+        } else {
+            patterns
+                .iter()
+                .map(|p| {
+                    PyRegex::new(
+                        &format!(r"^(?:(?:^|.*?\.){p}\.(?P<idx>\d+)\.)"),
+                        "layers_pattern",
+                    )
+                })
+                .collect::<Result<_>>()?
+        };
+        Ok(Rules {
+            targets,
+            target_re,
+            exclude,
+            exclude_re,
+            saved_re,
+            layers,
+            layer_res,
+        })
+    }
+
+    /// The layer index PEFT reads from `module` (with `layers_pattern`, when set).
+    fn layer_index(rules: &Rules<'_>, module: &str) -> Result<Option<usize>> {
+        for re in &rules.layer_res {
+            if let Some(idx) = re.named_group(module, "idx", "layers_pattern")? {
+                return Ok(idx.parse().ok());
             }
         }
-        if !targets.matches(module)? {
-            return Ok(false);
-        }
-        if let Some(layers) = &self.layers_to_transform {
-            let layers = layers.to_vec();
-            return Ok(match layer_index(module, self.layers_pattern.as_ref())? {
-                Some(i) => layers.contains(&i),
+        Ok(None)
+    }
+
+    /// PEFT's `check_target_module_exists` for one module, `targets` standing in for
+    /// `target_modules` (the resolved list under `"all-linear"`). The exclusions are checked
+    /// last here (PEFT checks them first; the selection is the same), so that a module they
+    /// remove is one `target_modules` would have adapted.
+    fn verdict(
+        &self,
+        rules: &Rules<'_>,
+        targets: &ModuleSelector,
+        module: &str,
+    ) -> Result<Verdict> {
+        let matched = match targets {
+            ModuleSelector::Regex(_) => match &rules.target_re {
+                Some(re) => re.is_match(module, "target_modules")?,
                 None => false,
-            });
+            },
+            ModuleSelector::List(names) => {
+                if names.iter().any(|n| n == module) {
+                    true
+                } else if !names.iter().any(|n| suffix_match(module, n)) {
+                    false
+                } else if let Some(layers) = &rules.layers {
+                    match Self::layer_index(rules, module)? {
+                        Some(i) if layers.contains(&i) => true,
+                        _ => return Ok(Verdict::OtherLayer),
+                    }
+                } else {
+                    true
+                }
+            }
+        };
+        if !matched {
+            return Ok(Verdict::NoMatch);
         }
-        Ok(true)
+        if let Some(exclude) = rules.exclude {
+            let hit = match &rules.exclude_re {
+                Some(re) => re.is_match(module, "exclude_modules")?,
+                None => exclude.matches(module)?,
+            };
+            if hit {
+                return Ok(Verdict::Excluded);
+            }
+        }
+        for re in &rules.saved_re {
+            if re.is_match(module, "modules_to_save")? {
+                return Ok(Verdict::Saved);
+            }
+        }
+        Ok(Verdict::Target)
     }
 
-    /// Is `module` one whose full weights are trained and saved (`modules_to_save`)?
+    /// Is `module` a target? (`"all-linear"` counts every module as a linear layer that is not
+    /// an output layer; [`Targeting::select`] knows the model's layers.)
+    pub fn is_target(&self, module: &str) -> Result<bool> {
+        let rules = self.rules()?;
+        let candidate = [Candidate {
+            name: module,
+            linear: true,
+        }];
+        let targets = self.effective_targets(&rules, &candidate, None);
+        Ok(self.verdict(&rules, &targets, module)? == Verdict::Target)
+    }
+
+    /// Is `module` one whose full weights are trained and saved (`modules_to_save`: the name
+    /// ends with an entry, as PEFT's `_set_trainable` tests)?
     pub fn is_module_to_save(&self, module: &str) -> bool {
-        self.modules_to_save
-            .as_ref()
-            .is_some_and(|m| m.iter().any(|k| suffix_match(module, k)))
+        self.modules_to_save.as_ref().is_some_and(|m| {
+            m.iter()
+                .any(|k| !k.is_empty() && module.ends_with(k.as_str()))
+        })
     }
-}
 
-/// The layer index PEFT reads from a module name, if any.
-fn layer_index(module: &str, layers_pattern: Option<&OneOrMany<String>>) -> Result<Option<usize>> {
-    let patterns = match layers_pattern {
-        None => vec![r".*\.[^.]*\.(\d+)\.".to_string()],
-        Some(p) => p
-            .to_vec()
+    /// `target_modules`, with `"all-linear"` resolved against `candidates`.
+    fn effective_targets(
+        &self,
+        rules: &Rules<'_>,
+        candidates: &[Candidate<'_>],
+        task_type: Option<&str>,
+    ) -> ModuleSelector {
+        if !rules.targets.is_all_linear() {
+            return rules.targets.clone();
+        }
+        let has = |n: &str| candidates.iter().any(|c| c.name == n);
+        let mut left_out: Vec<&str> = OUTPUT_LAYER_NAMES
             .iter()
-            .map(|p| format!(r".*\.{p}\.(\d+)\."))
-            .collect(),
-    };
-    for p in patterns {
-        let re = Regex::new(&format!("^(?:{p})"))
-            .map_err(|e| PeftError::config("layers_pattern", e.to_string()))?;
-        if let Some(c) = re.captures(module) {
-            return Ok(c.get(1).and_then(|m| m.as_str().parse().ok()));
+            .copied()
+            .filter(|n| has(n))
+            .collect();
+        if left_out.is_empty() && task_type == Some(SEQ_CLS) {
+            left_out.extend(SEQ_CLS_HEAD_NAMES.iter().copied().find(|n| has(n)));
         }
+        let names: BTreeSet<String> = candidates
+            .iter()
+            .filter(|c| c.linear && !left_out.contains(&c.name))
+            .map(|c| c.name.to_string())
+            .collect();
+        ModuleSelector::List(names.into_iter().collect())
     }
-    Ok(None)
+
+    /// The modules of `candidates` this config adapts and those it trains whole, as PEFT selects
+    /// them (see the module docs). `task_type` is the config's (PEFT's `"SEQ_CLS"` changes what
+    /// `"all-linear"` leaves out). Selecting no module is an error that names the field at fault:
+    /// `target_modules` (listing the model's distinct module names and the closest one to a
+    /// mistyped entry), `layers_to_transform` / `layers_pattern`, or `exclude_modules` /
+    /// `modules_to_save` when they removed every match. So is a `modules_to_save` entry that
+    /// matches no candidate.
+    pub fn select(
+        &self,
+        candidates: &[Candidate<'_>],
+        task_type: Option<&str>,
+    ) -> Result<Selection> {
+        let rules = self.rules()?;
+        let targets = self.effective_targets(&rules, candidates, task_type);
+        let mut verdicts = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            verdicts.push(self.verdict(&rules, &targets, c.name)?);
+        }
+        let mut sel = Selection::default();
+        for (i, (c, v)) in candidates.iter().zip(&verdicts).enumerate() {
+            let saved = self.is_module_to_save(c.name);
+            if *v == Verdict::Target {
+                if saved {
+                    return Err(PeftError::config(
+                        "modules_to_save",
+                        format!("`{}` is both a target and a module to save", c.name),
+                    ));
+                }
+                sel.targets.push(i);
+            } else if saved {
+                sel.to_save.push(i);
+            }
+        }
+        if sel.targets.is_empty() {
+            return Err(self.no_target(&rules, candidates, &verdicts)?);
+        }
+        self.check_modules_to_save(candidates, &sel, task_type)?;
+        if rules.targets.is_all_linear() {
+            let names: Vec<&str> = candidates.iter().map(|c| c.name).collect();
+            if let ModuleSelector::List(list) = &targets {
+                sel.resolved_targets = Some(ModuleSelector::List(condense(list, &names)));
+            }
+        }
+        Ok(sel)
+    }
+
+    /// The error for a selection that came out empty.
+    fn no_target(
+        &self,
+        rules: &Rules<'_>,
+        candidates: &[Candidate<'_>],
+        verdicts: &[Verdict],
+    ) -> Result<PeftError> {
+        let pick = |want: Verdict| -> Vec<&str> {
+            candidates
+                .iter()
+                .zip(verdicts)
+                .filter(|(_, v)| **v == want)
+                .map(|(c, _)| c.name)
+                .collect()
+        };
+        let mut other_layer = Vec::new();
+        for name in pick(Verdict::OtherLayer) {
+            other_layer.push((name, Self::layer_index(rules, name)?));
+        }
+        let entries = match rules.targets {
+            ModuleSelector::List(l) => l.iter().map(String::as_str).collect(),
+            ModuleSelector::Regex(_) => Vec::new(),
+        };
+        let patterns = self.layer_patterns();
+        Ok(diagnose::no_target(diagnose::NoTarget {
+            targets: rules.targets.to_string(),
+            entries,
+            names: candidates.iter().map(|c| c.name).collect(),
+            other_layer,
+            excluded: pick(Verdict::Excluded),
+            saved: pick(Verdict::Saved),
+            layers: rules.layers.clone().unwrap_or_default(),
+            layers_pattern: (!patterns.is_empty()).then(|| format!("layers_pattern {patterns:?}")),
+        }))
+    }
+
+    /// Every `modules_to_save` entry must name a candidate (PEFT's own `classifier` / `score`
+    /// additions for `SEQ_CLS` excepted).
+    fn check_modules_to_save(
+        &self,
+        candidates: &[Candidate<'_>],
+        sel: &Selection,
+        task_type: Option<&str>,
+    ) -> Result<()> {
+        for wanted in self.modules_to_save.iter().flatten() {
+            let found = sel
+                .to_save
+                .iter()
+                .any(|&i| !wanted.is_empty() && candidates[i].name.ends_with(wanted.as_str()));
+            let peft_default =
+                task_type == Some(SEQ_CLS) && SEQ_CLS_HEAD_NAMES.contains(&wanted.as_str());
+            if !found && !peft_default {
+                let names: Vec<&str> = candidates.iter().map(|c| c.name).collect();
+                return Err(PeftError::config(
+                    "modules_to_save",
+                    format!(
+                        "`{wanted}` matches no adaptable layer; {}",
+                        diagnose::describe_layers(&names, &[wanted.as_str()])
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
-/// PEFT's `get_pattern_key`: the value of the first pattern matching `module`, if any.
-pub fn pattern_value<V: Copy>(
-    patterns: &BTreeMap<String, V>,
-    module: &str,
-    field: &str,
-) -> Result<Option<V>> {
-    for (key, value) in patterns {
-        let re = Regex::new(&format!(r"^(.*\.)?({key})$"))
-            .map_err(|e| PeftError::config(field, format!("invalid pattern {key:?}: {e}")))?;
-        if re.is_match(module) {
-            return Ok(Some(*value));
+/// PEFT's `_find_minimal_target_modules`, used when a `target_modules` list has at least 20
+/// names: the fewest suffixes that select exactly `targets` among `modules`. The other modules
+/// are the non-targets of `modules` and every path prefix of a module (the containers a
+/// transformers model has); `targets` comes back sorted when it stays as it is.
+fn condense(targets: &[String], modules: &[&str]) -> Vec<String> {
+    let mut sorted: Vec<String> = targets.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    if sorted.len() < MIN_TARGETS_TO_CONDENSE || sorted.iter().any(|t| t.is_empty()) {
+        return sorted;
+    }
+    let suffixes = |s: &str| -> Vec<String> {
+        let parts: Vec<&str> = s.split('.').collect();
+        (0..parts.len())
+            .rev()
+            .map(|i| parts[i..].join("."))
+            .collect()
+    };
+    let is_target = |n: &str| {
+        sorted.iter().any(|t| t == n) || sorted.iter().any(|t| n.ends_with(&format!(".{t}")))
+    };
+    let mut others: BTreeSet<String> = BTreeSet::from([String::new()]);
+    for m in modules {
+        let parts: Vec<&str> = m.split('.').collect();
+        for k in 1..parts.len() {
+            others.extend(suffixes(&parts[..k].join(".")));
+        }
+        if !is_target(m) {
+            others.extend(suffixes(m));
         }
     }
-    Ok(None)
+    let mut items: Vec<(Vec<String>, &String)> = sorted.iter().map(|t| (suffixes(t), t)).collect();
+    items.sort();
+    let mut required: BTreeSet<String> = BTreeSet::new();
+    for (sfx, item) in items {
+        for s in sfx {
+            if required.contains(&s) || others.contains(&s) {
+                continue;
+            }
+            if !required.iter().any(|r| item.ends_with(&format!(".{r}"))) {
+                required.insert(s);
+                break;
+            }
+        }
+    }
+    if required.is_empty() {
+        sorted
+    } else {
+        required.into_iter().collect()
+    }
 }

@@ -453,8 +453,8 @@ pub fn eva_lora_config(config: &LoraConfig, state: &EvaState) -> Result<LoraConf
         ));
     }
     out.targeting.target_modules = Some(ModuleSelector::List(targets));
-    out.rank_pattern = rank_pattern;
-    out.alpha_pattern = alpha_pattern;
+    out.rank_pattern = rank_pattern.into_iter().collect();
+    out.alpha_pattern = alpha_pattern.into_iter().collect();
     out.init_lora_weights = InitLoraWeights::Named("eva".into());
     out.eva_config = Some(eva);
     Ok(out)

@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use super::batch::CalibrationBatch;
 use super::calibrator::{Calibrator, InputGroup, RowStatistic};
 use crate::adapter::LayerGeometry;
-use crate::config::Targeting;
+use crate::config::{Candidate, Targeting};
 use crate::error::{PeftError, Result};
 use crate::layer::LayerHandle;
 use crate::model::PeftModel;
@@ -61,30 +61,29 @@ pub fn progress_bar(total: Option<u64>, quiet: bool, what: &str) -> ProgressBar 
 }
 
 /// The linear layers of `model` that `targeting` selects, and separately the targeted layers of
-/// any other kind. No linear target at all is an error listing the model's layers.
+/// any other kind, chosen by [`Targeting::select`]; selecting nothing is its error.
 pub fn target_layers<M>(
     model: &PeftModel<M>,
     targeting: &Targeting,
 ) -> Result<(Vec<LayerHandle>, Vec<LayerHandle>)> {
+    let names = model.layer_names();
+    let candidates: Vec<Candidate<'_>> = model
+        .layers()
+        .iter()
+        .zip(&names)
+        .map(|(l, name)| Candidate {
+            name,
+            linear: matches!(l.geometry(), LayerGeometry::Linear { .. }),
+        })
+        .collect();
     let mut linear = Vec::new();
     let mut other = Vec::new();
-    for layer in model.layers() {
-        if !targeting.is_target(&layer.name())? {
-            continue;
-        }
+    for i in targeting.select(&candidates, None)?.targets {
+        let layer = &model.layers()[i];
         match layer.geometry() {
             LayerGeometry::Linear { .. } => linear.push(layer.clone()),
             LayerGeometry::Conv2d { .. } => other.push(layer.clone()),
         }
-    }
-    if linear.is_empty() && other.is_empty() {
-        return Err(PeftError::NoTargetMatch {
-            targets: targeting
-                .target_modules
-                .as_ref()
-                .map_or_else(|| "(none)".to_string(), |t| t.to_string()),
-            found: model.layer_names().join(", "),
-        });
     }
     Ok((linear, other))
 }

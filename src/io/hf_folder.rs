@@ -372,9 +372,12 @@ pub(crate) fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Writes `value` as pretty-printed JSON with a trailing newline, atomically.
+/// Writes `value` as pretty-printed JSON with a trailing newline, atomically. Keys are sorted
+/// at every depth, as transformers writes `config.json` (`sort_keys=True`).
 pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)
+    let mut value = value.clone();
+    crate::config::sort_keys(&mut value, &[]);
+    let text = serde_json::to_string_pretty(&value)
         .map_err(|e| PeftError::config(path.display().to_string(), e.to_string()))?;
     write_atomic(path, format!("{text}\n").as_bytes())
 }
