@@ -667,18 +667,11 @@ impl Adapter for RandLoraAdapter {
     }
 
     fn dropout_rng(&self) -> Option<ChaCha8Rng> {
-        let rng = self
-            .dropout_rng
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        Some(rng.clone())
+        Some(self.dropout.rng_state())
     }
 
     fn set_dropout_rng(&self, rng: ChaCha8Rng) {
-        *self
-            .dropout_rng
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = rng;
+        self.dropout.set_rng_state(rng);
     }
 
     fn forward_delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {

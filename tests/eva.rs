@@ -771,9 +771,14 @@ fn components_are_round_r_rho_capped_by_in_only() {
 /// `v_proj` gets rank 200 > 192: PEFT builds `A: [200, 576]`, `B: [192, 200]`, and so do we.
 #[test]
 fn smollm2_v_proj_takes_a_rank_above_its_out_as_in_peft() {
-    let src = candle_peft::io::source::resolve(common::smollm2_gguf().to_str().unwrap()).unwrap();
+    let opts = candle_peft::tasks::TaskOptions {
+        seq_len: 128,
+        seed: 3,
+        ..Default::default()
+    };
     let mut task =
-        candle_peft::tasks::CausalLmTask::from_source(&src, 128, 3, &Device::Cpu).unwrap();
+        candle_peft::tasks::CausalLmTask::from_pretrained(common::smollm2_gguf().to_str().unwrap(), opts)
+            .unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let examples = task
         .read_examples(&root.join("data/shakespeare/train.txt"), false)

@@ -72,6 +72,22 @@ impl Dropout {
         }
     }
 
+    /// The mask stream's state, for a checkpoint (resume is then bit-exact).
+    pub fn rng_state(&self) -> ChaCha8Rng {
+        self.rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Puts back a mask stream's state saved by [`Self::rng_state`].
+    pub fn set_rng_state(&self, rng: ChaCha8Rng) {
+        *self
+            .rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = rng;
+    }
+
     /// The probability `p`.
     pub fn p(&self) -> f32 {
         self.p

@@ -175,7 +175,7 @@ impl ClassifyTask {
         if labels.is_empty() {
             return Err(PeftError::config("labels", "no label names"));
         }
-        require_bert_folder(source)?;
+        require_bert_folder(&source)?;
         let tokenizer_path = source
             .tokenizer
             .clone()
