@@ -2,7 +2,8 @@
 //! Models", arXiv:2106.09685), with Hugging Face PEFT's semantics.
 //!
 //! Shapes, for a base weight `W: [out, in]` (linear) or `[out, in/g, kh, kw]` (conv2d, g groups):
-//! - linear: `A: [r, in]`, `B: [out, r]`;
+//! - linear: `A: [r, in]`, `B: [out, r]`, any `r ≥ 1` (`r > min(in, out)` too, as in PEFT; the
+//!   update's rank is then still at most `min(in, out)`);
 //! - conv2d: `A: [r, in, kh, kw]` (a conv with the base's kernel, stride, padding and dilation,
 //!   no bias), `B: [out, r/g, 1, 1]` (a 1×1 conv with the base's groups).
 //!
@@ -464,7 +465,9 @@ impl MethodConfig for LoraConfig {
     }
 }
 
-/// Shapes of A and B for a layer, after checking the rank fits.
+/// Shapes of A and B for a layer, after checking the rank fits a conv's groups. Any rank fits a
+/// linear layer, `r > min(in, out)` included (as in PEFT: the update's rank is still at most
+/// `min(in, out)`).
 fn lora_shapes(
     module: &str,
     geometry: LayerGeometry,
@@ -474,18 +477,7 @@ fn lora_shapes(
         LayerGeometry::Linear {
             in_features,
             out_features,
-        } => {
-            let max = in_features.min(out_features);
-            if r > max {
-                return Err(PeftError::layer(
-                    module,
-                    format!(
-                        "LoRA rank {r} exceeds min(in, out) = min({in_features}, {out_features}) = {max}"
-                    ),
-                ));
-            }
-            Ok((vec![r, in_features], vec![out_features, r]))
-        }
+        } => Ok((vec![r, in_features], vec![out_features, r])),
         LayerGeometry::Conv2d {
             in_channels,
             out_channels,
