@@ -207,6 +207,23 @@ pub(crate) fn relu_zero_grad(x: &Tensor) -> Result<Tensor> {
     Ok(x.mul(&mask)?)
 }
 
+/// `‖v‖₂` over all entries with gradient `v / ‖v‖` (0 at `v = 0`): the norm's value times a
+/// detached unit direction, since candle's `sqrt` backward is infinite at 0.
+pub(crate) fn safe_norm(v: &Tensor) -> Result<Tensor> {
+    let norm = v
+        .detach()
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if norm == 0.0 {
+        return Ok(v.sum_all()?.affine(0.0, 0.0)?);
+    }
+    let direction = (v.detach() / norm)?;
+    Ok(v.mul(&direction)?.sum_all()?)
+}
+
 /// `--opt svd_dtype=float32|float64`, shared by the SVD-based methods.
 pub(crate) const SVD_DTYPE: OptionSpec = option(
     "svd_dtype",

@@ -2,7 +2,8 @@
 //! Models", arXiv:2106.09685), with Hugging Face PEFT's semantics.
 //!
 //! Shapes, for a base weight `W: [out, in]` (linear) or `[out, in/g, kh, kw]` (conv2d, g groups):
-//! - linear: `A: [r, in]`, `B: [out, r]`;
+//! - linear: `A: [r, in]`, `B: [out, r]`, any `r ≥ 1` (`r > min(in, out)` too, as in PEFT; the
+//!   update's rank is then still at most `min(in, out)`);
 //! - conv2d: `A: [r, in, kh, kw]` (a conv with the base's kernel, stride, padding and dilation,
 //!   no bias), `B: [out, r/g, 1, 1]` (a 1×1 conv with the base's groups).
 //!
@@ -465,9 +466,9 @@ impl MethodConfig for LoraConfig {
     }
 }
 
-/// Shapes of A and B for a layer, after checking the rank fits. A linear layer takes any rank
-/// ≥ 1, as in PEFT: a rank above `min(in, out)` is wasteful but valid (EVA gives one to a
-/// `v_proj` that shares its PCA with a wider `q_proj`).
+/// Shapes of A and B for a layer, after checking the rank fits a conv's groups. Any rank fits a
+/// linear layer, `r > min(in, out)` included (as in PEFT: the update's rank is still at most
+/// `min(in, out)`).
 fn lora_shapes(
     module: &str,
     geometry: LayerGeometry,

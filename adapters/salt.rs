@@ -9,8 +9,8 @@
 //!   size `k − r_t`). `r_t` is given, or `max(1, ⌊k · ratio_salt⌋)` (ratio 0.1).
 //! - trainable: scale `α: [r_t]` (ones), shift `β: [r_t]` (zeros), `X: [k − r_t, r_lora]`
 //!   (`U(±√(6/r_lora))`, Kaiming-uniform for ReLU), `Y: [r_lora, k − r_t]` (zeros). `r_lora` is
-//!   clamped to `k − r_t` (with a warning): a larger `X Y` is no more expressive than the full
-//!   `(k − r_t)²` block and costs more parameters. Trainable count `2 r_t + 2 (k − r_t) r_lora`.
+//!   used as given, above `k − r_t` too, as in the reference. Trainable count
+//!   `2 r_t + 2 (k − r_t) r_lora`.
 //! - the reference's effective weight is `U ReLU(S_new) Vᵀ` with
 //!   `S_new = blockdiag(diag(α ⊙ σ_t + β), diag(σ_s) + X Y)`, the ReLU on every entry (so off-
 //!   diagonal entries of `X Y` are clipped too). Relative to the pristine W:
@@ -35,6 +35,21 @@
 //!   `α ⊙ σ_t`, i.e. removes the top singular values from the pretrained layer even with a zero
 //!   gradient. `β`, `X` and `Y` decay as usual: `β = 0` and `X Y = 0` are the pristine layer
 //!   (at `α = 1`), so decay pulls them towards the base, like LoRA's factors.
+//!
+//! Differences from the reference (`SALTLinear` of the SAM2 variant, and its training script):
+//! - `ΔW` is relative to the pristine `W` (above); the reference replaces `W` by
+//!   `U ReLU(S_new) Vᵀ`, which carries the SVD's reconstruction error.
+//! - `α` is exempt from weight decay; the reference's AdamW (weight decay 0.01 in its config)
+//!   decays every parameter, `α` included.
+//! - `reg_weight` defaults to 0, as the reference's config (`reg_multiplier: 0`, which its main
+//!   script passes over its training function's own default of 0.01).
+//! - conv2d follows the linear recipe (`r_t` from `ratio_salt`, `Y = 0`); the reference's
+//!   `SALTConv2d` takes a fixed rank and draws `X`, `Y ~ N(0, 0.01²)`, so it is not the identity
+//!   at init.
+//! - the SVD runs in f64 by default (the reference: f32) with canonical signs (the reference:
+//!   torch's); `X` comes from a seeded ChaCha RNG, not torch's.
+//! - the CLI's default `r_lora` is 8, `SALTLinear`'s default; the reference's SAM2 runs use 256
+//!   with `ratio_salt` 0.1.
 //!
 //! Signs: the residual block is not diagonal and the ReLU is sign-sensitive, so flipping one
 //! residual pair `(u_j, v_j) → (−u_j, −v_j)` leaves W unchanged but changes the adapted layer.
@@ -63,7 +78,7 @@ use crate::adapter::{
     Adapter, CliSpec, LayerGeometry, Method, MethodSpec, OptionKind, OptionSpec, TensorRoles,
 };
 use crate::adapters::factored::{
-    Factors, SVD_DTYPE, f64_precision, precision_or_f64, relu_zero_grad, weight_matrix,
+    Factors, SVD_DTYPE, f64_precision, precision_or_f64, relu_zero_grad, safe_norm, weight_matrix,
 };
 use crate::adapters::support::{flat_dims, option, saved_len, saved_tensor};
 use crate::config::{
@@ -77,7 +92,8 @@ pub const METHOD: Method = Method::new(&MethodSpec {
     name: "salt",
     aliases: &[],
     peft_type: "SALT",
-    summary: "scale and shift the top singular values, low-rank update of the rest",
+    summary: "scale and shift the top singular values, low-rank update of the rest (α exempt \
+              from weight decay, unlike the reference)",
     tensors: TensorRoles {
         prefixes: &[
             "salt_scale",
@@ -120,7 +136,7 @@ pub const METHOD: Method = Method::new(&MethodSpec {
             option(
                 "reg_weight",
                 OptionKind::Float,
-                "weight of the regulariser in the loss (0)",
+                "weight of the regulariser in the loss (0, as the reference's config)",
             ),
         ],
     },
@@ -155,7 +171,7 @@ pub struct SaltConfig {
     /// The share of `k` that gets scale and shift when `r_t` is not given.
     #[serde(default = "default_ratio")]
     pub ratio_salt: f64,
-    /// Rank of the update inside the residual block (clamped to `k − r_t`).
+    /// Rank of `X Y` inside the residual block (any; as the reference, not limited to `k − r_t`).
     #[serde(default = "default_r_lora")]
     pub r_lora: usize,
     /// Save `U`, `σ`, `Vᵀ` in the adapter file.
@@ -224,7 +240,7 @@ impl SaltConfig {
         Ok(())
     }
 
-    /// `(r_t, r_lora)` for a layer with `k = min(out, in_flat)`, after the clamp.
+    /// `(r_t, r_lora)` for a layer with `k = min(out, in_flat)` (`r_lora` is 0 when `r_t = k`).
     pub fn ranks(&self, module: &str, out: usize, in_flat: usize) -> Result<(usize, usize)> {
         let k = out.min(in_flat);
         let r_t = match self.r_t {
@@ -237,17 +253,8 @@ impl SaltConfig {
             Some(r) => r,
             None => ((k as f64 * self.ratio_salt).floor() as usize).clamp(1, k),
         };
-        let rest = k - r_t;
-        let r_lora = if self.r_lora > rest {
-            eprintln!(
-                "warning: SALT on `{module}`: r_lora = {} exceeds k − r_t = {k} − {r_t} = {rest}; \
-                 using r_lora = {rest}",
-                self.r_lora
-            );
-            rest
-        } else {
-            self.r_lora
-        };
+        // As the reference: r_lora as given, above k − r_t too; 0 when the residual block is empty.
+        let r_lora = if r_t == k { 0 } else { self.r_lora };
         Ok((r_t, r_lora))
     }
 
@@ -366,7 +373,7 @@ impl SaltConfig {
         let lora = if rest > 0 {
             let r_lora = match tensors.get(X).map(|x| x.dims()) {
                 Some(&[_, r]) => r,
-                _ => self.r_lora.min(rest),
+                _ => self.r_lora,
             };
             let x = get(X, &[rest, r_lora])?;
             let y = get(Y, &[r_lora, rest])?;
@@ -410,15 +417,7 @@ impl SaltConfig {
 
 /// Warns when the spectrum has near-tied non-zero singular values.
 fn warn_on_ties(module: &str, s: &Tensor) -> Result<()> {
-    let s = s
-        .to_dtype(DType::F64)?
-        .to_device(&Device::Cpu)?
-        .to_vec1::<f64>()?;
-    let Some(&top) = s.first() else { return Ok(()) };
-    let ties = s
-        .windows(2)
-        .filter(|p| p[1] > TIE_TOLERANCE * top && p[0] - p[1] <= TIE_TOLERANCE * top)
-        .count();
+    let ties = linalg::near_ties(s, TIE_TOLERANCE)?;
     if ties > 0 {
         eprintln!(
             "warning: SALT on `{module}`: {ties} pair(s) of singular values are tied within \
@@ -614,23 +613,6 @@ impl SaltAdapter {
             }
         }
     }
-}
-
-/// `‖v‖₂` over all entries with gradient `v / ‖v‖` (0 at `v = 0`): the norm's value times a
-/// detached unit direction, since candle's `sqrt` backward is infinite at 0.
-fn safe_norm(v: &Tensor) -> Result<Tensor> {
-    let norm = v
-        .detach()
-        .sqr()?
-        .sum_all()?
-        .sqrt()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
-    if norm == 0.0 {
-        return Ok(v.sum_all()?.affine(0.0, 0.0)?);
-    }
-    let direction = (v.detach() / norm)?;
-    Ok(v.mul(&direction)?.sum_all()?)
 }
 
 impl Adapter for SaltAdapter {

@@ -499,18 +499,28 @@ fn trainable_count_follows_the_formula() {
         pm.num_trainable_parameters(),
         5 * count(6, 2, 2) + count(4, 2, 2)
     );
-    // r_lora above k − r_t is clamped: 6 − 2 = 4 and 4 − 2 = 2.
+    // r_lora above k − r_t is used as given, as in the reference: X is [k − r_t, r_lora].
     let mut pm = tiny_model(7, 8);
     pm.add_adapter(ADAPTER, {
-        let mut c = SaltConfig::new(&["q", "v", "conv"], 100);
+        let mut c = SaltConfig::new(&["q", "v", "conv"], 10);
         c.r_t = Some(2);
         c
     })
     .unwrap();
     assert_eq!(
         pm.num_trainable_parameters(),
-        5 * count(6, 2, 4) + count(4, 2, 2)
+        5 * count(6, 2, 10) + count(4, 2, 10)
     );
+    let s = state(pm.layer("model.conv").unwrap());
+    assert_eq!(s["salt_X.weight"].dims(), &[2, 10]);
+    assert_eq!(s["salt_Y.weight"].dims(), &[10, 2]);
+    // X ~ U(±√(6/r_lora)) (Kaiming-uniform for ReLU with fan-in r_lora), Y = 0.
+    let bound = (6.0f32 / 10.0).sqrt();
+    let x = flat(&s["salt_X.weight"]);
+    assert!(x.iter().all(|v| v.abs() <= bound), "{x:?}");
+    assert!(x.iter().any(|v| v.abs() > 0.5 * bound), "{x:?}");
+    assert_eq!(max_abs(&s["salt_Y.weight"]), 0.0);
+    assert_eq!(max_abs(&delta(pm.layer("model.conv").unwrap())), 0.0);
     // r_t = k leaves no residual block: scale and shift only.
     let mut pm = single_linear(5, 4, 1);
     pm.add_adapter(ADAPTER, config(4, 2)).unwrap();

@@ -201,6 +201,23 @@ fn canonical_signs<T: Real>(u: &mut Mat<T>, mut v: Option<&mut Mat<T>>) {
     }
 }
 
+/// The number of adjacent pairs of non-zero singular values (`s` in non-increasing order) tied
+/// within `tolerance · s₀`: their singular vectors are not unique, so another SVD of the same
+/// matrix may rotate them.
+pub fn near_ties(s: &Tensor, tolerance: f64) -> Result<usize> {
+    let s = s
+        .to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f64>()?;
+    let Some(&top) = s.first() else {
+        return Ok(0);
+    };
+    let tol = tolerance * top;
+    Ok(s.windows(2)
+        .filter(|p| p[1] > tol && p[0] - p[1] <= tol)
+        .count())
+}
+
 /// Re-applies the sign rule to an SVD whose vector pairs may have been flipped: returns `(U, V)`
 /// with the entry of largest magnitude of each column of `U` positive (`V` flipped with `U`).
 /// `u: [m, k]`, `v: [n, k]`; the output keeps their dtype and device.
