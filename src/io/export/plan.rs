@@ -10,7 +10,8 @@ use safetensors::tensor::Dtype;
 use super::MergeOptions;
 use super::base::BaseModel;
 use crate::adapter::{Adapter, Conv2dParams, LayerGeometry};
-use crate::config::LoadContext;
+use crate::adapters::AdapterConfig;
+use crate::config::{Candidate, LoadContext};
 use crate::error::{PeftError, Result};
 use crate::io::peft_format::{self, KEY_PREFIX, WEIGHTS_NAME, read_adapter_dir};
 use crate::io::safetensors_header::st_error;
@@ -56,6 +57,12 @@ pub(super) fn plan_merge(
     let prefixes = config.tensor_prefixes();
     let (shared, per_module) = peft_format::split_shared(adapter.tensors);
     let modules = peft_format::group_by_module(per_module, prefixes);
+    // Checked after the per-module checks below, so that a module with no base tensor is named
+    // with the nearest base tensors first.
+    let layout: BTreeMap<String, Vec<String>> = modules
+        .iter()
+        .map(|(m, t)| (m.clone(), t.keys().cloned().collect()))
+        .collect();
 
     let mut sources: Vec<Option<Source>> = (0..model.tensors.len()).map(|_| None).collect();
     let mut merged_modules = Vec::new();
@@ -69,13 +76,9 @@ pub(super) fn plan_merge(
     };
 
     for (module, tensors) in modules {
-        let (adapted, whole): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) =
-            tensors.into_iter().partition(|(local, _)| {
-                local
-                    .split('.')
-                    .next()
-                    .is_some_and(|head| prefixes.contains(&head))
-            });
+        let (adapted, whole): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) = tensors
+            .into_iter()
+            .partition(|(local, _)| is_adapter_tensor(local, prefixes));
 
         if !adapted.is_empty() {
             let key = join(&module, "weight");
@@ -157,6 +160,8 @@ pub(super) fn plan_merge(
         }
     }
 
+    check_targeting(model, &config, &layout, prefixes, adapter_dir)?;
+
     let plan = model
         .tensors
         .iter()
@@ -175,6 +180,92 @@ pub(super) fn plan_merge(
         })
         .collect();
     Ok((plan, merged_modules, replaced_tensors))
+}
+
+/// Whether a tensor named `local` (relative to its module) is one of the adapter's own tensors
+/// (`lora_A.weight`), not a whole-module copy (`weight`).
+fn is_adapter_tensor(local: &str, prefixes: &[&str]) -> bool {
+    local
+        .split('.')
+        .next()
+        .is_some_and(|head| prefixes.contains(&head))
+}
+
+/// The adapter's config, applied to the base model's modules as `PeftModel::load_adapter`
+/// applies it to a model's layers: it must select something (the same errors as adding the
+/// adapter), every module the file adapts must be a target, every target must have its tensors
+/// in the file, and every whole-module tensor must belong to a `modules_to_save` module. The
+/// candidates are the base's modules with a `weight` tensor, linear when it is 2-D. Under
+/// `"all-linear"` a 2-D weight may also be an embedding, which the file cannot tell apart, so
+/// targets without tensors are not checked there.
+fn check_targeting(
+    model: &BaseModel,
+    config: &AdapterConfig,
+    modules: &BTreeMap<String, Vec<String>>,
+    prefixes: &[&str],
+    adapter_dir: &Path,
+) -> Result<()> {
+    let names: Vec<(&str, bool)> = model
+        .tensors
+        .iter()
+        .filter_map(|t| {
+            let module = t.name.strip_suffix(".weight")?;
+            Some((module, t.info.shape.len() == 2))
+        })
+        .collect();
+    let candidates: Vec<Candidate<'_>> = names
+        .iter()
+        .map(|&(name, linear)| Candidate { name, linear })
+        .collect();
+    let targeting = config.targeting();
+    let task_type = config.inner().common().task_type.as_deref();
+    let selection = targeting.select(&candidates, task_type)?;
+    let targets: BTreeSet<&str> = selection.targets.iter().map(|&i| names[i].0).collect();
+    let shown = targeting
+        .target_modules
+        .as_ref()
+        .map_or_else(|| "(none)".to_string(), |t| t.to_string());
+    for (module, tensors) in modules {
+        let adapted = tensors.iter().any(|l| is_adapter_tensor(l, prefixes));
+        if adapted && !targets.contains(module.as_str()) {
+            return Err(PeftError::config(
+                "target_modules",
+                format!(
+                    "the adapter file has tensors for `{module}`, which target_modules {shown} \
+                     does not select on the base model {}",
+                    model.label
+                ),
+            ));
+        }
+        let whole = tensors.iter().any(|l| !is_adapter_tensor(l, prefixes));
+        if whole && !targeting.is_module_to_save(module) {
+            return Err(PeftError::config(
+                "modules_to_save",
+                format!(
+                    "the adapter file has whole-module tensors for `{module}`, which \
+                     modules_to_save does not name"
+                ),
+            ));
+        }
+    }
+    let all_linear = targeting
+        .target_modules
+        .as_ref()
+        .is_some_and(|t| t.is_all_linear());
+    if !all_linear {
+        let adapted = |m: &str| {
+            modules
+                .get(m)
+                .is_some_and(|t| t.iter().any(|l| is_adapter_tensor(l, prefixes)))
+        };
+        if let Some(missing) = targets.iter().find(|m| !adapted(m)) {
+            return Err(PeftError::MissingTensor {
+                key: format!("{KEY_PREFIX}{missing}.*"),
+                location: adapter_dir.join(WEIGHTS_NAME).display().to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The layer geometry implied by a base weight's shape (and, for grouped convs, the adapter's).
