@@ -57,7 +57,12 @@ pub(super) fn plan_merge(
     let prefixes = config.tensor_prefixes();
     let (shared, per_module) = peft_format::split_shared(adapter.tensors);
     let modules = peft_format::group_by_module(per_module, prefixes);
-    check_targeting(model, &config, &modules, prefixes, adapter_dir)?;
+    // Checked after the per-module checks below, so that a module with no base tensor is named
+    // with the nearest base tensors first.
+    let layout: BTreeMap<String, Vec<String>> = modules
+        .iter()
+        .map(|(m, t)| (m.clone(), t.keys().cloned().collect()))
+        .collect();
 
     let mut sources: Vec<Option<Source>> = (0..model.tensors.len()).map(|_| None).collect();
     let mut merged_modules = Vec::new();
@@ -155,6 +160,8 @@ pub(super) fn plan_merge(
         }
     }
 
+    check_targeting(model, &config, &layout, prefixes, adapter_dir)?;
+
     let plan = model
         .tensors
         .iter()
@@ -194,7 +201,7 @@ fn is_adapter_tensor(local: &str, prefixes: &[&str]) -> bool {
 fn check_targeting(
     model: &BaseModel,
     config: &AdapterConfig,
-    modules: &BTreeMap<String, BTreeMap<String, Tensor>>,
+    modules: &BTreeMap<String, Vec<String>>,
     prefixes: &[&str],
     adapter_dir: &Path,
 ) -> Result<()> {
@@ -219,7 +226,7 @@ fn check_targeting(
         .as_ref()
         .map_or_else(|| "(none)".to_string(), |t| t.to_string());
     for (module, tensors) in modules {
-        let adapted = tensors.keys().any(|l| is_adapter_tensor(l, prefixes));
+        let adapted = tensors.iter().any(|l| is_adapter_tensor(l, prefixes));
         if adapted && !targets.contains(module.as_str()) {
             return Err(PeftError::config(
                 "target_modules",
@@ -230,7 +237,7 @@ fn check_targeting(
                 ),
             ));
         }
-        let whole = tensors.keys().any(|l| !is_adapter_tensor(l, prefixes));
+        let whole = tensors.iter().any(|l| !is_adapter_tensor(l, prefixes));
         if whole && !targeting.is_module_to_save(module) {
             return Err(PeftError::config(
                 "modules_to_save",
@@ -249,7 +256,7 @@ fn check_targeting(
         let adapted = |m: &str| {
             modules
                 .get(m)
-                .is_some_and(|t| t.keys().any(|l| is_adapter_tensor(l, prefixes)))
+                .is_some_and(|t| t.iter().any(|l| is_adapter_tensor(l, prefixes)))
         };
         if let Some(missing) = targets.iter().find(|m| !adapted(m)) {
             return Err(PeftError::MissingTensor {
