@@ -126,22 +126,8 @@ fn pass_covariance(batch: CalibrationBatch) -> (Tensor, usize) {
     (stat.covariance().unwrap(), stat.sequences())
 }
 
-fn assert_close_rel(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+fn assert_close_rel(got: &Tensor, want: &Tensor, tol: f32, what: &str) {
+    let (diff, scale) = (max_abs_diff(got, want), common::tensors::max_abs(want));
     println!("{what}: max |Δ| {diff:.3e} (largest entry {scale:.3e})");
     assert!(
         diff <= tol * scale,

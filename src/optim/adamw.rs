@@ -59,6 +59,16 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
+    /// The hyper-parameters as state-file metadata (`beta1`, `beta2`, `eps`, `weight_decay`).
+    pub(crate) fn metadata(&self) -> [(&'static str, String); 4] {
+        [
+            ("beta1", self.beta1.to_string()),
+            ("beta2", self.beta2.to_string()),
+            ("eps", self.eps.to_string()),
+            ("weight_decay", self.weight_decay.to_string()),
+        ]
+    }
+
     /// Checks `0 ≤ β < 1`, `ε ≥ 0`, `λ ≥ 0`, all finite.
     pub fn validate(&self) -> Result<()> {
         for (field, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
@@ -290,18 +300,12 @@ impl AdamW {
     pub fn save_state(&self, path: &Path) -> Result<()> {
         let mut file = StateWriter::default();
         self.write_moments(&mut file)?;
-        let c = &self.config;
-        file.write(
-            path,
-            &[
-                ("optimizer", "AdamW".to_string()),
-                ("step", self.steps.to_string()),
-                ("beta1", c.beta1.to_string()),
-                ("beta2", c.beta2.to_string()),
-                ("eps", c.eps.to_string()),
-                ("weight_decay", c.weight_decay.to_string()),
-            ],
-        )
+        let mut metadata = vec![
+            ("optimizer", "AdamW".to_string()),
+            ("step", self.steps.to_string()),
+        ];
+        metadata.extend(self.config.metadata());
+        file.write(path, &metadata)
     }
 
     /// Restores the state written by [`AdamW::save_state`]. Every var of this optimiser must

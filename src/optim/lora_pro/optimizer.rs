@@ -370,19 +370,14 @@ impl LoraPro {
             }
         }
         let c = &self.config;
-        file.write(
-            path,
-            &[
-                ("optimizer", OPTIMIZER_NAME.to_string()),
-                ("mode", c.mode.to_string()),
-                ("step", self.steps.to_string()),
-                ("beta1", c.beta1.to_string()),
-                ("beta2", c.beta2.to_string()),
-                ("eps", c.eps.to_string()),
-                ("weight_decay", c.weight_decay.to_string()),
-                ("damping", c.damping.to_string()),
-            ],
-        )
+        let mut metadata = vec![
+            ("optimizer", OPTIMIZER_NAME.to_string()),
+            ("mode", c.mode.to_string()),
+            ("step", self.steps.to_string()),
+            ("damping", c.damping.to_string()),
+        ];
+        metadata.extend(c.adamw().metadata());
+        file.write(path, &metadata)
     }
 
     /// Restores the state written by [`LoraPro::save_state`]. The file must come from LoRA-Pro
