@@ -83,8 +83,12 @@ fn covariance_follows_the_reference_normalisation() {
 /// `[3, 6, 5]`, the sequence count and `C: [5, 5]`.
 fn peft_covariance_fixture() -> (Vec<f32>, usize, Tensor) {
     let path = common::fixture("corda_covariance.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fixtures/corda_covariance.py)", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run scripts/fixtures/corda_covariance.py)",
+            path.display()
+        )
+    });
     let v: Value = serde_json::from_str(&text).unwrap();
     let flat = |v: &Value| -> Vec<f64> {
         fn walk(v: &Value, out: &mut Vec<f64>) {
@@ -106,8 +110,8 @@ fn peft_covariance_fixture() -> (Vec<f32>, usize, Tensor) {
 /// The covariance of the shared input of the toy's `a` and `c` after one calibration pass.
 fn pass_covariance(batch: CalibrationBatch) -> (Tensor, usize) {
     let model = toy(5);
-    let (layers, _) = calibrate::target_layers(&model, &toy_config(2, CordaMethod::Ipm).targeting)
-        .unwrap();
+    let (layers, _) =
+        calibrate::target_layers(&model, &toy_config(2, CordaMethod::Ipm).targeting).unwrap();
     let mut groups = calibrate::collect(
         layers,
         &[batch],
@@ -122,18 +126,13 @@ fn pass_covariance(batch: CalibrationBatch) -> (Tensor, usize) {
     (stat.covariance().unwrap(), stat.sequences())
 }
 
-fn assert_close_rel(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
-    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+fn assert_close_rel(got: &Tensor, want: &Tensor, tol: f32, what: &str) {
+    let (diff, scale) = (max_abs_diff(got, want), common::tensors::max_abs(want));
     println!("{what}: max |Δ| {diff:.3e} (largest entry {scale:.3e})");
-    assert!(diff <= tol * scale, "{what}: max |Δ| {diff} vs largest entry {scale}");
+    assert!(
+        diff <= tol * scale,
+        "{what}: max |Δ| {diff} vs largest entry {scale}"
+    );
 }
 
 /// A batch of three sequences gives PEFT's covariance: each sequence divided by its own |max|,
@@ -173,7 +172,10 @@ fn covariance_of_a_batch_matches_peft_per_sequence() {
     let x = Tensor::from_vec(inputs, (18, 5), &Device::Cpu).unwrap();
     let per_batch = covariance(&[x]);
     let diff = max_abs_diff(&per_batch, &want);
-    assert!(diff > 1e-2, "per-batch normalisation is indistinguishable ({diff})");
+    assert!(
+        diff > 1e-2,
+        "per-batch normalisation is indistinguishable ({diff})"
+    );
 }
 
 #[test]

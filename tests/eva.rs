@@ -849,5 +849,9 @@ fn smollm2_v_proj_takes_a_rank_above_its_out_as_in_peft() {
     let after = task.model().model().forward(&probe, None).unwrap();
     assert!(max_abs_diff(&before, &after) < 1e-4);
     // r = 200 everywhere: no rank_pattern; α unchanged.
-    assert!(report.config.rank_pattern.is_empty(), "{:?}", report.config.rank_pattern);
+    assert!(
+        report.config.rank_pattern.is_empty(),
+        "{:?}",
+        report.config.rank_pattern
+    );
 }

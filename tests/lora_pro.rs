@@ -559,7 +559,10 @@ fn full_mode_weight_decay_decays_a_and_b_each() {
     let after = (mm(b.as_tensor(), a.as_tensor()) * S).unwrap();
     let factor = (1.0 - lr * wd) * (1.0 - lr * wd);
     let err = diff64(&after, &(&before * factor).unwrap()) / max_abs64(&before);
-    assert!(err < 1e-12, "s·B·A after a zero-gradient step: rel err {err}");
+    assert!(
+        err < 1e-12,
+        "s·B·A after a zero-gradient step: rel err {err}"
+    );
 }
 
 #[test]

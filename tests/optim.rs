@@ -282,6 +282,136 @@ fn optimizer_state_round_trips_by_name() {
     }
 }
 
+/// `(name, dtype, shape)` of every tensor of a safetensors file, by name, and its metadata.
+fn layout(path: &std::path::Path) -> (Vec<(String, String, Vec<usize>)>, Vec<(String, String)>) {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut tensors: Vec<(String, String, Vec<usize>)> = meta
+        .tensors()
+        .into_iter()
+        .map(|(n, info)| (n, format!("{:?}", info.dtype), info.shape.clone()))
+        .collect();
+    tensors.sort();
+    let mut metadata: Vec<(String, String)> =
+        meta.metadata().clone().unwrap().into_iter().collect();
+    metadata.sort();
+    (tensors, metadata)
+}
+
+/// The state file's layout, which AdamW and LoRA-Pro write through one writer: per var
+/// `<name>.exp_avg`, `<name>.exp_avg_sq` (F32, the var's shape) and `<name>.step` (I64 scalar);
+/// LoRA-Pro (full) adds `lora_pro.<module>.<adapter>.*` with `[out, in]` moments; metadata
+/// `format`, `optimizer`, `step` and the hyper-parameters.
+#[test]
+fn state_files_keep_their_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = two_vars(1);
+    let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
+    let dims: Vec<Vec<usize>> = vars.iter().map(|(_, v)| v.dims().to_vec()).collect();
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+    opt.step(&random_grads(&vars, 3), 0.01).unwrap();
+    let path = dir.path().join("adamw.safetensors");
+    opt.save_state(&path).unwrap();
+    let (tensors, metadata) = layout(&path);
+    let mut want = Vec::new();
+    for (n, d) in names.iter().zip(&dims) {
+        want.push((format!("{n}.exp_avg"), "F32".to_string(), d.clone()));
+        want.push((format!("{n}.exp_avg_sq"), "F32".to_string(), d.clone()));
+        want.push((format!("{n}.step"), "I64".to_string(), vec![]));
+    }
+    want.sort();
+    assert_eq!(tensors, want);
+    let kv = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        metadata,
+        kv(&[
+            ("format", "pt"),
+            ("optimizer", "AdamW"),
+            ("step", "1"),
+            ("beta1", "0.9"),
+            ("beta2", "0.999"),
+            ("eps", "0.00000001"),
+            ("weight_decay", "0.01"),
+        ])
+    );
+
+    // LoRA-Pro (full) over a LoRA model: its pairs' moments, and AdamW's layout for the rest.
+    let mut pm = tiny_model(1, 2);
+    let mut cfg = lora_random_b(&["q"], 2, 4.0);
+    cfg.targeting.modules_to_save = Some(vec!["head".to_string()]);
+    pm.add_adapter("default", cfg).unwrap();
+    let pairs = candle_peft::optim::lora_pairs(&pm).unwrap();
+    let lp_config = candle_peft::optim::LoraProConfig::default();
+    let mut lp =
+        candle_peft::optim::LoraPro::new(pm.trainable_vars(), pairs.clone(), lp_config).unwrap();
+    let grads = random_grads(&pm.trainable_vars(), 4);
+    lp.step(&grads, 1e-3).unwrap();
+    let path = dir.path().join("lora_pro.safetensors");
+    lp.save_state(&path).unwrap();
+    let (tensors, metadata) = layout(&path);
+    let mut want = Vec::new();
+    let paired: Vec<candle_core::TensorId> = pairs
+        .iter()
+        .flat_map(|p| [p.a.as_tensor().id(), p.b.as_tensor().id()])
+        .collect();
+    let mut unpaired = 0;
+    for (n, v) in pm.trainable_vars() {
+        if paired.contains(&v.as_tensor().id()) {
+            continue;
+        }
+        unpaired += 1;
+        want.push((format!("{n}.exp_avg"), "F32".to_string(), v.dims().to_vec()));
+        want.push((
+            format!("{n}.exp_avg_sq"),
+            "F32".to_string(),
+            v.dims().to_vec(),
+        ));
+        want.push((format!("{n}.step"), "I64".to_string(), vec![]));
+    }
+    assert!(
+        unpaired > 0,
+        "the head (modules_to_save) is outside every pair"
+    );
+    for p in &pairs {
+        let (out, inp) = (p.b.dims()[0], p.a.dims()[1]);
+        let prefix = format!("lora_pro.{}.{}", p.module, p.adapter);
+        want.push((
+            format!("{prefix}.exp_avg"),
+            "F32".to_string(),
+            vec![out, inp],
+        ));
+        want.push((
+            format!("{prefix}.exp_avg_sq"),
+            "F32".to_string(),
+            vec![out, inp],
+        ));
+        want.push((format!("{prefix}.step"), "I64".to_string(), vec![]));
+    }
+    want.sort();
+    assert_eq!(tensors, want);
+    assert_eq!(
+        metadata,
+        kv(&[
+            ("format", "pt"),
+            ("optimizer", "LoraPro"),
+            ("mode", "full"),
+            ("step", "1"),
+            ("beta1", "0.9"),
+            ("beta2", "0.999"),
+            ("eps", "0.00000001"),
+            ("weight_decay", "0"),
+            ("damping", "0.00000001"),
+        ])
+    );
+}
+
 #[test]
 fn bad_optimizer_state_is_a_typed_error_naming_the_var() {
     let dir = tempfile::tempdir().unwrap();

@@ -59,7 +59,12 @@ impl CalibrationBatch {
             .map(|i| i as u32)
             .collect();
         let token_lengths: Vec<usize> = (0..b)
-            .map(|s| flags[s * t..(s + 1) * t].iter().filter(|&&f| f != 0.0).count())
+            .map(|s| {
+                flags[s * t..(s + 1) * t]
+                    .iter()
+                    .filter(|&&f| f != 0.0)
+                    .count()
+            })
             .filter(|&n| n > 0)
             .collect();
         let sequences: Vec<u32> = (0..b)

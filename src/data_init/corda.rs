@@ -93,10 +93,14 @@ impl RowStatistic for CovarianceStatistic {
         let mut scales = Vec::with_capacity(n);
         let mut start = 0;
         for (s, &len) in lengths.iter().enumerate() {
-            let max = row_max[start..start + len]
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, |a, b| if b > a || b.is_nan() { b } else { a });
+            let max =
+                row_max[start..start + len]
+                    .iter()
+                    .copied()
+                    .fold(
+                        f32::NEG_INFINITY,
+                        |a, b| if b > a || b.is_nan() { b } else { a },
+                    );
             let scale = max.abs();
             if !(scale.is_finite() && scale > 0.0) {
                 return Err(PeftError::layer(

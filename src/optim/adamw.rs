@@ -22,21 +22,16 @@
 //! the parameter's shape) and `<name>.step` (an i64 scalar), and metadata `optimizer`, `step`
 //! (calls to [`AdamW::step`]) and the hyper-parameters. It is written atomically.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
+use super::state_file::{StateReader, StateWriter};
 use crate::error::{PeftError, Result};
-use crate::io::peft_format::write_atomic;
 
-/// Suffix of the first-moment tensor of a parameter in the state file.
-pub const EXP_AVG: &str = "exp_avg";
-/// Suffix of the second-moment tensor of a parameter in the state file.
-pub const EXP_AVG_SQ: &str = "exp_avg_sq";
-/// Suffix of a parameter's step count in the state file.
-pub const STEP: &str = "step";
+pub use super::state_file::{EXP_AVG, EXP_AVG_SQ, STEP};
 
 /// AdamW hyper-parameters (PyTorch's defaults except `weight_decay`, which is HF PEFT
 /// training's usual 0.01; PyTorch's AdamW default is also 0.01).
@@ -64,6 +59,16 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
+    /// The hyper-parameters as state-file metadata (`beta1`, `beta2`, `eps`, `weight_decay`).
+    pub(crate) fn metadata(&self) -> [(&'static str, String); 4] {
+        [
+            ("beta1", self.beta1.to_string()),
+            ("beta2", self.beta2.to_string()),
+            ("eps", self.eps.to_string()),
+            ("weight_decay", self.weight_decay.to_string()),
+        ]
+    }
+
     /// Checks `0 ≤ β < 1`, `ε ≥ 0`, `λ ≥ 0`, all finite.
     pub fn validate(&self) -> Result<()> {
         for (field, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
@@ -293,32 +298,14 @@ impl AdamW {
 
     /// Writes the state to a safetensors file at `path`, atomically.
     pub fn save_state(&self, path: &Path) -> Result<()> {
-        let mut tensors = Vec::with_capacity(3 * self.vars.len());
-        for ((name, var), st) in self.vars.iter().zip(&self.state) {
-            tensors.push((format!("{name}.{EXP_AVG}"), st.exp_avg.contiguous()?));
-            tensors.push((format!("{name}.{EXP_AVG_SQ}"), st.exp_avg_sq.contiguous()?));
-            let step = i64::try_from(st.step).map_err(|_| {
-                PeftError::config("step", format!("step count of {name} exceeds i64"))
-            })?;
-            tensors.push((format!("{name}.{STEP}"), Tensor::new(step, var.device())?));
-        }
-        let c = &self.config;
-        let metadata = HashMap::from([
-            ("format".to_string(), "pt".to_string()),
-            ("optimizer".to_string(), "AdamW".to_string()),
-            ("step".to_string(), self.steps.to_string()),
-            ("beta1".to_string(), c.beta1.to_string()),
-            ("beta2".to_string(), c.beta2.to_string()),
-            ("eps".to_string(), c.eps.to_string()),
-            ("weight_decay".to_string(), c.weight_decay.to_string()),
-        ]);
-        let bytes = safetensors::tensor::serialize(tensors, Some(metadata)).map_err(|e| {
-            PeftError::Safetensors {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            }
-        })?;
-        write_atomic(path, &bytes)
+        let mut file = StateWriter::default();
+        self.write_moments(&mut file)?;
+        let mut metadata = vec![
+            ("optimizer", "AdamW".to_string()),
+            ("step", self.steps.to_string()),
+        ];
+        metadata.extend(self.config.metadata());
+        file.write(path, &metadata)
     }
 
     /// Restores the state written by [`AdamW::save_state`]. Every var of this optimiser must
@@ -326,67 +313,49 @@ impl AdamW {
     /// to one of the vars; otherwise nothing changes and the error names the tensor. The
     /// hyper-parameters stay those given to [`AdamW::new`].
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|e| PeftError::io(path, e))?;
-        let bad = |reason: String| PeftError::Safetensors {
-            path: path.to_path_buf(),
-            reason,
+        let mut file = StateReader::open(path)?;
+        let moments = self.read_moments(&mut file)?;
+        file.finish()?;
+        let steps = match file.step_count()? {
+            Some(s) => s,
+            None => moments.0.iter().map(|s| s.step).max().unwrap_or(0),
         };
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| bad(e.to_string()))?;
-        let location = path.display().to_string();
-        let mut state = Vec::with_capacity(self.vars.len());
-        for (name, var) in &self.vars {
-            let mut take = |suffix: &str| {
-                let key = format!("{name}.{suffix}");
-                tensors
-                    .remove(&key)
-                    .map(|t| (key.clone(), t))
-                    .ok_or_else(|| PeftError::MissingTensor {
-                        key,
-                        location: location.clone(),
-                    })
-            };
-            let (k1, m) = take(EXP_AVG)?;
-            let (k2, v) = take(EXP_AVG_SQ)?;
-            let (k3, s) = take(STEP)?;
-            let exp_avg = state_tensor(&k1, &m, var)?;
-            let exp_avg_sq = state_tensor(&k2, &v, var)?;
-            if s.elem_count() != 1 {
-                return Err(PeftError::ShapeMismatch {
-                    key: k3,
-                    expected: vec![],
-                    got: s.dims().to_vec(),
-                });
-            }
-            let step = s.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
-            if !(step.is_finite() && step >= 0.0 && step.fract() == 0.0) {
-                return Err(bad(format!("`{k3}` is {step}, not a step count")));
-            }
-            state.push(ParamState {
-                exp_avg,
-                exp_avg_sq,
-                step: step as u64,
-            });
-        }
-        if let Some(key) = tensors.keys().min() {
-            return Err(PeftError::UnexpectedTensor {
-                key: key.clone(),
-                location,
-            });
-        }
-        let steps = match meta.metadata().as_ref().and_then(|m| m.get("step")) {
-            Some(s) => s
-                .parse::<u64>()
-                .map_err(|_| bad(format!("metadata `step` is `{s}`, not a step count")))?,
-            None => state.iter().map(|s| s.step).max().unwrap_or(0),
-        };
-        self.state = state;
+        self.apply_moments(moments);
         self.steps = steps;
         Ok(())
     }
+
+    /// Adds every var's moments and step count to a state file.
+    pub(crate) fn write_moments(&self, file: &mut StateWriter) -> Result<()> {
+        for ((name, _), st) in self.vars.iter().zip(&self.state) {
+            file.moments(name, &st.exp_avg, &st.exp_avg_sq, st.step, name)?;
+        }
+        Ok(())
+    }
+
+    /// Takes every var's moments and step count from a state file, checked and cast (f32, the
+    /// var's device), without applying them.
+    pub(crate) fn read_moments(&self, file: &mut StateReader<'_>) -> Result<LoadedMoments> {
+        let mut state = Vec::with_capacity(self.vars.len());
+        for (name, var) in &self.vars {
+            let (m, v, step) = file.take_moments(name, var.dims())?;
+            state.push(ParamState {
+                exp_avg: state_tensor(&format!("{name}.{EXP_AVG}"), &m, var)?,
+                exp_avg_sq: state_tensor(&format!("{name}.{EXP_AVG_SQ}"), &v, var)?,
+                step,
+            });
+        }
+        Ok(LoadedMoments(state))
+    }
+
+    /// Replaces every var's moments and step count by those read.
+    pub(crate) fn apply_moments(&mut self, moments: LoadedMoments) {
+        self.state = moments.0;
+    }
 }
+
+/// Every var's moments and step count, read from a state file and checked, in var order.
+pub(crate) struct LoadedMoments(Vec<ParamState>);
 
 /// `t` as an f32 state tensor for `var`: shape checked (error naming `key`), cast, moved.
 fn state_tensor(key: &str, t: &Tensor, var: &Var) -> Result<Tensor> {

@@ -2,6 +2,9 @@
 //! gradient clipping ([`clip_grad_norm`]), learning-rate schedules with warmup ([`LrSchedule`])
 //! and gradient accumulation over micro-batches ([`GradAccumulator`]).
 //!
+//! AdamW and LoRA-Pro write their state through one file format (`state_file`: per tracked
+//! tensor its Adam moments and step count, plus metadata).
+//!
 //! Every piece addresses parameters by the names of [`crate::PeftModel::trainable_vars`], so
 //! saved optimiser state maps back onto the vars of a freshly built model by name.
 
@@ -10,6 +13,7 @@ pub mod adamw;
 pub mod clip;
 pub mod lora_pro;
 pub mod schedule;
+mod state_file;
 
 pub use accumulate::{GradAccumulator, average_grads};
 pub use adamw::{AdamW, AdamWConfig, StepStats};

@@ -386,9 +386,11 @@ pub fn train_config(args: &TrainArgs, steps: usize) -> TrainConfig {
         batch_size: args.batch,
         grad_accum: args.grad_accum,
         lr: args.lr,
-        weight_decay: args
-            .weight_decay
-            .unwrap_or(if lora_pro { 0.0 } else { DEFAULT_WEIGHT_DECAY }),
+        weight_decay: args.weight_decay.unwrap_or(if lora_pro {
+            0.0
+        } else {
+            DEFAULT_WEIGHT_DECAY
+        }),
         schedule: args.schedule,
         warmup: args.warmup,
         max_grad_norm: args.max_grad_norm.0,

@@ -1,16 +1,16 @@
 //! The LoRA-Pro optimiser: per-pair state, the full and efficient steps, and the state file.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, TensorId, Var};
+use candle_core::{DType, Tensor, TensorId, Var};
 
 use super::config::{LoraPair, LoraProConfig, LoraProMode, OPTIMIZER_NAME};
 use crate::adapters::lora_pro::LoraProFactors;
 use crate::error::{PeftError, Result};
-use crate::io::peft_format::write_atomic;
-use crate::optim::adamw::{AdamW, EXP_AVG, EXP_AVG_SQ, STEP, StepStats};
+use crate::optim::adamw::{AdamW, StepStats};
+use crate::optim::state_file::{StateReader, StateWriter};
 
 /// One pair inside the optimiser.
 #[derive(Debug)]
@@ -32,11 +32,9 @@ struct Slot {
 }
 
 impl Slot {
-    fn key(&self, suffix: &str) -> String {
-        format!(
-            "lora_pro.{}.{}.{suffix}",
-            self.pair.module, self.pair.adapter
-        )
+    /// The prefix of this pair's tensors in the state file.
+    fn key(&self) -> String {
+        format!("lora_pro.{}.{}", self.pair.module, self.pair.adapter)
     }
 
     /// The dtype the step computes in: f64 for f64 factors, f32 otherwise.
@@ -364,45 +362,22 @@ impl LoraPro {
 
     /// Writes the state to a safetensors file at `path`, atomically.
     pub fn save_state(&self, path: &Path) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        for (name, var) in self.adamw.vars() {
-            let (m, v, step) = self.adamw.state(name)?;
-            tensors.push((format!("{name}.{EXP_AVG}"), m.contiguous()?));
-            tensors.push((format!("{name}.{EXP_AVG_SQ}"), v.contiguous()?));
-            tensors.push((
-                format!("{name}.{STEP}"),
-                step_tensor(step, name, var.device())?,
-            ));
-        }
+        let mut file = StateWriter::default();
+        self.adamw.write_moments(&mut file)?;
         for slot in &self.slots {
             if let (Some(m), Some(v)) = (&slot.exp_avg, &slot.exp_avg_sq) {
-                tensors.push((slot.key(EXP_AVG), m.contiguous()?));
-                tensors.push((slot.key(EXP_AVG_SQ), v.contiguous()?));
-                tensors.push((
-                    slot.key(STEP),
-                    step_tensor(slot.step, &slot.pair.module, slot.pair.a.device())?,
-                ));
+                file.moments(&slot.key(), m, v, slot.step, &slot.pair.module)?;
             }
         }
         let c = &self.config;
-        let metadata = HashMap::from([
-            ("format".to_string(), "pt".to_string()),
-            ("optimizer".to_string(), OPTIMIZER_NAME.to_string()),
-            ("mode".to_string(), c.mode.to_string()),
-            ("step".to_string(), self.steps.to_string()),
-            ("beta1".to_string(), c.beta1.to_string()),
-            ("beta2".to_string(), c.beta2.to_string()),
-            ("eps".to_string(), c.eps.to_string()),
-            ("weight_decay".to_string(), c.weight_decay.to_string()),
-            ("damping".to_string(), c.damping.to_string()),
-        ]);
-        let bytes = safetensors::tensor::serialize(tensors, Some(metadata)).map_err(|e| {
-            PeftError::Safetensors {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            }
-        })?;
-        write_atomic(path, &bytes)
+        let mut metadata = vec![
+            ("optimizer", OPTIMIZER_NAME.to_string()),
+            ("mode", c.mode.to_string()),
+            ("step", self.steps.to_string()),
+            ("damping", c.damping.to_string()),
+        ];
+        metadata.extend(c.adamw().metadata());
+        file.write(path, &metadata)
     }
 
     /// Restores the state written by [`LoraPro::save_state`]. The file must come from LoRA-Pro
@@ -410,26 +385,15 @@ impl LoraPro {
     /// every tensor must belong to one. On error nothing changes. The hyper-parameters stay
     /// those given to [`LoraPro::new`].
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|e| PeftError::io(path, e))?;
-        let bad = |reason: String| PeftError::Safetensors {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let meta: BTreeMap<String, String> = meta
-            .metadata()
-            .clone()
-            .map(|m| m.into_iter().collect())
-            .unwrap_or_default();
-        let optimizer = meta.get("optimizer").map(String::as_str).unwrap_or("?");
+        let mut file = StateReader::open(path)?;
+        let optimizer = file.metadata("optimizer").unwrap_or("?");
         if optimizer != OPTIMIZER_NAME {
             return Err(PeftError::config(
                 "optimizer",
                 format!("{} holds {optimizer} state, not LoRA-Pro's", path.display()),
             ));
         }
-        let mode = meta.get("mode").map(String::as_str).unwrap_or("?");
+        let mode = file.metadata("mode").unwrap_or("?");
         if mode != self.config.mode.to_string() {
             return Err(PeftError::config(
                 "lora_pro_mode",
@@ -440,60 +404,21 @@ impl LoraPro {
                 ),
             ));
         }
-        let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| bad(e.to_string()))?;
-        let location = path.display().to_string();
-        let mut take = |key: String| {
-            tensors
-                .remove(&key)
-                .ok_or_else(|| PeftError::MissingTensor {
-                    key,
-                    location: location.clone(),
-                })
-        };
-        let mut adam_states = Vec::new();
-        for (name, var) in self.adamw.vars() {
-            let m = take(format!("{name}.{EXP_AVG}"))?;
-            let v = take(format!("{name}.{EXP_AVG_SQ}"))?;
-            let step = take(format!("{name}.{STEP}"))?;
-            for (suffix, t) in [(EXP_AVG, &m), (EXP_AVG_SQ, &v)] {
-                check_shape(&format!("{name}.{suffix}"), t, var.dims())?;
-            }
-            let step = read_step(&format!("{name}.{STEP}"), &step, path)?;
-            adam_states.push((name.clone(), m, v, step));
-        }
+        let adam_states = self.adamw.read_moments(&mut file)?;
         let mut pair_states = Vec::new();
         for (i, slot) in self.slots.iter().enumerate() {
             let Some(current) = &slot.exp_avg else {
                 continue;
             };
-            let m = take(slot.key(EXP_AVG))?;
-            let v = take(slot.key(EXP_AVG_SQ))?;
-            let step = take(slot.key(STEP))?;
-            for (suffix, t) in [(EXP_AVG, &m), (EXP_AVG_SQ, &v)] {
-                check_shape(&slot.key(suffix), t, current.dims())?;
-            }
-            let step = read_step(&slot.key(STEP), &step, path)?;
+            let (m, v, step) = file.take_moments(&slot.key(), current.dims())?;
             let (dtype, device) = (current.dtype(), current.device().clone());
             let m = m.to_dtype(dtype)?.to_device(&device)?;
             let v = v.to_dtype(dtype)?.to_device(&device)?;
             pair_states.push((i, m, v, step));
         }
-        if let Some(key) = tensors.keys().min() {
-            return Err(PeftError::UnexpectedTensor {
-                key: key.clone(),
-                location,
-            });
-        }
-        let steps = match meta.get("step") {
-            Some(s) => s
-                .parse::<u64>()
-                .map_err(|_| bad(format!("metadata `step` is `{s}`, not a step count")))?,
-            None => 0,
-        };
-        for (name, m, v, step) in adam_states {
-            self.adamw.set_state(&name, &m, &v, step)?;
-        }
+        file.finish()?;
+        let steps = file.step_count()?.unwrap_or(0);
+        self.adamw.apply_moments(adam_states);
         for (i, m, v, step) in pair_states {
             let slot = &mut self.slots[i];
             slot.exp_avg = Some(m);
@@ -523,39 +448,4 @@ fn matrix_shapes(pair: &LoraPair) -> Result<((usize, usize), (usize, usize))> {
         ));
     }
     Ok(((r, a_cols), (out, r)))
-}
-
-fn check_shape(key: &str, t: &Tensor, want: &[usize]) -> Result<()> {
-    if t.dims() != want {
-        return Err(PeftError::ShapeMismatch {
-            key: key.to_string(),
-            expected: want.to_vec(),
-            got: t.dims().to_vec(),
-        });
-    }
-    Ok(())
-}
-
-fn step_tensor(step: u64, what: &str, device: &Device) -> Result<Tensor> {
-    let step = i64::try_from(step)
-        .map_err(|_| PeftError::config("step", format!("step count of {what} exceeds i64")))?;
-    Ok(Tensor::new(step, device)?)
-}
-
-fn read_step(key: &str, t: &Tensor, path: &Path) -> Result<u64> {
-    if t.elem_count() != 1 {
-        return Err(PeftError::ShapeMismatch {
-            key: key.to_string(),
-            expected: vec![],
-            got: t.dims().to_vec(),
-        });
-    }
-    let step = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
-    if !(step.is_finite() && step >= 0.0 && step.fract() == 0.0) {
-        return Err(PeftError::Safetensors {
-            path: path.to_path_buf(),
-            reason: format!("`{key}` is {step}, not a step count"),
-        });
-    }
-    Ok(step as u64)
 }
