@@ -29,7 +29,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     }
     let known = classify::known_labels(&args.model, args.adapter.as_deref())
-        .with_context(|| format!("reading the label names of --model {}", args.model))?;
+        .with_context(|| format!("loading --model {}", args.model))?;
     let read = |labels: Option<&[String]>| -> anyhow::Result<LabeledDataset> {
         match labels {
             Some(l) => read_tsv_with_labels(&args.data, l),

@@ -1,0 +1,49 @@
+//! The user-facing examples, run with small sizes: each is included as a module and its `run`
+//! checked on numbers (loss falls; merge, unmerge, disable and the merged export reproduce what
+//! they should).
+mod common;
+
+#[allow(dead_code)]
+#[path = "../examples/causal_two_adapters.rs"]
+mod causal_two_adapters;
+#[allow(dead_code)]
+#[path = "../examples/classify_eva_export.rs"]
+mod classify_eva_export;
+#[allow(dead_code)]
+#[path = "../examples/own_model_flora_lora.rs"]
+mod own_model_flora_lora;
+
+use std::path::Path;
+
+#[test]
+fn causal_two_adapters_switch_disable_merge_unmerge() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/shakespeare/train.txt");
+    let gguf = common::smollm2_gguf();
+    let o = causal_two_adapters::run(gguf.to_str().unwrap(), &data, 6).unwrap();
+    // Training moved the output; the second adapter gives another one.
+    assert!(o.base > 1e-2 && o.switched > 1e-2, "{o:?}");
+    // Disabled is the base model; merged and unmerged are the trained adapter.
+    assert!(o.disabled_vs_base < 1e-4, "{o:?}");
+    assert!(o.merged < 1e-3 && o.unmerged < 1e-4, "{o:?}");
+}
+
+#[test]
+fn own_model_flora_and_lora_train() {
+    // The example's own sizes: it is small. Four classes and a base head of small seeded weights:
+    // about ln 4 at the start, and the adapters learn.
+    let losses = own_model_flora_lora::run(256, 60).unwrap();
+    assert!((losses[0] - 4f32.ln()).abs() < 0.3, "{losses:?}");
+    assert!(losses[59] < 0.7 * losses[0], "{losses:?}");
+}
+
+#[test]
+fn classify_eva_export_reproduces_the_adapted_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let minilm = common::minilm_dir();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sst2");
+    let out = tmp.path().join("merged");
+    let o = classify_eva_export::run(minilm.to_str().unwrap(), &data, 64, 12, &out).unwrap();
+    assert!(o.loss.1 < o.loss.0, "{o:?}");
+    assert!(o.merged_vs_adapted < 1e-4, "{o:?}");
+    assert!(out.join("model.safetensors").is_file());
+}
