@@ -192,7 +192,11 @@ impl PartialEq for CordaInit {
 
 /// CorDA's config: PEFT's `LoraConfig` (the fields that apply; reachable through `Deref`) plus
 /// `corda_config`. LoRA's `init_lora_weights`, `eva_config` and `fan_in_fan_out` do not apply:
-/// they are written as `"corda"`, absent and `false`.
+/// they are written as `"corda"`, absent and `false` whatever `lora` holds. [`Default`]: LoRA's
+/// defaults (`r` 8, `lora_alpha` 8), IPM, no `target_modules` (which
+/// [`validate`](Self::validate) requires), no init factors; struct update works:
+/// `CordaConfig { lora: LoraConfig { targeting, r: 16, ..Default::default() },
+/// ..Default::default() }`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct CordaConfig {
     /// The LoRA fields: targets, `r`, `lora_alpha`, `lora_dropout`, `use_rslora`, patterns.
@@ -205,8 +209,24 @@ pub struct CordaConfig {
         deserialize_with = "corda_method_of_section"
     )]
     pub corda_method: CordaMethod,
+    /// The init factors `PeftModel::add_adapter` builds the adapters from (set by
+    /// [`with_init`](Self::with_init)); not configuration: never saved, ignored by `==`.
     #[serde(skip)]
-    init: CordaInit,
+    pub init: CordaInit,
+}
+
+impl Default for CordaConfig {
+    /// LoRA's defaults with `init_lora_weights: "corda"`, IPM, no init factors.
+    fn default() -> Self {
+        Self {
+            lora: LoraConfig {
+                init_lora_weights: corda_init(),
+                ..LoraConfig::default()
+            },
+            corda_method: CordaMethod::Ipm,
+            init: CordaInit::default(),
+        }
+    }
 }
 
 /// `corda_config` (`null` or absent: IPM) down to its `corda_method`.
@@ -245,15 +265,14 @@ impl std::ops::DerefMut for CordaConfig {
 impl CordaConfig {
     pub(crate) const TENSOR_PREFIXES: &'static [&'static str] = METHOD.spec().tensors.prefixes;
 
-    /// A config targeting `targets` (names or suffixes) with rank `r`, `α = lora_alpha`, IPM.
+    /// A config targeting `targets` (names or suffixes) with rank `r`, `α = lora_alpha`, the
+    /// rest [`Default`] (IPM).
     pub fn new<S: AsRef<str>>(targets: &[S], r: usize, lora_alpha: f64) -> Self {
-        let mut lora = LoraConfig::new(targets, r, lora_alpha);
-        lora.init_lora_weights = corda_init();
-        Self {
-            lora,
-            corda_method: CordaMethod::Ipm,
-            init: CordaInit::default(),
-        }
+        let mut config = Self::default();
+        config.lora.targeting = Targeting::new(crate::config::ModuleSelector::list(targets));
+        config.lora.r = r;
+        config.lora.lora_alpha = lora_alpha;
+        config
     }
 
     /// This config carrying the init factors of a calibration ([`corda_factors`]), so that

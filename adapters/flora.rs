@@ -119,51 +119,51 @@ pub const METHOD: Method = Method::new(&MethodSpec {
     lora_pro_optimizer: false,
 });
 
-/// FLoRA's config.
+/// FLoRA's config ([`Default`]: `r` 8 for every mode, `scale` 1, no `target_modules`;
+/// [`validate`](Self::validate) requires them).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct FloraConfig {
     /// Which modules are adapted.
     #[serde(flatten)]
     pub targeting: Targeting,
     /// One rank for every mode, or one per mode (`[r0, r1]` linear, `[r0, r1, r2, r3]` conv2d).
-    #[serde(default = "default_r")]
     pub r: OneOrMany<usize>,
     /// `s`, a plain multiplier of `ΔW`.
-    #[serde(default = "default_scale")]
     pub scale: f64,
     /// Dropout on the adapter's input (the reference's `drop_rate`).
-    #[serde(default, alias = "drop_rate")]
+    #[serde(alias = "drop_rate")]
     pub flora_dropout: f64,
     /// `false` draws `G ~ N(0, 1)`: not the identity (for tests).
-    #[serde(default = "default_true")]
     pub init_weights: bool,
     /// `task_type`, `base_model_name_or_path`, `revision`, `inference_mode`.
     #[serde(flatten)]
     pub common: CommonFields,
 }
 
-fn default_r() -> OneOrMany<usize> {
-    OneOrMany::One(8)
-}
-
-fn default_scale() -> f64 {
-    1.0
-}
-
-fn default_true() -> bool {
-    true
+impl Default for FloraConfig {
+    /// Rank 8 for every mode, `scale` 1, no dropout, `G = 0`; no `target_modules`.
+    fn default() -> Self {
+        Self {
+            targeting: Targeting::default(),
+            r: OneOrMany::One(8),
+            scale: 1.0,
+            flora_dropout: 0.0,
+            init_weights: true,
+            common: CommonFields::default(),
+        }
+    }
 }
 
 impl FloraConfig {
-    /// A config targeting `targets` with ranks `r` (one int or per mode) and scale `scale`.
+    /// A config targeting `targets` with ranks `r` (one int or per mode) and scale `scale`, the
+    /// rest [`Default`].
     pub fn new<S: AsRef<str>>(targets: &[S], r: OneOrMany<usize>, scale: f64) -> Self {
         Self {
             targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
             r,
             scale,
-            flora_dropout: 0.0,
-            init_weights: true,
-            common: CommonFields::default(),
+            ..Self::default()
         }
     }
 

@@ -81,17 +81,17 @@ const L: &str = "loldu_L.weight";
 const U: &str = "loldu_U.weight";
 const PERM: &str = "loldu_perm.weight";
 
-/// LoLDU's configuration.
+/// LoLDU's configuration ([`Default`]: `r` 8, `lora_alpha` 1, f64 LU; no `target_modules`,
+/// which [`validate`](Self::validate) requires).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct LolduConfig {
     /// Which modules are adapted.
     #[serde(flatten)]
     pub targeting: Targeting,
     /// Pivots kept per module.
-    #[serde(default = "default_r")]
     pub r: usize,
     /// `σ = lora_alpha / r`.
-    #[serde(default = "default_alpha")]
     pub lora_alpha: f64,
     /// Precision of the LU (the factors are stored in f32 either way).
     #[serde(default = "f64_precision", deserialize_with = "precision_or_f64")]
@@ -101,12 +101,17 @@ pub struct LolduConfig {
     pub common: CommonFields,
 }
 
-fn default_r() -> usize {
-    8
-}
-
-fn default_alpha() -> f64 {
-    1.0
+impl Default for LolduConfig {
+    /// `r` 8, `lora_alpha` 1 (the reference's), an f64 LU; no `target_modules`.
+    fn default() -> Self {
+        Self {
+            targeting: Targeting::default(),
+            r: 8,
+            lora_alpha: 1.0,
+            lu_dtype: Precision::F64,
+            common: CommonFields::default(),
+        }
+    }
 }
 
 impl LolduConfig {
@@ -115,9 +120,7 @@ impl LolduConfig {
         Self {
             targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
             r,
-            lora_alpha: default_alpha(),
-            lu_dtype: Precision::F64,
-            common: CommonFields::default(),
+            ..Self::default()
         }
     }
 

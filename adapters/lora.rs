@@ -112,17 +112,19 @@ const INIT_LORA_WEIGHTS: OptionSpec = OptionSpec {
     excludes: None,
 };
 
-/// `LoraConfig`, with PEFT's field names and defaults (except `lora_alpha`, see `new`).
+/// `LoraConfig`, with PEFT's field names and defaults ([`Default`]: `r` 8, `lora_alpha` 8,
+/// Kaiming-uniform `A` and `B = 0`, no `target_modules`). Build one with struct update:
+/// `LoraConfig { targeting: Targeting::new(ModuleSelector::list(&["q_proj"])), r: 16,
+/// ..Default::default() }`. [`validate`](Self::validate) requires `target_modules`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct LoraConfig {
     /// Which modules are adapted.
     #[serde(flatten)]
     pub targeting: Targeting,
     /// The rank (PEFT's default 8).
-    #[serde(default = "default_r")]
     pub r: usize,
     /// `α` of the scaling `α/r` (PEFT's default 8).
-    #[serde(default = "default_alpha")]
     pub lora_alpha: f64,
     /// Dropout on the adapter's input, in training.
     #[serde(default)]
@@ -205,29 +207,34 @@ impl Unsupported {
     }
 }
 
-fn default_r() -> usize {
-    8
-}
-
-fn default_alpha() -> f64 {
-    8.0
+impl Default for LoraConfig {
+    /// PEFT's defaults; no `target_modules` (set them before [`LoraConfig::validate`]).
+    fn default() -> Self {
+        Self {
+            targeting: Targeting::default(),
+            r: 8,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            use_rslora: false,
+            fan_in_fan_out: false,
+            init_lora_weights: InitLoraWeights::Bool(true),
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+            eva_config: None,
+            common: CommonFields::default(),
+        }
+    }
 }
 
 impl LoraConfig {
-    /// A config targeting `targets` (names or suffixes) with rank `r` and `α = lora_alpha`.
+    /// A config targeting `targets` (names or suffixes) with rank `r` and `α = lora_alpha`, the
+    /// rest [`Default`].
     pub fn new<S: AsRef<str>>(targets: &[S], r: usize, lora_alpha: f64) -> Self {
         Self {
             targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
             r,
             lora_alpha,
-            lora_dropout: 0.0,
-            use_rslora: false,
-            fan_in_fan_out: false,
-            init_lora_weights: InitLoraWeights::Bool(true),
-            rank_pattern: PatternMap::new(),
-            alpha_pattern: PatternMap::new(),
-            eva_config: None,
-            common: CommonFields::default(),
+            ..Self::default()
         }
     }
 

@@ -121,51 +121,51 @@ pub const METHOD: Method = Method::new(&MethodSpec {
     lora_pro_optimizer: false,
 });
 
-/// `RandLoraConfig`, with PEFT's field names and defaults.
+/// `RandLoraConfig`, with PEFT's field names and defaults ([`Default`]: `r` 32,
+/// `randlora_alpha` 640, no `target_modules`; [`validate`](Self::validate) requires them).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct RandLoraConfig {
     /// Which modules are adapted.
     #[serde(flatten)]
     pub targeting: Targeting,
     /// Rank of each random basis. Fewer trainable parameters as `r` grows (`n = ⌈k/r⌉`).
-    #[serde(default = "default_r")]
     pub r: usize,
     /// `α` of the scaling `α/r`.
-    #[serde(default = "default_alpha")]
     pub randlora_alpha: f64,
     /// Dropout on the adapter's input, in training.
-    #[serde(default)]
     pub randlora_dropout: f64,
     /// Seed of the ChaCha generator that draws new bases.
-    #[serde(default)]
     pub projection_prng_key: u64,
     /// Ternary bases with P(±1) = 1/6 each.
-    #[serde(default)]
     pub sparse: bool,
     /// Ternary bases with P(±1) = 1/(2√k_g) each; wins over `sparse`, as in PEFT.
-    #[serde(default)]
     pub very_sparse: bool,
     /// Kept so a file round-trips; layers built by `PeftBuilder` are `[out, in]` (see LoRA).
-    #[serde(default)]
     pub fan_in_fan_out: bool,
     /// `false` draws `Λ ~ N(0, 1)` and sets `Γ = 1/K`: not the identity (for tests).
-    #[serde(default = "default_true")]
     pub init_weights: bool,
     /// `task_type`, `base_model_name_or_path`, `revision`, `inference_mode`.
     #[serde(flatten)]
     pub common: CommonFields,
 }
 
-fn default_r() -> usize {
-    32
-}
-
-fn default_alpha() -> f64 {
-    640.0
-}
-
-fn default_true() -> bool {
-    true
+impl Default for RandLoraConfig {
+    /// PEFT's defaults; no `target_modules`.
+    fn default() -> Self {
+        Self {
+            targeting: Targeting::default(),
+            r: 32,
+            randlora_alpha: 640.0,
+            randlora_dropout: 0.0,
+            projection_prng_key: 0,
+            sparse: false,
+            very_sparse: false,
+            fan_in_fan_out: false,
+            init_weights: true,
+            common: CommonFields::default(),
+        }
+    }
 }
 
 /// `(out, in)` of the weight RandLoRA adapts: a conv kernel counts as `[out, in/g·kh·kw]`.
@@ -194,20 +194,14 @@ pub fn trainable_parameters(r: usize, layers: &[LayerGeometry]) -> Result<usize>
 }
 
 impl RandLoraConfig {
-    /// A config targeting `targets` with basis rank `r` and `randlora_alpha`; other fields take
-    /// PEFT's defaults.
+    /// A config targeting `targets` with basis rank `r` and `randlora_alpha`, the rest
+    /// [`Default`] (PEFT's).
     pub fn new<S: AsRef<str>>(targets: &[S], r: usize, randlora_alpha: f64) -> Self {
         Self {
             targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
             r,
             randlora_alpha,
-            randlora_dropout: 0.0,
-            projection_prng_key: 0,
-            sparse: false,
-            very_sparse: false,
-            fan_in_fan_out: false,
-            init_weights: true,
-            common: CommonFields::default(),
+            ..Self::default()
         }
     }
 

@@ -159,60 +159,56 @@ const VH: &str = "salt_Vh.weight";
 /// unique, and a new SVD may rotate them).
 const TIE_TOLERANCE: f64 = 1e-6;
 
-/// SALT's configuration.
+/// SALT's configuration ([`Default`]: `r_t` from `ratio_salt` 0.1, `r_lora` 8, stored factors,
+/// f64 SVD, `reg_weight` 0; no `target_modules`, which [`validate`](Self::validate) requires).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct SaltConfig {
     /// Which modules are adapted.
     #[serde(flatten)]
     pub targeting: Targeting,
     /// Singular values that get scale and shift; `None` takes `max(1, ⌊k · ratio_salt⌋)`.
-    #[serde(default)]
     pub r_t: Option<usize>,
     /// The share of `k` that gets scale and shift when `r_t` is not given.
-    #[serde(default = "default_ratio")]
     pub ratio_salt: f64,
     /// Rank of `X Y` inside the residual block (any; as the reference, not limited to `k − r_t`).
-    #[serde(default = "default_r_lora")]
     pub r_lora: usize,
     /// Save `U`, `σ`, `Vᵀ` in the adapter file.
-    #[serde(default = "default_store_factors")]
     pub store_factors: bool,
     /// Precision of the SVD (the factors are stored in f32 either way).
     #[serde(default = "f64_precision", deserialize_with = "precision_or_f64")]
     pub svd_dtype: Precision,
     /// Weight `λ` of the regulariser in the training loss (0: not added).
-    #[serde(default)]
     pub reg_weight: f64,
     /// `task_type`, `base_model_name_or_path`, `revision`, `inference_mode`.
     #[serde(flatten)]
     pub common: CommonFields,
 }
 
-fn default_ratio() -> f64 {
-    0.1
-}
-
-fn default_r_lora() -> usize {
-    8
-}
-
-fn default_store_factors() -> bool {
-    true
-}
-
-impl SaltConfig {
-    /// A config targeting `targets` with `r_t` from `ratio_salt = 0.1`, the given `r_lora`, and
-    /// stored factors.
-    pub fn new<S: AsRef<str>>(targets: &[S], r_lora: usize) -> Self {
+impl Default for SaltConfig {
+    /// The reference's `ratio_salt` 0.1 and `SALTLinear`'s `r_lora` 8; no `target_modules`.
+    fn default() -> Self {
         Self {
-            targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
+            targeting: Targeting::default(),
             r_t: None,
-            ratio_salt: default_ratio(),
-            r_lora,
+            ratio_salt: 0.1,
+            r_lora: 8,
             store_factors: true,
             svd_dtype: Precision::F64,
             reg_weight: 0.0,
             common: CommonFields::default(),
+        }
+    }
+}
+
+impl SaltConfig {
+    /// A config targeting `targets` with the given `r_lora`, the rest [`Default`] (`r_t` from
+    /// `ratio_salt = 0.1`, stored factors).
+    pub fn new<S: AsRef<str>>(targets: &[S], r_lora: usize) -> Self {
+        Self {
+            targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
+            r_lora,
+            ..Self::default()
         }
     }
 

@@ -84,17 +84,17 @@ const SIGMA0: &str = "svfit_S0.weight";
 const U: &str = "svfit_U.weight";
 const VH: &str = "svfit_Vh.weight";
 
-/// SVFit's configuration.
+/// SVFit's configuration ([`Default`]: rank by `energy` 0.99, f64 SVD; no `target_modules`,
+/// which [`validate`](Self::validate) requires).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct SvfitConfig {
     /// Which modules are adapted.
     #[serde(flatten)]
     pub targeting: Targeting,
     /// A fixed rank for every module; `None` picks it per module by `energy`.
-    #[serde(default)]
     pub r: Option<usize>,
     /// Share of `‖W‖_F²` the kept singular values must hold, in (0, 1] (when `r` is `None`).
-    #[serde(default = "default_energy")]
     pub energy: f64,
     /// Precision of the SVD, f64 by default (the factors are stored in f32 either way; see
     /// [`linalg::top_svd`] for the method each precision uses).
@@ -105,8 +105,17 @@ pub struct SvfitConfig {
     pub common: CommonFields,
 }
 
-fn default_energy() -> f64 {
-    0.99
+impl Default for SvfitConfig {
+    /// The rank from the energy rule (0.99), an f64 SVD; no `target_modules`.
+    fn default() -> Self {
+        Self {
+            targeting: Targeting::default(),
+            r: None,
+            energy: 0.99,
+            svd_dtype: Precision::F64,
+            common: CommonFields::default(),
+        }
+    }
 }
 
 impl SvfitConfig {
@@ -114,10 +123,7 @@ impl SvfitConfig {
     pub fn new<S: AsRef<str>>(targets: &[S]) -> Self {
         Self {
             targeting: Targeting::new(crate::config::ModuleSelector::list(targets)),
-            r: None,
-            energy: default_energy(),
-            svd_dtype: Precision::F64,
-            common: CommonFields::default(),
+            ..Self::default()
         }
     }
 

@@ -33,15 +33,29 @@ pub mod train;
 pub use adapter::{Adapter, Conv2dParams, LayerGeometry, Method};
 pub use adapters::AdapterConfig;
 pub use adapters::lora::{LoraAdapter, LoraConfig};
+// Every method's config and the types of its fields, so that
+// `SaltConfig { targeting, r_lora: 16, ..Default::default() }` needs only the crate root.
+pub use adapters::corda::{CordaConfig, CordaInit, CordaMethod};
+pub use adapters::flora::FloraConfig;
+pub use adapters::loldu::LolduConfig;
+pub use adapters::lora::InitLoraWeights;
+pub use adapters::randlora::RandLoraConfig;
+pub use adapters::salt::SaltConfig;
+pub use adapters::svfit::SvfitConfig;
 pub use builder::PeftBuilder;
-pub use config::{ModuleSelector, Targeting};
+pub use config::{
+    CommonFields, ConfigFields, EvaConfig, MethodConfig, ModuleSelector, OneOrMany, PatternMap,
+    Targeting,
+};
 pub use error::{NoGradientCause, PeftError, Result};
 pub use generate::{GenerationConfig, generate, generate_uncached};
 pub use layer::{LayerHandle, PeftConv2d, PeftLinear};
+pub use linalg::Precision;
 pub use model::{DEFAULT_ADAPTER, PeftModel};
 pub use models::Pretrained;
 pub use models::bert::{BertConfig, BertModel};
 pub use models::llama::{KvCache, LlamaConfig, LlamaForCausalLM, load_causal_tokenizer};
+pub use optim::lora_pro::{LoraProConfig, LoraProMode};
 pub use optim::{AdamW, AdamWConfig, LrSchedule, Schedule, Warmup};
 pub use tasks::{CausalLmTask, ClassifyEval, ClassifyTask, TaskOptions};
 pub use train::{EvalReport, TrainConfig, TrainReport, TrainTask, Trainer};
