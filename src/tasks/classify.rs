@@ -417,7 +417,8 @@ pub fn model_labels(source: &ModelSource) -> Result<Option<Vec<String>>> {
 /// Writes `dir/labels.json` (atomically): `{"id2label": {"0": name, …}, "label2id": {…}}`.
 pub fn write_labels(dir: &Path, labels: &[String]) -> Result<()> {
     let (id2label, label2id) = crate::models::heads::label_maps(labels);
-    let value = serde_json::json!({ "id2label": id2label, "label2id": label2id });
+    let mut value = serde_json::json!({ "id2label": id2label, "label2id": label2id });
+    crate::config::sort_keys(&mut value, &[]);
     let text = serde_json::to_string_pretty(&value)
         .map_err(|e| PeftError::config(LABELS_FILE, e.to_string()))?;
     fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
