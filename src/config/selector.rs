@@ -41,7 +41,12 @@ impl PyRegex {
     }
 
     /// The text of the named group `name` in the first match, if any.
-    pub(crate) fn named_group(&self, text: &str, name: &str, field: &str) -> Result<Option<String>> {
+    pub(crate) fn named_group(
+        &self,
+        text: &str,
+        name: &str,
+        field: &str,
+    ) -> Result<Option<String>> {
         let caps = self
             .0
             .captures(text)

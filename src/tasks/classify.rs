@@ -504,7 +504,8 @@ fn require_bert_folder(source: &ModelSource) -> Result<()> {
 /// The text of [`LABELS_FILE`]: `{"id2label": {"0": name, …}, "label2id": {…}}`, pretty-printed.
 pub fn labels_json(labels: &[String]) -> Result<String> {
     let (id2label, label2id) = crate::models::heads::label_maps(labels);
-    let value = serde_json::json!({ "id2label": id2label, "label2id": label2id });
+    let mut value = serde_json::json!({ "id2label": id2label, "label2id": label2id });
+    crate::config::sort_keys(&mut value, &[]);
     let text = serde_json::to_string_pretty(&value)
         .map_err(|e| PeftError::config(LABELS_FILE, e.to_string()))?;
     Ok(format!("{text}\n"))

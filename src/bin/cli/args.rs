@@ -53,8 +53,9 @@ pub struct TrainArgs {
     /// Also write merged weights to DIR/merged/.
     #[arg(long)]
     pub merge: bool,
-    /// Modules to adapt, comma-separated names or suffixes [default: query,value for classify;
-    /// q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj for causal-lm].
+    /// Modules to adapt, comma-separated names or suffixes, or `all-linear` [default:
+    /// query,value for classify; q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj for
+    /// causal-lm].
     #[arg(long, value_delimiter = ',', conflicts_with = "config")]
     pub targets: Option<Vec<String>>,
     /// The method's rank (LoRA and LoLDU r [8], RandLoRA r [32], SVFit r [from energy],

@@ -56,7 +56,12 @@ pub fn adapter_config(
 
     let mut json = defaults(method, cli)?;
     json.insert("peft_type".into(), json!(method.peft_type()));
-    json.insert("target_modules".into(), json!(targets));
+    // `--targets all-linear` is PEFT's string shorthand, not a module name.
+    let target_modules = match targets {
+        [one] if one.eq_ignore_ascii_case(candle_peft::config::ALL_LINEAR) => json!(one),
+        _ => json!(targets),
+    };
+    json.insert("target_modules".into(), target_modules);
     if let (Some(key), Some(r)) = (cli.rank, rank) {
         json.insert(key.into(), json!(r));
     }
