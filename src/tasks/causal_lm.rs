@@ -206,7 +206,9 @@ impl CausalLmTask {
     pub fn export_merged(self, out_dir: impl AsRef<Path>) -> Result<()> {
         let Some(source) = self.source else {
             return Err(PeftError::Unsupported(
-                "this CausalLmTask was built with CausalLmTask::new and has no model source to                  export from; load it with from_pretrained or from_source, or call                  LlamaForCausalLM::export_merged with the source"
+                "this CausalLmTask was built with CausalLmTask::new and has no model source to \
+                 export from; load it with from_pretrained or from_source, or call \
+                 LlamaForCausalLM::export_merged with the source"
                     .to_string(),
             ));
         };
