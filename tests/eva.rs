@@ -776,9 +776,11 @@ fn smollm2_v_proj_takes_a_rank_above_its_out_as_in_peft() {
         seed: 3,
         ..Default::default()
     };
-    let mut task =
-        candle_peft::tasks::CausalLmTask::from_pretrained(common::smollm2_gguf().to_str().unwrap(), opts)
-            .unwrap();
+    let mut task = candle_peft::tasks::CausalLmTask::from_pretrained(
+        common::smollm2_gguf().to_str().unwrap(),
+        opts,
+    )
+    .unwrap();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let examples = task
         .read_examples(&root.join("data/shakespeare/train.txt"), false)
