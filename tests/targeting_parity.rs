@@ -273,6 +273,7 @@ fn we_refuse_what_peft_refuses_naming_the_field() {
             _ => panic!("{name}: unexpected error {err:?}"),
         }
         assert!(msg.contains(text), "{name}: {msg}");
+        println!("{name}: {msg}");
     }
     assert!(seen >= 5);
 }

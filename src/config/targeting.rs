@@ -418,7 +418,7 @@ impl Targeting {
             excluded: pick(Verdict::Excluded),
             saved: pick(Verdict::Saved),
             layers: rules.layers.clone().unwrap_or_default(),
-            layers_pattern: (!patterns.is_empty()).then(|| format!("layers_pattern {patterns:?}")),
+            layers_pattern: (!patterns.is_empty()).then(|| format!("{patterns:?}")),
         }))
     }
 
