@@ -170,8 +170,9 @@ pub struct CordaFactors {
     pub b: Tensor,
 }
 
-/// Init factors handed to [`CordaConfig`] for [`PeftModel::add_adapter`]; not configuration
-/// (never saved, ignored by equality).
+/// Init factors handed to [`CordaConfig`] for
+/// [`PeftModel::add_adapter`](crate::PeftModel::add_adapter); not configuration (never saved,
+/// ignored by equality).
 #[derive(Clone, Default)]
 pub struct CordaInit(Option<Arc<BTreeMap<String, CordaFactors>>>);
 
@@ -275,7 +276,8 @@ impl CordaConfig {
         config
     }
 
-    /// This config carrying the init factors of a calibration ([`corda_factors`]), so that
+    /// This config carrying the init factors of a calibration
+    /// ([`corda_factors`](crate::data_init::corda::corda_factors)), so that
     /// `PeftModel::add_adapter` can build the adapters.
     pub fn with_init(mut self, factors: BTreeMap<String, CordaFactors>) -> Self {
         self.init = CordaInit(Some(Arc::new(factors)));

@@ -23,9 +23,9 @@
 //! Weight decay on `z` would pull the pivots towards 0 (away from the pretrained weight), so
 //! [`Adapter::no_weight_decay`] names it and the trainer's AdamW skips it.
 //!
-//! File (`peft_type` "LOLDU"), per adapted module: `loldu_z.weight` ([r]), `loldu_D.weight`
-//! (`D_r`, [r]), `loldu_L.weight` (`L_r`, [out, r]), `loldu_U.weight` (`Ū_r`, [r, in_flat]),
-//! all f32, and `loldu_perm.weight` (u32, [out]). The reference saves only `z` and redoes the LU
+//! File (`peft_type` "LOLDU"), per adapted module: `loldu_z.weight` (`[r]`), `loldu_D.weight`
+//! (`D_r`, `[r]`), `loldu_L.weight` (`L_r`, `[out, r]`), `loldu_U.weight` (`Ū_r`, `[r, in_flat]`),
+//! all f32, and `loldu_perm.weight` (u32, `[out]`). The reference saves only `z` and redoes the LU
 //! on load; storing the factors makes the file independent of the LU's rounding and lets a merge
 //! run without the base weight.
 
@@ -419,7 +419,7 @@ impl LolduAdapter {
         &self.d
     }
 
-    /// `perm` (u32, [out]): row i of `L U` is row `perm[i]` of W.
+    /// `perm` (u32, `[out]`): row i of `L U` is row `perm[i]` of W.
     pub fn perm(&self) -> &Tensor {
         &self.perm
     }

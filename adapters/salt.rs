@@ -63,8 +63,8 @@
 //!
 //! File (`peft_type` "SALT"), per adapted module: `salt_scale.weight` (α), `salt_shift.weight`
 //! (β), `salt_X.weight`, `salt_Y.weight` (absent when `k = r_t`), and with `store_factors`
-//! (default true) the frozen factors `salt_U.weight` ([out, k]), `salt_S.weight` ([k]),
-//! `salt_Vh.weight` ([k, in_flat]), all f32. Without them the file is small, but loading
+//! (default true) the frozen factors `salt_U.weight` (`[out, k]`), `salt_S.weight` (`[k]`),
+//! `salt_Vh.weight` (`[k, in_flat]`), all f32. Without them the file is small, but loading
 //! needs the pristine base weight to redo the SVD (a merge without model code cannot).
 
 use std::collections::BTreeMap;

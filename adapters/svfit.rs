@@ -18,9 +18,9 @@
 //! Weight decay must not touch `σ'`: it would shrink the principal spectrum of W towards 0.
 //! [`Adapter::no_weight_decay`] names it, and the trainer's AdamW skips it.
 //!
-//! File (`peft_type` "SVFIT"), per adapted module: `svfit_S.weight` (`σ'`, [r]),
-//! `svfit_S0.weight` (`σ_r`, [r]), `svfit_U.weight` ([out, r]), `svfit_Vh.weight`
-//! ([r, in_flat]), all f32. The bases are stored because a new SVD of W need not reproduce the
+//! File (`peft_type` "SVFIT"), per adapted module: `svfit_S.weight` (`σ'`, `[r]`),
+//! `svfit_S0.weight` (`σ_r`, `[r]`), `svfit_U.weight` (`[out, r]`), `svfit_Vh.weight`
+//! (`[r, in_flat]`), all f32. The bases are stored because a new SVD of W need not reproduce the
 //! same vectors (ties, rounding), and the merge needs no base weight to rebuild them.
 
 use std::collections::BTreeMap;
