@@ -7,6 +7,7 @@
 //! - [`causal_lm::CausalLmTask`]: next-token prediction on the Llama family, on packed text or
 //!   prompt/response pairs (cross-entropy; perplexity).
 
+pub mod calibrated;
 /// Next-token prediction on Llama-family models.
 pub mod causal_lm;
 /// Sequence classification on BERT-family encoders.
