@@ -19,6 +19,7 @@ use candle_core::Device;
 use crate::error::{PeftError, Result};
 use crate::model::PeftModel;
 
+pub mod calibrated;
 /// Next-token prediction on Llama-family models.
 pub mod causal_lm;
 /// Sequence classification on BERT-family encoders.

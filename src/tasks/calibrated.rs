@@ -1,0 +1,381 @@
+//! Data-driven initialisation as methods of the tasks: EVA and CorDA adapters calibrated on
+//! texts, with the task's own tokenizer, batching and forward.
+//!
+//! ```text
+//! task.add_eva_adapter(name, lora_config, texts, &EvaInitOptions::default())
+//!     texts → calibration batches (the task's tokenizer, ≤ batch_size sequences each,
+//!             ≤ max_batches batches, sequences cut to the task's length)
+//!     config → made for the task (classification: the classifier in modules_to_save and
+//!              task_type SEQ_CLS; causal LM: task_type CAUSAL_LM), init_lora_weights "eva"
+//!     data_init::eva::add_eva_adapter(model, name, config, batches, the task's forward)
+//!     → CalibrationReport { ranks, batches, tokens, seconds, config, … }
+//! task.add_corda_adapter(name, corda_config, texts, &CordaInitOptions::default())
+//!     the same with data_init::corda::add_corda_adapter
+//! ```
+//!
+//! The forward is the task model's: `BertForSequenceClassification::forward(ids, mask)` for
+//! [`ClassifyTask`], the Llama trunk's `forward_hidden(ids, mask)` (no LM head: no layer after
+//! it is calibrated) for [`CausalLmTask`]. A causal-LM text is tokenised without special tokens
+//! and packed into sequences of at most the task's `seq_len` (the last, shorter piece kept);
+//! [`CausalLmTask::add_eva_adapter_from_examples`] takes ready examples instead, whose prompt
+//! tokens (`loss_from`) EVA leaves out when its `use_label_mask` is on (PEFT's label mask).
+//! The adapters are exactly those of the `data_init` drivers on the same batches.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::causal_lm::{CausalLmTask, LmExample, TASK_TYPE as CAUSAL_LM};
+use super::classify::{ClassifyTask, for_classification};
+use crate::adapters::AdapterConfig;
+use crate::adapters::corda::{CordaConfig, CordaMethod};
+use crate::adapters::lora::{InitLoraWeights, LoraConfig};
+use crate::config::{EvaConfig, MethodConfig};
+use crate::data::{pad_batch, pad_id};
+use crate::data_init::corda::{self, CordaOptions};
+use crate::data_init::eva::{self, EvaOptions};
+use crate::data_init::{CalibrationBatch, text_batches};
+use crate::error::{PeftError, Result};
+use crate::model::PeftModel;
+
+/// Sequences per calibration batch unless set (the CLI's `--batch` default).
+pub const DEFAULT_CALIBRATION_BATCH: usize = 16;
+/// Calibration batches built at most unless set (the CLI's `--calib-batches` default).
+pub const DEFAULT_CALIBRATION_BATCHES: usize = 32;
+
+/// Settings of [`ClassifyTask::add_eva_adapter`] and [`CausalLmTask::add_eva_adapter`].
+#[derive(Clone, Debug)]
+pub struct EvaInitOptions {
+    /// Sequences per calibration batch (default [`DEFAULT_CALIBRATION_BATCH`]).
+    pub batch_size: usize,
+    /// Most calibration batches built from the texts (default
+    /// [`DEFAULT_CALIBRATION_BATCHES`]); EVA cycles them until its components converge.
+    pub max_batches: usize,
+    /// EVA's settings (ρ, τ, whitening, the label mask, scaling); `None` keeps the config's
+    /// `eva_config`, or PEFT's defaults when it has none.
+    pub eva_config: Option<EvaConfig>,
+    /// The pass: the iteration cap, the PCA's SVD and the progress bar.
+    pub pass: EvaOptions,
+}
+
+impl Default for EvaInitOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: DEFAULT_CALIBRATION_BATCH,
+            max_batches: DEFAULT_CALIBRATION_BATCHES,
+            eva_config: None,
+            pass: EvaOptions::default(),
+        }
+    }
+}
+
+/// Settings of [`ClassifyTask::add_corda_adapter`] and [`CausalLmTask::add_corda_adapter`].
+#[derive(Clone, Debug)]
+pub struct CordaInitOptions {
+    /// Sequences per calibration batch (default [`DEFAULT_CALIBRATION_BATCH`]).
+    pub batch_size: usize,
+    /// Most calibration batches built from the texts (default
+    /// [`DEFAULT_CALIBRATION_BATCHES`]); each runs once.
+    pub max_batches: usize,
+    /// IPM or KPM; `None` keeps the config's `corda_method`.
+    pub corda_method: Option<CordaMethod>,
+    /// The pass: the progress bar.
+    pub pass: CordaOptions,
+}
+
+impl Default for CordaInitOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: DEFAULT_CALIBRATION_BATCH,
+            max_batches: DEFAULT_CALIBRATION_BATCHES,
+            corda_method: None,
+            pass: CordaOptions::default(),
+        }
+    }
+}
+
+/// What a calibrated initialisation did.
+#[derive(Clone, Debug)]
+pub struct CalibrationReport {
+    /// Every targeted linear layer → its rank (EVA: after the redistribution; 0 = no adapter).
+    pub ranks: std::collections::BTreeMap<String, usize>,
+    /// EVA: targeted layers it cannot initialise (conv2d), given LoRA's standard init.
+    pub fallback: Vec<String>,
+    /// The layers of each input group with more than one member (one statistic each).
+    pub shared_inputs: Vec<Vec<String>>,
+    /// Calibration batches built from the texts.
+    pub batches: usize,
+    /// Counted tokens in them.
+    pub tokens: usize,
+    /// Batches run through the model after the grouping forward (EVA cycles the batches until
+    /// convergence; CorDA runs each once).
+    pub forward_passes: usize,
+    /// Wall-clock seconds of the calibration and the adapter's creation.
+    pub seconds: f64,
+    /// The config the adapter was added with (and is saved with).
+    pub config: AdapterConfig,
+}
+
+impl ClassifyTask {
+    /// Adds adapter `name` with EVA's init from a calibration pass over `texts`: `config` is
+    /// made for classification (the classifier becomes a `modules_to_save` module), batched
+    /// with the task's tokenizer and length. The model's output is unchanged.
+    pub fn add_eva_adapter<S: AsRef<str>>(
+        &mut self,
+        name: &str,
+        config: LoraConfig,
+        texts: &[S],
+        options: &EvaInitOptions,
+    ) -> Result<CalibrationReport> {
+        let AdapterConfig::Lora(config) = for_classification(config) else {
+            return Err(PeftError::config("config", "EVA initialises a LoRA config"));
+        };
+        let batches = self.text_batches(texts, options.batch_size, options.max_batches)?;
+        run_eva(self.model_mut(), name, config, &batches, options, |m, b| {
+            m.forward(&b.input_ids, &b.attention_mask).map(|_| ())
+        })
+    }
+
+    /// Adds adapter `name` initialised by CorDA from a calibration pass over `texts` (see
+    /// [`add_eva_adapter`](Self::add_eva_adapter) for the batching). The model's output is
+    /// unchanged.
+    pub fn add_corda_adapter<S: AsRef<str>>(
+        &mut self,
+        name: &str,
+        config: CordaConfig,
+        texts: &[S],
+        options: &CordaInitOptions,
+    ) -> Result<CalibrationReport> {
+        let AdapterConfig::Corda(config) = for_classification(config) else {
+            return Err(PeftError::config(
+                "config",
+                "CorDA initialises a CORDA config",
+            ));
+        };
+        let batches = self.text_batches(texts, options.batch_size, options.max_batches)?;
+        run_corda(self.model_mut(), name, config, &batches, options, |m, b| {
+            m.forward(&b.input_ids, &b.attention_mask).map(|_| ())
+        })
+    }
+
+    fn text_batches<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        batch_size: usize,
+        max_batches: usize,
+    ) -> Result<Vec<CalibrationBatch>> {
+        let refs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
+        text_batches(
+            self.tokenizer(),
+            &refs,
+            batch_size,
+            max_batches,
+            self.max_len(),
+            self.device(),
+        )
+    }
+}
+
+impl CausalLmTask {
+    /// Adds adapter `name` with EVA's init from a calibration pass over `texts`, each packed
+    /// into sequences of at most the task's `seq_len` tokens; the config gets `task_type`
+    /// CAUSAL_LM. The model's output is unchanged.
+    pub fn add_eva_adapter<S: AsRef<str>>(
+        &mut self,
+        name: &str,
+        config: LoraConfig,
+        texts: &[S],
+        options: &EvaInitOptions,
+    ) -> Result<CalibrationReport> {
+        let examples = self.calibration_examples(texts)?;
+        self.add_eva_adapter_from_examples(name, config, &examples, options)
+    }
+
+    /// As [`add_eva_adapter`](Self::add_eva_adapter), from examples: with EVA's
+    /// `use_label_mask` (the default) only the tokens from each example's `loss_from` on count.
+    pub fn add_eva_adapter_from_examples(
+        &mut self,
+        name: &str,
+        mut config: LoraConfig,
+        examples: &[LmExample],
+        options: &EvaInitOptions,
+    ) -> Result<CalibrationReport> {
+        config.set_task_type(Some(CAUSAL_LM.to_string()));
+        let label_mask = eva_settings(&config, options).use_label_mask;
+        let batches = self.lm_batches(
+            examples,
+            options.batch_size,
+            options.max_batches,
+            label_mask,
+        )?;
+        run_eva(self.model_mut(), name, config, &batches, options, |m, b| {
+            m.forward_hidden(&b.input_ids, Some(&b.attention_mask))
+                .map(|_| ())
+        })
+    }
+
+    /// Adds adapter `name` initialised by CorDA from a calibration pass over `texts` (packed
+    /// as in [`add_eva_adapter`](Self::add_eva_adapter)). The model's output is unchanged.
+    pub fn add_corda_adapter<S: AsRef<str>>(
+        &mut self,
+        name: &str,
+        config: CordaConfig,
+        texts: &[S],
+        options: &CordaInitOptions,
+    ) -> Result<CalibrationReport> {
+        let examples = self.calibration_examples(texts)?;
+        self.add_corda_adapter_from_examples(name, config, &examples, options)
+    }
+
+    /// As [`add_corda_adapter`](Self::add_corda_adapter), from examples; every token counts.
+    pub fn add_corda_adapter_from_examples(
+        &mut self,
+        name: &str,
+        mut config: CordaConfig,
+        examples: &[LmExample],
+        options: &CordaInitOptions,
+    ) -> Result<CalibrationReport> {
+        config.set_task_type(Some(CAUSAL_LM.to_string()));
+        let batches = self.lm_batches(examples, options.batch_size, options.max_batches, false)?;
+        run_corda(self.model_mut(), name, config, &batches, options, |m, b| {
+            m.forward_hidden(&b.input_ids, Some(&b.attention_mask))
+                .map(|_| ())
+        })
+    }
+
+    /// Each text packed into sequences of at most `seq_len` tokens (the shorter last one kept).
+    fn calibration_examples<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<LmExample>> {
+        if texts.is_empty() {
+            return Err(PeftError::config("calibration data", "no texts"));
+        }
+        let mut examples = Vec::new();
+        for text in texts {
+            examples.extend(self.text_examples(text.as_ref(), true)?);
+        }
+        Ok(examples)
+    }
+
+    /// Right-padded batches of `examples`; with `label_mask`, only positions from `loss_from`
+    /// on count.
+    fn lm_batches(
+        &self,
+        examples: &[LmExample],
+        batch_size: usize,
+        max_batches: usize,
+        label_mask: bool,
+    ) -> Result<Vec<CalibrationBatch>> {
+        if batch_size == 0 || max_batches == 0 {
+            return Err(PeftError::config(
+                "calibration batches",
+                format!(
+                    "batch size and batch count must be at least 1 (got {batch_size} and \
+                     {max_batches})"
+                ),
+            ));
+        }
+        let device = self
+            .model()
+            .layers()
+            .first()
+            .map(|l| l.weight().device().clone())
+            .unwrap_or(Device::Cpu);
+        let pad = pad_id(self.tokenizer());
+        let mut out = Vec::new();
+        for chunk in examples.chunks(batch_size).take(max_batches) {
+            let seqs: Vec<Vec<u32>> = chunk.iter().map(|e| e.ids.clone()).collect();
+            let b = pad_batch(&seqs, pad, &device)?;
+            let mut calib = CalibrationBatch::new(b.input_ids, b.attention_mask);
+            if label_mask {
+                let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+                let mut mask = vec![0u32; chunk.len() * t];
+                for (i, e) in chunk.iter().enumerate() {
+                    for pos in e.loss_from..e.ids.len() {
+                        mask[i * t + pos] = 1;
+                    }
+                }
+                calib = calib.with_token_mask(Tensor::from_vec(mask, (chunk.len(), t), &device)?);
+            }
+            out.push(calib);
+        }
+        if out.is_empty() {
+            return Err(PeftError::config(
+                "calibration data",
+                "no sequences of at least 2 tokens",
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// The EVA settings a run uses: the options', else the config's, else PEFT's defaults.
+fn eva_settings(config: &LoraConfig, options: &EvaInitOptions) -> EvaConfig {
+    options
+        .eva_config
+        .clone()
+        .or_else(|| config.eva_config.clone())
+        .unwrap_or_default()
+}
+
+fn usable_tokens(batches: &[CalibrationBatch]) -> Result<usize> {
+    batches
+        .iter()
+        .map(CalibrationBatch::usable_tokens)
+        .sum::<Result<usize>>()
+}
+
+fn run_eva<M>(
+    model: &mut PeftModel<M>,
+    name: &str,
+    mut config: LoraConfig,
+    batches: &[CalibrationBatch],
+    options: &EvaInitOptions,
+    forward: impl FnMut(&M, &CalibrationBatch) -> Result<()>,
+) -> Result<CalibrationReport> {
+    let start = Instant::now();
+    config.eva_config = Some(eva_settings(&config, options));
+    config.init_lora_weights = InitLoraWeights::Named("eva".into());
+    let tokens = usable_tokens(batches)?;
+    let report = eva::add_eva_adapter(model, name, config, batches, forward, &options.pass)?;
+    Ok(CalibrationReport {
+        ranks: report.state.ranks(),
+        fallback: report.state.fallback.clone(),
+        shared_inputs: report.state.shared_inputs.clone(),
+        batches: batches.len(),
+        tokens,
+        forward_passes: report.state.iterations,
+        seconds: start.elapsed().as_secs_f64(),
+        config: report.config.into(),
+    })
+}
+
+fn run_corda<M>(
+    model: &mut PeftModel<M>,
+    name: &str,
+    mut config: CordaConfig,
+    batches: &[CalibrationBatch],
+    options: &CordaInitOptions,
+    forward: impl FnMut(&M, &CalibrationBatch) -> Result<()>,
+) -> Result<CalibrationReport> {
+    let start = Instant::now();
+    if let Some(method) = options.corda_method {
+        config.corda_method = method;
+    }
+    let tokens = usable_tokens(batches)?;
+    let saved = config.clone();
+    let state = corda::add_corda_adapter(model, name, config, batches, forward, &options.pass)?;
+    let ranks = state
+        .factors
+        .iter()
+        .map(|(layer, f)| Ok((layer.clone(), f.a.dim(0)?)))
+        .collect::<Result<_>>()?;
+    Ok(CalibrationReport {
+        ranks,
+        fallback: Vec::new(),
+        shared_inputs: state.shared_inputs,
+        batches: batches.len(),
+        tokens,
+        forward_passes: batches.len(),
+        seconds: start.elapsed().as_secs_f64(),
+        config: saved.into(),
+    })
+}
