@@ -7,12 +7,9 @@
 use std::path::Path;
 
 use anyhow::{Result, ensure};
-use candle_peft::adapters::lora::InitLoraWeights;
-use candle_peft::config::EvaConfig;
 use candle_peft::data::{read_tsv, read_tsv_with_labels};
-use candle_peft::data_init::eva::{EvaOptions, add_eva_adapter};
-use candle_peft::data_init::text_batches;
 use candle_peft::tasks::TaskOptions;
+use candle_peft::tasks::calibrated::EvaInitOptions;
 use candle_peft::tasks::classify::{self, ClassifyTask};
 use candle_peft::{LoraConfig, TrainConfig, Trainer};
 
@@ -38,16 +35,13 @@ pub fn run(model: &str, data: &Path, n: usize, steps: usize, out: &Path) -> Resu
     };
     let mut task = ClassifyTask::from_pretrained(model, &train.labels, opts.clone())?;
 
-    // TODO(lead): with `ClassifyTask::add_eva_adapter` (issue 15, item 4) this block is one call.
-    let mut lora = LoraConfig::new(&["query", "value"], 8, 16.0);
-    lora.init_lora_weights = InitLoraWeights::Named("eva".into());
-    lora.eva_config = Some(EvaConfig::default());
-    lora.targeting.modules_to_save = Some(vec![classify::CLASSIFIER_MODULE.into()]);
-    lora.common.task_type = Some(classify::TASK_TYPE.into());
-    let texts = train.texts();
-    let batches = text_batches(task.tokenizer(), &texts, 16, 8, 64, task.device())?;
-    let (eva, forward) = (EvaOptions::default(), classify_forward);
-    add_eva_adapter(task.model_mut(), "default", lora, &batches, forward, &eva)?;
+    let lora = LoraConfig::new(&["query", "value"], 8, 16.0);
+    let eva = EvaInitOptions {
+        batch_size: 16,
+        max_batches: 8,
+        ..EvaInitOptions::default()
+    };
+    task.add_eva_adapter("default", lora, &train.texts(), &eva)?;
 
     let before = task.evaluate_full(&valid.examples)?.loss;
     let config = TrainConfig {
@@ -72,14 +66,6 @@ pub fn run(model: &str, data: &Path, n: usize, steps: usize, out: &Path) -> Resu
         accuracy: after.accuracy,
         merged_vs_adapted: diff.to_scalar()?,
     })
-}
-
-/// The classifier's forward on one calibration batch (EVA records the layer inputs).
-fn classify_forward(
-    m: &candle_peft::models::heads::BertForSequenceClassification,
-    b: &candle_peft::data_init::CalibrationBatch,
-) -> candle_peft::Result<()> {
-    m.forward(&b.input_ids, &b.attention_mask).map(|_| ())
 }
 
 fn main() -> Result<()> {
