@@ -282,11 +282,14 @@ fn optimizer_state_round_trips_by_name() {
     }
 }
 
+/// `(name, dtype, shape)` of a tensor in a file.
+type TensorEntry = (String, String, Vec<usize>);
+
 /// `(name, dtype, shape)` of every tensor of a safetensors file, by name, and its metadata.
-fn layout(path: &std::path::Path) -> (Vec<(String, String, Vec<usize>)>, Vec<(String, String)>) {
+fn layout(path: &std::path::Path) -> (Vec<TensorEntry>, Vec<(String, String)>) {
     let bytes = std::fs::read(path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let mut tensors: Vec<(String, String, Vec<usize>)> = meta
+    let mut tensors: Vec<TensorEntry> = meta
         .tensors()
         .into_iter()
         .map(|(n, info)| (n, format!("{:?}", info.dtype), info.shape.clone()))
