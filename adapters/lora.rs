@@ -37,8 +37,7 @@ use crate::adapters::support::saved_tensor;
 pub use crate::config::EvaConfig;
 use crate::config::{
     CommonFields, ConfigFields, InitContext, LoadContext, MethodConfig, PatternMap, Targeting,
-    json_number,
-    pattern_value, peft_json, to_json,
+    json_number, pattern_value, peft_json, to_json,
 };
 use crate::error::{PeftError, Result};
 use crate::init::{self, Dropout};
