@@ -26,8 +26,11 @@ use common::tiny::{Tiny, bits, lora_random_b, tiny_image, tiny_input, tiny_model
 
 /// A `VarBuilder` backend that records every `(name, shape, init hint)` it is asked for and
 /// returns zeros: it shows which hints a layer constructor passes.
+/// `(tensor name, shape, init hint)`.
+type Request = (String, Vec<usize>, String);
+
 #[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<(String, Vec<usize>, String)>>>);
+struct Recorder(Arc<Mutex<Vec<Request>>>);
 
 impl SimpleBackend for Recorder {
     fn get(
@@ -59,7 +62,7 @@ impl Recorder {
         VarBuilder::from_backend(Box::new(self.clone()), DType::F32, Device::Cpu)
     }
 
-    fn take(&self) -> Vec<(String, Vec<usize>, String)> {
+    fn take(&self) -> Vec<Request> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
 }
@@ -207,10 +210,13 @@ fn conv2d_params_from_candle_nn_config() {
 struct Snapshot {
     y: Vec<u32>,
     conv: Vec<u32>,
-    layers: Vec<(String, Vec<u32>, Vec<String>, bool, Vec<String>)>,
+    layers: Vec<LayerSnapshot>,
     active: Vec<String>,
     enabled: bool,
 }
+
+/// A layer's name, weight bits, merged adapters, switch and active adapters.
+type LayerSnapshot = (String, Vec<u32>, Vec<String>, bool, Vec<String>);
 
 fn snapshot(pm: &PeftModel<Tiny>) -> Snapshot {
     Snapshot {
