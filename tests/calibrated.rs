@@ -41,7 +41,7 @@ fn trainables<M>(model: &PeftModel<M>) -> BTreeMap<String, (Vec<usize>, Vec<u32>
 /// The adapter files of `name` (config JSON and tensors) as written.
 fn saved<M>(model: &PeftModel<M>) -> (serde_json::Value, BTreeMap<String, Vec<u32>>) {
     let dir = tempfile::tempdir().unwrap();
-    model.save_adapter(DEFAULT_ADAPTER, dir.path()).unwrap();
+    model.save_adapter(dir.path(), DEFAULT_ADAPTER).unwrap();
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
     )
@@ -88,7 +88,12 @@ fn sst2_texts(n: usize) -> Vec<String> {
 fn minilm_task() -> ClassifyTask {
     let src = source::resolve_local(&common::minilm_dir()).unwrap();
     let labels = vec!["0".to_string(), "1".to_string()];
-    ClassifyTask::from_source(&src, labels, 48, SEED, &Device::Cpu).unwrap()
+    let opts = candle_peft::tasks::TaskOptions {
+        seq_len: 48,
+        seed: SEED,
+        ..Default::default()
+    };
+    ClassifyTask::from_source(src, labels, opts).unwrap()
 }
 
 /// The batches the CLI built for classification: `text_batches` with the task's tokenizer.
@@ -225,7 +230,12 @@ fn classify_eva_and_corda_methods_equal_the_driver_path() {
 
 fn smollm2_task() -> CausalLmTask {
     let src = source::resolve(common::smollm2_gguf().to_str().unwrap()).unwrap();
-    CausalLmTask::from_source(&src, 32, SEED, &Device::Cpu).unwrap()
+    let opts = candle_peft::tasks::TaskOptions {
+        seq_len: 32,
+        seed: SEED,
+        ..Default::default()
+    };
+    CausalLmTask::from_source(src, opts).unwrap()
 }
 
 /// The batches the CLI built for causal LM: right-padded with the tokenizer's pad id; with
