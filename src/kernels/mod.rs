@@ -8,7 +8,8 @@
 //!   keeps its forward's activations for its backward), [`gemm`], [`fast_exp`], [`simd`]
 //!   (the runtime AVX2 + FMA dispatch), [`blocks`] (outputs written once, in blocks), `cuda`;
 //! - element-wise ops: [`norm`], [`gelu`], [`softmax`], [`cross_entropy`], [`swiglu`], [`rope`];
-//! - products: [`frozen`] (matmul and conv with frozen weights), [`linear_lora`] (a frozen
+//! - products: [`lowp`] (a frozen weight in its stored type: f32, bf16, f16, ggml blocks),
+//!   [`frozen`] (matmul and conv with frozen weights), [`linear_lora`] (a frozen
 //!   linear plus its LoRA delta), [`linear_cross_entropy`] (a frozen head and the loss);
 //! - attention and the decoder blocks: [`attention`], [`block_layers`], [`attn_block`],
 //!   [`mlp_block`].
@@ -27,6 +28,7 @@ pub(crate) mod gelu;
 pub(crate) mod gemm;
 pub(crate) mod linear_cross_entropy;
 pub(crate) mod linear_lora;
+pub(crate) mod lowp;
 pub(crate) mod mlp_block;
 pub(crate) mod norm;
 pub(crate) mod rope;
