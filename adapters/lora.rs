@@ -41,6 +41,7 @@ use crate::config::{
 };
 use crate::error::{PeftError, Result};
 use crate::init::{self, Dropout};
+use crate::ops::FrozenWeight;
 
 /// PEFT's `init_lora_weights`: a bool or a named scheme.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -626,7 +627,7 @@ impl Adapter for LoraAdapter {
     fn fused_linear_forward(
         &self,
         x: &Tensor,
-        weight: &Tensor,
+        weight: &FrozenWeight,
         bias: Option<&Tensor>,
         train: bool,
     ) -> Option<Result<Tensor>> {
@@ -634,10 +635,10 @@ impl Adapter for LoraAdapter {
         let eligible = matches!(self.geometry, LayerGeometry::Linear { .. })
             && !self.dropout.is_active(train)
             && cpu_f32(x)
-            && cpu_f32(weight)
+            && weight.is_cpu_matrix()
             && bias.is_none_or(cpu_f32);
         eligible.then(|| {
-            Ok(crate::kernels::linear_lora::frozen_linear_lora(
+            Ok(crate::ops::frozen_linear_lora_weight(
                 x,
                 weight,
                 bias,

@@ -12,6 +12,10 @@ Workloads (the same definitions as `candle-peft bench <workload>`), each printin
                        and peak RSS of a child process doing only that
   svd-init-smollm2     torch.linalg.svd (thin) of all 210 projection matrices; wall time
 
+`--base-dtype bf16` loads the base of the training workloads in bfloat16 (`dtype=torch.bfloat16`; PEFT
+keeps the LoRA weights in float32, its default `autocast_adapter_dtype=True`), the PyTorch side of
+`candle-peft bench ... --base-dtype bf16`.
+
 `--base` is SmolLM2 as an HF folder; `candle-peft train --model models/SmolLM2-135M-Instruct.Q4_1.gguf
 --task causal-lm --data data/shakespeare/valid.txt --method lora --steps 0 --merge --out DIR` writes
 one to DIR/merged. Needs torch, transformers and peft (not installed by the project's scripts:
@@ -47,6 +51,19 @@ def vm_hwm_mb():
     return peak_rss_mb()
 
 
+def rss_mb():
+    """This process's resident memory now (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def base_dtype(args):
+    return {"f32": torch.float32, "bf16": torch.bfloat16}[args.base_dtype]
+
+
 def median_after(times, skip):
     return statistics.median(times[skip:])
 
@@ -56,13 +73,14 @@ def minilm_lora_train(args):
     from transformers import AutoModel
 
     torch.manual_seed(0)
-    model = AutoModel.from_pretrained(args.minilm, dtype=torch.float32)
+    model = AutoModel.from_pretrained(args.minilm, dtype=base_dtype(args))
+    model_rss_mb = rss_mb()
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (16, 64))
     mask = torch.ones_like(ids)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    steps = []
+    steps, losses = [], []
     for _ in range(12):
         t = time.perf_counter()
         out = model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -70,9 +88,10 @@ def minilm_lora_train(args):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()
+        losses.append(loss.item())
         steps.append((time.perf_counter() - t) * 1e3)
-    return {"ms_per_step": median_after(steps, 2), "steps_ms": steps, "peak_rss_mb": peak_rss_mb()}
+    return {"ms_per_step": median_after(steps, 2), "steps_ms": steps, "losses": losses,
+            "model_rss_mb": model_rss_mb, "peak_rss_mb": peak_rss_mb()}
 
 
 def smollm2_lora_train(args):
@@ -80,14 +99,15 @@ def smollm2_lora_train(args):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=base_dtype(args))
+    model_rss_mb = rss_mb()
     model = get_peft_model(
         model, LoraConfig(r=16, lora_alpha=32, target_modules=SMOLLM2_TARGETS, task_type="CAUSAL_LM")
     )
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (4, 128))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    steps, forward, backward = [], [], []
+    steps, forward, backward, losses = [], [], [], []
     for _ in range(8):
         t = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
@@ -96,7 +116,7 @@ def smollm2_lora_train(args):
         t_bwd = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()
+        losses.append(loss.item())
         end = time.perf_counter()
         steps.append((end - t) * 1e3)
         forward.append((t_fwd - t) * 1e3)
@@ -106,6 +126,8 @@ def smollm2_lora_train(args):
         "forward_ms": median_after(forward, 2),
         "backward_ms": median_after(backward, 2),
         "steps_ms": steps,
+        "losses": losses,
+        "model_rss_mb": model_rss_mb,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -184,6 +206,7 @@ def main():
     parser.add_argument("--minilm", default="models/all-MiniLM-L6-v2")
     parser.add_argument("--adapter")
     parser.add_argument("--out")
+    parser.add_argument("--base-dtype", default="f32", choices=["f32", "bf16"])
     args = parser.parse_args()
     if args.workload.startswith("smollm2") or args.workload.startswith("svd") or args.workload.startswith("_"):
         if not args.base:
@@ -191,7 +214,7 @@ def main():
     result = WORKLOADS[args.workload](args)
     if result is not None:
         result.update(
-            {"workload": args.workload, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            {"workload": args.workload, "base_dtype": args.base_dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
         )
         print(json.dumps(result))

@@ -298,7 +298,7 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     fn fused_linear_forward(
         &self,
         _x: &Tensor,
-        _weight: &Tensor,
+        _weight: &crate::ops::FrozenWeight,
         _bias: Option<&Tensor>,
         _train: bool,
     ) -> Option<Result<Tensor>> {

@@ -17,7 +17,7 @@
 //! `U(−1/√in, 1/√in)` with `in` the input features or input channels. A loaded checkpoint
 //! ignores the hints.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -27,6 +27,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::adapter::{Conv2dParams, LayerGeometry};
 use crate::error::{PeftError, Result};
 use crate::layer::{LayerHandle, PeftConv2d, PeftLinear};
+use crate::ops::{BaseDType, FrozenWeight};
 
 /// What the builder has seen: adaptable layers in build order, and the size of every base tensor.
 #[derive(Debug, Default)]
@@ -42,6 +43,10 @@ pub struct PeftBuilder<'a> {
     vb: VarBuilder<'a>,
     registry: Arc<Mutex<Registry>>,
     training: Arc<AtomicBool>,
+    base_dtype: BaseDType,
+    /// Linear weights already in their stored type, by full tensor path (a GGUF's blocks under
+    /// `--base-dtype gguf`); the `VarBuilder` does not hold them.
+    stored: Arc<HashMap<String, FrozenWeight>>,
 }
 
 impl<'a> PeftBuilder<'a> {
@@ -51,7 +56,29 @@ impl<'a> PeftBuilder<'a> {
             vb,
             registry: Arc::new(Mutex::new(Registry::default())),
             training: Arc::new(AtomicBool::new(false)),
+            base_dtype: BaseDType::F32,
+            stored: Arc::new(HashMap::new()),
         }
+    }
+
+    /// Keeps the linear layers' weights in `base_dtype` (see [`BaseDType`]); convolutions,
+    /// biases and the tensors of [`get`](Self::get) keep the `VarBuilder`'s dtype.
+    pub fn with_base_dtype(mut self, base_dtype: BaseDType) -> Self {
+        self.base_dtype = base_dtype;
+        self
+    }
+
+    /// The type linear weights are kept in.
+    pub fn base_dtype(&self) -> BaseDType {
+        self.base_dtype
+    }
+
+    /// Linear weights given in their stored type, by full tensor path
+    /// (`model.layers.0.mlp.up_proj.weight`): a layer finds its weight here before asking the
+    /// `VarBuilder`.
+    pub(crate) fn with_stored_weights(mut self, stored: HashMap<String, FrozenWeight>) -> Self {
+        self.stored = Arc::new(stored);
+        self
     }
 
     /// A builder one path segment deeper, sharing this one's registry.
@@ -60,6 +87,8 @@ impl<'a> PeftBuilder<'a> {
             vb: self.vb.pp(segment),
             registry: self.registry.clone(),
             training: self.training.clone(),
+            base_dtype: self.base_dtype,
+            stored: self.stored.clone(),
         }
     }
 
@@ -225,6 +254,7 @@ impl<'a> PeftBuilder<'a> {
                     .insert(format!("{path}.bias"), out_features);
             }
         }
+        let weight = self.base_dtype.store(&format!("{path}.weight"), &weight)?;
         let handle = LayerHandle::new(path, geometry, weight, bias, self.training.clone())?;
         self.registry().layers.push(handle.clone());
         Ok(PeftLinear::new(handle))
@@ -233,7 +263,32 @@ impl<'a> PeftBuilder<'a> {
     fn layer(&self, name: &str, geometry: LayerGeometry, bias: bool) -> Result<LayerHandle> {
         let layer_vb = self.pp(name);
         let (weight_init, bias_init) = candle_nn_hints(geometry);
-        let weight = layer_vb.get_with_hints(geometry.weight_shape(), "weight", weight_init)?;
+        let weight_path = format!("{}.weight", self.path(name));
+        let weight = match (self.stored.get(&weight_path), geometry) {
+            (Some(stored), _) => {
+                let expected = geometry.weight_shape();
+                if stored.dims() != expected.as_slice() {
+                    return Err(PeftError::ShapeMismatch {
+                        key: weight_path,
+                        expected,
+                        got: stored.dims().to_vec(),
+                    });
+                }
+                self.registry()
+                    .base_tensors
+                    .insert(weight_path, expected.iter().product());
+                stored.clone()
+            }
+            (None, LayerGeometry::Linear { .. }) => {
+                let w = layer_vb.get_with_hints(geometry.weight_shape(), "weight", weight_init)?;
+                self.base_dtype.store(&weight_path, &w)?
+            }
+            (None, LayerGeometry::Conv2d { .. }) => FrozenWeight::Dense(layer_vb.get_with_hints(
+                geometry.weight_shape(),
+                "weight",
+                weight_init,
+            )?),
+        };
         let bias = if bias {
             Some(layer_vb.get_with_hints(geometry.out_features(), "bias", bias_init)?)
         } else {

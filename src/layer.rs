@@ -13,7 +13,8 @@ use candle_core::{DType, Module, Tensor, Var};
 
 use crate::adapter::{Adapter, LayerGeometry};
 use crate::error::{PeftError, Result};
-use crate::kernels::frozen::{conv2d_trainable, frozen_conv2d, frozen_matmul};
+use crate::kernels::frozen::{conv2d_trainable, frozen_conv2d, frozen_matmul_weight};
+use crate::kernels::frozen_weight::FrozenWeight;
 
 /// A trainable full copy of a layer (PEFT's `modules_to_save`).
 #[derive(Debug)]
@@ -28,7 +29,10 @@ pub struct TrainableCopy {
 struct LayerState {
     name: String,
     geometry: LayerGeometry,
-    weight: Tensor,
+    weight: FrozenWeight,
+    /// The quantized weight a merge replaced with its dense sum (a sum of ggml blocks and a
+    /// delta is no longer ggml blocks); unmerging everything puts it back exactly.
+    unmerged_quantized: Option<FrozenWeight>,
     bias: Option<Tensor>,
     adapters: Vec<(String, Box<dyn Adapter>)>,
     copies: Vec<(String, TrainableCopy)>,
@@ -56,7 +60,8 @@ impl std::fmt::Debug for ObserverSlot {
 /// [`LayerHandle::switch_state`]).
 #[derive(Debug)]
 pub(crate) struct SwitchState {
-    weight: Tensor,
+    weight: FrozenWeight,
+    unmerged_quantized: Option<FrozenWeight>,
     merged: Vec<String>,
     enabled: bool,
     active: Vec<String>,
@@ -70,7 +75,7 @@ impl LayerHandle {
     pub(crate) fn new(
         name: String,
         geometry: LayerGeometry,
-        weight: Tensor,
+        weight: FrozenWeight,
         bias: Option<Tensor>,
         training: Arc<AtomicBool>,
     ) -> Result<Self> {
@@ -84,7 +89,11 @@ impl LayerHandle {
         Ok(Self(Arc::new(RwLock::new(LayerState {
             name,
             geometry,
-            weight: weight.detach(),
+            weight: match weight {
+                FrozenWeight::Dense(w) => FrozenWeight::Dense(w.detach()),
+                quantized => quantized,
+            },
+            unmerged_quantized: None,
             bias: bias.map(|b| b.detach()),
             adapters: Vec::new(),
             copies: Vec::new(),
@@ -116,8 +125,23 @@ impl LayerHandle {
         self.read().geometry
     }
 
-    /// The current base weight (with merged adapters folded in, if any).
-    pub fn weight(&self) -> Tensor {
+    /// The current base weight (with merged adapters folded in, if any) as a dense tensor: in
+    /// its own dtype when dense, dequantised to f32 when quantized (which widens it; see
+    /// [`frozen_weight`](Self::frozen_weight) for the stored form).
+    pub fn weight(&self) -> Result<Tensor> {
+        Ok(match &self.read().weight {
+            FrozenWeight::Dense(t) => t.clone(),
+            quantized => quantized.to_f32()?,
+        })
+    }
+
+    /// Where the layer's base weight lives.
+    pub fn device(&self) -> candle_core::Device {
+        self.read().weight.device()
+    }
+
+    /// The current base weight in its stored type (f32, f16, bf16 or ggml blocks).
+    pub fn frozen_weight(&self) -> FrozenWeight {
         self.read().weight.clone()
     }
 
@@ -162,6 +186,7 @@ impl LayerHandle {
         let s = self.read();
         SwitchState {
             weight: s.weight.clone(),
+            unmerged_quantized: s.unmerged_quantized.clone(),
             merged: s.merged.clone(),
             enabled: s.enabled,
             active: s.active.clone(),
@@ -173,6 +198,7 @@ impl LayerHandle {
     pub(crate) fn restore_switch_state(&self, saved: SwitchState) {
         let mut s = self.write();
         s.weight = saved.weight;
+        s.unmerged_quantized = saved.unmerged_quantized;
         s.merged = saved.merged;
         s.enabled = saved.enabled;
         s.active = saved.active;
@@ -207,7 +233,7 @@ impl LayerHandle {
         }
         let (weight, bias) = match saved {
             Some((w, b)) => (w, b),
-            None => (s.weight.clone(), s.bias.clone()),
+            None => (s.weight.to_f32()?, s.bias.clone()),
         };
         let expected = s.geometry.weight_shape();
         if weight.dims() != expected.as_slice() {
@@ -219,7 +245,7 @@ impl LayerHandle {
         }
         let as_var = |t: &Tensor| -> Result<Var> {
             Ok(Var::from_tensor(
-                &t.to_dtype(DType::F32)?.to_device(s.weight.device())?,
+                &t.to_dtype(DType::F32)?.to_device(&s.weight.device())?,
             )?)
         };
         let copy = TrainableCopy {
@@ -263,10 +289,17 @@ impl LayerHandle {
         Ok(())
     }
 
-    /// Folds the deltas of `names` (those this layer has) into the base weight.
+    /// Folds the deltas of `names` (those this layer has) into the base weight. A dense weight
+    /// stays in its dtype: each delta is rounded to it and added there, as PEFT merges a bf16
+    /// base. A quantized weight is dequantised to f32 (exactly) and the sum kept in f32; the
+    /// ggml blocks come back when every adapter is unmerged.
     pub fn merge(&self, names: &[String]) -> Result<()> {
         let mut s = self.write();
-        let mut weight = s.weight.clone();
+        let pristine = s.weight.clone();
+        let mut weight = match &s.weight {
+            FrozenWeight::Dense(t) => t.clone(),
+            quantized => quantized.to_f32()?,
+        };
         let mut newly_merged = Vec::new();
         for name in names {
             let Some((_, adapter)) = s.adapters.iter().find(|(n, _)| n == name) else {
@@ -279,10 +312,17 @@ impl LayerHandle {
                 });
             }
             let delta = adapter.delta_weight()?.to_dtype(weight.dtype())?;
-            weight = (weight + delta.to_device(s.weight.device())?)?;
+            let delta = delta.to_device(weight.device())?;
+            weight = (weight + delta)?;
             newly_merged.push(name.clone());
         }
-        s.weight = weight;
+        if newly_merged.is_empty() {
+            return Ok(());
+        }
+        if matches!(pristine, FrozenWeight::Quantized(_)) {
+            s.unmerged_quantized = Some(pristine);
+        }
+        s.weight = FrozenWeight::Dense(weight);
         s.merged.extend(newly_merged);
         Ok(())
     }
@@ -295,7 +335,12 @@ impl LayerHandle {
                 module: s.name.clone(),
             });
         }
-        let mut weight = s.weight.clone();
+        if let Some(quantized) = s.unmerged_quantized.take() {
+            s.weight = quantized;
+            s.merged.clear();
+            return Ok(());
+        }
+        let mut weight = s.weight.to_f32()?.to_dtype(dense_dtype(&s.weight))?;
         for name in s.merged.iter().rev() {
             let Some((_, adapter)) = s.adapters.iter().find(|(n, _)| n == name) else {
                 return Err(PeftError::UnknownAdapter {
@@ -304,9 +349,10 @@ impl LayerHandle {
                 });
             };
             let delta = adapter.delta_weight()?.to_dtype(weight.dtype())?;
-            weight = (weight - delta.to_device(s.weight.device())?)?;
+            let delta = delta.to_device(weight.device())?;
+            weight = (weight - delta)?;
         }
-        s.weight = weight;
+        s.weight = FrozenWeight::Dense(weight);
         s.merged.clear();
         Ok(())
     }
@@ -336,12 +382,13 @@ impl LayerHandle {
                     .weight
                     .as_tensor()
                     .detach()
-                    .to_dtype(s.weight.dtype())?;
+                    .to_dtype(dense_dtype(&s.weight))?;
                 let bias = match (&copy.bias, &s.bias) {
                     (Some(b), Some(old)) => Some(b.as_tensor().detach().to_dtype(old.dtype())?),
                     _ => s.bias.clone(),
                 };
-                s.weight = weight;
+                s.weight = FrozenWeight::Dense(weight);
+                s.unmerged_quantized = None;
                 s.bias = bias;
             }
         }
@@ -349,6 +396,7 @@ impl LayerHandle {
         s.copies.clear();
         s.active.clear();
         s.merged.clear();
+        s.unmerged_quantized = None;
         s.enabled = true;
         Ok(())
     }
@@ -403,15 +451,16 @@ impl LayerHandle {
 
     /// The layer as plain operands for a fused multi-layer op: its frozen weight and bias and
     /// the factors of its one live LoRA-form adapter (or none), when the forward is exactly
-    /// `x Wᵀ + b [+ s (x Aᵀ) Bᵀ]` on CPU f32 values. `None` when anything else is in play: an
-    /// input observer, a trainable copy, several live adapters, another method, dropout in
-    /// training, a conv layer, another dtype or device.
+    /// `x Wᵀ + b [+ s (x Aᵀ) Bᵀ]` on the CPU with f32 values (the weight in any type the frozen
+    /// kernels read). `None` when anything else is in play: an input observer, a trainable
+    /// copy, several live adapters, another method, dropout in training, a conv layer, another
+    /// dtype or device.
     pub(crate) fn fused_parts(&self) -> Option<FusedLinearParts> {
         let s = self.read();
         let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
         if s.observer.is_some()
             || !matches!(s.geometry, LayerGeometry::Linear { .. })
-            || !cpu_f32(&s.weight)
+            || !s.weight.is_cpu_matrix()
             || s.bias.as_ref().is_some_and(|b| !cpu_f32(b))
         {
             return None;
@@ -484,23 +533,38 @@ impl LayerHandle {
 /// A linear layer's operands for a fused op (see [`LayerHandle::fused_parts`]).
 pub(crate) use crate::kernels::block_layers::FusedLinearParts;
 
-/// The frozen base: `x Wᵀ + b` or `conv2d(x, W) + b`, computed in the weight's dtype and
-/// returned in the input's.
+/// The dtype a dense weight is kept in: its own, or f32 for ggml blocks.
+fn dense_dtype(w: &FrozenWeight) -> DType {
+    w.dense().map_or(DType::F32, |t| t.dtype())
+}
+
+/// The frozen base: `x Wᵀ + b` (the weight read in its stored type, see
+/// [`frozen_matmul_weight`]) or `conv2d(x, W) + b` (in the weight's dtype), returned in the
+/// input's dtype.
 fn base_forward(s: &LayerState, x: &Tensor) -> Result<Tensor> {
-    let in_dtype = x.dtype();
-    let x = x.to_dtype(s.weight.dtype())?;
-    let y = match s.geometry {
-        LayerGeometry::Linear { .. } => frozen_matmul(&x, &s.weight, s.bias.as_ref())?,
-        LayerGeometry::Conv2d { params, .. } => frozen_conv2d(
-            &x,
-            &s.weight,
-            s.bias.as_ref(),
-            params.padding,
-            params.stride,
-            params.dilation,
-            params.groups,
-        )?,
+    let LayerGeometry::Conv2d { params, .. } = s.geometry else {
+        return Ok(frozen_matmul_weight(x, &s.weight, s.bias.as_ref())?);
     };
+    let Some(kernel) = s.weight.dense() else {
+        return Err(PeftError::layer(
+            &s.name,
+            format!(
+                "a {} conv kernel: convolutions read dense kernels",
+                s.weight.type_name()
+            ),
+        ));
+    };
+    let in_dtype = x.dtype();
+    let x = x.to_dtype(kernel.dtype())?;
+    let y = frozen_conv2d(
+        &x,
+        kernel,
+        s.bias.as_ref(),
+        params.padding,
+        params.stride,
+        params.dilation,
+        params.groups,
+    )?;
     Ok(y.to_dtype(in_dtype)?)
 }
 

@@ -117,6 +117,18 @@ impl<M> PeftModel<M> {
         &self.layers
     }
 
+    /// Each adaptable layer's base weight type (`f32`, `bf16`, `q4_1`, …) and the bytes it
+    /// holds, in build order: what `--base-dtype` chose, fallbacks included.
+    pub fn base_storage(&self) -> Vec<(String, String, usize)> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let w = l.frozen_weight();
+                (l.name(), w.type_name(), w.storage_bytes())
+            })
+            .collect()
+    }
+
     /// Names of all added adapters (active or not), in the order they were added.
     pub fn adapter_names(&self) -> Vec<String> {
         self.adapters.iter().map(|(n, _)| n.clone()).collect()
@@ -201,11 +213,12 @@ impl<M> PeftModel<M> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ seed_from_name(name));
         let geometries: Vec<(String, LayerGeometry)> =
             targets.iter().map(|l| (l.name(), l.geometry())).collect();
-        let shared_device = targets[0].weight().device().clone();
+        let shared_device = targets[0].device();
         let shared = config.init_shared(&geometries, &shared_device, &mut rng)?;
         let mut built = Vec::with_capacity(targets.len());
         for layer in &targets {
-            let weight = layer.weight();
+            // Inits read the base in f32 whatever its stored type (SVD, LU, norms).
+            let weight = layer.frozen_weight().to_f32()?;
             let module = layer.name();
             let ctx = InitContext {
                 module: &module,
@@ -265,7 +278,7 @@ impl<M> PeftModel<M> {
                     key: format!("{KEY_PREFIX}{module}.*"),
                     location: location.clone(),
                 })?;
-            let weight = layer.weight();
+            let weight = layer.frozen_weight().to_f32()?;
             let ctx = LoadContext {
                 module: &module,
                 geometry: layer.geometry(),
@@ -600,17 +613,18 @@ impl<M> PeftModel<M> {
     }
 
     /// Every adaptable layer's current weight and bias under the base model's key names
-    /// (`<path>.weight`, `<path>.bias`), e.g. after `merge`.
-    pub fn layer_weights(&self) -> Vec<(String, Tensor)> {
+    /// (`<path>.weight`, `<path>.bias`), e.g. after `merge`. Quantized weights are dequantised
+    /// to f32 (see [`LayerHandle::weight`]).
+    pub fn layer_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for layer in &self.layers {
             let module = layer.name();
-            out.push((format!("{module}.weight"), layer.weight()));
+            out.push((format!("{module}.weight"), layer.weight()?));
             if let Some(b) = layer.bias() {
                 out.push((format!("{module}.bias"), b));
             }
         }
-        out
+        Ok(out)
     }
 }
 

@@ -24,7 +24,8 @@
 //!   `o_proj`'s input; differentiable in `q`, `k`, `v`.
 //!
 //! Products with frozen weights (gradient for the input and the trainable factors only):
-//! - [`frozen_matmul`]: `x Wᵀ + b`; [`frozen_conv2d`]: `conv2d(x, K) + b`;
+//! - [`frozen_matmul`]: `x Wᵀ + b`; [`frozen_matmul_weight`]: the same with `W` kept in its
+//!   stored type ([`FrozenWeight`]: f32, f16, bf16 or ggml blocks, chosen by [`BaseDType`]); [`frozen_conv2d`]: `conv2d(x, K) + b`;
 //!   [`conv2d_trainable`]: candle's conv2d for a trainable kernel, padded so its backward
 //!   works for any stride remainder.
 //! - [`frozen_linear_lora`]: `x Wᵀ + b + s (x Aᵀ) Bᵀ` as one op (gradients for `x`, `A`, `B`).
@@ -33,10 +34,15 @@
 
 pub use crate::kernels::attention::attention_core;
 pub use crate::kernels::cross_entropy::cross_entropy_rows;
-pub use crate::kernels::frozen::{conv2d_trainable, frozen_conv2d, frozen_matmul};
+pub use crate::kernels::frozen::{
+    conv2d_trainable, frozen_conv2d, frozen_matmul, frozen_matmul_weight,
+};
+pub use crate::kernels::frozen_weight::{BaseDType, FrozenWeight, ggml_name};
 pub use crate::kernels::gelu::gelu_erf;
-pub use crate::kernels::linear_cross_entropy::frozen_linear_cross_entropy;
-pub use crate::kernels::linear_lora::frozen_linear_lora;
+pub use crate::kernels::linear_cross_entropy::{
+    frozen_linear_cross_entropy, frozen_linear_cross_entropy_weight,
+};
+pub use crate::kernels::linear_lora::{frozen_linear_lora, frozen_linear_lora_weight};
 pub use crate::kernels::norm::{NormKind, norm};
 pub use crate::kernels::rope::rope_reference;
 pub use crate::kernels::softmax::masked_softmax;

@@ -128,7 +128,7 @@ fn builder_over_a_fresh_varmap_draws_candle_nn_distributions_not_zeros() {
     let (fan_in, out) = (512, 256);
     let lin = b.linear(fan_in, out, true, "fc").unwrap();
     // Weight: N(0, 2 / fan_in) (Kaiming normal, ReLU gain); 131072 draws pin the std to ~0.2%.
-    let (mean, std, _) = moments(&lin.handle().weight());
+    let (mean, std, _) = moments(&lin.handle().weight().unwrap());
     let want = (2.0 / fan_in as f64).sqrt();
     assert!(mean.abs() < 0.02 * want, "weight mean {mean}");
     assert!(
@@ -153,7 +153,7 @@ fn builder_over_a_fresh_varmap_draws_candle_nn_distributions_not_zeros() {
         ..Default::default()
     };
     let conv = b.conv2d(64, 128, (5, 5), cfg, true, "conv").unwrap();
-    let (_, std, _) = moments(&conv.handle().weight());
+    let (_, std, _) = moments(&conv.handle().weight().unwrap());
     let want = (2.0f64 / (32.0 * 25.0)).sqrt();
     assert!(
         (std / want - 1.0).abs() < 0.02,
@@ -170,7 +170,7 @@ fn builder_over_a_fresh_varmap_draws_candle_nn_distributions_not_zeros() {
         .as_tensor()
         .clone();
     assert_eq!(
-        common::max_abs_diff(&stored, &lin.handle().weight()),
+        common::max_abs_diff(&stored, &lin.handle().weight().unwrap()),
         0.0,
         "the layer's weight is the VarMap's"
     );
@@ -228,7 +228,7 @@ fn snapshot(pm: &PeftModel<Tiny>) -> Snapshot {
             .map(|l| {
                 (
                     l.name(),
-                    bits(&l.weight()),
+                    bits(&l.weight().unwrap()),
                     l.merged_adapters(),
                     l.is_enabled(),
                     l.active_adapters(),

@@ -194,13 +194,13 @@ fn check_conv(
     );
     let (shape, want) = oracle_delta(&core, &factors, 1.5);
     assert_eq!(delta.dims(), shape.as_slice(), "{what}");
-    assert_eq!(delta.dims(), layer.weight().dims(), "{what}");
+    assert_eq!(delta.dims(), layer.weight().unwrap().dims(), "{what}");
     let err = rel_err(&to_f64(&delta), &want);
     assert!(err < 1e-5, "{what}: ΔW rel err {err}");
 
     let x = rand_tensor(&mut rng(22), &[2, in_ch, 9, 8], 1.0);
     let y = pm.model().forward(&x).unwrap();
-    let w = (layer.weight() + &delta).unwrap();
+    let w = (layer.weight().unwrap() + &delta).unwrap();
     let dense = x
         .conv2d(
             &w,
@@ -339,7 +339,7 @@ fn merge_unmerge_round_trip() {
     pm.add_adapter(ADAPTER, random_config(&["q", "v", "conv"], &[2], 0.5))
         .unwrap();
     let (x, img) = (tiny_input(53), tiny_image(54));
-    let weights: Vec<Tensor> = pm.layers().iter().map(|l| l.weight()).collect();
+    let weights: Vec<Tensor> = pm.layers().iter().map(|l| l.weight().unwrap()).collect();
     let y = pm.model().forward(&x).unwrap();
     let c = pm.model().conv_forward(&img).unwrap();
     pm.merge().unwrap();
@@ -347,14 +347,18 @@ fn merge_unmerge_round_trip() {
         if layer.has_adapter(ADAPTER) {
             let (_, _, delta) = parts(layer, ADAPTER);
             assert!(max_abs(&delta) > 1e-2, "{}: ΔW ≈ 0", layer.name());
-            assert!(max_abs_diff(&layer.weight(), &(w + delta).unwrap()) < 1e-6);
+            assert!(max_abs_diff(&layer.weight().unwrap(), &(w + delta).unwrap()) < 1e-6);
         }
     }
     assert!(max_abs_diff(&pm.model().forward(&x).unwrap(), &y) < 1e-5);
     assert!(max_abs_diff(&pm.model().conv_forward(&img).unwrap(), &c) < 1e-5);
     pm.unmerge().unwrap();
     for (layer, w) in pm.layers().iter().zip(&weights) {
-        assert!(max_abs_diff(&layer.weight(), w) < 1e-6, "{}", layer.name());
+        assert!(
+            max_abs_diff(&layer.weight().unwrap(), w) < 1e-6,
+            "{}",
+            layer.name()
+        );
     }
     assert!(max_abs_diff(&pm.model().forward(&x).unwrap(), &y) < 1e-6);
 }
@@ -559,7 +563,7 @@ fn cli_train_inspect_merge() {
     let (_, delta) = oracle_delta(&core, &factors, 2.0);
     let merged = load_file(&out.join("merged/model.safetensors"));
     let got: Vec<f64> = to_f64(&merged[&format!("bert.{module}.weight")]);
-    let base = to_f64(&layer.weight());
+    let base = to_f64(&layer.weight().unwrap());
     let want: Vec<f64> = base.iter().zip(&delta).map(|(w, d)| w + d).collect();
     let err = got
         .iter()
@@ -580,7 +584,7 @@ fn cli_merge_conv() {
         let layer = pm.layers()[0].clone();
         let base = tmp.path().join(format!("base{case}.safetensors"));
         let weights = HashMap::from([
-            ("conv.weight".to_string(), layer.weight()),
+            ("conv.weight".to_string(), layer.weight().unwrap()),
             ("conv.bias".to_string(), layer.bias().unwrap()),
         ]);
         candle_core::safetensors::save(&weights, &base).unwrap();
@@ -599,7 +603,7 @@ fn cli_merge_conv() {
         );
         let merged = load_file(&out.join("model.safetensors"));
         let (_, _, delta) = parts(&layer, ADAPTER);
-        let want = (layer.weight() + delta).unwrap();
+        let want = (layer.weight().unwrap() + delta).unwrap();
         assert!(
             max_abs_diff(&merged["conv.weight"], &want) < 1e-6,
             "{params:?}"

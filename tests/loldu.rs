@@ -85,7 +85,7 @@ fn full_rank_factors_reconstruct_the_weight() {
             .unwrap()
             .matmul(u_bar)
             .unwrap();
-        let w = layer.weight();
+        let w = layer.weight().unwrap();
         let err = max_abs_diff(&recon, &w) / max_abs(&w);
         assert!(err <= 1e-6, "{in_f}x{out_f}: {err}");
         // Unit diagonals, triangular shapes, multipliers ≤ 1 (partial pivoting).

@@ -215,7 +215,7 @@ fn input_gradient_through_frozen_linear() {
     };
     let g_base = check(&pm, "base only");
     // Closed form for the base: dL/dy = c + y/2, dL/dx = dL/dy · W.
-    let w = pm.layers()[0].weight();
+    let w = pm.layers()[0].weight().unwrap();
     let y = pm.model().forward(x.as_tensor()).unwrap();
     let dy = (&loss.c + (&y * 0.5).unwrap()).unwrap();
     let expect = dy.broadcast_matmul(&w).unwrap();
@@ -250,7 +250,7 @@ fn input_gradient_through_frozen_conv() {
         let plain = x
             .as_tensor()
             .conv2d(
-                &layer.weight(),
+                &layer.weight().unwrap(),
                 params.padding,
                 params.stride,
                 params.dilation,
@@ -357,7 +357,7 @@ fn backward_computes_no_base_weight_gradient() {
     let weight_sizes: Vec<usize> = pm
         .layers()
         .iter()
-        .map(|l| l.weight().elem_count())
+        .map(|l| l.weight().unwrap().elem_count())
         .collect();
     // Sizes that legitimately have gradients (adapter vars, inputs) must not collide with a
     // base weight's size, or the check below would mean nothing.
@@ -392,7 +392,10 @@ fn backward_computes_no_base_weight_gradient() {
     // check above can fail.
     let layer = pm.layer("model.blocks.0.q").unwrap();
     let a = Var::from_tensor(&rand_tensor(&mut rng(15), &[10, HIDDEN], 1.0)).unwrap();
-    let y = a.as_tensor().matmul(&layer.weight().t().unwrap()).unwrap();
+    let y = a
+        .as_tensor()
+        .matmul(&layer.weight().unwrap().t().unwrap())
+        .unwrap();
     let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     assert!(
         grads
@@ -427,7 +430,7 @@ fn conv_adapter_output_equals_merged_conv() {
     assert_eq!(b.dims(), &[OUT_CH, 2, 1, 1]);
     let delta_here = (ba_product(&a, &b, &[OUT_CH, IN_CH, 3, 3]) * 2.5).unwrap();
     assert!(max_abs_diff(&delta, &delta_here) < 1e-6);
-    let w = layer.weight();
+    let w = layer.weight().unwrap();
     let plain = img
         .conv2d(&(&w + &delta_here).unwrap(), 1, 2, 1, 1)
         .unwrap()
@@ -444,7 +447,7 @@ fn conv_adapter_output_equals_merged_conv() {
     println!("conv: |adapted − plain(W+ΔW)| = {d_plain:e}, |adapted − merged| = {d_merged:e}");
     assert!(d_plain < 1e-5, "{d_plain}");
     assert!(d_merged < 1e-5, "{d_merged}");
-    assert!(max_abs_diff(&layer.weight(), &(&w + &delta_here).unwrap()) < 1e-6);
+    assert!(max_abs_diff(&layer.weight().unwrap(), &(&w + &delta_here).unwrap()) < 1e-6);
 }
 
 // =============================================================================================
@@ -485,7 +488,7 @@ fn fresh_lora_leaves_outputs_bitwise_equal() {
     let l = pm.layer("model.blocks.0.q").unwrap();
     let x = tiny_input(21);
     let plain = x
-        .broadcast_matmul(&l.weight().t().unwrap())
+        .broadcast_matmul(&l.weight().unwrap().t().unwrap())
         .unwrap()
         .broadcast_add(&l.bias().unwrap())
         .unwrap();
@@ -498,7 +501,7 @@ fn merge_unmerge_round_trip() {
     let mut pm = tiny_model(22, 23);
     pm.add_adapter(ADAPTER, lora_random_b(&["q", "v", "conv", "head"], 2, 4.0))
         .unwrap();
-    let before: Vec<(String, Tensor)> = pm.layer_weights();
+    let before: Vec<(String, Tensor)> = pm.layer_weights().unwrap();
     let (y_adapter, c_adapter) = outputs(&pm);
     pm.merge().unwrap();
     for l in pm.layers() {
@@ -511,6 +514,7 @@ fn merge_unmerge_round_trip() {
     }
     let changed = pm
         .layer_weights()
+        .unwrap()
         .iter()
         .zip(&before)
         .filter(|((_, a), (_, b))| max_abs_diff(a, b) > 1e-4)
@@ -531,7 +535,7 @@ fn merge_unmerge_round_trip() {
     }
     pm.unmerge().unwrap();
     let mut worst = 0f32;
-    for ((k, w1), (_, w0)) in pm.layer_weights().iter().zip(&before) {
+    for ((k, w1), (_, w0)) in pm.layer_weights().unwrap().iter().zip(&before) {
         let rel = max_abs_diff(w1, w0) / max_abs(w0);
         worst = worst.max(rel);
         assert!(rel <= 1e-6, "{k}: unmerge left relative error {rel}");
@@ -812,7 +816,7 @@ fn layers_to_transform_and_layers_pattern() {
 fn modules_to_save_trainable_copy() {
     let mut pm = tiny_model(35, 36);
     let (y_base, _) = outputs(&pm);
-    let head_w0 = pm.layer("head").unwrap().weight();
+    let head_w0 = pm.layer("head").unwrap().weight().unwrap();
     let mut c = LoraConfig::new(&["q"], 2, 4.0);
     c.targeting.modules_to_save = Some(vec!["head".into()]);
     pm.add_adapter(ADAPTER, c).unwrap();
@@ -850,7 +854,10 @@ fn modules_to_save_trainable_copy() {
     // "Train" the copy; the base weight is untouched.
     let trained = (copy_w.as_tensor() + 0.5).unwrap();
     copy_w.set(&trained).unwrap();
-    assert_eq!(bits(&pm.layer("head").unwrap().weight()), bits(&head_w0));
+    assert_eq!(
+        bits(&pm.layer("head").unwrap().weight().unwrap()),
+        bits(&head_w0)
+    );
     let (y_trained, _) = outputs(&pm);
     assert!(max_abs_diff(&y_trained, &y_base) > 1e-2);
     // Disabling uses the original module.
@@ -893,7 +900,7 @@ fn modules_to_save_trainable_copy() {
 
     // merge_and_unload makes the trained copy the base weight.
     let tiny = pm.merge_and_unload().unwrap();
-    assert_eq!(bits(&tiny.head.handle().weight()), bits(&trained));
+    assert_eq!(bits(&tiny.head.handle().weight().unwrap()), bits(&trained));
     let y_unloaded = tiny.forward(&tiny_input(100)).unwrap();
     assert!(max_abs_diff(&y_unloaded, &y_trained) < 1e-5);
     assert!(tiny.head.handle().adapter_names().is_empty());
@@ -1359,13 +1366,13 @@ fn load_reads_in_memory_keys_with_adapter_name() {
 fn merge_and_unload_and_unload() {
     let pm = trained_tiny(56);
     let (y, c) = outputs(&pm);
-    let conv_w0 = pm.layer("model.conv").unwrap().weight();
+    let conv_w0 = pm.layer("model.conv").unwrap().weight().unwrap();
     let tiny = pm.merge_and_unload().unwrap();
     let y2 = tiny.forward(&tiny_input(100)).unwrap();
     let c2 = tiny.conv_forward(&tiny_image(101)).unwrap();
     assert!(max_abs_diff(&y, &y2) < 1e-5 && max_abs_diff(&c, &c2) < 1e-5);
     // The merged conv weight is W + ΔW.
-    assert!(max_abs_diff(&tiny.conv.handle().weight(), &conv_w0) > 1e-3);
+    assert!(max_abs_diff(&tiny.conv.handle().weight().unwrap(), &conv_w0) > 1e-3);
     assert!(tiny.conv.handle().adapter_names().is_empty());
 
     let pm = trained_tiny(56);

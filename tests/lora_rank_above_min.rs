@@ -100,7 +100,7 @@ fn check(name: &str, ranks: [(&str, usize, f64); 3]) {
     // Merge in memory.
     pm.merge().unwrap();
     for module in ["wide", "tall", "conv"] {
-        let got = pm.layer(module).unwrap().weight();
+        let got = pm.layer(module).unwrap().weight().unwrap();
         let expected = &want[&format!("{module}.weight")];
         let err = max_abs_diff(&got, expected) / max_abs(expected);
         assert!(err <= 1e-6, "{name} merge {module}: {err:e}");

@@ -436,7 +436,7 @@ fn merge_unmerge_round_trip() {
         }
     }
     let (x, img) = (tiny_input(44), tiny_image(45));
-    let weights: Vec<Tensor> = pm.layers().iter().map(|l| l.weight()).collect();
+    let weights: Vec<Tensor> = pm.layers().iter().map(|l| l.weight().unwrap()).collect();
     let y = pm.model().forward(&x).unwrap();
     let c = pm.model().conv_forward(&img).unwrap();
     pm.merge().unwrap();
@@ -445,7 +445,7 @@ fn merge_unmerge_round_trip() {
             let delta = parts(layer, ADAPTER).delta;
             assert!(max_abs(&delta) > 1e-2, "{}: ΔW ≈ 0", layer.name());
             let want = (w + delta).unwrap();
-            assert!(max_abs_diff(&layer.weight(), &want) < 1e-6);
+            assert!(max_abs_diff(&layer.weight().unwrap(), &want) < 1e-6);
         }
     }
     let ym = pm.model().forward(&x).unwrap();
@@ -454,7 +454,11 @@ fn merge_unmerge_round_trip() {
     assert!(max_abs_diff(&cm, &c) < 1e-5, "merged conv output");
     pm.unmerge().unwrap();
     for (layer, w) in pm.layers().iter().zip(&weights) {
-        assert!(max_abs_diff(&layer.weight(), w) < 1e-6, "{}", layer.name());
+        assert!(
+            max_abs_diff(&layer.weight().unwrap(), w) < 1e-6,
+            "{}",
+            layer.name()
+        );
     }
     assert!(max_abs_diff(&pm.model().forward(&x).unwrap(), &y) < 1e-6);
 }
@@ -707,7 +711,7 @@ fn two_adapters_with_different_r() {
     let lin = pm.model().blocks[0].q.clone();
     pm.set_active(&["a", "b"]).unwrap();
     let both = lin.forward(&h).unwrap();
-    let w = layer.weight();
+    let w = layer.weight().unwrap();
     let want = (h
         .matmul(
             &(w + parts(&layer, "a").delta + parts(&layer, "b").delta)
@@ -755,11 +759,11 @@ fn conv_extension_equals_dense_conv() {
         let x = rand_tensor(&mut rng(73), &[2, in_ch, 9, 8], 1.0);
         let y = pm.model().forward(&x).unwrap();
         let p = parts(&layer, ADAPTER);
-        assert_eq!(p.delta.dims(), layer.weight().dims());
+        assert_eq!(p.delta.dims(), layer.weight().unwrap().dims());
         let expect = oracle_delta(&p, layer.geometry(), 1.5, Pairing::FlatPosition);
         let err = rel_err(&to_f64(&p.delta), &expect);
         assert!(err < 1e-5, "{params:?}: conv ΔW rel err {err}");
-        let w = (layer.weight() + &p.delta).unwrap();
+        let w = (layer.weight().unwrap() + &p.delta).unwrap();
         let dense = x
             .conv2d(
                 &w,
@@ -972,7 +976,7 @@ fn cli_train_inspect_merge() {
     let delta = delta_from_dir(&adapter, &format!("bert.{module}"), layer.geometry());
     assert!(max_abs(&delta) > 0.0, "two steps moved nothing");
     let merged = load_file(&out.join("merged/model.safetensors"));
-    let want = (layer.weight() + &delta).unwrap();
+    let want = (layer.weight().unwrap() + &delta).unwrap();
     assert!(max_abs_diff(&merged[&format!("bert.{module}.weight")], &want) < 1e-6);
 
     // `candle-peft merge` of a library-made adapter on the bare model.
@@ -995,7 +999,7 @@ fn cli_train_inspect_merge() {
     );
     let merged = load_file(&merged_dir.join("model.safetensors"));
     let delta = parts(&layer, ADAPTER).delta;
-    let want = (layer.weight() + delta).unwrap();
+    let want = (layer.weight().unwrap() + delta).unwrap();
     assert!(max_abs_diff(&merged[&format!("{module}.weight")], &want) < 1e-6);
 }
 
@@ -1018,7 +1022,7 @@ fn cli_merge_conv() {
         randomize(&layer, ADAPTER, 96);
         let base = tmp.path().join(format!("base{case}.safetensors"));
         let weights = HashMap::from([
-            ("conv.weight".to_string(), layer.weight()),
+            ("conv.weight".to_string(), layer.weight().unwrap()),
             ("conv.bias".to_string(), layer.bias().unwrap()),
         ]);
         candle_core::safetensors::save(&weights, &base).unwrap();
@@ -1036,7 +1040,7 @@ fn cli_merge_conv() {
                 .arg(&out),
         );
         let merged = load_file(&out.join("model.safetensors"));
-        let want = (layer.weight() + parts(&layer, ADAPTER).delta).unwrap();
+        let want = (layer.weight().unwrap() + parts(&layer, ADAPTER).delta).unwrap();
         assert!(
             max_abs_diff(&merged["conv.weight"], &want) < 1e-6,
             "{params:?}"

@@ -76,7 +76,7 @@ fn full_rank_factors_reconstruct_the_weight() {
             .unwrap()
             .matmul(&vh)
             .unwrap();
-        let w = layer.weight();
+        let w = layer.weight().unwrap();
         assert!(max_abs_diff(&recon, &w) <= 1e-6 * max_abs(&w).max(1.0));
         let eye = Tensor::eye(k, DType::F32, &Device::Cpu).unwrap();
         assert!(max_abs_diff(&u.t().unwrap().matmul(&u).unwrap(), &eye) <= 1e-6);
@@ -105,7 +105,7 @@ fn sigma_gradient_is_the_diagonal_of_ut_g_v() {
     let g_sigma = grad_of(&grads, &sigma, "σ'");
 
     // G = ∂L/∂W_eff from a dense layer with the same effective weight.
-    let w_eff = Var::from_tensor(&(layer.weight() + delta(layer)).unwrap()).unwrap();
+    let w_eff = Var::from_tensor(&(layer.weight().unwrap() + delta(layer)).unwrap()).unwrap();
     let y = x
         .broadcast_matmul(&w_eff.as_tensor().t().unwrap())
         .unwrap()
@@ -147,7 +147,7 @@ fn energy_rule_picks_the_smallest_rank_holding_the_share() {
         c.energy = energy;
         pm.add_adapter(ADAPTER, c).unwrap();
         let layer = pm.layer("lin").unwrap();
-        let s = linalg::singular_values(&layer.weight(), Precision::F64)
+        let s = linalg::singular_values(&layer.weight().unwrap(), Precision::F64)
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();

@@ -324,7 +324,7 @@ pub fn corda_factors<M>(
         for &m in &group.members {
             let name = &names[m];
             let (r, _, scaling) = config.resolve(name)?;
-            let dec = oriented_svd(&linear[m].weight(), &damped)?;
+            let dec = oriented_svd(&linear[m].frozen_weight().to_f32()?, &damped)?;
             factors.insert(
                 name.clone(),
                 split_factors(&dec, r, config.corda_method, scaling, name)?,

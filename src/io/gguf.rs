@@ -22,12 +22,15 @@
 //!   decoder, token type 3 (control) as special tokens and type 4 (user-defined) as added tokens,
 //!   and a BOS template when `tokenizer.ggml.add_bos_token` is set.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde_json::json;
@@ -42,6 +45,7 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{PeftError, Result};
+use crate::ops::FrozenWeight;
 
 /// A GGUF architecture this loader maps to a Hugging Face one.
 #[derive(Debug)]
@@ -330,6 +334,19 @@ impl GgufModel {
     /// Every tensor dequantised to f32, un-permuted where needed, under its Hugging Face name,
     /// converted to `dtype` on `device`. An unknown tensor name is an error naming it.
     pub fn hf_tensors(&self, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+        Ok(self.hf_tensors_keeping(|_| false, dtype, device)?.0)
+    }
+
+    /// As [`hf_tensors`](Self::hf_tensors), except that the 2-D tensors whose Hugging Face
+    /// name `keep` accepts stay in the file's own type (ggml blocks, their q/k rows un-permuted
+    /// block row by block row; f32, f16 and bf16 tensors as dense tensors of that dtype): the
+    /// `--base-dtype gguf` load of the linear weights.
+    pub fn hf_tensors_keeping(
+        &self,
+        keep: impl Fn(&str) -> bool + Sync,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(HashMap<String, Tensor>, HashMap<String, FrozenWeight>)> {
         let a = self.arch.name;
         let heads = self.arch_u64("attention.head_count")? as usize;
         let kv_heads = self
@@ -354,7 +371,8 @@ impl GgufModel {
             };
             jobs.push((name, hf, unpermute));
         }
-        jobs.into_par_iter()
+        let loaded = jobs
+            .into_par_iter()
             .map(|(name, hf, unpermute)| {
                 let mut reader = BufReader::new(
                     File::open(&self.path).map_err(|e| PeftError::io(&self.path, e))?,
@@ -365,14 +383,31 @@ impl GgufModel {
                     .map_err(|e| {
                         PeftError::layer(name, format!("reading {}: {e}", self.path.display()))
                     })?;
+                if q.shape().rank() == 2 && keep(&hf) {
+                    let kept = kept_weight(q, unpermute)
+                        .map_err(|e| PeftError::layer(name, e.to_string()))?;
+                    return Ok((hf, Loaded::Kept(kept)));
+                }
                 let mut w = q.dequantize(&Device::Cpu)?;
                 if let Some(n_head) = unpermute {
                     w = unpermute_qk(&w, n_head)
                         .map_err(|e| PeftError::layer(name, e.to_string()))?;
                 }
-                Ok((hf, w.to_dtype(dtype)?.to_device(device)?))
+                Ok((hf, Loaded::Dense(w.to_dtype(dtype)?.to_device(device)?)))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let (mut dense, mut kept) = (HashMap::new(), HashMap::new());
+        for (hf, t) in loaded {
+            match t {
+                Loaded::Dense(t) => {
+                    dense.insert(hf, t);
+                }
+                Loaded::Kept(w) => {
+                    kept.insert(hf, w);
+                }
+            }
+        }
+        Ok((dense, kept))
     }
 
     /// The chat template (`tokenizer.chat_template`), if the file has one.
@@ -574,6 +609,55 @@ impl GgufModel {
         }
         Ok(serde_json::Value::Object(obj))
     }
+}
+
+/// A tensor of [`GgufModel::hf_tensors_keeping`]: dequantised, or kept in its own type.
+enum Loaded {
+    Dense(Tensor),
+    Kept(FrozenWeight),
+}
+
+/// A GGUF tensor in its own type as a frozen weight, its rows un-permuted for `n_head` heads
+/// when given. Rows of ggml blocks are independent, so the permutation moves whole rows of
+/// bytes and no value is requantised.
+fn kept_weight(q: QTensor, unpermute: Option<usize>) -> candle_core::Result<FrozenWeight> {
+    let dense = match q.dtype() {
+        GgmlDType::F32 => Some(DType::F32),
+        GgmlDType::F16 => Some(DType::F16),
+        GgmlDType::BF16 => Some(DType::BF16),
+        _ => None,
+    };
+    if let Some(dtype) = dense {
+        let mut w = q.dequantize(&Device::Cpu)?;
+        if let Some(n_head) = unpermute {
+            w = unpermute_qk(&w, n_head)?;
+        }
+        return Ok(FrozenWeight::Dense(w.to_dtype(dtype)?));
+    }
+    let Some(n_head) = unpermute else {
+        return Ok(FrozenWeight::Quantized(Arc::new(q)));
+    };
+    let (rows, _) = q.shape().dims2()?;
+    let order = unpermute_qk(
+        &Tensor::arange(0u32, rows as u32, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .reshape((rows, 1))?,
+        n_head,
+    )?
+    .flatten_all()?
+    .to_vec1::<f32>()?;
+    let bytes = q.data()?;
+    let row_bytes = bytes.len() / rows.max(1);
+    let mut permuted = Vec::with_capacity(bytes.len());
+    for &src in &order {
+        let src = src as usize;
+        permuted.extend_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
+    }
+    let storage = QStorage::from_data(Cow::Owned(permuted), &Device::Cpu, q.dtype())?;
+    Ok(FrozenWeight::Quantized(Arc::new(QTensor::new(
+        storage,
+        q.shape().clone(),
+    )?)))
 }
 
 /// The Hugging Face name of a GGUF tensor of the Llama family, or `None`.

@@ -284,8 +284,9 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-    use crate::kernels::frozen::frozen_matmul;
-    use crate::kernels::linear_lora::frozen_linear_lora;
+    use crate::kernels::frozen::frozen_matmul_weight;
+    use crate::kernels::frozen_weight::FrozenWeight;
+    use crate::kernels::linear_lora::frozen_linear_lora_weight;
     use crate::kernels::norm::{NormKind, norm};
     use crate::kernels::rope::rope;
     use crate::kernels::test_values::{max_abs, max_diff, tensor, var};
@@ -373,7 +374,7 @@ mod tests {
                 factors
             });
             parts.push(FusedLinearParts {
-                weight: (tensor(&[out, inp], 30 + i as u32) * 0.3).unwrap(),
+                weight: FrozenWeight::Dense((tensor(&[out, inp], 30 + i as u32) * 0.3).unwrap()),
                 bias: (bias && i < 3).then(|| tensor(&[out], 40 + i as u32)),
                 lora,
             });
@@ -396,9 +397,9 @@ mod tests {
         let (nh, nkv, d) = s.heads;
         let linear = |x: &Tensor, p: &FusedLinearParts| match &p.lora {
             Some((a, bb, sc)) => {
-                frozen_linear_lora(x, &p.weight, p.bias.as_ref(), a, bb, *sc).unwrap()
+                frozen_linear_lora_weight(x, &p.weight, p.bias.as_ref(), a, bb, *sc).unwrap()
             }
-            None => frozen_matmul(x, &p.weight, p.bias.as_ref()).unwrap(),
+            None => frozen_matmul_weight(x, &p.weight, p.bias.as_ref()).unwrap(),
         };
         let n = norm(x, gamma, None, 1e-5, NormKind::RmsNorm).unwrap();
         let q = linear(&n, &s.parts[0]).reshape((b, t, nh, d)).unwrap();

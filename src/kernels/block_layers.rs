@@ -13,6 +13,7 @@
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::frozen_weight::FrozenWeight;
 use super::linear_lora::{LinearValues, LoraValues};
 use super::slices::f32_slice;
 use crate::error::Result;
@@ -23,8 +24,8 @@ pub(crate) const ROWS_PER_TASK: usize = 16;
 /// A linear layer's operands for a fused op: what `LayerHandle::fused_parts` gathers.
 #[derive(Clone, Debug)]
 pub(crate) struct FusedLinearParts {
-    /// `W: [out, in]`, frozen.
-    pub(crate) weight: Tensor,
+    /// `W: [out, in]`, frozen, in its stored type.
+    pub(crate) weight: FrozenWeight,
     /// `b: [out]`, frozen.
     pub(crate) bias: Option<Tensor>,
     /// `(A: [r, in], B: [out, r], s)`, the trainable vars and the scaling.
@@ -43,7 +44,7 @@ struct PackSlot {
 /// A layer of a block: its frozen operands and its slot in the pack.
 struct BlockLinear {
     name: &'static str,
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
     out_features: usize,
     in_features: usize,
@@ -96,7 +97,10 @@ impl BlockLayers {
             };
             layers.push(BlockLinear {
                 name,
-                weight: p.weight.contiguous()?.detach(),
+                weight: match p.weight {
+                    FrozenWeight::Dense(w) => FrozenWeight::Dense(w.contiguous()?.detach()),
+                    quantized => quantized,
+                },
                 bias: p
                     .bias
                     .map(|b| b.contiguous().map(|b| b.detach()))
@@ -146,22 +150,18 @@ impl BlockLayers {
         f: impl FnOnce(&[LinearValues<'_>]) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
         self.check_pack(pack)?;
-        let weights: Vec<_> = self
+        let weights = self
             .layers
             .iter()
-            .map(|l| l.weight.storage_and_layout())
-            .collect();
+            .map(|l| l.weight.values())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let biases: Vec<_> = self
             .layers
             .iter()
             .map(|l| l.bias.as_ref().map(|b| b.storage_and_layout()))
             .collect();
         let mut linears = Vec::with_capacity(self.layers.len());
-        for ((layer, (w_storage, w_layout)), bias) in self.layers.iter().zip(&weights).zip(&biases)
-        {
-            let Storage::Cpu(w) = &**w_storage else {
-                candle_core::bail!("{}: {} weight is not on the CPU", self.op, layer.name);
-            };
+        for ((layer, w_values), bias) in self.layers.iter().zip(&weights).zip(&biases) {
             let bias = match bias {
                 Some((b_storage, b_layout)) => {
                     let Storage::Cpu(b) = &**b_storage else {
@@ -173,7 +173,7 @@ impl BlockLayers {
             };
             let (out_f, in_f) = (layer.out_features, layer.in_features);
             linears.push(LinearValues {
-                weight: f32_slice(self.op, layer.name, w, w_layout)?,
+                weight: w_values.matrix(self.op, layer.name, (out_f, in_f))?,
                 out_features: out_f,
                 in_features: in_f,
                 bias,

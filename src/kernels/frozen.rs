@@ -6,7 +6,11 @@
 //! `--features cuda`) and give backward only the input gradient.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+
+use super::frozen_weight::FrozenWeight;
+use super::gemm::Threads;
+use super::slices::f32_slice;
 
 /// `(b, m, n, k)` of candle's storage matmul, the layouts of `x` and `Wᵀ`, and the output shape.
 type MatmulPlan = ((usize, usize, usize, usize), Layout, Layout, Shape);
@@ -118,6 +122,133 @@ pub fn frozen_matmul(
         None => None,
     };
     x.contiguous()?.apply_op1(FrozenMatmul { weight, bias })
+}
+
+/// `x · Wᵀ (+ b)` with `W` in its stored type. A dense weight of the input's dtype takes
+/// [`frozen_matmul`]; on the CPU, an f32 input with a bf16, f16 or quantized weight reads the
+/// weight tile by tile (`kernels::lowp`) and stays f32, in the forward and in `dL/dx = g·W`.
+/// Elsewhere (another device) a dense weight runs in its own dtype, the input converted to it
+/// and the output back, and a quantized one is an error naming its type.
+pub fn frozen_matmul_weight(
+    x: &Tensor,
+    weight: &FrozenWeight,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if let FrozenWeight::Dense(w) = weight {
+        if w.dtype() == x.dtype() {
+            return frozen_matmul(x, w, bias);
+        }
+    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.is_cpu_matrix() {
+        let bias = match bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?.detach()),
+            None => None,
+        };
+        return x.contiguous()?.apply_op1(StoredMatmul {
+            weight: weight.clone(),
+            bias,
+        });
+    }
+    match weight {
+        FrozenWeight::Dense(w) => {
+            frozen_matmul(&x.to_dtype(w.dtype())?, w, bias)?.to_dtype(x.dtype())
+        }
+        FrozenWeight::Quantized(_) => candle_core::bail!(
+            "frozen-matmul: a {} weight is read on the CPU with an f32 input, got a {:?} input on {:?}",
+            weight.type_name(),
+            x.dtype(),
+            x.device()
+        ),
+    }
+}
+
+/// `x Wᵀ + b` with `W` read in its stored type: f32 in and out.
+struct StoredMatmul {
+    weight: FrozenWeight,
+    bias: Option<Tensor>,
+}
+
+/// `g W` (the input gradient of [`StoredMatmul`]).
+struct StoredMatmulGrad {
+    weight: FrozenWeight,
+}
+
+/// `(rows of x, W's (out, in), the output shape)` for `x: [.., in]`; `out_last` picks the
+/// output's last dim (`out` for `x Wᵀ`, `in` for `g W`).
+fn stored_plan(
+    op: &str,
+    weight: &FrozenWeight,
+    layout: &Layout,
+    transposed: bool,
+) -> candle_core::Result<(usize, (usize, usize), Shape)> {
+    let &[out_f, in_f] = weight.dims() else {
+        candle_core::bail!("{op}: the weight is not 2-D: {:?}", weight.dims());
+    };
+    let (reduce, keep) = if transposed {
+        (in_f, out_f)
+    } else {
+        (out_f, in_f)
+    };
+    let dims = layout.dims();
+    let Some((&last, lead)) = dims.split_last() else {
+        candle_core::bail!("{op}: scalar input");
+    };
+    if last != reduce {
+        candle_core::bail!("{op}: input has {last} features, the weight expects {reduce}");
+    }
+    let mut out_dims = lead.to_vec();
+    out_dims.push(keep);
+    Ok((lead.iter().product(), (out_f, in_f), Shape::from(out_dims)))
+}
+
+impl CustomOp1 for StoredMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-stored"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (m, (out_f, in_f), shape) = stored_plan(op, &self.weight, layout, true)?;
+        let x = f32_slice(op, "the input", x, layout)?;
+        let mut y = vec![0f32; m * out_f];
+        let guard = self.weight.values()?;
+        let w = guard.matrix(op, "the weight", (out_f, in_f))?;
+        w.xwt(op, &mut y, x, m, 0..out_f, false, Threads::Candle)?;
+        let mut y = CpuStorage::F32(y);
+        if let Some(bias) = &self.bias {
+            add_bias_rows(&mut y, bias)?;
+        }
+        Ok((y, shape))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad_y.detach().contiguous()?.apply_op1(StoredMatmulGrad {
+            weight: self.weight.clone(),
+        })?;
+        Ok(Some(grad))
+    }
+}
+
+impl CustomOp1 for StoredMatmulGrad {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-stored-grad"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (m, (out_f, in_f), shape) = stored_plan(op, &self.weight, layout, false)?;
+        let g = f32_slice(op, "the output gradient", g, layout)?;
+        let mut dx = vec![0f32; m * in_f];
+        let guard = self.weight.values()?;
+        let w = guard.matrix(op, "the weight", (out_f, in_f))?;
+        w.gw(op, &mut dx, g, m, 0..out_f, false, Threads::Candle)?;
+        Ok((CpuStorage::F32(dx), shape))
+    }
 }
 
 /// Adds `bias` to every row of the CPU matrix `y`, in place.

@@ -34,8 +34,9 @@ use rayon::prelude::*;
 
 use super::cross_entropy::cross_entropy_rows;
 use super::fast_exp;
-use super::frozen::frozen_matmul;
-use super::gemm::{self, Strided, Threads};
+use super::frozen::frozen_matmul_weight;
+use super::frozen_weight::FrozenWeight;
+use super::gemm::Threads;
 use super::slices::{f32_slice, with_values};
 
 const OP: &str = "frozen-linear-cross-entropy";
@@ -87,7 +88,7 @@ struct Kept {
 }
 
 struct FrozenLinearCrossEntropy {
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
     targets: Vec<u32>,
     kept: Mutex<Option<Kept>>,
@@ -108,7 +109,10 @@ impl FrozenLinearCrossEntropy {
 
     /// `(V, H)` of the weight.
     fn dims(&self) -> candle_core::Result<(usize, usize)> {
-        self.weight.dims2()
+        match self.weight.dims() {
+            &[v, h] => Ok((v, h)),
+            dims => candle_core::bail!("{OP}: weight must be [V, H], got {dims:?}"),
+        }
     }
 
     /// Logits `x Wᵀ + b` of the `[N, H]` rows `x`, and each row's log-sum-exp.
@@ -150,7 +154,9 @@ impl FrozenLinearCrossEntropy {
                 })
                 .collect()
         };
-        let stats = with_values(OP, "weight", &self.weight, |w| {
+        let w_values = self.weight.values()?;
+        let w = w_values.matrix(OP, "weight", (v, h))?;
+        let stats = {
             logits
                 .values
                 .par_chunks_mut(block_len)
@@ -158,19 +164,11 @@ impl FrozenLinearCrossEntropy {
                 .map(|(b, block)| {
                     let start = b * width;
                     let wb = block.len() / n;
-                    gemm::gemm_f32(
-                        OP,
-                        block,
-                        Strided::rows(x, h),
-                        Strided::transposed(&w[start * h..], h),
-                        (n, wb, h),
-                        false,
-                        Threads::Single,
-                    )?;
+                    w.xwt(OP, block, x, n, start..start + wb, false, Threads::Single)?;
                     Ok(row_stats(block, start, wb))
                 })
-                .collect::<candle_core::Result<Vec<_>>>()
-        })?;
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
         let lse = (0..n)
             .map(|i| merge_log_sum_exp(stats.iter().map(|s| s[i])))
             .collect();
@@ -200,7 +198,9 @@ impl FrozenLinearCrossEntropy {
             runs.push((first, run));
             rest = tail;
         }
-        let partials = with_values(OP, "weight", &self.weight, |w| {
+        let w_values = self.weight.values()?;
+        let w = w_values.matrix(OP, "weight", (logits.vocab, h))?;
+        let partials = {
             runs.into_par_iter()
                 .map(|(first, run)| {
                     let mut dx = vec![0f32; n * h];
@@ -211,20 +211,20 @@ impl FrozenLinearCrossEntropy {
                             let t = (self.targets[i] as usize).wrapping_sub(start);
                             softmax_minus_onehot(row, lse[i], g[i], (t < wb).then_some(t));
                         }
-                        gemm::gemm_f32(
+                        w.gw(
                             OP,
                             &mut dx,
-                            Strided::rows(block, wb),
-                            Strided::rows(&w[start * h..], h),
-                            (n, h, wb),
+                            block,
+                            n,
+                            start..start + wb,
                             k > 0,
                             Threads::Single,
                         )?;
                     }
                     Ok(dx)
                 })
-                .collect::<candle_core::Result<Vec<_>>>()
-        })?;
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
         let mut partials = partials.into_iter();
         let mut dx = partials.next().unwrap_or_else(|| vec![0f32; n * h]);
         for part in partials {
@@ -296,6 +296,17 @@ pub fn frozen_linear_cross_entropy(
     bias: Option<&Tensor>,
     targets: &[u32],
 ) -> candle_core::Result<Tensor> {
+    frozen_linear_cross_entropy_weight(hidden, &FrozenWeight::Dense(weight.clone()), bias, targets)
+}
+
+/// [`frozen_linear_cross_entropy`] with the head's `W` in its stored type (f32, f16, bf16 or
+/// ggml blocks, read block by block): the fused path for f32 `hidden` on the CPU.
+pub fn frozen_linear_cross_entropy_weight(
+    hidden: &Tensor,
+    weight: &FrozenWeight,
+    bias: Option<&Tensor>,
+    targets: &[u32],
+) -> candle_core::Result<Tensor> {
     let &[n, h] = hidden.dims() else {
         candle_core::bail!("{OP}: hidden must be [N, H], got {:?}", hidden.dims());
     };
@@ -325,16 +336,18 @@ pub fn frozen_linear_cross_entropy(
         candle_core::bail!("{OP}: target {t} of row {i} is out of range for a vocabulary of {v}");
     }
     let fast = hidden.device().is_cpu()
-        && weight.device().is_cpu()
+        && weight.is_cpu_matrix()
         && hidden.dtype() == DType::F32
-        && weight.dtype() == DType::F32
         && bias.is_none_or(|b| b.device().is_cpu());
     if !fast {
-        let logits = frozen_matmul(hidden, weight, bias)?;
+        let logits = frozen_matmul_weight(hidden, weight, bias)?;
         return cross_entropy_rows(&logits, targets);
     }
     let op = FrozenLinearCrossEntropy {
-        weight: weight.contiguous()?.detach(),
+        weight: match weight {
+            FrozenWeight::Dense(w) => FrozenWeight::Dense(w.contiguous()?.detach()),
+            quantized => quantized.clone(),
+        },
         bias: match bias {
             Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?.detach()),
             None => None,

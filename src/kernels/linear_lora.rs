@@ -19,13 +19,15 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
+use super::frozen_weight::FrozenWeight;
 use super::gemm::{self, Strided, Threads};
+use super::lowp::WeightMatrix;
 use super::slices::f32_slice;
 
 const OP: &str = "frozen-linear-lora";
 
 struct FrozenLinearLora {
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
     scaling: f64,
 }
@@ -54,8 +56,8 @@ pub(crate) struct LoraValues<'a> {
 /// slices, for fused ops that chain several layers (the decoder blocks).
 #[derive(Clone, Copy)]
 pub(crate) struct LinearValues<'a> {
-    /// `W: [out, in]`, row-major.
-    pub(crate) weight: &'a [f32],
+    /// `W: [out, in]` in its stored type.
+    pub(crate) weight: WeightMatrix<'a>,
     pub(crate) out_features: usize,
     pub(crate) in_features: usize,
     pub(crate) bias: Option<&'a [f32]>,
@@ -81,7 +83,13 @@ impl LinearValues<'_> {
 
     fn check_operands(&self) -> candle_core::Result<()> {
         let (out_f, in_f) = (self.out_features, self.in_features);
-        self.check("the weight", self.weight, out_f, in_f)?;
+        if (self.weight.rows(), self.weight.cols()) != (out_f, in_f) {
+            candle_core::bail!(
+                "frozen-linear-lora: the weight is {}×{}, expected {out_f}×{in_f}",
+                self.weight.rows(),
+                self.weight.cols()
+            );
+        }
         if let Some(bias) = self.bias {
             self.check("the bias", bias, 1, out_f)?;
         }
@@ -118,13 +126,8 @@ impl LinearValues<'_> {
         self.check_operands()?;
         self.check("the input", x, rows, in_f)?;
         let mut y = vec![0f32; rows * out_f];
-        gemm_f32(
-            &mut y,
-            Strided::rows(x, in_f),
-            Strided::transposed(self.weight, in_f),
-            (rows, out_f, in_f),
-            false,
-        )?;
+        self.weight
+            .xwt(OP, &mut y, x, rows, 0..out_f, false, Threads::Candle)?;
         if let Some(l) = &self.lora {
             let h = self.lora_hidden(l, x, rows)?;
             gemm_f32(
@@ -159,13 +162,8 @@ impl LinearValues<'_> {
         self.check("the input", x, rows, in_f)?;
         self.check("the output gradient", g, rows, out_f)?;
         self.check("the input gradient", grad_x, rows, in_f)?;
-        gemm_f32(
-            grad_x,
-            Strided::rows(g, out_f),
-            Strided::rows(self.weight, in_f),
-            (rows, in_f, out_f),
-            accumulate,
-        )?;
+        self.weight
+            .gw(OP, grad_x, g, rows, 0..out_f, accumulate, Threads::Candle)?;
         let Some(l) = &self.lora else {
             return Ok(None);
         };
@@ -220,7 +218,7 @@ impl CustomOp3 for FrozenLinearLora {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (out_f, in_f) = self.weight.dims2()?;
+        let (out_f, in_f) = self.weight_dims()?;
         let (rank, a_in) = a_layout.shape().dims2()?;
         let (b_out, b_rank) = b_layout.shape().dims2()?;
         let Some((&last, lead)) = x_layout.dims().split_last() else {
@@ -235,11 +233,8 @@ impl CustomOp3 for FrozenLinearLora {
         let x = f32_slice(OP, "the input", x, x_layout)?;
         let a = f32_slice(OP, "lora_A", a, a_layout)?;
         let b = f32_slice(OP, "lora_B", b, b_layout)?;
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(w) = &*w_storage else {
-            candle_core::bail!("frozen-linear-lora: the weight is not on the CPU");
-        };
-        let w = f32_slice(OP, "the weight", w, w_layout)?;
+        let w_guard = self.weight.values()?;
+        let w = w_guard.matrix(OP, "the weight", (out_f, in_f))?;
 
         let bias_values = self.bias.as_ref().map(|b| b.storage_and_layout());
         let bias = match &bias_values {
@@ -287,6 +282,13 @@ impl CustomOp3 for FrozenLinearLora {
 }
 
 impl FrozenLinearLora {
+    fn weight_dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self.weight.dims() {
+            &[out_f, in_f] => Ok((out_f, in_f)),
+            dims => candle_core::bail!("frozen-linear-lora: the weight is not 2-D: {dims:?}"),
+        }
+    }
+
     /// The backward on the CPU in f32, with `h = s x Aᵀ` recomputed (`r` columns): gemm writes
     /// `dL/dx = g W` and accumulates `u A` into it in place, and no product is kept beyond the
     /// three gradients.
@@ -297,7 +299,7 @@ impl FrozenLinearLora {
         b: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (out_f, in_f) = self.weight.dims2()?;
+        let (out_f, in_f) = self.weight_dims()?;
         let (rank, _) = a.dims2()?;
         let rows = x.elem_count() / in_f.max(1);
         let s = self.scaling as f32;
@@ -305,20 +307,12 @@ impl FrozenLinearLora {
         let (a_storage, a_layout) = a.storage_and_layout();
         let (b_storage, b_layout) = b.storage_and_layout();
         let (g_storage, g_layout) = g.storage_and_layout();
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
         let (
             candle_core::Storage::Cpu(xs),
             candle_core::Storage::Cpu(a_s),
             candle_core::Storage::Cpu(bs),
             candle_core::Storage::Cpu(gs),
-            candle_core::Storage::Cpu(ws),
-        ) = (
-            &*x_storage,
-            &*a_storage,
-            &*b_storage,
-            &*g_storage,
-            &*w_storage,
-        )
+        ) = (&*x_storage, &*a_storage, &*b_storage, &*g_storage)
         else {
             candle_core::bail!("frozen-linear-lora: backward operands are not all on the CPU");
         };
@@ -326,7 +320,8 @@ impl FrozenLinearLora {
         let av = f32_slice(OP, "lora_A", a_s, a_layout)?;
         let bv = f32_slice(OP, "lora_B", bs, b_layout)?;
         let gv = f32_slice(OP, "the output gradient", gs, g_layout)?;
-        let wv = f32_slice(OP, "the weight", ws, w_layout)?;
+        let w_guard = self.weight.values()?;
+        let wv = w_guard.matrix(OP, "the weight", (out_f, in_f))?;
 
         let linear = LinearValues {
             weight: wv,
@@ -355,7 +350,7 @@ impl FrozenLinearLora {
 
 /// `x Wᵀ + b + s (x Aᵀ) Bᵀ` as one op whose backward gives `dL/dx`, `dL/dA` and `dL/dB` (none
 /// for the frozen `W` and `b`). CPU, f32 throughout: `x: [.., in]`, `W: [out, in]`, `b: [out]`,
-/// `A: [r, in]`, `B: [out, r]`.
+/// `A: [r, in]`, `B: [out, r]`. See [`frozen_linear_lora_weight`] for `W` in another stored type.
 pub fn frozen_linear_lora(
     x: &Tensor,
     weight: &Tensor,
@@ -364,8 +359,26 @@ pub fn frozen_linear_lora(
     lora_b: &Tensor,
     scaling: f64,
 ) -> candle_core::Result<Tensor> {
+    let weight = FrozenWeight::Dense(weight.contiguous()?.detach());
+    frozen_linear_lora_weight(x, &weight, bias, lora_a, lora_b, scaling)
+}
+
+/// [`frozen_linear_lora`] with `W` in its stored type (f32, f16, bf16 or ggml blocks, read tile
+/// by tile); everything else f32 on the CPU.
+pub fn frozen_linear_lora_weight(
+    x: &Tensor,
+    weight: &FrozenWeight,
+    bias: Option<&Tensor>,
+    lora_a: &Tensor,
+    lora_b: &Tensor,
+    scaling: f64,
+) -> candle_core::Result<Tensor> {
+    let weight = match weight {
+        FrozenWeight::Dense(w) => FrozenWeight::Dense(w.contiguous()?.detach()),
+        quantized => quantized.clone(),
+    };
     let op = FrozenLinearLora {
-        weight: weight.contiguous()?.detach(),
+        weight,
         bias: match bias {
             Some(b) => Some(b.contiguous()?.detach()),
             None => None,

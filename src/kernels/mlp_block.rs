@@ -194,7 +194,7 @@ pub(crate) fn block_forward(
     [gate, up, down]: [FusedLinearParts; 3],
 ) -> Result<Option<Tensor>> {
     let hidden = h.dim(candle_core::D::Minus1)?;
-    let intermediate = gate.weight.dim(0)?;
+    let intermediate = gate.weight.dims().first().copied().unwrap_or(0);
     let parts = vec![
         ("gate_proj", gate, (intermediate, hidden)),
         ("up_proj", up, (intermediate, hidden)),
@@ -218,8 +218,9 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-    use crate::kernels::frozen::frozen_matmul;
-    use crate::kernels::linear_lora::frozen_linear_lora;
+    use crate::kernels::frozen::frozen_matmul_weight;
+    use crate::kernels::frozen_weight::FrozenWeight;
+    use crate::kernels::linear_lora::frozen_linear_lora_weight;
     use crate::kernels::norm::{NormKind, norm};
     use crate::kernels::swiglu::swiglu;
     use crate::kernels::test_values::{max_abs, max_diff, tensor, var};
@@ -246,7 +247,7 @@ mod tests {
                 factors
             });
             FusedLinearParts {
-                weight: (tensor(&[out, inp], 30 + i as u32) * 0.2).unwrap(),
+                weight: FrozenWeight::Dense((tensor(&[out, inp], 30 + i as u32) * 0.2).unwrap()),
                 bias: bias.then(|| tensor(&[out], 40 + i as u32)),
                 lora,
             }
@@ -262,8 +263,10 @@ mod tests {
     /// The separate ops the block replaces.
     fn composed(h: &Tensor, gamma: &Tensor, eps: f64, parts: &[FusedLinearParts; 3]) -> Tensor {
         let linear = |x: &Tensor, p: &FusedLinearParts| match &p.lora {
-            Some((a, b, s)) => frozen_linear_lora(x, &p.weight, p.bias.as_ref(), a, b, *s).unwrap(),
-            None => frozen_matmul(x, &p.weight, p.bias.as_ref()).unwrap(),
+            Some((a, b, s)) => {
+                frozen_linear_lora_weight(x, &p.weight, p.bias.as_ref(), a, b, *s).unwrap()
+            }
+            None => frozen_matmul_weight(x, &p.weight, p.bias.as_ref()).unwrap(),
         };
         let n = norm(h, gamma, None, eps, NormKind::RmsNorm).unwrap();
         let act = swiglu(&linear(&n, &parts[0]), &linear(&n, &parts[1])).unwrap();
@@ -322,7 +325,7 @@ mod tests {
     #[test]
     fn mismatched_layers_fall_back() {
         let Case { mut parts, .. } = case(8, 12, [true, true, true], false);
-        parts[2].weight = tensor(&[8, 11], 5);
+        parts[2].weight = FrozenWeight::Dense(tensor(&[8, 11], 5));
         let h = tensor(&[1, 3, 8], 1);
         let gamma = tensor(&[8], 2);
         assert!(block_forward(&h, &gamma, 1e-5, parts).unwrap().is_none());

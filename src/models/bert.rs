@@ -27,7 +27,7 @@ use crate::error::{PeftError, Result};
 use crate::io::source::{self, ModelSource};
 use crate::layer::PeftLinear;
 use crate::model::PeftModel;
-use crate::models::Pretrained;
+use crate::models::{LoadOptions, Pretrained};
 
 /// `hidden_act` of a BERT config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -495,8 +495,10 @@ impl BertModel {
     pub fn from_source(
         source: &ModelSource,
         dtype: DType,
-        device: &Device,
+        opts: impl Into<LoadOptions>,
     ) -> Result<(PeftModel<Self>, BertConfig)> {
+        let LoadOptions { device, base_dtype } = opts.into();
+        let device = &device;
         let cfg = BertConfig::from_file(&source.config)?;
         // SAFETY: the weight files are memory-mapped only while the model is built; every tensor
         // is copied out of the map by `VarBuilder::get`. Files changed by another process during
@@ -506,7 +508,7 @@ impl BertModel {
                 path: source.weights.first().cloned().unwrap_or_default(),
                 reason: e.to_string(),
             })?;
-        let b = PeftBuilder::new(vb);
+        let b = PeftBuilder::new(vb).with_base_dtype(base_dtype);
         let model = Self::load(&b, &cfg)?;
         Ok((PeftModel::new(model, &b), cfg))
     }
@@ -521,10 +523,14 @@ impl BertModel {
     }
 
     /// Loads a local folder or a hub id (hub cache first; `HF_HUB_OFFLINE=1` means cache only)
-    /// in f32 on `device`.
-    pub fn from_pretrained(model: &str, device: &Device) -> Result<Pretrained<Self, BertConfig>> {
+    /// in f32, on the device and with the base dtype of `opts` (a `&Device`, or
+    /// [`LoadOptions`]).
+    pub fn from_pretrained(
+        model: &str,
+        opts: impl Into<LoadOptions>,
+    ) -> Result<Pretrained<Self, BertConfig>> {
         let source = source::resolve(model)?;
-        let (model, config) = Self::from_source(&source, DType::F32, device)?;
+        let (model, config) = Self::from_source(&source, DType::F32, opts)?;
         Ok(Pretrained {
             model,
             config,

@@ -57,8 +57,8 @@ use crate::io::hf_folder::{
 use crate::io::source::{CONFIG_FILE, ModelSource, WEIGHTS_FILE};
 use crate::layer::PeftLinear;
 use crate::model::PeftModel;
-use crate::models::Pretrained;
 use crate::models::bert::{BertConfig, BertModel};
+use crate::models::{LoadOptions, Pretrained};
 
 /// The architecture name written to `config.json`.
 pub const ARCHITECTURE: &str = "BertForSequenceClassification";
@@ -161,8 +161,10 @@ impl BertForSequenceClassification {
         source: &ModelSource,
         num_labels: usize,
         seed: u64,
-        device: &Device,
+        opts: impl Into<LoadOptions>,
     ) -> Result<(PeftModel<Self>, BertConfig)> {
+        let LoadOptions { device, base_dtype } = opts.into();
+        let device = &device;
         let cfg = BertConfig::from_file(&source.config)?;
         // SAFETY: the weight files are memory-mapped only while the model is built; every tensor
         // is copied out of the map by `VarBuilder::get` (as in `BertModel::from_source`).
@@ -172,7 +174,7 @@ impl BertForSequenceClassification {
                     path: source.weights.first().cloned().unwrap_or_default(),
                     reason: e.to_string(),
                 })?;
-        let b = PeftBuilder::new(Self::with_bert_prefix(vb));
+        let b = PeftBuilder::new(Self::with_bert_prefix(vb)).with_base_dtype(base_dtype);
         let model = Self::load(&b, &cfg, num_labels, seed)?;
         Ok((PeftModel::new(model, &b), cfg))
     }
@@ -183,10 +185,10 @@ impl BertForSequenceClassification {
         spec: &str,
         num_labels: usize,
         seed: u64,
-        device: &Device,
+        opts: impl Into<LoadOptions>,
     ) -> Result<Pretrained<Self, BertConfig>> {
         let source = crate::io::source::resolve(spec)?;
-        let (model, config) = Self::from_source(&source, num_labels, seed, device)?;
+        let (model, config) = Self::from_source(&source, num_labels, seed, opts)?;
         Ok(Pretrained {
             model,
             config,
@@ -327,7 +329,7 @@ impl BertForSequenceClassification {
         for l in self.all_linears() {
             let h = l.handle();
             let name = h.name();
-            layer_tensors.insert(format!("{name}.weight"), h.weight());
+            layer_tensors.insert(format!("{name}.weight"), h.weight()?);
             if let Some(b) = h.bias() {
                 layer_tensors.insert(format!("{name}.bias"), b);
             }

@@ -11,8 +11,54 @@ pub mod llama;
 
 pub use bert::{BertConfig, BertModel, HiddenAct, mean_pool};
 
+use candle_core::Device;
+
 use crate::io::source::ModelSource;
 use crate::model::PeftModel;
+use crate::ops::BaseDType;
+
+/// How a model's `from_pretrained` / `from_source` loads it. A `&Device` converts into the
+/// default options on that device, so `from_pretrained(spec, &Device::Cpu)` reads as before.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Where the model runs. Default: the CPU.
+    pub device: Device,
+    /// The type the frozen linear weights are kept in (`--base-dtype`). Default f32.
+    pub base_dtype: BaseDType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            base_dtype: BaseDType::F32,
+        }
+    }
+}
+
+impl From<&Device> for LoadOptions {
+    fn from(device: &Device) -> Self {
+        Self {
+            device: device.clone(),
+            ..Self::default()
+        }
+    }
+}
+
+impl From<Device> for LoadOptions {
+    fn from(device: Device) -> Self {
+        Self::from(&device)
+    }
+}
+
+impl From<BaseDType> for LoadOptions {
+    fn from(base_dtype: BaseDType) -> Self {
+        Self {
+            base_dtype,
+            ..Self::default()
+        }
+    }
+}
 
 /// What a model's `from_pretrained` returns: the model with no adapters yet, its config and
 /// where it came from. Destructure it: `let Pretrained { model, config, source } = …?;`.

@@ -277,7 +277,7 @@ impl CausalLmTask {
             .model()
             .layers()
             .first()
-            .map(|l| l.weight().device().clone())
+            .map(|l| l.device())
             .unwrap_or(Device::Cpu);
         let pad = pad_id(self.tokenizer());
         let mut out = Vec::new();

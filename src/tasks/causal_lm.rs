@@ -115,7 +115,8 @@ impl CausalLmTask {
     /// [`from_pretrained`](Self::from_pretrained) for a source resolved already.
     pub fn from_source(source: ModelSource, opts: TaskOptions) -> Result<Self> {
         let tokenizer = load_causal_tokenizer(&source)?;
-        let (mut model, config) = LlamaForCausalLM::from_source(&source, DType::F32, &opts.device)?;
+        let (mut model, config) =
+            LlamaForCausalLM::from_source(&source, DType::F32, opts.load_options())?;
         model.set_seed(opts.seed);
         let mut task = Self::new(model, config, tokenizer, opts.seq_len, opts.device)?;
         if let Some(n) = opts.eval_batch {

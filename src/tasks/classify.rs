@@ -185,7 +185,7 @@ impl ClassifyTask {
             &source,
             labels.len(),
             opts.seed,
-            &opts.device,
+            opts.load_options(),
         )?;
         model.set_seed(opts.seed);
         let mut task = Self::new(model, tokenizer, opts.seq_len, labels, opts.device)?;

@@ -18,6 +18,8 @@ use candle_core::Device;
 
 use crate::error::{PeftError, Result};
 use crate::model::PeftModel;
+use crate::models::LoadOptions;
+use crate::ops::BaseDType;
 
 pub mod calibrated;
 /// Next-token prediction on Llama-family models.
@@ -29,7 +31,7 @@ pub use causal_lm::{CausalLmTask, LmEval, LmExample};
 pub use classify::{ClassifyEval, ClassifyTask};
 
 /// How a task loads its model. Build it with struct-update syntax, so fields added later (the
-/// base dtype) keep your code compiling: `TaskOptions { seq_len: 64, ..TaskOptions::default() }`.
+/// ones) keep your code compiling: `TaskOptions { seq_len: 64, ..TaskOptions::default() }`.
 #[derive(Clone, Debug)]
 pub struct TaskOptions {
     /// Maximum tokens per example (classification: special tokens included) or per training
@@ -43,6 +45,19 @@ pub struct TaskOptions {
     /// Seeds the adapters added later and, for classification, a classifier the checkpoint
     /// lacks and its dropout. Default 42 (the command line's default).
     pub seed: u64,
+    /// The type the frozen linear weights are kept in (`--base-dtype`; see [`BaseDType`]).
+    /// Default f32.
+    pub base_dtype: BaseDType,
+}
+
+impl TaskOptions {
+    /// The model's load options: this device and base dtype.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            device: self.device.clone(),
+            base_dtype: self.base_dtype,
+        }
+    }
 }
 
 impl Default for TaskOptions {
@@ -52,6 +67,7 @@ impl Default for TaskOptions {
             device: Device::Cpu,
             eval_batch: None,
             seed: 42,
+            base_dtype: BaseDType::F32,
         }
     }
 }

@@ -151,7 +151,7 @@ pub fn forward_matches_dense(config: impl Fn() -> AdapterConfig) {
         pm.add_adapter(ADAPTER, config()).unwrap();
         perturb(&pm, 60 + i as u64);
         let layer = pm.layer("lin").unwrap();
-        let w = (layer.weight() + delta(layer)).unwrap();
+        let w = (layer.weight().unwrap() + delta(layer)).unwrap();
         assert!(
             max_abs(&delta(layer)) > 1e-2,
             "the perturbation left ΔW ≈ 0"
@@ -171,7 +171,7 @@ pub fn forward_matches_dense(config: impl Fn() -> AdapterConfig) {
         pm.add_adapter(ADAPTER, config()).unwrap();
         perturb(&pm, 90 + i as u64);
         let layer = pm.layer("conv").unwrap();
-        let wd = (layer.weight() + delta(layer)).unwrap();
+        let wd = (layer.weight().unwrap() + delta(layer)).unwrap();
         let img = rand_tensor(&mut rng(100), &[2, in_c, h, w], 1.0);
         let dense = img
             .conv2d(
@@ -197,15 +197,15 @@ pub fn merge_unmerge_round_trip(config: impl Fn() -> AdapterConfig) {
     perturb(&pm, 111);
     let x = rand_tensor(&mut rng(112), &[4, 6], 1.0);
     let layer = pm.layer("lin").unwrap().clone();
-    let w0 = layer.weight();
+    let w0 = layer.weight().unwrap();
     let d = delta(&layer);
     let adapted = pm.model().forward(&x).unwrap();
     pm.merge().unwrap();
-    assert!(max_abs_diff(&layer.weight(), &(&w0 + &d).unwrap()) <= 1e-6);
+    assert!(max_abs_diff(&layer.weight().unwrap(), &(&w0 + &d).unwrap()) <= 1e-6);
     let merged = pm.model().forward(&x).unwrap();
     assert!(rel_diff(&merged, &adapted) <= 1e-5, "merged vs adapted");
     pm.unmerge().unwrap();
-    let back = layer.weight();
+    let back = layer.weight().unwrap();
     assert!(
         rel_diff(&back, &w0) <= 1e-6,
         "unmerge: {}",
@@ -218,12 +218,12 @@ pub fn merge_unmerge_round_trip(config: impl Fn() -> AdapterConfig) {
     perturb(&pc, 114);
     let img = rand_tensor(&mut rng(115), &[1, 4, 7, 6], 1.0);
     let conv = pc.layer("conv").unwrap().clone();
-    let w0 = conv.weight();
+    let w0 = conv.weight().unwrap();
     let adapted = pc.model().forward(&img).unwrap();
     pc.merge().unwrap();
     assert!(rel_diff(&pc.model().forward(&img).unwrap(), &adapted) <= 1e-5);
     pc.unmerge().unwrap();
-    assert!(rel_diff(&conv.weight(), &w0) <= 1e-6);
+    assert!(rel_diff(&conv.weight().unwrap(), &w0) <= 1e-6);
 
     // Disabling an adapter that was never merged gives the pristine base, bitwise.
     let mut fresh = single_conv(4, 6, (3, 3), conv_cases()[0].3, 113);

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use candle_peft::io::atomic::check_writable_file;
 use candle_peft::optim::LoraProMode;
 use candle_peft::train::{OptimizerKind, OutputLock, prepare_output_dir};
-use candle_peft::{AdapterConfig, Method, Schedule, TrainConfig, Warmup};
+use candle_peft::{AdapterConfig, BaseDType, Method, Schedule, TrainConfig, Warmup};
 use clap::Args;
 use serde_json::Value;
 
@@ -36,6 +36,11 @@ pub struct TrainArgs {
     /// Base model: a hub id (org/name, looked up in the HF cache first) or a local folder.
     #[arg(long)]
     pub model: String,
+    /// The type the base model's frozen linear weights are kept in: f32 (default), f16, bf16,
+    /// q8_0 or q4_k (quantised at load, QLoRA-style), or gguf (a GGUF file's own types).
+    /// Adapters, gradients and activations stay f32.
+    #[arg(long = "base-dtype", default_value = "f32", value_parser = parse_base_dtype)]
+    pub base_dtype: BaseDType,
     /// What to train: classify or causal-lm.
     #[arg(long)]
     pub task: String,
@@ -152,6 +157,11 @@ pub struct TrainArgs {
 /// `--max-grad-norm`: `None` turns clipping off.
 #[derive(Debug, Clone, Copy)]
 pub struct MaxGradNorm(pub Option<f64>);
+
+/// `--base-dtype`: one of [`BaseDType::NAMES`].
+pub fn parse_base_dtype(s: &str) -> Result<BaseDType, String> {
+    s.parse().map_err(|e: candle_peft::PeftError| e.to_string())
+}
 
 fn parse_schedule(s: &str) -> Result<Schedule, String> {
     s.parse::<Schedule>().map_err(|e| e.to_string())
@@ -417,6 +427,11 @@ pub struct EvalArgs {
     /// Model: a hub id or a local folder (e.g. the DIR/merged folder `train --merge` wrote).
     #[arg(long)]
     pub model: String,
+    /// The type the base model's frozen linear weights are kept in: f32 (default), f16, bf16,
+    /// q8_0 or q4_k (quantised at load, QLoRA-style), or gguf (a GGUF file's own types).
+    /// Adapters, gradients and activations stay f32.
+    #[arg(long = "base-dtype", default_value = "f32", value_parser = parse_base_dtype)]
+    pub base_dtype: BaseDType,
     /// An adapter folder (PEFT format) to apply to the model.
     #[arg(long)]
     pub adapter: Option<PathBuf>,

@@ -3,6 +3,7 @@
 //! candle's thread count.
 
 use anyhow::{Result, bail};
+use candle_peft::BaseDType;
 
 use super::bench_minilm::minilm_lora_train;
 use super::measure::peak_rss_mb;
@@ -19,9 +20,14 @@ pub struct BenchArgs {
     /// The model to run it on (hub id or folder).
     #[arg(long)]
     pub model: Option<String>,
-    /// Print one JSON line: {"workload", "ms_per_step", "peak_rss_mb", …}.
+    /// Print one JSON line: {"workload", "ms_per_step", "peak_rss_mb", "base_dtype",
+    /// "model_rss_mb", "losses", …}.
     #[arg(long)]
     pub json: bool,
+    /// The type the frozen linear weights are kept in, for the training workloads: f32, f16,
+    /// bf16, q8_0, q4_k (quantised at load) or gguf (a GGUF file's own types).
+    #[arg(long = "base-dtype", default_value = "f32", value_parser = super::args::parse_base_dtype)]
+    pub base_dtype: BaseDType,
 }
 
 /// Every workload `run` accepts, with what it measures: `--help` and the error on an unknown
@@ -68,8 +74,12 @@ fn workloads_help() -> String {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let result = match args.workload.as_str() {
-        "minilm-lora-train" => minilm_lora_train(args.model.as_deref().unwrap_or(MINILM))?,
-        "smollm2-lora-train" => bench_llm::smollm2_lora_train(args.model.as_deref())?,
+        "minilm-lora-train" => {
+            minilm_lora_train(args.model.as_deref().unwrap_or(MINILM), args.base_dtype)?
+        }
+        "smollm2-lora-train" => {
+            bench_llm::smollm2_lora_train(args.model.as_deref(), args.base_dtype)?
+        }
         "smollm2-merge" => bench_llm::smollm2_merge(args.model.as_deref())?,
         "svd-init-smollm2" => bench_svd::svd_init_smollm2(args.model.as_deref())?,
         "eva-corda-init-smollm2" | "eva-init-smollm2" | "corda-init-smollm2" => {
@@ -92,6 +102,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         line.insert(result.metric.into(), result.value.into());
         line.insert("peak_rss_mb".into(), peak_rss_mb.into());
         line.insert("threads".into(), threads.into());
+        line.insert("base_dtype".into(), args.base_dtype.name().into());
+        // Workloads that load no model for training report no model memory and no losses.
+        line.insert("model_rss_mb".into(), serde_json::Value::Null);
+        line.insert("losses".into(), serde_json::Value::Array(Vec::new()));
         line.extend(result.details);
         print_stdout(&format!("{}\n", serde_json::Value::Object(line)))
     } else {

@@ -1,6 +1,6 @@
 //! The SmolLM2 workloads.
 //!
-//! `smollm2-lora-train`: SmolLM2-135M in f32, LoRA r = 16, α = 32 on q, k, v, o, gate, up and
+//! `smollm2-lora-train`: SmolLM2-135M (linear weights in `--base-dtype`, f32 by default), LoRA r = 16, α = 32 on q, k, v, o, gate, up and
 //! down, batch 4 × 128 tokens, next-token cross-entropy through the tied head as one fused op
 //! (`LlamaForCausalLM::token_losses`, as the causal-LM task uses it),
 //! AdamW lr 1e-4; the median ms/step of
@@ -21,11 +21,11 @@ use candle_peft::io::source;
 use candle_peft::models::llama::LLAMA_TARGET_MODULES;
 use candle_peft::models::llama::LlamaForCausalLM;
 use candle_peft::optim::{AdamW, AdamWConfig};
-use candle_peft::{DEFAULT_ADAPTER, LoraConfig};
+use candle_peft::{BaseDType, DEFAULT_ADAPTER, LoadOptions, LoraConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::measure::{BenchResult, median_after};
+use super::measure::{BenchResult, median_after, rss_mb, train_details};
 
 /// Where `scripts/fetch-models.sh` leaves SmolLM2.
 const SMOLLM2_GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -47,11 +47,16 @@ fn default_model(model: Option<&str>) -> String {
     )
 }
 
-pub fn smollm2_lora_train(model: Option<&str>) -> Result<BenchResult> {
+pub fn smollm2_lora_train(model: Option<&str>, base_dtype: BaseDType) -> Result<BenchResult> {
     let spec = default_model(model);
     let device = Device::Cpu;
     let src = source::resolve(&spec).with_context(|| format!("resolving {spec}"))?;
-    let (mut model, cfg) = LlamaForCausalLM::from_source(&src, DType::F32, &device)?;
+    let opts = LoadOptions {
+        device: device.clone(),
+        base_dtype,
+    };
+    let (mut model, cfg) = LlamaForCausalLM::from_source(&src, DType::F32, opts)?;
+    let model_rss_mb = rss_mb()?;
     model.set_seed(0);
     model.add_adapter(DEFAULT_ADAPTER, lora())?;
     model.train();
@@ -64,7 +69,7 @@ pub fn smollm2_lora_train(model: Option<&str>) -> Result<BenchResult> {
     let inputs = ids.narrow(1, 0, seq)?.contiguous()?;
     let targets = ids.narrow(1, 1, seq)?.flatten_all()?.to_vec1::<u32>()?;
     let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
-    let mut steps_ms = Vec::new();
+    let (mut steps_ms, mut losses) = (Vec::new(), Vec::new());
     let (mut forward_ms, mut backward_ms, mut optimizer_ms) = (Vec::new(), Vec::new(), Vec::new());
     let ms_since = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     for _ in 0..8 {
@@ -78,12 +83,11 @@ pub fn smollm2_lora_train(model: Option<&str>) -> Result<BenchResult> {
         backward_ms.push(ms_since(phase));
         let phase = Instant::now();
         opt.step(&grads, 1e-4)?;
-        loss.to_scalar::<f32>()?;
+        losses.push(loss.to_scalar::<f32>()?);
         optimizer_ms.push(ms_since(phase));
         steps_ms.push(ms_since(started));
     }
-    let mut details = serde_json::Map::new();
-    details.insert("steps_ms".into(), steps_ms.clone().into());
+    let mut details = train_details(model_rss_mb, &losses, &steps_ms);
     details.insert("forward_ms".into(), median_after(&forward_ms, 2).into());
     details.insert("backward_ms".into(), median_after(&backward_ms, 2).into());
     details.insert("optimizer_ms".into(), median_after(&optimizer_ms, 2).into());

@@ -7,19 +7,24 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use candle_peft::LoraConfig;
 use candle_peft::io::source;
 use candle_peft::models::bert::BertModel;
 use candle_peft::optim::{AdamW, AdamWConfig};
+use candle_peft::{BaseDType, LoadOptions, LoraConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::measure::{BenchResult, median_after};
+use super::measure::{BenchResult, median_after, rss_mb, train_details};
 
-pub fn minilm_lora_train(model: &str) -> Result<BenchResult> {
+pub fn minilm_lora_train(model: &str, base_dtype: BaseDType) -> Result<BenchResult> {
     let device = Device::Cpu;
     let src = source::resolve(model)?;
-    let (mut model, cfg) = BertModel::from_source(&src, DType::F32, &device)?;
+    let opts = LoadOptions {
+        device: device.clone(),
+        base_dtype,
+    };
+    let (mut model, cfg) = BertModel::from_source(&src, DType::F32, opts)?;
+    let model_rss_mb = rss_mb()?;
     model.set_seed(0);
     model.add_adapter("default", LoraConfig::new(&["query", "value"], 8, 16.0))?;
     model.train();
@@ -31,7 +36,7 @@ pub fn minilm_lora_train(model: &str) -> Result<BenchResult> {
     let ids = Tensor::from_vec(ids, (batch, seq), &device)?;
     // PyTorch's AdamW defaults (weight decay 0.01), as in the reference measurement.
     let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
-    let mut steps_ms = Vec::new();
+    let (mut steps_ms, mut losses) = (Vec::new(), Vec::new());
     for _ in 0..12 {
         let started = Instant::now();
         let hidden = model.model().forward(&ids, None, None)?;
@@ -39,11 +44,10 @@ pub fn minilm_lora_train(model: &str) -> Result<BenchResult> {
         let grads = loss.backward()?;
         opt.step(&grads, 1e-4)?;
         // Reading the loss waits for the step to finish on any device.
-        loss.to_scalar::<f32>()?;
+        losses.push(loss.to_scalar::<f32>()?);
         steps_ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
-    let mut details = serde_json::Map::new();
-    details.insert("steps_ms".into(), steps_ms.clone().into());
+    let details = train_details(model_rss_mb, &losses, &steps_ms);
     Ok(BenchResult {
         metric: "ms_per_step",
         value: median_after(&steps_ms, 2),

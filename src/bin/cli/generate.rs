@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use candle_peft::BaseDType;
 use candle_peft::DEFAULT_ADAPTER;
 use candle_peft::generate::GenerationConfig;
 use candle_peft::tasks::TaskOptions;
@@ -22,6 +23,11 @@ pub struct GenerateArgs {
     /// An adapter folder (PEFT format) to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// The type the base model's frozen linear weights are kept in: f32 (default), f16, bf16,
+    /// q8_0 or q4_k (quantised at load, QLoRA-style), or gguf (a GGUF file's own types).
+    /// Adapters, gradients and activations stay f32.
+    #[arg(long = "base-dtype", default_value = "f32", value_parser = super::args::parse_base_dtype)]
+    pub base_dtype: BaseDType,
     /// The prompt, used as given (no chat template).
     #[arg(long)]
     pub prompt: String,
@@ -53,6 +59,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let opts = TaskOptions {
         seq_len: 2,
         seed: args.seed,
+        base_dtype: args.base_dtype,
         ..TaskOptions::default()
     };
     let mut task = CausalLmTask::from_pretrained(&args.model, opts)

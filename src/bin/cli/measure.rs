@@ -34,12 +34,37 @@ pub fn median_after(times: &[f64], skip: usize) -> f64 {
 
 /// Peak resident set size of this process (`VmHWM`), in MB.
 pub fn peak_rss_mb() -> Result<f64> {
+    status_mb("VmHWM:")
+}
+
+/// Resident set size of this process now (`VmRSS`), in MB: taken right after a model is loaded,
+/// it is what the model's weights hold.
+pub fn rss_mb() -> Result<f64> {
+    status_mb("VmRSS:")
+}
+
+/// A `kB` line of `/proc/self/status`, in MB.
+fn status_mb(key: &str) -> Result<f64> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/self/status")?;
+        .with_context(|| format!("no {key} in /proc/self/status"))?;
     Ok(kb / 1024.0)
+}
+
+/// The JSON fields every training workload adds: the resident memory once the model is loaded
+/// and the loss of each step (so runs compare for correctness as well as speed).
+pub fn train_details(
+    model_rss_mb: f64,
+    losses: &[f32],
+    steps_ms: &[f64],
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut details = serde_json::Map::new();
+    details.insert("model_rss_mb".into(), model_rss_mb.into());
+    details.insert("losses".into(), losses.to_vec().into());
+    details.insert("steps_ms".into(), steps_ms.to_vec().into());
+    details
 }

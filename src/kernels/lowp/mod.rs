@@ -234,7 +234,11 @@ impl<'a> WeightMatrix<'a> {
         self.check_rows(op, &rows)?;
         let k = self.cols;
         if out.len() != rows.len() * k {
-            candle_core::bail!("{op}: panel of {} values for {} rows", out.len(), rows.len());
+            candle_core::bail!(
+                "{op}: panel of {} values for {} rows",
+                out.len(),
+                rows.len()
+            );
         }
         let range = rows.start * k..rows.end * k;
         match self.values {

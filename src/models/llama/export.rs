@@ -58,7 +58,7 @@ impl LlamaForCausalLM {
         fs::create_dir_all(out_dir).map_err(|e| PeftError::io(out_dir, e))?;
 
         // The weights are renamed into place last, once every other file is written.
-        let weights = stage_tensors(out_dir, &self.hf_tensors(), Some(dtype))?;
+        let weights = stage_tensors(out_dir, &self.hf_tensors()?, Some(dtype))?;
 
         let mut cfg = self.config.clone();
         cfg.torch_dtype = Some(dtype_name.to_string());
@@ -92,7 +92,7 @@ impl LlamaForCausalLM {
     }
 
     /// Every weight under its Hugging Face name, in checkpoint order.
-    pub fn hf_tensors(&self) -> Vec<(String, Tensor)> {
+    pub fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
             self.embed_tokens.clone(),
@@ -110,7 +110,7 @@ impl LlamaForCausalLM {
                 &mlp.down_proj,
             ] {
                 let h = lin.handle();
-                out.push((format!("{}.weight", h.name()), h.weight()));
+                out.push((format!("{}.weight", h.name()), h.weight()?));
                 if let Some(b) = h.bias() {
                     out.push((format!("{}.bias", h.name()), b));
                 }
@@ -127,9 +127,9 @@ impl LlamaForCausalLM {
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         if let Some(head) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), head.handle().weight()));
+            out.push(("lm_head.weight".to_string(), head.handle().weight()?));
         }
-        out
+        Ok(out)
     }
 
     fn check_no_pending_adapters(&self) -> Result<()> {

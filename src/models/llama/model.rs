@@ -1,6 +1,8 @@
 //! [`LlamaForCausalLM`]: the decoder with its language-model head, its forwards (training,
 //! hidden states, per-token losses, KV-cached generation) and its loading from a source.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
@@ -13,7 +15,8 @@ use crate::io::gguf::GgufModel;
 use crate::io::source::{self, ModelSource, SourceKind};
 use crate::layer::PeftLinear;
 use crate::model::PeftModel;
-use crate::models::Pretrained;
+use crate::models::{LoadOptions, Pretrained};
+use crate::ops::{BaseDType, FrozenWeight};
 
 /// A Llama-family decoder with its language-model head.
 #[derive(Clone, Debug)]
@@ -202,9 +205,8 @@ impl LlamaForCausalLM {
     pub fn token_losses(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
         let frozen_head = match &self.lm_head {
             _ if hidden.dtype() != DType::F32 => None,
-            None => {
-                (self.embed_tokens.dtype() == DType::F32).then(|| (self.embed_tokens.clone(), None))
-            }
+            None => (self.embed_tokens.dtype() == DType::F32)
+                .then(|| (FrozenWeight::Dense(self.embed_tokens.clone()), None)),
             Some(head) => match head.handle().fused_parts() {
                 Some(crate::layer::FusedLinearParts {
                     weight,
@@ -215,9 +217,12 @@ impl LlamaForCausalLM {
             },
         };
         let losses = match frozen_head {
-            Some((weight, bias)) => {
-                crate::ops::frozen_linear_cross_entropy(hidden, &weight, bias.as_ref(), targets)?
-            }
+            Some((weight, bias)) => crate::ops::frozen_linear_cross_entropy_weight(
+                hidden,
+                &weight,
+                bias.as_ref(),
+                targets,
+            )?,
             None => crate::ops::cross_entropy_rows(&self.logits(hidden)?, targets)?,
         };
         Ok(losses)
@@ -266,17 +271,27 @@ impl LlamaForCausalLM {
 
     /// Loads any source into a [`PeftModel`] with no adapters: a Hugging Face folder (single or
     /// sharded safetensors), a hub id resolved through the cache, or a `.gguf` file
-    /// (dequantised, q/k un-permuted; see `crate::io::gguf`). Weights are converted to `dtype`.
+    /// (dequantised, q/k un-permuted; see `crate::io::gguf`). Weights are converted to `dtype`,
+    /// except the linear weights, which `opts.base_dtype` keeps in their own type
+    /// ([`BaseDType::Gguf`](crate::BaseDType::Gguf): a GGUF's blocks as the file has them).
     pub fn from_source(
         src: &ModelSource,
         dtype: DType,
-        device: &Device,
+        opts: impl Into<LoadOptions>,
     ) -> Result<(PeftModel<Self>, LlamaConfig)> {
+        let LoadOptions { device, base_dtype } = opts.into();
+        let device = &device;
+        let mut stored = HashMap::new();
         let (cfg, vb) = match &src.kind {
             SourceKind::Gguf => {
                 let gguf = GgufModel::open(&src.config)?;
                 let cfg = LlamaConfig::from_json(&gguf.hf_config()?)?;
-                let tensors = gguf.hf_tensors(dtype, device)?;
+                let keep = |name: &str| {
+                    base_dtype == BaseDType::Gguf
+                        && (name.ends_with("_proj.weight") || name == "lm_head.weight")
+                };
+                let (tensors, kept) = gguf.hf_tensors_keeping(keep, dtype, device)?;
+                stored = kept;
                 (cfg, VarBuilder::from_tensors(tensors, dtype, device))
             }
             _ => {
@@ -292,15 +307,21 @@ impl LlamaForCausalLM {
                 (cfg, vb)
             }
         };
-        let b = PeftBuilder::new(vb);
+        let b = PeftBuilder::new(vb)
+            .with_base_dtype(base_dtype)
+            .with_stored_weights(stored);
         let model = Self::new(&cfg, &b)?;
         Ok((PeftModel::new(model, &b), cfg))
     }
 
-    /// Resolves `spec` (folder, hub id or `.gguf` file) and loads it in f32 on `device`.
-    pub fn from_pretrained(spec: &str, device: &Device) -> Result<Pretrained<Self, LlamaConfig>> {
+    /// Resolves `spec` (folder, hub id or `.gguf` file) and loads it in f32, on the device and
+    /// with the base dtype of `opts` (a `&Device`, or [`LoadOptions`]).
+    pub fn from_pretrained(
+        spec: &str,
+        opts: impl Into<LoadOptions>,
+    ) -> Result<Pretrained<Self, LlamaConfig>> {
         let source = source::resolve(spec)?;
-        let (model, config) = Self::from_source(&source, DType::F32, device)?;
+        let (model, config) = Self::from_source(&source, DType::F32, opts)?;
         Ok(Pretrained {
             model,
             config,

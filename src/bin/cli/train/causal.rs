@@ -28,6 +28,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let opts = TaskOptions {
         seq_len: args.seq,
         seed: args.seed,
+        base_dtype: args.base_dtype,
         ..TaskOptions::default()
     };
     let mut task = CausalLmTask::from_pretrained(&args.model, opts)
