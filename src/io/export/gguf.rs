@@ -130,7 +130,7 @@ impl GgufBase {
             let bad = |reason: String| {
                 PeftError::layer(gguf_name, format!("{}: {reason}", path.display()))
             };
-            if !numel.is_multiple_of(dtype.block_size()) {
+            if numel % dtype.block_size() != 0 {
                 return Err(bad(format!(
                     "{numel} elements do not fill whole {} blocks of {}",
                     ggml_type_name(dtype),
