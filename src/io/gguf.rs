@@ -162,6 +162,32 @@ impl GgufModel {
         &self.content.metadata
     }
 
+    /// The parsed header: metadata, tensor directory and where tensor data starts.
+    pub(crate) fn content(&self) -> &Content {
+        &self.content
+    }
+
+    /// The head count llama.cpp permuted the rows of GGUF tensor `name` with (the query heads
+    /// for `attn_q`, the key/value heads for `attn_k`; see the module docs), or `None` when its
+    /// rows are in Hugging Face's order.
+    pub fn qk_permutation_heads(&self, name: &str) -> Result<Option<usize>> {
+        if !self.arch.permuted_qk {
+            return Ok(None);
+        }
+        let heads = || -> Result<usize> { Ok(self.arch_u64("attention.head_count")? as usize) };
+        if name.contains(".attn_q.") {
+            return heads().map(Some);
+        }
+        if name.contains(".attn_k.") {
+            let key = format!("{}.attention.head_count_kv", self.arch.name);
+            return match self.meta_u64(&key)? {
+                Some(v) => Ok(Some(v as usize)),
+                None => heads().map(Some),
+            };
+        }
+        Ok(None)
+    }
+
     /// The GGUF tensor names, sorted.
     pub fn tensor_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self
@@ -348,10 +374,6 @@ impl GgufModel {
         device: &Device,
     ) -> Result<(HashMap<String, Tensor>, HashMap<String, FrozenWeight>)> {
         let a = self.arch.name;
-        let heads = self.arch_u64("attention.head_count")? as usize;
-        let kv_heads = self
-            .meta_u64(&format!("{a}.attention.head_count_kv"))?
-            .map_or(heads, |v| v as usize);
         let mut jobs = Vec::with_capacity(self.content.tensor_infos.len());
         for name in self.tensor_names() {
             let hf = hf_tensor_name(name).ok_or_else(|| {
@@ -360,15 +382,7 @@ impl GgufModel {
                     self.path.display()
                 ))
             })?;
-            let unpermute = if !self.arch.permuted_qk {
-                None
-            } else if name.contains(".attn_q.") {
-                Some(heads)
-            } else if name.contains(".attn_k.") {
-                Some(kv_heads)
-            } else {
-                None
-            };
+            let unpermute = self.qk_permutation_heads(name)?;
             jobs.push((name, hf, unpermute));
         }
         let loaded = jobs

@@ -39,7 +39,8 @@ pub enum Command {
     Eval(args::EvalArgs),
     /// Generate text from a prompt with a causal LM (optionally with an adapter).
     Generate(generate::GenerateArgs),
-    /// Merge an adapter into a base model's weights and write a model folder (no model code).
+    /// Merge an adapter into a base model's weights and write a model folder, or with
+    /// `--to gguf` a GGUF file (no model code).
     Merge(merge::MergeArgs),
     /// Show an adapter directory: method, targets, ranks, scaling, parameters and tensors.
     Inspect(inspect::InspectArgs),

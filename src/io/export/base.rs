@@ -124,44 +124,6 @@ impl BaseModel {
         }
         Ok(model)
     }
-
-    /// Up to `n` base tensor names closest to `wanted` (shared trailing, then leading segments).
-    fn nearby(&self, wanted: &str, n: usize) -> Vec<&str> {
-        let w: Vec<&str> = wanted.split('.').collect();
-        let mut scored: Vec<(usize, usize, &str)> = self
-            .tensors
-            .iter()
-            .map(|t| {
-                let s: Vec<&str> = t.name.split('.').collect();
-                let suffix = w
-                    .iter()
-                    .rev()
-                    .zip(s.iter().rev())
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                let prefix = w.iter().zip(s.iter()).take_while(|(a, b)| a == b).count();
-                (suffix + prefix, suffix, t.name.as_str())
-            })
-            .collect();
-        scored.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
-        scored
-            .into_iter()
-            .take(n)
-            .map(|(_, _, name)| name)
-            .collect()
-    }
-
-    pub(super) fn missing(&self, module: &str, key: &str) -> PeftError {
-        let near = self.nearby(key, 5);
-        PeftError::layer(
-            module,
-            format!(
-                "the base model {} has no tensor `{key}`; nearest base tensors: {}",
-                self.label,
-                near.join(", ")
-            ),
-        )
-    }
 }
 
 /// `*.safetensors` and `*.safetensors.index.json` files of a folder, sorted.

@@ -1,5 +1,6 @@
 //! Merged export: a base model folder plus an adapter directory → a model folder with the base's
 //! own tensor names, loadable by any Hugging Face–compatible loader. No model code is involved.
+//! A GGUF base merges into a GGUF file instead ([`merge_adapter_into_gguf`], see `gguf.rs`).
 //!
 //! Mapping: every adapter module `P` (from the adapter file's keys,
 //! `base_model.model.P.lora_A.weight` …) is merged into the base tensor `P.weight`:
@@ -27,6 +28,7 @@
 //! export in the same folder are removed, so loaders never see a mix.
 
 mod base;
+mod gguf;
 mod plan;
 mod write;
 
@@ -37,6 +39,8 @@ use candle_core::DType;
 
 use crate::error::{PeftError, Result};
 use crate::io::hf_folder::{StagedWeights, TensorEntry, same_dir};
+
+pub use gguf::{GgufMergeReport, GgufMergedTensor, ggml_type_name, merge_adapter_into_gguf};
 
 pub use crate::io::hf_folder::TOKENIZER_FILES;
 pub use crate::io::safetensors_header::{SafetensorsHeader, read_safetensors_header};

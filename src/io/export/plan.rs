@@ -1,10 +1,14 @@
 //! The merge plan: what each output tensor is made of (copied, converted, merged with an
 //! adapter's ΔW, or replaced by a `modules_to_save` tensor), decided before anything is written.
+//!
+//! The adapter side (reading the directory, matching its modules to base tensors, the targeting
+//! checks, ΔW) is [`plan_adapter`] over a [`MergeBase`], shared by the safetensors export and the
+//! GGUF merge; only what a base tensor may become differs between the two.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::Dtype;
 
 use super::MergeOptions;
@@ -40,6 +44,109 @@ pub(super) struct Planned {
     pub(super) out_dtype: Dtype,
 }
 
+/// What planning a merge needs to know of a base model's tensors, whatever file holds them.
+/// Tensors are addressed by their index in [`MergeBase::tensor_shapes`], and named as the
+/// adapter names them (Hugging Face names).
+pub(super) trait MergeBase {
+    /// How the base was given, for messages.
+    fn label(&self) -> &str;
+    /// Every tensor's name and shape, in output order.
+    fn tensor_shapes(&self) -> Vec<(&str, &[usize])>;
+    /// The index of the tensor called `name`.
+    fn index_of(&self, name: &str) -> Option<usize>;
+    /// Refuses a base tensor that an adapter's ΔW cannot be added to (by its storage type).
+    fn check_mergeable(&self, index: usize, key: &str) -> Result<()>;
+    /// Refuses a whole-module adapter tensor (of the right shape) that cannot replace the base
+    /// tensor.
+    fn check_replaceable(&self, index: usize, key: &str, tensor: &Tensor) -> Result<()>;
+}
+
+impl MergeBase for BaseModel {
+    fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn tensor_shapes(&self) -> Vec<(&str, &[usize])> {
+        self.tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.info.shape.as_slice()))
+            .collect()
+    }
+
+    fn index_of(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    fn check_mergeable(&self, index: usize, key: &str) -> Result<()> {
+        let dtype = self.tensors[index].info.dtype;
+        if is_float(dtype) {
+            return Ok(());
+        }
+        Err(PeftError::Unsupported(format!(
+            "base tensor `{key}` is {dtype:?}: an adapter merges only into F32, F16, BF16 or F64 weights"
+        )))
+    }
+
+    fn check_replaceable(&self, index: usize, key: &str, tensor: &Tensor) -> Result<()> {
+        let dtype = self.tensors[index].info.dtype;
+        if is_float(dtype) && is_float(tensor.dtype().into()) {
+            return Ok(());
+        }
+        Err(PeftError::Unsupported(format!(
+            "modules_to_save tensor `{key}`: only float tensors can replace base tensors \
+             (base {dtype:?}, adapter {:?})",
+            tensor.dtype()
+        )))
+    }
+}
+
+/// Up to `n` base tensor names closest to `wanted` (shared trailing, then leading segments).
+fn nearby<'a>(base: &'a dyn MergeBase, wanted: &str, n: usize) -> Vec<&'a str> {
+    let w: Vec<&str> = wanted.split('.').collect();
+    let mut scored: Vec<(usize, usize, &str)> = base
+        .tensor_shapes()
+        .into_iter()
+        .map(|(name, _)| {
+            let s: Vec<&str> = name.split('.').collect();
+            let suffix = w
+                .iter()
+                .rev()
+                .zip(s.iter().rev())
+                .take_while(|(a, b)| a == b)
+                .count();
+            let prefix = w.iter().zip(s.iter()).take_while(|(a, b)| a == b).count();
+            (suffix + prefix, suffix, name)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
+    scored
+        .into_iter()
+        .take(n)
+        .map(|(_, _, name)| name)
+        .collect()
+}
+
+/// The error for an adapter module whose base tensor `key` does not exist.
+fn missing(base: &dyn MergeBase, module: &str, key: &str) -> PeftError {
+    let near = nearby(base, key, 5);
+    PeftError::layer(
+        module,
+        format!(
+            "the base model {} has no tensor `{key}`; nearest base tensors: {}",
+            base.label(),
+            near.join(", ")
+        ),
+    )
+}
+
+/// The adapter's part of a merge: for each base tensor, `Merge` or `Replace` where the adapter
+/// changes it (`None` elsewhere), and the adapted modules and replaced tensors by name.
+pub(super) struct AdapterPlan {
+    pub(super) sources: Vec<Option<Source>>,
+    pub(super) merged_modules: Vec<String>,
+    pub(super) replaced_tensors: Vec<String>,
+}
+
 /// Reads the adapter and decides, for every base tensor, how its output is produced. Fails
 /// before anything is written if an adapter module has no base tensor or does not fit it.
 pub(super) fn plan_merge(
@@ -47,6 +154,35 @@ pub(super) fn plan_merge(
     adapter_dir: &Path,
     opts: MergeOptions,
 ) -> Result<(Vec<Planned>, Vec<String>, Vec<String>)> {
+    let AdapterPlan {
+        sources,
+        merged_modules,
+        replaced_tensors,
+    } = plan_adapter(model, adapter_dir)?;
+    let plan = model
+        .tensors
+        .iter()
+        .zip(sources)
+        .map(|(t, source)| {
+            let out_dtype = match opts.dtype {
+                Some(d) if is_float(t.info.dtype) => Dtype::from(d),
+                _ => t.info.dtype,
+            };
+            let source = source.unwrap_or(if out_dtype == t.info.dtype {
+                Source::Copy
+            } else {
+                Source::Convert
+            });
+            Planned { source, out_dtype }
+        })
+        .collect();
+    Ok((plan, merged_modules, replaced_tensors))
+}
+
+/// Reads the adapter in `adapter_dir` and matches its modules to `model`'s tensors, with every
+/// check of the adapter against the base (see the module docs of `export`). Fails before
+/// anything is written.
+pub(super) fn plan_adapter(model: &dyn MergeBase, adapter_dir: &Path) -> Result<AdapterPlan> {
     let adapter = read_adapter_dir(adapter_dir)?;
     let weights_path = adapter_dir.join(WEIGHTS_NAME);
     if adapter.tensors.is_empty() {
@@ -64,7 +200,8 @@ pub(super) fn plan_merge(
         .map(|(m, t)| (m.clone(), t.keys().cloned().collect()))
         .collect();
 
-    let mut sources: Vec<Option<Source>> = (0..model.tensors.len()).map(|_| None).collect();
+    let shapes = model.tensor_shapes();
+    let mut sources: Vec<Option<Source>> = (0..shapes.len()).map(|_| None).collect();
     let mut merged_modules = Vec::new();
     let mut replaced_tensors = Vec::new();
     let join = |module: &str, local: &str| {
@@ -82,19 +219,12 @@ pub(super) fn plan_merge(
 
         if !adapted.is_empty() {
             let key = join(&module, "weight");
-            let &idx = model
-                .by_name
-                .get(&key)
-                .ok_or_else(|| model.missing(&module, &key))?;
-            let info = &model.tensors[idx].info;
-            if !is_float(info.dtype) {
-                return Err(PeftError::Unsupported(format!(
-                    "base tensor `{key}` is {:?}: an adapter merges only into F32, F16, BF16 or F64 weights",
-                    info.dtype
-                )));
-            }
+            let idx = model
+                .index_of(&key)
+                .ok_or_else(|| missing(model, &module, &key))?;
+            model.check_mergeable(idx, &key)?;
             let (geometry, transpose) =
-                geometry_for(&module, &key, &info.shape, &adapted, fan_in_fan_out)?;
+                geometry_for(&module, &key, shapes[idx].1, &adapted, fan_in_fan_out)?;
             let built = config.load_adapter(&LoadContext {
                 module: &module,
                 geometry,
@@ -129,26 +259,17 @@ pub(super) fn plan_merge(
 
         for (local, tensor) in whole {
             let key = join(&module, &local);
-            let &idx = model
-                .by_name
-                .get(&key)
-                .ok_or_else(|| model.missing(&module, &key))?;
-            let info = &model.tensors[idx].info;
-            if tensor.dims() != info.shape.as_slice() {
+            let idx = model
+                .index_of(&key)
+                .ok_or_else(|| missing(model, &module, &key))?;
+            if tensor.dims() != shapes[idx].1 {
                 return Err(PeftError::ShapeMismatch {
                     key: format!("{KEY_PREFIX}{key} (modules_to_save, replacing base `{key}`)"),
-                    expected: info.shape.clone(),
+                    expected: shapes[idx].1.to_vec(),
                     got: tensor.dims().to_vec(),
                 });
             }
-            if !is_float(info.dtype) || !is_float(tensor.dtype().into()) {
-                return Err(PeftError::Unsupported(format!(
-                    "modules_to_save tensor `{key}`: only float tensors can replace base tensors \
-                     (base {:?}, adapter {:?})",
-                    info.dtype,
-                    tensor.dtype()
-                )));
-            }
+            model.check_replaceable(idx, &key, &tensor)?;
             if sources[idx].is_some() {
                 return Err(PeftError::layer(
                     &module,
@@ -161,25 +282,11 @@ pub(super) fn plan_merge(
     }
 
     check_targeting(model, &config, &layout, prefixes, adapter_dir)?;
-
-    let plan = model
-        .tensors
-        .iter()
-        .zip(sources)
-        .map(|(t, source)| {
-            let out_dtype = match opts.dtype {
-                Some(d) if is_float(t.info.dtype) => Dtype::from(d),
-                _ => t.info.dtype,
-            };
-            let source = source.unwrap_or(if out_dtype == t.info.dtype {
-                Source::Copy
-            } else {
-                Source::Convert
-            });
-            Planned { source, out_dtype }
-        })
-        .collect();
-    Ok((plan, merged_modules, replaced_tensors))
+    Ok(AdapterPlan {
+        sources,
+        merged_modules,
+        replaced_tensors,
+    })
 }
 
 /// Whether a tensor named `local` (relative to its module) is one of the adapter's own tensors
@@ -199,18 +306,18 @@ fn is_adapter_tensor(local: &str, prefixes: &[&str]) -> bool {
 /// `"all-linear"` a 2-D weight may also be an embedding, which the file cannot tell apart, so
 /// targets without tensors are not checked there.
 fn check_targeting(
-    model: &BaseModel,
+    model: &dyn MergeBase,
     config: &AdapterConfig,
     modules: &BTreeMap<String, Vec<String>>,
     prefixes: &[&str],
     adapter_dir: &Path,
 ) -> Result<()> {
     let names: Vec<(&str, bool)> = model
-        .tensors
-        .iter()
-        .filter_map(|t| {
-            let module = t.name.strip_suffix(".weight")?;
-            Some((module, t.info.shape.len() == 2))
+        .tensor_shapes()
+        .into_iter()
+        .filter_map(|(name, shape)| {
+            let module = name.strip_suffix(".weight")?;
+            Some((module, shape.len() == 2))
         })
         .collect();
     let candidates: Vec<Candidate<'_>> = names
@@ -233,7 +340,7 @@ fn check_targeting(
                 format!(
                     "the adapter file has tensors for `{module}`, which target_modules {shown} \
                      does not select on the base model {}",
-                    model.label
+                    model.label()
                 ),
             ));
         }
@@ -327,4 +434,26 @@ fn geometry_for(
             ),
         )),
     }
+}
+
+/// An adapter's ΔW as the f32 tensor to add to base tensor `name` of `shape`: transposed for
+/// `fan_in_fan_out`, and checked against the shape so that a broadcast never hides a mismatch.
+pub(super) fn delta_for(
+    adapter: &dyn Adapter,
+    transpose: bool,
+    name: &str,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let mut delta = adapter.delta_weight()?.to_dtype(DType::F32)?;
+    if transpose {
+        delta = delta.t()?;
+    }
+    if delta.dims() != shape {
+        return Err(PeftError::ShapeMismatch {
+            key: format!("ΔW for `{name}`"),
+            expected: shape.to_vec(),
+            got: delta.dims().to_vec(),
+        });
+    }
+    Ok(delta)
 }

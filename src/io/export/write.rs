@@ -10,7 +10,7 @@ use safetensors::tensor::{Dtype, TensorInfo};
 
 use super::OTHER_COPY_FILES;
 use super::base::{BaseFile, BaseModel};
-use super::plan::{Planned, Source};
+use super::plan::{Planned, Source, delta_for};
 use crate::error::{PeftError, Result};
 use crate::io::hf_folder::{TOKENIZER_FILES, copy_atomic, torch_dtype_name, write_json};
 
@@ -68,18 +68,8 @@ pub(super) fn write_tensor(
             let src_dtype = candle_dtype(t.info.dtype, &what)?;
             let dst_dtype = candle_dtype(planned.out_dtype, &what)?;
             // ΔW is the only whole tensor held; the base streams past it chunk by chunk.
-            let mut delta = adapter.delta_weight()?.to_dtype(DType::F32)?;
-            if *transpose {
-                delta = delta.t()?;
-            }
-            if delta.dims() != t.info.shape.as_slice() {
-                return Err(PeftError::ShapeMismatch {
-                    key: format!("ΔW for `{}`", t.name),
-                    expected: t.info.shape.clone(),
-                    got: delta.dims().to_vec(),
-                });
-            }
-            let delta = delta.flatten_all()?;
+            let delta =
+                delta_for(adapter.as_ref(), *transpose, &t.name, &t.info.shape)?.flatten_all()?;
             stream_elements(reader, src, start, &t.info.shape, src_dtype, |k, x| {
                 let n = x.elem_count();
                 let y = (x.to_dtype(DType::F32)? + delta.narrow(0, k, n)?)?.to_dtype(dst_dtype)?;
