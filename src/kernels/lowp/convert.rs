@@ -58,6 +58,10 @@ pub(super) fn widen_f16(path: Path, src: &[f16], dst: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
+    // AVX-512 intrinsics are stable since Rust 1.89 (as the `gemm` crate's x86-v4 kernels, which
+    // this crate already enables); Cargo.toml's rust-version (1.85) predates them.
+    #![allow(clippy::incompatible_msrv)]
+
     use std::arch::x86_64::*;
 
     use half::{bf16, f16};

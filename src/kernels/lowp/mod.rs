@@ -1,9 +1,23 @@
 //! Products with a frozen weight matrix kept in its stored type: f32, bf16, f16 or ggml blocks
 //! (a GGUF file's quantized types). The frozen ops need two: the forward `y = x·Wᵀ` and the input
 //! gradient `dL/dx = g·W`, each on a range of W's rows (the fused head works on blocks of the
-//! vocabulary). Activations, gradients and outputs are f32; the weight is never widened whole,
-//! only tile by tile into a cache-sized f32 panel (or, for bf16 on CPUs with AVX512-BF16, read
-//! natively by the dot-product instructions).
+//! vocabulary). Activations, gradients and outputs are f32; the weight is never widened whole.
+//!
+//! The paths, chosen at run time ([`Path::best`]) or forced (`xwt_with`, `gw_with`, for tests):
+//! - f32 weights go straight to the f32 gemm (`kernels::gemm`) on every path.
+//! - bf16 on [`Path::Avx512Bf16`]: `vdpbf16ps` kernels read the weight natively and round the
+//!   activations to bf16 per tile (`bf16.rs`); twice the multiply-adds per instruction of f32.
+//! - bf16 and f16 elsewhere, and every ggml type: each tile widens (or dequantises) its part of
+//!   W into a cache-sized f32 panel from a per-thread scratch and runs the f32 gemm on it
+//!   (`widened.rs`, `convert.rs`, `quant.rs`). The activations stay f32 there, so on bf16
+//!   weights this path is more accurate than the native one: the two agree up to the bf16
+//!   rounding of the activations (≤ 2⁻⁹ relative per term), not bit for bit.
+//!
+//! Why our own kernels: the `gemm` crate has no bf16 dot-product kernel (it widens bf16 inside
+//! its f32 micro-kernel) and candle's bf16 CPU matmul widens the same way. Candle's quantized
+//! matmul would serve `x·Wᵀ` on ggml weights, but it rounds x to 8-bit blocks (Q8_0/Q8_K); it is
+//! not used until it is measured both faster and within 1e-3 relative of the dequantised
+//! product (issue #17), so ggml weights are dequantised.
 
 // The layers and fused ops take these products in another branch; until then only the tests
 // call them.

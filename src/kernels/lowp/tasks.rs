@@ -84,7 +84,7 @@ unsafe impl Sync for SharedOut<'_> {}
 impl<'a> SharedOut<'a> {
     /// `dst` must hold `rows × cols` values (checked by the callers' shape checks).
     pub(super) fn new(dst: &'a mut [f32], rows: usize, cols: usize) -> Option<Self> {
-        (dst.len() == rows * cols).then(|| Self {
+        (dst.len() == rows * cols).then_some(Self {
             ptr: dst.as_mut_ptr(),
             rows,
             cols,
@@ -96,6 +96,9 @@ impl<'a> SharedOut<'a> {
     ///
     /// # Safety
     /// No two live slices from this output may overlap: each tile asks only for its own rectangle.
+    // A `&self` that hands out `&mut` is the point: tiles share the output, and the disjointness
+    // that makes it sound is this function's safety contract.
+    #[allow(clippy::mut_from_ref)]
     pub(super) unsafe fn row(&self, row: usize, cols: Range<usize>) -> Option<&mut [f32]> {
         if row >= self.rows || cols.start > cols.end || cols.end > self.cols {
             return None;

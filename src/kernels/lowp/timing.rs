@@ -11,22 +11,45 @@ use half::bf16;
 use super::{Path, WeightMatrix, WeightValues};
 use crate::kernels::gemm::Threads;
 
-/// Best per-call seconds of `f` over 5 rounds of about 0.1 s each.
-fn time(mut f: impl FnMut()) -> f64 {
+/// This thread's CPU seconds: on a machine shared with other jobs, a single-threaded product's
+/// CPU time is steadier than its wall time.
+fn thread_cpu_seconds() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// Best per-call seconds of `f` over 5 rounds of about 0.1 s each: CPU time of this thread for
+/// single-threaded runs, wall time otherwise.
+fn time(threads: Threads, mut f: impl FnMut()) -> f64 {
+    let clock = || match threads {
+        Threads::Single => thread_cpu_seconds(),
+        Threads::Candle => epoch_seconds(),
+    };
     f();
-    let start = Instant::now();
+    let start = clock();
     f();
-    let once = start.elapsed().as_secs_f64().max(1e-6);
+    let once = (clock() - start).max(1e-6);
     let reps = ((0.1 / once) as usize).clamp(1, 1000);
     (0..5)
         .map(|_| {
-            let start = Instant::now();
+            let start = clock();
             for _ in 0..reps {
                 f();
             }
-            start.elapsed().as_secs_f64() / reps as f64
+            (clock() - start) / reps as f64
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+/// Wall seconds since the first call.
+fn epoch_seconds() -> f64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_secs_f64()
 }
 
 #[test]
@@ -88,11 +111,11 @@ fn lowp_products_against_the_f32_gemm() {
                 let w = WeightMatrix::new("t", "w", values, n, k).unwrap();
                 let mut y = vec![0f32; m * n];
                 let mut dx = vec![0f32; m * k];
-                let a = time(|| {
+                let a = time(threads, || {
                     w.xwt_with(path, "t", &mut y, &x, m, 0..n, false, threads)
                         .unwrap()
                 });
-                let b = time(|| {
+                let b = time(threads, || {
                     w.gw_with(path, "t", &mut dx, &g, m, 0..n, false, threads)
                         .unwrap()
                 });
@@ -101,7 +124,7 @@ fn lowp_products_against_the_f32_gemm() {
                 }
                 let gflops = |s: f64| 2.0 * (m * n * k) as f64 / s / 1e9;
                 eprintln!(
-                    "{:?} m={m} n={n} k={k} {name:>12}: xwt {:7.1} GFLOP/s ({:.2}× f32)  gw {:7.1} GFLOP/s ({:.2}× f32)",
+                    "{} m={m} n={n} k={k} {name:>12}: xwt {:7.1} GFLOP/s ({:.2}× f32)  gw {:7.1} GFLOP/s ({:.2}× f32)",
                     if threads == Threads::Single {
                         "1 thread"
                     } else {
