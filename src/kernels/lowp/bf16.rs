@@ -50,6 +50,15 @@ fn bits(v: &[bf16]) -> &[u16] {
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len()) }
 }
 
+fn dim(len: usize, target: usize, min: usize, quantum: usize) -> tasks::Dim {
+    tasks::Dim {
+        len,
+        target,
+        min,
+        quantum,
+    }
+}
+
 fn check_cpu(op: &str) -> candle_core::Result<()> {
     if !Path::Avx512Bf16.is_supported() {
         candle_core::bail!("{op}: this CPU has no AVX512-BF16 for the native bf16 kernels");
@@ -72,10 +81,7 @@ pub(super) fn xwt(
         candle_core::bail!("{op}: bf16 x·Wᵀ operands are not {m}×{k} and {n}×{k}");
     }
     let w = bits(w);
-    let (mt, nt) = (
-        tasks::tile_len(m, XWT_TILE, 1),
-        tasks::tile_len(n, XWT_TILE, 1),
-    );
+    let (mt, nt) = tasks::split(threads, dim(m, XWT_TILE, 16, 4), dim(n, XWT_TILE, 16, 4));
     let (m_tiles, n_tiles) = (m.div_ceil(mt), n.div_ceil(nt));
     let Some(out) = SharedOut::new(dst, m, n) else {
         candle_core::bail!("{op}: bf16 x·Wᵀ output is not {m}×{n}");
@@ -217,10 +223,7 @@ pub(super) fn gw(
         candle_core::bail!("{op}: bf16 g·W operands are not {m}×{n} and {n}×{k}");
     }
     let w = bits(w);
-    let (mt, ct) = (
-        tasks::tile_len(m, GW_M_TILE, 1),
-        tasks::tile_len(k, GW_C_TILE, 16),
-    );
+    let (mt, ct) = tasks::split(threads, dim(m, GW_M_TILE, 24, 6), dim(k, GW_C_TILE, 32, 16));
     let (m_tiles, c_tiles) = (m.div_ceil(mt), k.div_ceil(ct));
     let Some(out) = SharedOut::new(dst, m, k) else {
         candle_core::bail!("{op}: bf16 g·W output is not {m}×{k}");

@@ -67,6 +67,42 @@ pub(super) fn tile_len(len: usize, target: usize, quantum: usize) -> usize {
     target.min(len.div_ceil(quantum) * quantum).max(quantum)
 }
 
+/// One dimension of a tiled output: its length, the tile size that suits the kernel, the
+/// smallest tile worth a task, and the multiple tiles must be.
+#[derive(Clone, Copy)]
+pub(super) struct Dim {
+    pub(super) len: usize,
+    pub(super) target: usize,
+    pub(super) min: usize,
+    pub(super) quantum: usize,
+}
+
+/// Tile sizes for an `a × b` output: the kernel's preferred sizes, halved (the larger first)
+/// until there are 4 tiles per thread or the tiles reach their minimum. Small products on many
+/// threads would otherwise run as a few tiles on a few threads while the rest wait.
+pub(super) fn split(threads: Threads, a: Dim, b: Dim) -> (usize, usize) {
+    let want = match threads {
+        Threads::Candle => 4 * candle_core::utils::get_num_threads(),
+        Threads::Single => 1,
+    };
+    let mut ta = tile_len(a.len, a.target, a.quantum);
+    let mut tb = tile_len(b.len, b.target, b.quantum);
+    let shrink = |d: Dim, t: usize| {
+        let smaller = tile_len(d.len, t / 2, d.quantum);
+        (smaller < t && smaller >= d.min).then_some(smaller)
+    };
+    while a.len.div_ceil(ta) * b.len.div_ceil(tb) < want {
+        let (sa, sb) = (shrink(a, ta), shrink(b, tb));
+        match (sa, sb) {
+            (Some(na), Some(_)) if ta >= tb => ta = na,
+            (_, Some(nb)) => tb = nb,
+            (Some(na), None) => ta = na,
+            (None, None) => break,
+        }
+    }
+    (ta, tb)
+}
+
 /// A row-major `rows × cols` output that tiles on several threads write, each its own rectangle.
 pub(super) struct SharedOut<'a> {
     ptr: *mut f32,

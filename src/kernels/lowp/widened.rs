@@ -21,6 +21,15 @@ const PANEL_VALUES: usize = 64 * 1024;
 /// Activation rows per tile: enough that widening a panel is small next to the products.
 const M_TILE: usize = 256;
 
+fn dim(len: usize, target: usize, min: usize, quantum: usize) -> tasks::Dim {
+    tasks::Dim {
+        len,
+        target,
+        min,
+        quantum,
+    }
+}
+
 /// `dst (m × |rows|) = [dst +] x (m × cols) · W[rows]ᵀ`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn xwt(
@@ -35,8 +44,11 @@ pub(super) fn xwt(
     threads: Threads,
 ) -> candle_core::Result<()> {
     let (k, n) = (w.cols(), rows.len());
-    let mt = tasks::tile_len(m, M_TILE, 1);
-    let nt = tasks::tile_len(n, (PANEL_VALUES / k.max(1)).clamp(16, 256), 16);
+    let (mt, nt) = tasks::split(
+        threads,
+        dim(m, M_TILE, 32, 1),
+        dim(n, (PANEL_VALUES / k.max(1)).clamp(16, 256), 16, 16),
+    );
     let (m_tiles, n_tiles) = (m.div_ceil(mt), n.div_ceil(nt));
     let Some(out) = SharedOut::new(dst, m, n) else {
         candle_core::bail!("{op}: x·Wᵀ output is not {m}×{n}");
@@ -80,8 +92,11 @@ pub(super) fn gw(
 ) -> candle_core::Result<()> {
     let (k, n) = (w.cols(), rows.len());
     let quantum = w.col_quantum();
-    let mt = tasks::tile_len(m, M_TILE, 1);
-    let ct = tasks::tile_len(k, 256, quantum);
+    let (mt, ct) = tasks::split(
+        threads,
+        dim(m, M_TILE, 32, 1),
+        dim(k, 256, 32.max(quantum), quantum),
+    );
     let rt = (PANEL_VALUES / ct).clamp(16, 512);
     let (m_tiles, c_tiles) = (m.div_ceil(mt), k.div_ceil(ct));
     let Some(out) = SharedOut::new(dst, m, k) else {
