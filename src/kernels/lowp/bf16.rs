@@ -96,7 +96,9 @@ pub(super) fn xwt(
             unsafe { round_bf16(&x[i0 * k..i1 * k], xb) };
             let part = tasks::prefix(&mut s.part, mi * width);
             // SAFETY: as above; the slices hold mi × k, width × k and mi × width values.
-            unsafe { xwt_tile(xb, &w[j0 * k..j1 * k], (mi, width, k), part) };
+            if !unsafe { xwt_tile(xb, &w[j0 * k..j1 * k], (mi, width, k), part) } {
+                candle_core::bail!("{op}: bf16 x·Wᵀ tile buffers do not match {mi}×{width}×{k}");
+            }
             // SAFETY: tile t alone owns rows i0..i1 × columns j0..j1 of the output.
             unsafe { tasks::store(op, &out, i0..i1, j0..j1, part, accumulate) }
         })
@@ -105,9 +107,15 @@ pub(super) fn xwt(
 
 /// `part (mi × width) = xb (mi × k) · wᵀ (k × width)`; both operands bf16 bits, rows of k.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-fn xwt_tile(xb: &[u16], w: &[u16], (mi, width, k): (usize, usize, usize), part: &mut [f32]) {
+#[must_use]
+fn xwt_tile(
+    xb: &[u16],
+    w: &[u16],
+    (mi, width, k): (usize, usize, usize),
+    part: &mut [f32],
+) -> bool {
     if xb.len() < mi * k || w.len() < width * k || part.len() < mi * width {
-        return;
+        return false;
     }
     let (x, w, out) = (xb.as_ptr(), w.as_ptr(), part.as_mut_ptr());
     // SAFETY (every call below): rows i..i+MR of x, j..j+NR of w and the MR × NR outputs lie
@@ -137,6 +145,7 @@ fn xwt_tile(xb: &[u16], w: &[u16], (mi, width, k): (usize, usize, usize), part: 
         }
         j += 1;
     }
+    true
 }
 
 /// `out[i·os + j] = Σ_c x[i·k + c] · w[j·k + c]` for i < MR, j < NR.
@@ -248,7 +257,9 @@ pub(super) fn gw(
                 }
                 let panel = tasks::prefix(&mut s.pairs, pairs * padded * 2);
                 // SAFETY: as above.
-                unsafe { pack_pairs(w, k, r0..r1, c0..c1, panel, padded) };
+                if !unsafe { pack_pairs(w, k, r0..r1, c0..c1, panel, padded) } {
+                    candle_core::bail!("{op}: bf16 g·W panel does not hold rows {r0}..{r1}");
+                }
                 let shape = GwShape {
                     mi,
                     width,
@@ -256,7 +267,9 @@ pub(super) fn gw(
                     pairs,
                 };
                 // SAFETY: as above; the buffers were sized for `shape` just above.
-                unsafe { gw_tile(gb, panel, shape, part, r0 > 0) };
+                if !unsafe { gw_tile(gb, panel, shape, part, r0 > 0) } {
+                    candle_core::bail!("{op}: bf16 g·W tile buffers do not match {mi}×{width}");
+                }
             }
             // SAFETY: tile t alone owns rows i0..i1 × columns c0..c1 of the output.
             unsafe { tasks::store(op, &out, i0..i1, c0..c1, part, accumulate) }
@@ -275,10 +288,10 @@ fn pack_pairs(
     cols: Range<usize>,
     out: &mut [u16],
     padded: usize,
-) {
+) -> bool {
     let pairs = rows.len().div_ceil(2);
     if rows.end * k > w.len() || cols.end > k || out.len() < pairs * padded * 2 {
-        return;
+        return false;
     }
     /// Columns c.. c+16 of row r (zeros past the rows' end and the columns' end).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -314,6 +327,7 @@ fn pack_pairs(
             };
         }
     }
+    true
 }
 
 #[derive(Clone, Copy)]
@@ -330,7 +344,8 @@ struct GwShape {
 
 /// `part (mi × width) = [part +] gb (mi × 2·pairs) · panel`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-fn gw_tile(gb: &[u16], panel: &[u16], s: GwShape, part: &mut [f32], add: bool) {
+#[must_use]
+fn gw_tile(gb: &[u16], panel: &[u16], s: GwShape, part: &mut [f32], add: bool) -> bool {
     let GwShape {
         mi,
         width,
@@ -338,7 +353,7 @@ fn gw_tile(gb: &[u16], panel: &[u16], s: GwShape, part: &mut [f32], add: bool) {
         pairs,
     } = s;
     if gb.len() < mi * pairs * 2 || panel.len() < pairs * padded * 2 || part.len() < mi * width {
-        return;
+        return false;
     }
     let strips = padded / 16;
     let full_strips = width / 16;
@@ -388,6 +403,7 @@ fn gw_tile(gb: &[u16], panel: &[u16], s: GwShape, part: &mut [f32], add: bool) {
         }
         i += mr;
     }
+    true
 }
 
 #[derive(Clone, Copy)]

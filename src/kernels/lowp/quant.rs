@@ -73,7 +73,7 @@ impl Rect<'_> {
         let (op, dtype) = (self.op, self.dtype);
         let block = B::BLCK_SIZE;
         let size = size_of::<B>();
-        if size != dtype.type_size() || block != dtype.block_size() {
+        if size != dtype.type_size() || block != dtype.block_size() || align_of::<B>() > 8 {
             candle_core::bail!("{op}: {dtype:?} blocks do not have the size candle reports");
         }
         let (k, rows, cols) = (self.k, self.rows.clone(), self.cols.clone());
@@ -122,9 +122,8 @@ fn as_blocks<'a, B>(bytes: &'a [u8], scratch: &'a mut Vec<u64>) -> &'a [B] {
         };
         scratch.as_ptr().cast::<u8>()
     };
-    debug_assert!(align_of::<B>() <= align_of::<u64>());
-    // SAFETY: `ptr` is aligned for B (checked, or u64-aligned scratch, and no block type needs
-    // more than 8) and points to count · size_of::<B>() initialised bytes that live for 'a and
+    // SAFETY: `ptr` is aligned for B (checked, or u64-aligned scratch; `Rect::run` refuses a B
+    // that needs more than 8) and points to count · size_of::<B>() initialised bytes that live for 'a and
     // are not written while borrowed. B is one of candle's `#[repr(C)]` block structs or a float
     // type (see `Rect::run`): plain integers and floats with no invalid bit patterns, no
     // references and no Drop, so any bytes are a valid B.

@@ -292,3 +292,40 @@ fn bad_shapes_are_errors() {
             .contains("op: w holds 32 bf16 values")
     );
 }
+
+#[test]
+fn tiles_shrink_to_feed_the_threads_and_keep_their_quantum() {
+    use super::tasks::{Dim, split};
+    let dim = |len, target, min, quantum| Dim {
+        len,
+        target,
+        min,
+        quantum,
+    };
+    // One thread: the kernel's sizes, clipped to the lengths.
+    assert_eq!(
+        split(Threads::Single, dim(256, 96, 24, 6), dim(384, 128, 32, 16)),
+        (96, 128)
+    );
+    assert_eq!(
+        split(Threads::Single, dim(3, 64, 16, 4), dim(5, 64, 16, 4)),
+        (4, 8)
+    );
+    // Many tiles wanted: never below the minimum, always a multiple of the quantum, and the
+    // loop ends even when a quantum is larger than half the tile.
+    let threads = candle_core::utils::get_num_threads();
+    for (a, b) in [
+        (dim(256, 96, 24, 6), dim(384, 128, 32, 16)),
+        (dim(64, 256, 32, 1), dim(512, 512, 256, 256)),
+        (dim(1, 64, 16, 4), dim(1, 64, 16, 4)),
+    ] {
+        let (ta, tb) = split(Threads::Candle, a, b);
+        assert!(ta % a.quantum == 0 && tb % b.quantum == 0, "{ta} {tb}");
+        let tiles = a.len.div_ceil(ta) * b.len.div_ceil(tb);
+        let at_min = |d: Dim, t: usize| t / 2 < d.min || t <= d.quantum;
+        assert!(
+            tiles >= 4 * threads || (at_min(a, ta) && at_min(b, tb)),
+            "{ta} {tb}"
+        );
+    }
+}

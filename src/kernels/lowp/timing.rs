@@ -4,8 +4,8 @@
 
 use std::time::Instant;
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
 use half::bf16;
 
 use super::{Path, WeightMatrix, WeightValues};
@@ -103,6 +103,9 @@ fn lowp_products_against_the_f32_gemm() {
                     WeightValues::Quantized { dtype: *d, bytes },
                 ));
             }
+            if threads == Threads::Candle {
+                qmatmul_against_ours(&q, &t, &x, (m, n, k));
+            }
             let mut base = (0.0, 0.0);
             for (name, path, values) in weights {
                 if !path.is_supported() {
@@ -146,5 +149,47 @@ fn dtype_name(d: GgmlDType) -> &'static str {
         GgmlDType::Q4_1 => "q4_1",
         GgmlDType::Q4K => "q4_k",
         _ => "quantized",
+    }
+}
+
+/// candle's quantized matmul (which rounds x to 8-bit blocks) against our dequantising `x·Wᵀ`:
+/// time ratio and the largest difference relative to the largest output.
+fn qmatmul_against_ours(
+    q: &[(GgmlDType, Vec<u8>)],
+    t: &Tensor,
+    x: &[f32],
+    (m, n, k): (usize, usize, usize),
+) {
+    let xt = Tensor::from_slice(x, (m, k), &Device::Cpu).unwrap();
+    for (d, bytes) in q {
+        let values = WeightValues::Quantized { dtype: *d, bytes };
+        let w = WeightMatrix::new("t", "w", values, n, k).unwrap();
+        let mut y = vec![0f32; m * n];
+        let ours = time(Threads::Candle, || {
+            w.xwt("t", &mut y, x, m, 0..n, false, Threads::Candle)
+                .unwrap()
+        });
+        let qm = QMatMul::from_qtensor(QTensor::quantize(t, *d).unwrap()).unwrap();
+        let theirs = time(Threads::Candle, || {
+            qm.forward(&xt).unwrap();
+        });
+        let yq: Vec<f32> = qm
+            .forward(&xt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = y.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let diff = y
+            .iter()
+            .zip(&yq)
+            .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+        eprintln!(
+            "qmatmul m={m} n={n} k={k} {:>5}: ours/candle time {:.2} (>1: candle faster), max diff {:.1e} of max |y|",
+            dtype_name(*d),
+            ours / theirs,
+            diff / scale
+        );
     }
 }
