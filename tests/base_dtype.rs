@@ -431,3 +431,105 @@ fn bf16_base_trains_close_to_f32() {
     assert!(bf16_losses[4] < bf16_losses[0], "{bf16_losses:?}");
     assert!(f32_losses[4] < f32_losses[0], "{f32_losses:?}");
 }
+
+fn json_line(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().expect("a JSON line on stdout");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn cli_trains_and_evaluates_on_a_gguf_base_kept_quantized() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = common::smollm2_gguf().display().to_string();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/shakespeare/valid.txt");
+    let text = std::fs::read_to_string(&data).unwrap();
+    let small = dir.path().join("small.txt");
+    std::fs::write(&small, &text[..text.char_indices().nth(1500).unwrap().0]).unwrap();
+    let small = small.display().to_string();
+    let train = |base_dtype: &str| -> serde_json::Value {
+        let out = dir.path().join(format!("run-{base_dtype}"));
+        json_line(&common::run_ok(common::bin().args([
+            "train",
+            "--task",
+            "causal-lm",
+            "--model",
+            &gguf,
+            "--base-dtype",
+            base_dtype,
+            "--data",
+            &small,
+            "--method",
+            "lora",
+            "--targets",
+            "q_proj,v_proj",
+            "--rank",
+            "4",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+            "--quiet",
+        ])))
+    };
+    let widened = train("f32");
+    let kept = train("gguf");
+    // The same weights, read as blocks or widened: the losses agree to float rounding.
+    let losses = |v: &serde_json::Value| -> Vec<f64> {
+        v["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_f64().unwrap())
+            .collect()
+    };
+    for (q, f) in losses(&kept).iter().zip(losses(&widened)) {
+        assert!(((q - f) / f).abs() < 1e-3, "gguf loss {q} vs f32 {f}");
+    }
+    // eval reads the adapter onto the quantized base.
+    let eval = json_line(&common::run_ok(common::bin().args([
+        "eval",
+        "--task",
+        "causal-lm",
+        "--model",
+        &gguf,
+        "--base-dtype",
+        "gguf",
+        "--adapter",
+        dir.path().join("run-gguf/adapter").to_str().unwrap(),
+        "--data",
+        &small,
+        "--seq",
+        "32",
+        "--json",
+    ])));
+    assert!(eval["perplexity"].as_f64().unwrap().is_finite(), "{eval}");
+    // A bad name, and gguf on a folder model, are named errors.
+    let err = common::run_err(common::bin().args([
+        "eval",
+        "--model",
+        common::minilm_dir().to_str().unwrap(),
+        "--base-dtype",
+        "q3",
+        "--data",
+        &small,
+    ]));
+    assert!(err.contains("q3") && err.contains("bf16"), "{err}");
+    let tsv = dir.path().join("tiny.tsv");
+    std::fs::write(&tsv, "1\tgood film\n0\tbad film\n").unwrap();
+    let err = common::run_err(common::bin().args([
+        "eval",
+        "--model",
+        common::minilm_dir().to_str().unwrap(),
+        "--base-dtype",
+        "gguf",
+        "--data",
+        tsv.to_str().unwrap(),
+    ]));
+    assert!(err.contains("GGUF") && err.contains(".weight"), "{err}");
+}
