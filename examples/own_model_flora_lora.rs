@@ -4,14 +4,10 @@
 //!
 //! Run: `cargo run --release --example own_model_flora_lora`
 
-use std::collections::HashMap;
-
 use anyhow::{Result, ensure};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::VarBuilder;
-use candle_peft::adapters::flora::FloraConfig;
-use candle_peft::config::OneOrMany;
-use candle_peft::{AdamW, AdamWConfig, Conv2dParams, LoraConfig};
+use candle_nn::{Conv2dConfig, VarBuilder, VarMap, loss::cross_entropy};
+use candle_peft::{AdamW, AdamWConfig, FloraConfig, LoraConfig, OneOrMany};
 use candle_peft::{PeftBuilder, PeftConv2d, PeftLinear, PeftModel};
 use rand::{Rng, SeedableRng};
 
@@ -22,11 +18,12 @@ pub struct Net {
 }
 
 impl Net {
-    /// The layers, by the names an adapter config targets.
+    /// The layers, by the names an adapter config targets (was: `candle_nn::conv2d(3, 8, 3,
+    /// cfg, vb.pp("conv"))` and `candle_nn::linear(32, 4, vb.pp("head"))`).
     pub fn new(b: &PeftBuilder) -> candle_peft::Result<Self> {
-        let padded = Conv2dParams {
+        let padded = Conv2dConfig {
             padding: 1,
-            ..Conv2dParams::default()
+            ..Default::default()
         };
         Ok(Self {
             conv: b.conv2d(3, 8, (3, 3), padded, true, "conv")?,
@@ -60,38 +57,20 @@ fn quadrant_data(n: usize) -> Result<(Tensor, Tensor)> {
 /// Builds the net, adds both adapters and trains them `steps` full-batch steps on `n` images;
 /// returns the loss before each step.
 pub fn run(n: usize, steps: usize) -> Result<Vec<f32>> {
-    // Stand-in for your trained weights, seeded; with a checkpoint, use
-    // VarBuilder::from_mmaped_safetensors instead.
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let mut weights = HashMap::new();
-    let shapes: [(&str, &[usize]); 4] = [
-        ("conv.weight", &[8, 3, 3, 3]),
-        ("conv.bias", &[8]),
-        ("head.weight", &[4, 32]),
-        ("head.bias", &[4]),
-    ];
-    for (name, shape) in shapes {
-        let size = shape.iter().product();
-        let values: Vec<f32> = (0..size).map(|_| rng.random_range(-0.2..0.2)).collect();
-        weights.insert(
-            name.to_string(),
-            Tensor::from_vec(values, shape, &Device::Cpu)?,
-        );
-    }
-    let b = PeftBuilder::new(VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu));
+    // Fresh base weights with candle-nn's init; for trained ones, a VarBuilder over your
+    // checkpoint (VarBuilder::from_mmaped_safetensors).
+    let varmap = VarMap::new();
+    let b = PeftBuilder::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu));
     let mut model = PeftModel::new(Net::new(&b)?, &b);
-
     model.add_adapter("flora", FloraConfig::new(&["conv"], OneOrMany::One(2), 1.0))?;
     model.add_adapter("lora", LoraConfig::new(&["head"], 4, 8.0))?;
     model.set_active(&["flora", "lora"])?;
-    println!("{} trainable parameters", model.num_trainable_parameters());
 
     let (images, labels) = quadrant_data(n)?;
     let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
     let mut losses = Vec::with_capacity(steps);
     for _ in 0..steps {
-        let logits = model.model().forward(&images)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let loss = cross_entropy(&model.forward(&images)?, &labels)?;
         losses.push(loss.to_scalar::<f32>()?);
         opt.step(&loss.backward()?, 5e-3)?;
     }

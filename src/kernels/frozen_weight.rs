@@ -14,7 +14,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, StorageRef, Tensor};
 
-use super::lowp::{WeightMatrix, WeightValues};
+use super::lowp::{Path, WeightMatrix, WeightValues};
 use crate::error::{PeftError, Result};
 
 /// The type a model's frozen linear weights are kept in (`--base-dtype`). Norms, embeddings,
@@ -75,6 +75,40 @@ impl BaseDType {
             Self::Q8_0 => quantize(name, w, GgmlDType::Q8_0, None),
             Self::Q4K => quantize(name, w, GgmlDType::Q4K, Some(GgmlDType::Q5_0)),
         }
+    }
+}
+
+impl BaseDType {
+    /// How this CPU's frozen products read weights of this type: `f32 gemm`, `native
+    /// AVX512-BF16 dot products`, or the type widened (or dequantised) to f32 tile by tile, with
+    /// the instruction set the conversion uses.
+    pub fn cpu_kernel(self) -> String {
+        let path = Path::best();
+        match self {
+            Self::F32 => "f32 gemm".to_string(),
+            Self::Bf16 if path == Path::Avx512Bf16 => {
+                "native AVX512-BF16 dot products (activations rounded to bf16 per tile)".to_string()
+            }
+            Self::Bf16 | Self::F16 => format!("widened to f32 tile by tile ({})", path.name()),
+            Self::Q8_0 | Self::Q4K | Self::Gguf => {
+                format!(
+                    "ggml blocks dequantised to f32 tile by tile ({})",
+                    path.name()
+                )
+            }
+        }
+    }
+
+    /// A note for the user when this type runs on a fallback that forgoes its speed-up on this
+    /// CPU (bf16 without AVX512-BF16): the results are the same up to rounding, the speed is
+    /// f32's. `None` when the type runs as intended.
+    pub fn cpu_fallback_note(self) -> Option<String> {
+        (self == Self::Bf16 && Path::best() != Path::Avx512Bf16).then(|| {
+            format!(
+                "this CPU lacks AVX512-BF16: bf16 base weights are {} (f32 speed, bf16 memory)",
+                self.cpu_kernel()
+            )
+        })
     }
 }
 

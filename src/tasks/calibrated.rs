@@ -127,13 +127,7 @@ impl ClassifyTask {
         texts: &[S],
         options: &EvaInitOptions,
     ) -> Result<CalibrationReport> {
-        let AdapterConfig::Lora(config) = for_classification(config) else {
-            return Err(PeftError::config("config", "EVA initialises a LoRA config"));
-        };
-        let batches = self.text_batches(texts, options.batch_size, options.max_batches)?;
-        run_eva(self.model_mut(), name, config, &batches, options, |m, b| {
-            m.forward(&b.input_ids, &b.attention_mask).map(|_| ())
-        })
+        self.calibrate(name, config, texts, options)
     }
 
     /// Adds adapter `name` initialised by CorDA from a calibration pass over `texts` (see
@@ -146,14 +140,22 @@ impl ClassifyTask {
         texts: &[S],
         options: &CordaInitOptions,
     ) -> Result<CalibrationReport> {
-        let AdapterConfig::Corda(config) = for_classification(config) else {
-            return Err(PeftError::config(
-                "config",
-                "CorDA initialises a CORDA config",
-            ));
-        };
-        let batches = self.text_batches(texts, options.batch_size, options.max_batches)?;
-        run_corda(self.model_mut(), name, config, &batches, options, |m, b| {
+        self.calibrate(name, config, texts, options)
+    }
+
+    /// `config` made for classification, the calibration batches of `texts`, and `C`'s driver
+    /// with the classifier's forward.
+    fn calibrate<C: Calibrated, S: AsRef<str>>(
+        &mut self,
+        name: &str,
+        config: C,
+        texts: &[S],
+        options: &C::Options,
+    ) -> Result<CalibrationReport> {
+        let config = C::from_adapter_config(for_classification(config))?;
+        let (batch_size, max_batches) = C::batching(options);
+        let batches = self.text_batches(texts, batch_size, max_batches)?;
+        C::run(self.model_mut(), name, config, &batches, options, |m, b| {
             m.forward(&b.input_ids, &b.attention_mask).map(|_| ())
         })
     }
@@ -188,7 +190,7 @@ impl CausalLmTask {
         options: &EvaInitOptions,
     ) -> Result<CalibrationReport> {
         let examples = self.calibration_examples(texts)?;
-        self.add_eva_adapter_from_examples(name, config, &examples, options)
+        self.calibrate(name, config, &examples, options)
     }
 
     /// As [`add_eva_adapter`](Self::add_eva_adapter), from examples: with EVA's
@@ -196,22 +198,11 @@ impl CausalLmTask {
     pub fn add_eva_adapter_from_examples(
         &mut self,
         name: &str,
-        mut config: LoraConfig,
+        config: LoraConfig,
         examples: &[LmExample],
         options: &EvaInitOptions,
     ) -> Result<CalibrationReport> {
-        config.set_task_type(Some(CAUSAL_LM.to_string()));
-        let label_mask = eva_settings(&config, options).use_label_mask;
-        let batches = self.lm_batches(
-            examples,
-            options.batch_size,
-            options.max_batches,
-            label_mask,
-        )?;
-        run_eva(self.model_mut(), name, config, &batches, options, |m, b| {
-            m.forward_hidden(&b.input_ids, Some(&b.attention_mask))
-                .map(|_| ())
-        })
+        self.calibrate(name, config, examples, options)
     }
 
     /// Adds adapter `name` initialised by CorDA from a calibration pass over `texts` (packed
@@ -224,20 +215,34 @@ impl CausalLmTask {
         options: &CordaInitOptions,
     ) -> Result<CalibrationReport> {
         let examples = self.calibration_examples(texts)?;
-        self.add_corda_adapter_from_examples(name, config, &examples, options)
+        self.calibrate(name, config, &examples, options)
     }
 
     /// As [`add_corda_adapter`](Self::add_corda_adapter), from examples; every token counts.
     pub fn add_corda_adapter_from_examples(
         &mut self,
         name: &str,
-        mut config: CordaConfig,
+        config: CordaConfig,
         examples: &[LmExample],
         options: &CordaInitOptions,
     ) -> Result<CalibrationReport> {
+        self.calibrate(name, config, examples, options)
+    }
+
+    /// `config` with `task_type` CAUSAL_LM, the calibration batches of `examples` (masked to
+    /// their targets when `C` asks), and `C`'s driver with the trunk's forward.
+    fn calibrate<C: Calibrated>(
+        &mut self,
+        name: &str,
+        mut config: C,
+        examples: &[LmExample],
+        options: &C::Options,
+    ) -> Result<CalibrationReport> {
         config.set_task_type(Some(CAUSAL_LM.to_string()));
-        let batches = self.lm_batches(examples, options.batch_size, options.max_batches, false)?;
-        run_corda(self.model_mut(), name, config, &batches, options, |m, b| {
+        let (batch_size, max_batches) = C::batching(options);
+        let label_mask = config.label_mask(options);
+        let batches = self.lm_batches(examples, batch_size, max_batches, label_mask)?;
+        C::run(self.model_mut(), name, config, &batches, options, |m, b| {
             m.forward_hidden(&b.input_ids, Some(&b.attention_mask))
                 .map(|_| ())
         })
@@ -323,59 +328,126 @@ fn usable_tokens(batches: &[CalibrationBatch]) -> Result<usize> {
         .sum::<Result<usize>>()
 }
 
-fn run_eva<M>(
-    model: &mut PeftModel<M>,
-    name: &str,
-    mut config: LoraConfig,
-    batches: &[CalibrationBatch],
-    options: &EvaInitOptions,
-    forward: impl FnMut(&M, &CalibrationBatch) -> Result<()>,
-) -> Result<CalibrationReport> {
-    let start = Instant::now();
-    config.eva_config = Some(eva_settings(&config, options));
-    config.init_lora_weights = InitLoraWeights::Named("eva".into());
-    let tokens = usable_tokens(batches)?;
-    let report = eva::add_eva_adapter(model, name, config, batches, forward, &options.pass)?;
-    Ok(CalibrationReport {
-        ranks: report.state.ranks(),
-        fallback: report.state.fallback.clone(),
-        shared_inputs: report.state.shared_inputs.clone(),
-        batches: batches.len(),
-        tokens,
-        forward_passes: report.state.iterations,
-        seconds: start.elapsed().as_secs_f64(),
-        config: report.config.into(),
-    })
+/// What the tasks' calibrated init needs of a method: the config it initialises, its options
+/// and its `data_init` driver (EVA on [`LoraConfig`], CorDA on [`CordaConfig`]).
+trait Calibrated: MethodConfig + Into<AdapterConfig> + Sized {
+    /// The method's [`EvaInitOptions`] or [`CordaInitOptions`].
+    type Options;
+
+    /// The config back from [`for_classification`]'s [`AdapterConfig`].
+    fn from_adapter_config(config: AdapterConfig) -> Result<Self>;
+
+    /// Sequences per batch and the most batches.
+    fn batching(options: &Self::Options) -> (usize, usize);
+
+    /// Whether only the target tokens of causal-LM examples count (EVA's label mask).
+    fn label_mask(&self, options: &Self::Options) -> bool;
+
+    /// Runs the driver over `batches` and adds adapter `name`.
+    fn run<M>(
+        model: &mut PeftModel<M>,
+        name: &str,
+        config: Self,
+        batches: &[CalibrationBatch],
+        options: &Self::Options,
+        forward: impl FnMut(&M, &CalibrationBatch) -> Result<()>,
+    ) -> Result<CalibrationReport>;
 }
 
-fn run_corda<M>(
-    model: &mut PeftModel<M>,
-    name: &str,
-    mut config: CordaConfig,
-    batches: &[CalibrationBatch],
-    options: &CordaInitOptions,
-    forward: impl FnMut(&M, &CalibrationBatch) -> Result<()>,
-) -> Result<CalibrationReport> {
-    let start = Instant::now();
-    if let Some(method) = options.corda_method {
-        config.corda_method = method;
+impl Calibrated for LoraConfig {
+    type Options = EvaInitOptions;
+
+    fn from_adapter_config(config: AdapterConfig) -> Result<Self> {
+        match config {
+            AdapterConfig::Lora(c) => Ok(c),
+            _ => Err(PeftError::config("config", "EVA initialises a LoRA config")),
+        }
     }
-    let tokens = usable_tokens(batches)?;
-    let saved = config.clone();
-    let state = corda::add_corda_adapter(model, name, config, batches, forward, &options.pass)?;
-    let ranks = state
-        .factors
-        .iter()
-        .map(|(layer, f)| Ok((layer.clone(), f.a.dim(0)?)))
-        .collect::<Result<_>>()?;
-    Ok(CalibrationReport {
-        ranks,
-        fallback: Vec::new(),
-        shared_inputs: state.shared_inputs,
-        batches: batches.len(),
-        tokens,
-        forward_passes: batches.len(),
-        seconds: start.elapsed().as_secs_f64(),
-        config: saved.into(),
-    })
+
+    fn batching(options: &EvaInitOptions) -> (usize, usize) {
+        (options.batch_size, options.max_batches)
+    }
+
+    fn label_mask(&self, options: &EvaInitOptions) -> bool {
+        eva_settings(self, options).use_label_mask
+    }
+
+    fn run<M>(
+        model: &mut PeftModel<M>,
+        name: &str,
+        mut config: Self,
+        batches: &[CalibrationBatch],
+        options: &EvaInitOptions,
+        forward: impl FnMut(&M, &CalibrationBatch) -> Result<()>,
+    ) -> Result<CalibrationReport> {
+        let start = Instant::now();
+        config.eva_config = Some(eva_settings(&config, options));
+        config.init_lora_weights = InitLoraWeights::Named("eva".into());
+        let tokens = usable_tokens(batches)?;
+        let report = eva::add_eva_adapter(model, name, config, batches, forward, &options.pass)?;
+        Ok(CalibrationReport {
+            ranks: report.state.ranks(),
+            fallback: report.state.fallback.clone(),
+            shared_inputs: report.state.shared_inputs.clone(),
+            batches: batches.len(),
+            tokens,
+            forward_passes: report.state.iterations,
+            seconds: start.elapsed().as_secs_f64(),
+            config: report.config.into(),
+        })
+    }
+}
+
+impl Calibrated for CordaConfig {
+    type Options = CordaInitOptions;
+
+    fn from_adapter_config(config: AdapterConfig) -> Result<Self> {
+        match config {
+            AdapterConfig::Corda(c) => Ok(c),
+            _ => Err(PeftError::config(
+                "config",
+                "CorDA initialises a CORDA config",
+            )),
+        }
+    }
+
+    fn batching(options: &CordaInitOptions) -> (usize, usize) {
+        (options.batch_size, options.max_batches)
+    }
+
+    fn label_mask(&self, _: &CordaInitOptions) -> bool {
+        false
+    }
+
+    fn run<M>(
+        model: &mut PeftModel<M>,
+        name: &str,
+        mut config: Self,
+        batches: &[CalibrationBatch],
+        options: &CordaInitOptions,
+        forward: impl FnMut(&M, &CalibrationBatch) -> Result<()>,
+    ) -> Result<CalibrationReport> {
+        let start = Instant::now();
+        if let Some(method) = options.corda_method {
+            config.corda_method = method;
+        }
+        let tokens = usable_tokens(batches)?;
+        let saved = config.clone();
+        let state = corda::add_corda_adapter(model, name, config, batches, forward, &options.pass)?;
+        let ranks = state
+            .factors
+            .iter()
+            .map(|(layer, f)| Ok((layer.clone(), f.a.dim(0)?)))
+            .collect::<Result<_>>()?;
+        Ok(CalibrationReport {
+            ranks,
+            fallback: Vec::new(),
+            shared_inputs: state.shared_inputs,
+            batches: batches.len(),
+            tokens,
+            forward_passes: batches.len(),
+            seconds: start.elapsed().as_secs_f64(),
+            config: saved.into(),
+        })
+    }
 }

@@ -26,7 +26,7 @@ use crate::generate::{GenerationConfig, generate};
 use crate::io::source::{self, ModelSource};
 use crate::model::PeftModel;
 use crate::models::llama::{LlamaConfig, LlamaForCausalLM, load_causal_tokenizer};
-use crate::tasks::{TaskOptions, save_active};
+use crate::tasks::{TaskOptions, export_source, save_active};
 use crate::train::{EvalReport, TrainTask};
 
 /// PEFT's `task_type` for causal language modelling.
@@ -193,7 +193,7 @@ impl CausalLmTask {
     }
 
     /// Writes the active adapter to `dir` in PEFT's format, the same files as
-    /// `model().save_adapter(active, dir)` (several active adapters: one folder each,
+    /// `model().save_adapter(dir, active)` (several active adapters: one folder each,
     /// `dir/<name>/`). The [`crate::Trainer`]'s checkpoints write the same.
     pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
         save_active(&self.model, dir.as_ref())
@@ -205,14 +205,7 @@ impl CausalLmTask {
     /// from the metadata). A task built with [`new`](Self::new) has no source to read the
     /// tokenizer files from: that is an error.
     pub fn export_merged(self, out_dir: impl AsRef<Path>) -> Result<()> {
-        let Some(source) = self.source else {
-            return Err(PeftError::Unsupported(
-                "this CausalLmTask was built with CausalLmTask::new and has no model source to \
-                 export from; load it with from_pretrained or from_source, or call \
-                 LlamaForCausalLM::export_merged with the source"
-                    .to_string(),
-            ));
-        };
+        let source = export_source(self.source, "CausalLmTask", "LlamaForCausalLM")?;
         let dtype = self.model.model().dtype();
         LlamaForCausalLM::export_merged(self.model, &source, out_dir.as_ref(), dtype)
     }

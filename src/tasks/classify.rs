@@ -42,7 +42,7 @@ use crate::model::{DEFAULT_ADAPTER, PeftModel};
 use crate::models::heads::{
     ARCHITECTURE, BertForSequenceClassification, labels_from_config, predictions,
 };
-use crate::tasks::{TaskOptions, save_active};
+use crate::tasks::{TaskOptions, export_source, save_active};
 use crate::train::{EvalReport, TrainTask};
 
 /// PEFT's `task_type` for sequence classification.
@@ -224,7 +224,7 @@ impl ClassifyTask {
     }
 
     /// Writes the active adapter to `dir` in PEFT's format plus [`LABELS_FILE`]: the same files
-    /// as `model().save_adapter(active, dir)` (several active adapters: one folder each,
+    /// as `model().save_adapter(dir, active)` (several active adapters: one folder each,
     /// `dir/<name>/`). The [`crate::Trainer`]'s checkpoints write the same.
     pub fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
         save_active(&self.model, dir.as_ref())
@@ -236,14 +236,7 @@ impl ClassifyTask {
     /// A task built with [`new`](Self::new) has no source to read the base tensors from: that is
     /// an error.
     pub fn export_merged(self, out_dir: impl AsRef<Path>) -> Result<()> {
-        let Some(source) = self.source else {
-            return Err(PeftError::Unsupported(
-                "this ClassifyTask was built with ClassifyTask::new and has no model source to \
-                 export from; load it with from_pretrained or from_source, or call \
-                 BertForSequenceClassification::export_merged with the source"
-                    .to_string(),
-            ));
-        };
+        let source = export_source(self.source, "ClassifyTask", "BertForSequenceClassification")?;
         BertForSequenceClassification::export_merged(self.model, &source, out_dir, &self.labels)?;
         Ok(())
     }

@@ -17,6 +17,7 @@ use std::path::Path;
 use candle_core::Device;
 
 use crate::error::{PeftError, Result};
+use crate::io::source::ModelSource;
 use crate::model::PeftModel;
 use crate::models::LoadOptions;
 use crate::ops::BaseDType;
@@ -97,4 +98,21 @@ pub(crate) fn save_active<M>(model: &PeftModel<M>, dir: &Path) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The source a task's `export_merged` reads from: `source`, or, for a task built with `new`
+/// (which has none), the [`PeftError::Unsupported`] that names the `model` type's own
+/// `export_merged`, which takes the source.
+pub(crate) fn export_source(
+    source: Option<ModelSource>,
+    task: &str,
+    model: &str,
+) -> Result<ModelSource> {
+    source.ok_or_else(|| {
+        PeftError::Unsupported(format!(
+            "this {task} was built with {task}::new and has no model source to export from; \
+             load it with from_pretrained or from_source, or call {model}::export_merged with \
+             the source"
+        ))
+    })
 }

@@ -4,15 +4,14 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use candle_peft::BaseDType;
-use candle_peft::DEFAULT_ADAPTER;
 use candle_peft::generate::GenerationConfig;
 use candle_peft::tasks::TaskOptions;
-use candle_peft::tasks::causal_lm::CausalLmTask;
 use clap::Args;
 use serde_json::json;
 
+use super::load::causal_task;
 use super::output::print_stdout;
 
 #[derive(Debug, Args)]
@@ -62,15 +61,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         base_dtype: args.base_dtype,
         ..TaskOptions::default()
     };
-    let mut task = CausalLmTask::from_pretrained(&args.model, opts)
-        .with_context(|| format!("loading --model {}", args.model))?;
-    if let Some(dir) = &args.adapter {
-        if !dir.is_dir() {
-            bail!("--adapter {} is not a folder", dir.display());
-        }
-        task.load_adapter(dir, DEFAULT_ADAPTER)
-            .with_context(|| format!("loading the adapter {}", dir.display()))?;
-    }
+    let task = causal_task(&args.model, args.adapter.as_deref(), opts)?;
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

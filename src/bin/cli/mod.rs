@@ -1,8 +1,8 @@
 //! Subcommands of the `candle-peft` binary. To add one: a module here with an `Args` struct
 //! (clap derive) and a `run(args) -> anyhow::Result<()>`, a variant in [`Command`], and an arm
 //! in [`run`]. This file only dispatches: the flags `train` and `eval` share live in `args`,
-//! output helpers in `output`, benchmark measurement in `measure`, and no subcommand module
-//! imports another's.
+//! output helpers in `output`, loading a causal LM with its `--adapter` in `load`, benchmark
+//! measurement in `measure`, and no subcommand module imports another's.
 
 mod args;
 pub mod bench;
@@ -15,6 +15,7 @@ pub mod convert;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+mod load;
 mod measure;
 pub mod merge;
 mod method_args;
@@ -52,6 +53,16 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let base_dtype = match &cli.command {
+        Command::Train(a) => Some(a.base_dtype),
+        Command::Eval(a) => Some(a.base_dtype),
+        Command::Generate(a) => Some(a.base_dtype),
+        Command::Bench(a) => Some(a.base_dtype),
+        _ => None,
+    };
+    if let Some(note) = base_dtype.and_then(|d| d.cpu_fallback_note()) {
+        eprintln!("note: {note}");
+    }
     match cli.command {
         Command::Train(args) => train::run(*args),
         Command::Eval(args) => eval::run(args),

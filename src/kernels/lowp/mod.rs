@@ -363,6 +363,16 @@ impl Path {
             .unwrap_or(Path::Scalar)
     }
 
+    /// The path's name in notes: the instructions it uses.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Path::Avx512Bf16 => "AVX512-BF16",
+            Path::Avx512 => "AVX-512",
+            Path::Avx2 => "AVX2",
+            Path::Scalar => "portable code",
+        }
+    }
+
     fn check(self, op: &str) -> candle_core::Result<()> {
         if !self.is_supported() {
             candle_core::bail!("{op}: this CPU cannot run the {self:?} path");

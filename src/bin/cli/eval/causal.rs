@@ -4,11 +4,10 @@
 use std::fmt::Write as _;
 
 use anyhow::{Context, bail};
-use candle_peft::DEFAULT_ADAPTER;
 use candle_peft::tasks::TaskOptions;
-use candle_peft::tasks::causal_lm::CausalLmTask;
 
 use crate::cli::args::EvalArgs;
+use crate::cli::load::causal_task;
 use crate::cli::output::{lm_eval_json, print_stdout};
 
 /// `eval --task causal-lm`: perplexity of the model (plus `--adapter`) on `--data`.
@@ -25,15 +24,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         eval_batch: Some(args.batch),
         ..TaskOptions::default()
     };
-    let mut task = CausalLmTask::from_pretrained(&args.model, opts)
-        .with_context(|| format!("loading --model {}", args.model))?;
-    if let Some(dir) = &args.adapter {
-        if !dir.is_dir() {
-            bail!("--adapter {} is not a folder", dir.display());
-        }
-        task.load_adapter(dir, DEFAULT_ADAPTER)
-            .with_context(|| format!("loading the adapter {}", dir.display()))?;
-    }
+    let task = causal_task(&args.model, args.adapter.as_deref(), opts)?;
     let data = task
         .read_examples(&args.data, true)
         .with_context(|| format!("reading --data {}", args.data.display()))?;

@@ -14,6 +14,7 @@ use serde_json::json;
 use std::fmt::Write as _;
 
 use crate::cli::args::EvalArgs;
+use crate::cli::load::check_adapter_dir;
 use crate::cli::output::print_stdout;
 
 /// `eval --task classify`.
@@ -23,11 +24,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             bail!("{flag} must be at least 1 (got 0)");
         }
     }
-    if let Some(dir) = &args.adapter {
-        if !dir.is_dir() {
-            bail!("--adapter {} is not a folder", dir.display());
-        }
-    }
+    check_adapter_dir(args.adapter.as_deref())?;
     let known = classify::known_labels(&args.model, args.adapter.as_deref())
         .with_context(|| format!("loading --model {}", args.model))?;
     let read = |labels: Option<&[String]>| -> anyhow::Result<LabeledDataset> {

@@ -5,26 +5,21 @@
 //! HF Llama folder (config.json, model.safetensors, tokenizer.json) that `eval`, `generate`,
 //! candle-transformers and transformers load, also when the base came from a GGUF file.
 
-use std::fmt::Write as _;
-
 use anyhow::Context;
 use candle_peft::Trainer;
 use candle_peft::tasks::TaskOptions;
-use candle_peft::tasks::causal_lm::{CausalLmTask, DEFAULT_TARGET_MODULES, TASK_TYPE};
+use candle_peft::tasks::causal_lm::{CausalLmTask, DEFAULT_TARGET_MODULES};
 use serde_json::json;
 
 use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, train_config};
 use crate::cli::calibration::add_causal_adapter;
-use crate::cli::output::{lm_eval_json, print_stdout, train_summary};
+use crate::cli::output::{TrainOutcome, lm_eval_json, print_train};
 
 /// `train --task causal-lm`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let method = check_method(&args.method)?;
     check_args(&args)?;
-    let mut config = adapter_config(&args, method, &DEFAULT_TARGET_MODULES)?;
-    config
-        .inner_mut()
-        .set_task_type(Some(TASK_TYPE.to_string()));
+    let config = adapter_config(&args, method, &DEFAULT_TARGET_MODULES)?;
     let opts = TaskOptions {
         seq_len: args.seq,
         seed: args.seed,
@@ -46,8 +41,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     add_causal_adapter(&mut task, config, method, &args, &train)?;
     let trainable = task.model().num_trainable_parameters();
     let total = task.model().num_total_parameters();
-    let per_step = args.batch * args.grad_accum;
-    let steps = args.steps.unwrap_or_else(|| train.len().div_ceil(per_step));
+    let (steps, per_step) = super::steps(&args, train.len());
     if !args.quiet {
         eprintln!(
             "{}: {} training sequences of ≤ {} tokens; {} trainable of {} parameters ({:.3}%); \
@@ -63,51 +57,26 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let trainer = Trainer::new(train_config(&args, steps))?;
     let report = trainer.run(&task, &train, eval.as_deref())?;
 
-    let adapter_dir = args.out.join("adapter");
-    task.save_adapter(&adapter_dir)
-        .with_context(|| format!("saving the adapter to {}", adapter_dir.display()))?;
+    let adapter_dir = super::save_adapter(&args, |dir| task.save_adapter(dir))?;
     let final_eval = match &eval {
         Some(data) => Some(task.evaluate_lm(data)?),
         None => None,
     };
-    let merged_dir = if args.merge {
-        let dir = args.out.join("merged");
-        task.export_merged(&dir)
-            .with_context(|| format!("writing the merged model to {}", dir.display()))?;
-        Some(dir)
-    } else {
-        None
+    let merged_dir = super::export_merged(&args, |dir| task.export_merged(dir))?;
+    let eval = final_eval.map(|r| {
+        let line = format!(
+            "eval: perplexity {:.3} over {} tokens, loss {:.4}",
+            r.perplexity, r.tokens, r.loss
+        );
+        (lm_eval_json(&r), line)
+    });
+    let outcome = TrainOutcome {
+        report: &report,
+        eval,
+        fields: vec![("train_sequences", json!(train.len()))],
+        trainable_parameters: trainable,
+        adapter_dir: &adapter_dir,
+        merged_dir: merged_dir.as_deref(),
     };
-
-    let final_loss = report.losses.last().copied();
-    let mut o = String::new();
-    if args.json {
-        let value = json!({
-            "steps": report.global_step,
-            "final_loss": final_loss,
-            "losses": report.losses,
-            "eval": final_eval.as_ref().map(lm_eval_json),
-            "train_sequences": train.len(),
-            "trainable_parameters": trainable,
-            "adapter": adapter_dir,
-            "merged": merged_dir,
-            "seconds": report.seconds,
-        });
-        writeln!(o, "{value}")?;
-    } else {
-        let eval = final_eval.as_ref().map(|r| {
-            format!(
-                "eval: perplexity {:.3} over {} tokens, loss {:.4}",
-                r.perplexity, r.tokens, r.loss
-            )
-        });
-        o.push_str(&train_summary(
-            &report,
-            final_loss,
-            eval,
-            &adapter_dir,
-            merged_dir.as_deref(),
-        ));
-    }
-    print_stdout(&o)
+    print_train(args.json, outcome)
 }

@@ -3,7 +3,6 @@
 //! `labels.json`) and, with `--merge`, `DIR/merged/` (a `BertForSequenceClassification` folder
 //! that `train`, `eval`, candle-transformers and Python transformers load).
 
-use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
@@ -16,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, train_config};
 use crate::cli::calibration::add_classify_adapter;
-use crate::cli::output::{print_stdout, train_summary};
+use crate::cli::output::{TrainOutcome, print_train};
 
 fn eval_json(r: &EvalReport) -> Value {
     json!({
@@ -38,8 +37,7 @@ fn read_data(path: &Path, labels: Option<&[String]>, what: &str) -> anyhow::Resu
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let method = check_method(&args.method)?;
     check_args(&args)?;
-    let targets = classify::DEFAULT_TARGET_MODULES;
-    let config = classify::for_classification(adapter_config(&args, method, &targets)?);
+    let config = adapter_config(&args, method, &classify::DEFAULT_TARGET_MODULES)?;
 
     // A classification export brings its labels; otherwise the training data defines them.
     let model_labels = classify::known_labels(&args.model, None)
@@ -63,9 +61,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let trainable = task.model().num_trainable_parameters();
     let total = task.model().num_total_parameters();
 
-    let per_step = args.batch * args.grad_accum;
-    let steps = args.steps.unwrap_or_else(|| train.len().div_ceil(per_step));
-    let train_config = train_config(&args, steps);
+    let (steps, per_step) = super::steps(&args, train.len());
     if !args.quiet {
         eprintln!(
             "{}: {} labels ({}), {} training examples; {} trainable of {} parameters ({:.3}%); \
@@ -79,17 +75,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             100.0 * trainable as f64 / total as f64
         );
     }
-    let trainer = Trainer::new(train_config)?;
+    let trainer = Trainer::new(train_config(&args, steps))?;
     let report = trainer.run(
         &task,
         &train.examples,
         eval.as_ref().map(|d| d.examples.as_slice()),
     )?;
 
-    let adapter_dir = args.out.join("adapter");
-    task.save_adapter(&adapter_dir)
-        .with_context(|| format!("saving the adapter to {}", adapter_dir.display()))?;
-
+    let adapter_dir = super::save_adapter(&args, |dir| task.save_adapter(dir))?;
     let final_eval = match &eval {
         Some(data) => Some(match report.evals.last() {
             Some(r) if r.step == report.global_step && report.global_step > report.start_step => {
@@ -99,49 +92,27 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }),
         None => None,
     };
-
-    let merged_dir = if args.merge {
-        let dir = args.out.join("merged");
-        task.export_merged(&dir)
-            .with_context(|| format!("writing the merged model to {}", dir.display()))?;
-        Some(dir)
-    } else {
-        None
+    let merged_dir = super::export_merged(&args, |dir| task.export_merged(dir))?;
+    let eval = final_eval.map(|r| {
+        let v = eval_json(&r);
+        let line = format!(
+            "eval: accuracy {:.4} on {} examples, loss {:.4}",
+            v["accuracy"].as_f64().unwrap_or(f64::NAN),
+            v["examples"],
+            r.loss
+        );
+        (v, line)
+    });
+    let outcome = TrainOutcome {
+        report: &report,
+        eval,
+        fields: vec![
+            ("labels", json!(labels)),
+            ("train_examples", json!(train.len())),
+        ],
+        trainable_parameters: trainable,
+        adapter_dir: &adapter_dir,
+        merged_dir: merged_dir.as_deref(),
     };
-
-    let final_loss = report.losses.last().copied();
-    let mut o = String::new();
-    if args.json {
-        let value = json!({
-            "steps": report.global_step,
-            "final_loss": final_loss,
-            "losses": report.losses,
-            "eval": final_eval.as_ref().map(eval_json),
-            "labels": labels,
-            "train_examples": train.len(),
-            "trainable_parameters": trainable,
-            "adapter": adapter_dir,
-            "merged": merged_dir,
-            "seconds": report.seconds,
-        });
-        writeln!(o, "{value}")?;
-    } else {
-        let eval = final_eval.as_ref().map(|r| {
-            let v = eval_json(r);
-            format!(
-                "eval: accuracy {:.4} on {} examples, loss {:.4}",
-                v["accuracy"].as_f64().unwrap_or(f64::NAN),
-                v["examples"],
-                r.loss
-            )
-        });
-        o.push_str(&train_summary(
-            &report,
-            final_loss,
-            eval,
-            &adapter_dir,
-            merged_dir.as_deref(),
-        ));
-    }
-    print_stdout(&o)
+    print_train(args.json, outcome)
 }

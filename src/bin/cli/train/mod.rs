@@ -7,6 +7,10 @@
 mod causal;
 mod classify;
 
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
 use super::args::{Task, TrainArgs};
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -16,4 +20,37 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         Task::Classify => classify::run(args),
         Task::CausalLm => causal::run(args),
     }
+}
+
+/// Optimiser steps of the run: `--steps`, else one pass over `examples` in steps of `--batch` ×
+/// `--grad-accum`; with that step size.
+fn steps(args: &TrainArgs, examples: usize) -> (usize, usize) {
+    let per_step = args.batch * args.grad_accum;
+    (
+        args.steps.unwrap_or_else(|| examples.div_ceil(per_step)),
+        per_step,
+    )
+}
+
+/// Saves the trained adapter to `OUT/adapter` with `save`; its folder.
+fn save_adapter(
+    args: &TrainArgs,
+    save: impl FnOnce(&Path) -> candle_peft::Result<()>,
+) -> anyhow::Result<PathBuf> {
+    let dir = args.out.join("adapter");
+    save(&dir).with_context(|| format!("saving the adapter to {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// With `--merge`, writes the merged model to `OUT/merged` with `export`; its folder.
+fn export_merged(
+    args: &TrainArgs,
+    export: impl FnOnce(&Path) -> candle_peft::Result<()>,
+) -> anyhow::Result<Option<PathBuf>> {
+    if !args.merge {
+        return Ok(None);
+    }
+    let dir = args.out.join("merged");
+    export(&dir).with_context(|| format!("writing the merged model to {}", dir.display()))?;
+    Ok(Some(dir))
 }
