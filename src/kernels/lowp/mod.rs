@@ -109,14 +109,6 @@ impl<'a> WeightMatrix<'a> {
         self.cols
     }
 
-    /// The values when they are plain f32.
-    pub(crate) fn as_f32(&self) -> Option<&'a [f32]> {
-        match self.values {
-            WeightValues::F32(v) => Some(v),
-            _ => None,
-        }
-    }
-
     fn check_rows(&self, op: &str, rows: &Range<usize>) -> candle_core::Result<()> {
         if rows.start > rows.end || rows.end > self.rows {
             candle_core::bail!("{op}: rows {rows:?} of a {}-row weight", self.rows);
@@ -256,7 +248,8 @@ impl<'a> WeightMatrix<'a> {
         }
     }
 
-    /// Writes rows `rows` of `W` as f32 into `out` (`|rows| × cols`).
+    /// Writes rows `rows` of `W` as f32 into `out` (`|rows| × cols`): the tests' reference.
+    #[cfg(test)]
     pub(crate) fn widen_rows(
         &self,
         op: &str,
