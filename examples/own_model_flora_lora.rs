@@ -54,14 +54,36 @@ fn quadrant_data(n: usize) -> Result<(Tensor, Tensor)> {
     Ok((images, Tensor::new(labels, &Device::Cpu)?))
 }
 
+/// Redraws the fresh weights from a seeded RNG (`U(−1/√fan_in, 1/√fan_in)` as PyTorch's default
+/// init, biases with fan_in 8), so runs repeat: candle's CPU RNG cannot be seeded. The layers
+/// share the vars' storage, so they see the new values.
+fn reseed(varmap: &VarMap, seed: u64) -> Result<()> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &vars[name];
+        let bound = 1.0 / (var.dims()[1..].iter().product::<usize>().max(8) as f32).sqrt();
+        let values = (0..var.elem_count()).map(|_| rng.random_range(-bound..bound));
+        var.set(&Tensor::from_iter(values, &Device::Cpu)?.reshape(var.shape())?)?;
+    }
+    Ok(())
+}
+
 /// Builds the net, adds both adapters and trains them `steps` full-batch steps on `n` images;
 /// returns the loss before each step.
 pub fn run(n: usize, steps: usize) -> Result<Vec<f32>> {
-    // Fresh base weights with candle-nn's init; for trained ones, a VarBuilder over your
-    // checkpoint (VarBuilder::from_mmaped_safetensors).
+    // Fresh base weights (reseeded below); for trained ones, a VarBuilder over your checkpoint
+    // (VarBuilder::from_mmaped_safetensors).
     let varmap = VarMap::new();
     let b = PeftBuilder::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu));
-    let mut model = PeftModel::new(Net::new(&b)?, &b);
+    let net = Net::new(&b)?;
+    reseed(&varmap, 0)?;
+    let mut model = PeftModel::new(net, &b);
     model.add_adapter("flora", FloraConfig::new(&["conv"], OneOrMany::One(2), 1.0))?;
     model.add_adapter("lora", LoraConfig::new(&["head"], 4, 8.0))?;
     model.set_active(&["flora", "lora"])?;

@@ -22,17 +22,13 @@
 //!   decoder, token type 3 (control) as special tokens and type 4 (user-defined) as added tokens,
 //!   and a BOS template when `tokenizer.ggml.add_bos_token` is set.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+use candle_core::Tensor;
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 use serde_json::json;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, Vocab};
@@ -45,7 +41,8 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{PeftError, Result};
-use crate::ops::FrozenWeight;
+
+mod tensors;
 
 /// A GGUF architecture this loader maps to a Hugging Face one.
 #[derive(Debug)]
@@ -357,73 +354,6 @@ impl GgufModel {
         Ok(cfg)
     }
 
-    /// Every tensor dequantised to f32, un-permuted where needed, under its Hugging Face name,
-    /// converted to `dtype` on `device`. An unknown tensor name is an error naming it.
-    pub fn hf_tensors(&self, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
-        Ok(self.hf_tensors_keeping(|_| false, dtype, device)?.0)
-    }
-
-    /// As [`hf_tensors`](Self::hf_tensors), except that the 2-D tensors whose Hugging Face
-    /// name `keep` accepts stay in the file's own type (ggml blocks, their q/k rows un-permuted
-    /// block row by block row; f32, f16 and bf16 tensors as dense tensors of that dtype): the
-    /// `--base-dtype gguf` load of the linear weights.
-    pub fn hf_tensors_keeping(
-        &self,
-        keep: impl Fn(&str) -> bool + Sync,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<(HashMap<String, Tensor>, HashMap<String, FrozenWeight>)> {
-        let a = self.arch.name;
-        let mut jobs = Vec::with_capacity(self.content.tensor_infos.len());
-        for name in self.tensor_names() {
-            let hf = hf_tensor_name(name).ok_or_else(|| {
-                PeftError::Unsupported(format!(
-                    "{}: GGUF tensor `{name}` has no Hugging Face equivalent for architecture `{a}`",
-                    self.path.display()
-                ))
-            })?;
-            let unpermute = self.qk_permutation_heads(name)?;
-            jobs.push((name, hf, unpermute));
-        }
-        let loaded = jobs
-            .into_par_iter()
-            .map(|(name, hf, unpermute)| {
-                let mut reader = BufReader::new(
-                    File::open(&self.path).map_err(|e| PeftError::io(&self.path, e))?,
-                );
-                let q = self
-                    .content
-                    .tensor(&mut reader, name, &Device::Cpu)
-                    .map_err(|e| {
-                        PeftError::layer(name, format!("reading {}: {e}", self.path.display()))
-                    })?;
-                if q.shape().rank() == 2 && keep(&hf) {
-                    let kept = kept_weight(q, unpermute)
-                        .map_err(|e| PeftError::layer(name, e.to_string()))?;
-                    return Ok((hf, Loaded::Kept(kept)));
-                }
-                let mut w = q.dequantize(&Device::Cpu)?;
-                if let Some(n_head) = unpermute {
-                    w = unpermute_qk(&w, n_head)
-                        .map_err(|e| PeftError::layer(name, e.to_string()))?;
-                }
-                Ok((hf, Loaded::Dense(w.to_dtype(dtype)?.to_device(device)?)))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let (mut dense, mut kept) = (HashMap::new(), HashMap::new());
-        for (hf, t) in loaded {
-            match t {
-                Loaded::Dense(t) => {
-                    dense.insert(hf, t);
-                }
-                Loaded::Kept(w) => {
-                    kept.insert(hf, w);
-                }
-            }
-        }
-        Ok((dense, kept))
-    }
-
     /// The chat template (`tokenizer.chat_template`), if the file has one.
     pub fn chat_template(&self) -> Option<&str> {
         match self.meta("tokenizer.chat_template") {
@@ -625,55 +555,6 @@ impl GgufModel {
     }
 }
 
-/// A tensor of [`GgufModel::hf_tensors_keeping`]: dequantised, or kept in its own type.
-enum Loaded {
-    Dense(Tensor),
-    Kept(FrozenWeight),
-}
-
-/// A GGUF tensor in its own type as a frozen weight, its rows un-permuted for `n_head` heads
-/// when given. Rows of ggml blocks are independent, so the permutation moves whole rows of
-/// bytes and no value is requantised.
-fn kept_weight(q: QTensor, unpermute: Option<usize>) -> candle_core::Result<FrozenWeight> {
-    let dense = match q.dtype() {
-        GgmlDType::F32 => Some(DType::F32),
-        GgmlDType::F16 => Some(DType::F16),
-        GgmlDType::BF16 => Some(DType::BF16),
-        _ => None,
-    };
-    if let Some(dtype) = dense {
-        let mut w = q.dequantize(&Device::Cpu)?;
-        if let Some(n_head) = unpermute {
-            w = unpermute_qk(&w, n_head)?;
-        }
-        return Ok(FrozenWeight::Dense(w.to_dtype(dtype)?));
-    }
-    let Some(n_head) = unpermute else {
-        return Ok(FrozenWeight::Quantized(Arc::new(q)));
-    };
-    let (rows, _) = q.shape().dims2()?;
-    let order = unpermute_qk(
-        &Tensor::arange(0u32, rows as u32, &Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .reshape((rows, 1))?,
-        n_head,
-    )?
-    .flatten_all()?
-    .to_vec1::<f32>()?;
-    let bytes = q.data()?;
-    let row_bytes = bytes.len() / rows.max(1);
-    let mut permuted = Vec::with_capacity(bytes.len());
-    for &src in &order {
-        let src = src as usize;
-        permuted.extend_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
-    }
-    let storage = QStorage::from_data(Cow::Owned(permuted), &Device::Cpu, q.dtype())?;
-    Ok(FrozenWeight::Quantized(Arc::new(QTensor::new(
-        storage,
-        q.shape().clone(),
-    )?)))
-}
-
 /// The Hugging Face name of a GGUF tensor of the Llama family, or `None`.
 pub fn hf_tensor_name(gguf: &str) -> Option<String> {
     let (stem, kind) = gguf.rsplit_once('.')?;
@@ -741,6 +622,7 @@ pub fn permute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn names() {
