@@ -171,17 +171,17 @@ impl FloraConfig {
     pub fn validate(&self) -> Result<()> {
         self.targeting.validate()?;
         let ranks = self.r.to_vec();
-        if let OneOrMany::Many(list) = &self.r {
-            if !matches!(list.len(), 2 | 4) {
-                return Err(PeftError::config(
-                    "r",
-                    format!(
-                        "{list:?} has {} entries; FLoRA takes one rank per mode: 2 for a linear \
+        if let OneOrMany::Many(list) = &self.r
+            && !matches!(list.len(), 2 | 4)
+        {
+            return Err(PeftError::config(
+                "r",
+                format!(
+                    "{list:?} has {} entries; FLoRA takes one rank per mode: 2 for a linear \
                          layer ([in, out]), 4 for a conv2d ([in, out, kh, kw])",
-                        list.len()
-                    ),
-                ));
-            }
+                    list.len()
+                ),
+            ));
         }
         if let Some(i) = ranks.iter().position(|&r| r == 0) {
             return Err(PeftError::config(

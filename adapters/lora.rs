@@ -492,7 +492,7 @@ fn lora_shapes(
             kernel,
             params,
         } => {
-            if r % params.groups != 0 {
+            if !r.is_multiple_of(params.groups) {
                 return Err(PeftError::layer(
                     module,
                     format!(

@@ -194,8 +194,8 @@ impl<'a> PeftBuilder<'a> {
         let params = params.into();
         let path = self.path(name);
         if params.groups == 0
-            || in_channels % params.groups != 0
-            || out_channels % params.groups != 0
+            || !in_channels.is_multiple_of(params.groups)
+            || !out_channels.is_multiple_of(params.groups)
         {
             return Err(PeftError::layer(
                 path,

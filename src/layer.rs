@@ -507,11 +507,10 @@ impl LayerHandle {
                 .adapters
                 .iter()
                 .filter(|(n, _)| s.active.contains(n) && !s.merged.contains(n));
-            if let (Some((_, adapter)), None) = (live.next(), live.next()) {
-                if let Some(y) = adapter.fused_linear_forward(x, &s.weight, s.bias.as_ref(), train)
-                {
-                    return y;
-                }
+            if let (Some((_, adapter)), None) = (live.next(), live.next())
+                && let Some(y) = adapter.fused_linear_forward(x, &s.weight, s.bias.as_ref(), train)
+            {
+                return y;
             }
         }
         let mut y = match copy {

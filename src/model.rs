@@ -664,15 +664,15 @@ fn in_memory_name(local: &str, adapter: &str) -> String {
 
 /// A config that plain `add_adapter` cannot initialise: its init needs a calibration pass.
 fn reject_calibrated_init(config: &AdapterConfig) -> Result<()> {
-    if let AdapterConfig::Lora(c) = config {
-        if matches!(&c.init_lora_weights, InitLoraWeights::Named(n) if n == "eva") {
-            return Err(PeftError::config(
-                "init_lora_weights",
-                "\"eva\" initialises A from a calibration pass over data, which `add_adapter` \
+    if let AdapterConfig::Lora(c) = config
+        && matches!(&c.init_lora_weights, InitLoraWeights::Named(n) if n == "eva")
+    {
+        return Err(PeftError::config(
+            "init_lora_weights",
+            "\"eva\" initialises A from a calibration pass over data, which `add_adapter` \
                  does not run: call the task's `add_eva_adapter` (or \
                  `data_init::eva::add_eva_adapter`) instead",
-            ));
-        }
+        ));
     }
     Ok(())
 }

@@ -230,11 +230,12 @@ fn split_shards(entries: &[TensorEntry], max: u64) -> Vec<Vec<usize>> {
     let mut size = 0u64;
     for (i, e) in entries.iter().enumerate() {
         let nbytes = e.nbytes();
-        if let Some(current) = shards.last_mut() {
-            if !current.is_empty() && size + nbytes > max {
-                shards.push(Vec::new());
-                size = 0;
-            }
+        if let Some(current) = shards.last_mut()
+            && !current.is_empty()
+            && size + nbytes > max
+        {
+            shards.push(Vec::new());
+            size = 0;
         }
         if let Some(current) = shards.last_mut() {
             current.push(i);

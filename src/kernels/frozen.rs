@@ -134,10 +134,10 @@ pub fn frozen_matmul_weight(
     weight: &FrozenWeight,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    if let FrozenWeight::Dense(w) = weight {
-        if w.dtype() == x.dtype() {
-            return frozen_matmul(x, w, bias);
-        }
+    if let FrozenWeight::Dense(w) = weight
+        && w.dtype() == x.dtype()
+    {
+        return frozen_matmul(x, w, bias);
     }
     if x.device().is_cpu() && x.dtype() == DType::F32 && weight.is_cpu_matrix() {
         let bias = match bias {

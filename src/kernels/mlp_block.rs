@@ -59,7 +59,7 @@ struct MlpBlock {
 
 impl MlpBlock {
     fn rows(&self, h_len: usize) -> candle_core::Result<usize> {
-        if self.hidden == 0 || h_len % self.hidden != 0 {
+        if self.hidden == 0 || !h_len.is_multiple_of(self.hidden) {
             candle_core::bail!(
                 "{OP}: input of {h_len} values is not rows of hidden size {}",
                 self.hidden

@@ -210,7 +210,7 @@ impl BertConfig {
                 return Err(PeftError::config(field, "must be at least 1, got 0"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(PeftError::config(
                 "num_attention_heads",
                 format!(

@@ -138,13 +138,13 @@ impl TrainConfig {
                 return Err(PeftError::config(field, "must be ≥ 1"));
             }
         }
-        if let Some(m) = self.max_grad_norm {
-            if !(m.is_finite() && m > 0.0) {
-                return Err(PeftError::config(
-                    "max_grad_norm",
-                    format!("must be finite and > 0, got {m}"),
-                ));
-            }
+        if let Some(m) = self.max_grad_norm
+            && !(m.is_finite() && m > 0.0)
+        {
+            return Err(PeftError::config(
+                "max_grad_norm",
+                format!("must be finite and > 0, got {m}"),
+            ));
         }
         if self.checkpoint_every.is_some() && self.out_dir.is_none() {
             return Err(PeftError::config(

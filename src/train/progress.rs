@@ -92,7 +92,7 @@ impl Progress {
                 *steps += 1;
                 *tok += tokens;
                 *time += dt;
-                if step % *every == 0 || step == total {
+                if step.is_multiple_of(*every) || step == total {
                     eprintln!(
                         "step {step}/{total} loss {:.4} lr {lr:.1e} tok/s {:.0}",
                         *loss_sum / *steps as f64,

@@ -240,20 +240,20 @@ impl<'a, T: TrainTask> Run<'a, T> {
     /// the last.
     fn maybe_eval(&mut self, global: usize) -> Result<()> {
         let last = global == self.cfg.steps;
-        if let (Some(every), Some(examples)) = (self.cfg.eval_every, self.eval) {
-            if global % every == 0 || last {
-                self.task.set_training(false);
-                let r = self.task.evaluate(examples);
-                self.task.set_training(true);
-                let r = r?;
-                self.progress
-                    .message(&eval_line(global, self.cfg.steps, &r));
-                let record = EvalRecord {
-                    step: global,
-                    report: r,
-                };
-                self.history.evals.push(record);
-            }
+        if let (Some(every), Some(examples)) = (self.cfg.eval_every, self.eval)
+            && (global.is_multiple_of(every) || last)
+        {
+            self.task.set_training(false);
+            let r = self.task.evaluate(examples);
+            self.task.set_training(true);
+            let r = r?;
+            self.progress
+                .message(&eval_line(global, self.cfg.steps, &r));
+            let record = EvalRecord {
+                step: global,
+                report: r,
+            };
+            self.history.evals.push(record);
         }
         Ok(())
     }
@@ -268,7 +268,7 @@ impl<'a, T: TrainTask> Run<'a, T> {
         let due = self
             .cfg
             .checkpoint_every
-            .is_some_and(|every| global % every == 0);
+            .is_some_and(|every| global.is_multiple_of(every));
         if due || last {
             let state = self.trainer_state(global);
             let dir = save_checkpoint(out, self.task, &self.vars, &self.opt, &state)?;

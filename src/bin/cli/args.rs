@@ -214,20 +214,20 @@ pub fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     if !(args.lr.is_finite() && args.lr >= 0.0) {
         bail!("--lr must be a finite number ≥ 0 (got {})", args.lr);
     }
-    if let Some(wd) = args.weight_decay {
-        if !(wd.is_finite() && wd >= 0.0) {
-            bail!("--weight-decay must be a finite number ≥ 0 (got {wd})");
-        }
+    if let Some(wd) = args.weight_decay
+        && !(wd.is_finite() && wd >= 0.0)
+    {
+        bail!("--weight-decay must be a finite number ≥ 0 (got {wd})");
     }
-    if let Some(r) = args.rank {
-        if r == 0 {
-            bail!("--rank must be at least 1 (got 0)");
-        }
+    if let Some(r) = args.rank
+        && r == 0
+    {
+        bail!("--rank must be at least 1 (got 0)");
     }
-    if let Some(p) = args.dropout {
-        if !(0.0..1.0).contains(&p) {
-            bail!("--dropout must be in [0, 1) (got {p})");
-        }
+    if let Some(p) = args.dropout
+        && !(0.0..1.0).contains(&p)
+    {
+        bail!("--dropout must be in [0, 1) (got {p})");
     }
     if args.out.exists() && !args.out.is_dir() {
         bail!(

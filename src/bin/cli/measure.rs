@@ -25,7 +25,7 @@ pub fn median_after(times: &[f64], skip: usize) -> f64 {
     }
     timed.sort_by(f64::total_cmp);
     let n = timed.len();
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         (timed[n / 2 - 1] + timed[n / 2]) / 2.0
     } else {
         timed[n / 2]

@@ -160,13 +160,13 @@ pub fn merge_adapter_into_base(
     out_dir: &Path,
     opts: MergeOptions,
 ) -> Result<MergeReport> {
-    if let Some(d) = opts.dtype {
-        if !matches!(d, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(PeftError::config(
-                "dtype",
-                format!("{d:?} is not an output dtype (expected f32, f16 or bf16)"),
-            ));
-        }
+    if let Some(d) = opts.dtype
+        && !matches!(d, DType::F32 | DType::F16 | DType::BF16)
+    {
+        return Err(PeftError::config(
+            "dtype",
+            format!("{d:?} is not an output dtype (expected f32, f16 or bf16)"),
+        ));
     }
     if opts.max_shard_bytes == 0 {
         return Err(PeftError::config("max_shard_bytes", "must be at least 1"));

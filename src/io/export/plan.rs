@@ -404,7 +404,7 @@ fn geometry_for(
                 .filter(|a| a.rank() == 4)
                 .map(|a| a.dims()[1])
                 .unwrap_or(per_group);
-            if per_group == 0 || in_channels % per_group != 0 {
+            if per_group == 0 || !in_channels.is_multiple_of(per_group) {
                 return Err(PeftError::layer(
                     module,
                     format!(

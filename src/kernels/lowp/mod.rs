@@ -76,7 +76,7 @@ impl<'a> WeightMatrix<'a> {
             WeightValues::F16(v) => (v.len(), "f16 values"),
             WeightValues::Quantized { dtype, bytes } => {
                 let block = dtype.block_size();
-                if cols % block != 0 {
+                if !cols.is_multiple_of(block) {
                     candle_core::bail!(
                         "{op}: {name} has rows of {cols} values, not a whole number of \
                          {dtype:?} blocks of {block}"

@@ -318,12 +318,12 @@ impl LlamaConfig {
         })?;
         let architecture = detect_architecture(obj)?;
         let f = Fields(obj);
-        if let Some(act) = f.str_opt("hidden_act")? {
-            if !matches!(act, "silu" | "swish") {
-                return Err(PeftError::Unsupported(format!(
-                    "hidden_act `{act}` (the Llama family uses silu)"
-                )));
-            }
+        if let Some(act) = f.str_opt("hidden_act")?
+            && !matches!(act, "silu" | "swish")
+        {
+            return Err(PeftError::Unsupported(format!(
+                "hidden_act `{act}` (the Llama family uses silu)"
+            )));
         }
         let hidden_size = f.usize_req("hidden_size")?;
         let num_attention_heads = f.usize_req("num_attention_heads")?;
@@ -429,7 +429,10 @@ impl LlamaConfig {
                 return Err(PeftError::config(field, "must be at least 1, got 0"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(PeftError::config(
                 "num_key_value_heads",
                 format!(
@@ -438,7 +441,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(PeftError::config(
                 "head_dim",
                 format!("RoPE needs an even head size, got {}", self.head_dim),

@@ -124,13 +124,13 @@ impl LlamaForCausalLM {
                  (max_position_embeddings)"
             )));
         }
-        if let Some(window) = self.config.sliding_window {
-            if total > window {
-                return Err(PeftError::Unsupported(format!(
-                    "a sequence of {total} tokens exceeds the model's sliding_window of {window} \
+        if let Some(window) = self.config.sliding_window
+            && total > window
+        {
+            return Err(PeftError::Unsupported(format!(
+                "a sequence of {total} tokens exceeds the model's sliding_window of {window} \
                      tokens; sliding-window attention is not implemented"
-                )));
-            }
+            )));
         }
         Ok(())
     }

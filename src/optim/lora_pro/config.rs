@@ -147,17 +147,17 @@ pub fn lora_pairs<M>(model: &PeftModel<M>) -> Result<Vec<LoraPair>> {
                     ),
                 )
             })?;
-            if let LayerGeometry::Conv2d { params, .. } = geometry {
-                if params.groups != 1 {
-                    return Err(PeftError::layer(
-                        &module,
-                        format!(
-                            "LoRA-Pro needs ΔW = s·B·A, which a LoRA on a grouped conv2d \
+            if let LayerGeometry::Conv2d { params, .. } = geometry
+                && params.groups != 1
+            {
+                return Err(PeftError::layer(
+                    &module,
+                    format!(
+                        "LoRA-Pro needs ΔW = s·B·A, which a LoRA on a grouped conv2d \
                              (groups = {}) is not",
-                            params.groups
-                        ),
-                    ));
-                }
+                        params.groups
+                    ),
+                ));
             }
             pairs.push(LoraPair {
                 module: module.clone(),
