@@ -82,40 +82,33 @@ fn assert_close(what: &str, got: &[f64], want: &[f64], scale: &[f64], tol: f64) 
     }
 }
 
-/// `x Wᵀ` (and its |·| form) in f64 for `x: [m, k]`, `W: [n, k]`.
-fn reference_xwt(x: &Tensor, w: &Tensor) -> (Vec<f64>, Vec<f64>) {
-    let (m, k) = x.dims2().unwrap();
-    let n = w.dim(0).unwrap();
-    let (xv, wv) = (to_f64(x), to_f64(w));
+/// `a · b` and `Σ_l |a_il b_lj|` in f64 for `a: [m, l]`, `b: [l, n]` (a contiguous copy).
+fn reference_product(a: &Tensor, b: &Tensor) -> (Vec<f64>, Vec<f64>) {
+    let (m, l) = a.dims2().unwrap();
+    let n = b.dim(1).unwrap();
+    let (av, bv) = (to_f64(a), to_f64(&b.contiguous().unwrap()));
     let mut y = vec![0f64; m * n];
     let mut s = vec![0f64; m * n];
     for i in 0..m {
         for j in 0..n {
-            for l in 0..k {
-                y[i * n + j] += xv[i * k + l] * wv[j * k + l];
-                s[i * n + j] += (xv[i * k + l] * wv[j * k + l]).abs();
+            for t in 0..l {
+                let p = av[i * l + t] * bv[t * n + j];
+                y[i * n + j] += p;
+                s[i * n + j] += p.abs();
             }
         }
     }
     (y, s)
 }
 
-/// `g W` in f64 for `g: [m, n]`, `W: [n, k]`.
+/// `x Wᵀ` for `x: [m, k]`, `W: [n, k]`.
+fn reference_xwt(x: &Tensor, w: &Tensor) -> (Vec<f64>, Vec<f64>) {
+    reference_product(x, &w.t().unwrap())
+}
+
+/// `g W` for `g: [m, n]`, `W: [n, k]`.
 fn reference_gw(g: &Tensor, w: &Tensor) -> (Vec<f64>, Vec<f64>) {
-    let (m, n) = g.dims2().unwrap();
-    let k = w.dim(1).unwrap();
-    let (gv, wv) = (to_f64(g), to_f64(w));
-    let mut y = vec![0f64; m * k];
-    let mut s = vec![0f64; m * k];
-    for i in 0..m {
-        for l in 0..k {
-            for j in 0..n {
-                y[i * k + l] += gv[i * n + j] * wv[j * k + l];
-                s[i * k + l] += (gv[i * n + j] * wv[j * k + l]).abs();
-            }
-        }
-    }
-    (y, s)
+    reference_product(g, w)
 }
 
 #[test]
