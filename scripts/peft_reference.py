@@ -8,6 +8,8 @@ Workloads (the same definitions as `candle-peft bench <workload>`), each printin
                        mean(last_hidden_state^2), AdamW lr 1e-4; median ms/step of steps 3..12
   smollm2-lora-train   SmolLM2-135M f32, LoRA r=16 alpha=32 on the seven projections, batch 4 x 128,
                        causal-LM loss, AdamW lr 1e-4; median ms/step of steps 3..8, peak RSS
+  gemma3-lora-train    Gemma 3 270M, the same LoRA, batch and loss as smollm2-lora-train; the weights are
+                       the GGUF's, dequantised by transformers (`--gemma`, needs the `gguf` package)
   smollm2-merge        load base + that LoRA (random B), merge_and_unload, save_pretrained; wall time
                        and peak RSS of a child process doing only that
   svd-init-smollm2     torch.linalg.svd (thin) of all 210 projection matrices; wall time
@@ -95,11 +97,25 @@ def minilm_lora_train(args):
 
 
 def smollm2_lora_train(args):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=base_dtype(args))
+    return _decoder_lora_train(model)
+
+
+def gemma3_lora_train(args):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    folder, name = os.path.split(os.path.abspath(args.gemma))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=base_dtype(args))
+    return _decoder_lora_train(model)
+
+
+def _decoder_lora_train(model):
+    from peft import LoraConfig, get_peft_model
+
     model_rss_mb = rss_mb()
     model = get_peft_model(
         model, LoraConfig(r=16, lora_alpha=32, target_modules=SMOLLM2_TARGETS, task_type="CAUSAL_LM")
@@ -192,6 +208,7 @@ def svd_init_smollm2(args):
 WORKLOADS = {
     "minilm-lora-train": minilm_lora_train,
     "smollm2-lora-train": smollm2_lora_train,
+    "gemma3-lora-train": gemma3_lora_train,
     "smollm2-merge": smollm2_merge,
     "svd-init-smollm2": svd_init_smollm2,
     "_write-random-lora": _write_random_lora,
@@ -204,6 +221,7 @@ def main():
     parser.add_argument("workload", choices=sorted(WORKLOADS))
     parser.add_argument("--base", help="SmolLM2-135M as an HF folder")
     parser.add_argument("--minilm", default="models/all-MiniLM-L6-v2")
+    parser.add_argument("--gemma", default="models/gemma-3-270m-q4_k_m.gguf")
     parser.add_argument("--adapter")
     parser.add_argument("--out")
     parser.add_argument("--base-dtype", default="f32", choices=["f32", "bf16"])

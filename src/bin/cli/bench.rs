@@ -42,6 +42,10 @@ const WORKLOADS: &[(&str, &str)] = &[
         "LoRA training steps on SmolLM2-135M (causal LM), ms/step",
     ),
     (
+        "gemma3-lora-train",
+        "LoRA training steps on Gemma 3 270M (causal LM), ms/step",
+    ),
+    (
         "smollm2-merge",
         "streaming merge of a LoRA adapter into SmolLM2-135M, seconds",
     ),
@@ -79,6 +83,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         "smollm2-lora-train" => {
             bench_llm::smollm2_lora_train(args.model.as_deref(), args.base_dtype)?
+        }
+        "gemma3-lora-train" => {
+            bench_llm::gemma3_lora_train(args.model.as_deref(), args.base_dtype)?
         }
         "smollm2-merge" => bench_llm::smollm2_merge(args.model.as_deref())?,
         "svd-init-smollm2" => bench_svd::svd_init_smollm2(args.model.as_deref())?,

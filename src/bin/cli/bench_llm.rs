@@ -1,7 +1,8 @@
-//! The SmolLM2 workloads.
+//! The decoder workloads (SmolLM2 and Gemma 3).
 //!
-//! `smollm2-lora-train`: SmolLM2-135M (linear weights in `--base-dtype`, f32 by default), LoRA r = 16, α = 32 on q, k, v, o, gate, up and
-//! down, batch 4 × 128 tokens, next-token cross-entropy through the tied head as one fused op
+//! `smollm2-lora-train` and `gemma3-lora-train`: SmolLM2-135M or Gemma 3 270M (linear weights in
+//! `--base-dtype`, f32 by default), LoRA r = 16, α = 32 on q, k, v, o, gate, up and down, batch
+//! 4 × 128 tokens, next-token cross-entropy through the tied head as one fused op
 //! (`LlamaForCausalLM::token_losses`, as the causal-LM task uses it),
 //! AdamW lr 1e-4; the median ms/step of
 //! steps 3..8 (1-based). Token ids come from a seeded RNG: a step's cost does not depend on them.
@@ -29,6 +30,8 @@ use super::measure::{BenchResult, median_after, rss_mb, train_details};
 
 /// Where `scripts/fetch-models.sh` leaves SmolLM2.
 const SMOLLM2_GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Where `scripts/fetch-models.sh` leaves Gemma 3 270M.
+const GEMMA3_GGUF: &str = "models/gemma-3-270m-q4_k_m.gguf";
 const TARGETS: &[&str] = &LLAMA_TARGET_MODULES;
 
 fn lora() -> LoraConfig {
@@ -36,10 +39,15 @@ fn lora() -> LoraConfig {
 }
 
 fn default_model(model: Option<&str>) -> String {
+    model_or(model, SMOLLM2_GGUF)
+}
+
+/// `model`, else the repository's copy of `default_file`.
+fn model_or(model: Option<&str>, default_file: &str) -> String {
     model.map_or_else(
         || {
             Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join(SMOLLM2_GGUF)
+                .join(default_file)
                 .display()
                 .to_string()
         },
@@ -48,7 +56,16 @@ fn default_model(model: Option<&str>) -> String {
 }
 
 pub fn smollm2_lora_train(model: Option<&str>, base_dtype: BaseDType) -> Result<BenchResult> {
-    let spec = default_model(model);
+    decoder_lora_train(&default_model(model), base_dtype)
+}
+
+pub fn gemma3_lora_train(model: Option<&str>, base_dtype: BaseDType) -> Result<BenchResult> {
+    decoder_lora_train(&model_or(model, GEMMA3_GGUF), base_dtype)
+}
+
+/// LoRA training steps on a decoder from `spec` (see the module docs).
+fn decoder_lora_train(spec: &str, base_dtype: BaseDType) -> Result<BenchResult> {
+    let spec = spec.to_string();
     let device = Device::Cpu;
     let src = source::resolve(&spec).with_context(|| format!("resolving {spec}"))?;
     let opts = LoadOptions {
