@@ -506,190 +506,26 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+#[path = "support/plot.rs"]
+mod chart;
+
 /// The PNG: per workload, the smoothed training loss and the validation metric against the
-/// step, one colour per variant (each at its best rate). plotters draws the lines into an RGB
-/// buffer; text comes from the public-domain 8×8 bitmap font of `font8x8` (plotters' own text
-/// needs system fonts), and `png` writes the file.
+/// step, one colour per variant (each at its best rate).
 mod plot {
     use std::path::Path;
 
-    use anyhow::{Result, anyhow};
-    use font8x8::UnicodeFonts;
-    use plotters::prelude::*;
+    use anyhow::Result;
 
     use super::{Workload, tail_mean};
 
-    type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+    use super::chart::{Panel, Series, panel, write_png};
 
     const W: u32 = 1400;
     const PANEL_H: u32 = 460;
-    const COLORS: [RGBColor; 4] = [
-        RGBColor(31, 119, 180),
-        RGBColor(214, 39, 40),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-    ];
-
-    /// Draws `text` with its top-left corner at `(x, y)`, each font pixel `scale`² pixels.
-    fn text(area: &Area<'_>, x: i32, y: i32, scale: i32, s: &str, color: &RGBColor) {
-        for (i, ch) in s.chars().enumerate() {
-            let glyph = font8x8::BASIC_FONTS
-                .get(ch)
-                .or_else(|| font8x8::LATIN_FONTS.get(ch))
-                .or_else(|| font8x8::GREEK_FONTS.get(ch))
-                .unwrap_or([0; 8]);
-            for (row, bits) in glyph.iter().enumerate() {
-                for col in 0..8 {
-                    if bits & (1 << col) != 0 {
-                        for dy in 0..scale {
-                            for dx in 0..scale {
-                                let px = x + (i as i32 * 8 + col) * scale + dx;
-                                let py = y + row as i32 * scale + dy;
-                                let _ = area.draw_pixel((px, py), color);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn text_width(s: &str, scale: i32) -> i32 {
-        s.chars().count() as i32 * 8 * scale
-    }
-
-    /// About five round tick values covering `[lo, hi]`.
-    fn ticks(lo: f64, hi: f64) -> Vec<f64> {
-        let span = (hi - lo).max(1e-12);
-        let raw = span / 5.0;
-        let mag = 10f64.powf(raw.log10().floor());
-        let step = [1.0, 2.0, 2.5, 5.0, 10.0]
-            .iter()
-            .map(|m| m * mag)
-            .find(|s| *s >= raw)
-            .unwrap_or(10.0 * mag);
-        let mut v = (lo / step).ceil() * step;
-        let mut out = Vec::new();
-        while v <= hi + 1e-9 * span {
-            out.push(v);
-            v += step;
-        }
-        out
-    }
-
-    fn label(v: f64) -> String {
-        if v.abs() >= 100.0 || v == v.round() {
-            format!("{v:.0}")
-        } else if v.abs() >= 1.0 {
-            format!("{v:.1}")
-        } else {
-            format!("{v:.2}")
-        }
-    }
 
     /// Moving average over `window` steps (shorter at the start).
     fn smooth(v: &[f64], window: usize) -> Vec<f64> {
         (0..v.len()).map(|i| tail_mean(&v[..=i], window)).collect()
-    }
-
-    struct Series {
-        name: String,
-        points: Vec<(f64, f64)>,
-    }
-
-    fn panel(
-        area: &Area<'_>,
-        title: &str,
-        x_max: f64,
-        series: &[Series],
-        legend_top: bool,
-    ) -> Result<()> {
-        let black = RGBColor(0, 0, 0);
-        let grey = RGBColor(225, 225, 225);
-        let (w, h) = area.dim_in_pixel();
-        let (left, right, top, bottom) = (70i32, 20i32, 40i32, 40i32);
-        text(area, left, 12, 2, title, &black);
-        let ys: Vec<f64> = series
-            .iter()
-            .flat_map(|s| s.points.iter().map(|p| p.1))
-            .filter(|v| v.is_finite())
-            .collect();
-        if ys.is_empty() {
-            return Ok(());
-        }
-        let (mut y0, mut y1) = ys
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
-        let pad = ((y1 - y0) * 0.05).max(1e-6);
-        y0 -= pad;
-        y1 += pad;
-        let plot_area = area.margin(top, bottom, left, right);
-        let mut chart = ChartBuilder::on(&plot_area).build_cartesian_2d(0f64..x_max, y0..y1)?;
-        let base = area.get_base_pixel();
-        let to_px = |chart: &ChartContext<'_, BitMapBackend<'_>, _>, x: f64, y: f64| {
-            let (px, py) = chart.backend_coord(&(x, y));
-            (px - base.0, py - base.1)
-        };
-        for t in ticks(y0, y1) {
-            chart.draw_series(LineSeries::new([(0.0, t), (x_max, t)], &grey))?;
-            let s = label(t);
-            let (_, py) = to_px(&chart, 0.0, t);
-            text(area, left - 6 - text_width(&s, 1), py - 4, 1, &s, &black);
-        }
-        for t in ticks(0.0, x_max) {
-            chart.draw_series(LineSeries::new([(t, y0), (t, y1)], &grey))?;
-            let s = label(t);
-            let (px, _) = to_px(&chart, t, y0);
-            text(
-                area,
-                px - text_width(&s, 1) / 2,
-                h as i32 - bottom + 8,
-                1,
-                &s,
-                &black,
-            );
-        }
-        text(
-            area,
-            w as i32 - right - text_width("step", 1),
-            h as i32 - 14,
-            1,
-            "step",
-            &black,
-        );
-        for (s, color) in series.iter().zip(COLORS.iter()) {
-            chart.draw_series(LineSeries::new(
-                s.points.iter().copied(),
-                ShapeStyle::from(color).stroke_width(2),
-            ))?;
-            if s.points.len() <= 20 {
-                chart.draw_series(
-                    s.points
-                        .iter()
-                        .map(|&p| Circle::new(p, 4, ShapeStyle::from(color).filled())),
-                )?;
-            }
-        }
-        chart.draw_series(std::iter::once(Rectangle::new(
-            [(0.0, y0), (x_max, y1)],
-            ShapeStyle::from(&black),
-        )))?;
-        // Legend in the corner the curves leave free.
-        let lx = w as i32 - right - 230;
-        let ly = if legend_top {
-            top + 10
-        } else {
-            h as i32 - bottom - 20 - 16 * series.len() as i32
-        };
-        for (i, (s, color)) in series.iter().zip(COLORS.iter()).enumerate() {
-            let y = ly + 16 * i as i32;
-            area.draw(&PathElement::new(
-                vec![(lx, y + 4), (lx + 24, y + 4)],
-                ShapeStyle::from(color).stroke_width(3),
-            ))?;
-            text(area, lx + 30, y, 1, &s.name, &black);
-        }
-        Ok(())
     }
 
     fn short(w: &Workload) -> &str {
@@ -702,9 +538,7 @@ mod plot {
 
     pub fn draw(workloads: &[Workload], path: &Path) -> Result<()> {
         let h = PANEL_H * workloads.len() as u32;
-        let mut buf = vec![255u8; (W * h * 3) as usize];
-        {
-            let root = BitMapBackend::with_buffer(&mut buf, (W, h)).into_drawing_area();
+        write_png(path, (W, h), |root| {
             let rows = root.split_evenly((workloads.len(), 2));
             for (i, w) in workloads.iter().enumerate() {
                 let best = w.best();
@@ -727,34 +561,26 @@ mod plot {
                         points: r.evals.iter().map(|&(s, m)| (s as f64, m)).collect(),
                     })
                     .collect();
-                let x_max = w.steps as f64;
-                panel(
-                    &rows[2 * i],
-                    &format!("{}: train loss", short(w)),
-                    x_max,
-                    &loss,
-                    true,
-                )?;
-                panel(
-                    &rows[2 * i + 1],
-                    &format!("{}: valid {}", short(w), w.metric),
-                    x_max,
-                    &metric,
-                    !w.higher_is_better(),
-                )?;
+                let x_range = (0.0, w.steps as f64);
+                let loss_title = format!("{}: train loss", short(w));
+                let loss_panel = Panel {
+                    title: &loss_title,
+                    x_label: "step",
+                    x_range,
+                    log_x: false,
+                    markers_only: false,
+                    legend_top: true,
+                };
+                panel(&rows[2 * i], &loss_panel, &loss)?;
+                let metric_title = format!("{}: valid {}", short(w), w.metric);
+                let metric_panel = Panel {
+                    title: &metric_title,
+                    legend_top: !w.higher_is_better(),
+                    ..loss_panel
+                };
+                panel(&rows[2 * i + 1], &metric_panel, &metric)?;
             }
-            root.present()?;
-        }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = std::fs::File::create(path)?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W, h);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        enc.write_header()
-            .and_then(|mut wr| wr.write_image_data(&buf))
-            .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
-        Ok(())
+            Ok(())
+        })
     }
 }
