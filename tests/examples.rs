@@ -10,6 +10,9 @@ mod causal_two_adapters;
 #[path = "../examples/classify_eva_export.rs"]
 mod classify_eva_export;
 #[allow(dead_code)]
+#[path = "../examples/method_study.rs"]
+mod method_study;
+#[allow(dead_code)]
 #[path = "../examples/own_model_flora_lora.rs"]
 mod own_model_flora_lora;
 
@@ -46,4 +49,49 @@ fn classify_eva_export_reproduces_the_adapted_model() {
     assert!(o.loss.1 < o.loss.0, "{o:?}");
     assert!(o.merged_vs_adapted < 1e-4, "{o:?}");
     assert!(out.join("model.safetensors").is_file());
+}
+
+#[test]
+fn method_study_quick_runs_resumes_and_counts_parameters() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    common::minilm_dir();
+    let out = tempfile::tempdir().unwrap();
+    let options = || method_study::Options {
+        quick: true,
+        out: out.path().to_path_buf(),
+        parts: "classify".into(),
+        lm_model: String::new(),
+        bin: env!("CARGO_BIN_EXE_candle-peft").into(),
+        root: root.to_path_buf(),
+    };
+    let summary = method_study::run(options()).unwrap();
+    // Quick size: LoRA and SVFit, one rate, one seed, each a dev run and a test run.
+    let runs: Vec<_> = std::fs::read_dir(out.path().join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(runs.len(), 4, "{runs:?}");
+    let lora_file = runs
+        .iter()
+        .find(|r| r.starts_with("classify-test-lora-"))
+        .unwrap();
+    let lora: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("runs").join(lora_file)).unwrap(),
+    )
+    .unwrap();
+    // LoRA r = 8 on query and value of 6 layers (384 → 384): 12 · 8 · (384 + 384), plus the
+    // classifier PEFT trains with it for SEQ_CLS (modules_to_save `classifier`: 384·2 + 2).
+    let head = 384 * 2 + 2;
+    assert_eq!(lora["trainable_parameters"], 12 * 8 * 768 + head);
+    let acc = lora["eval"]["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{acc}");
+    assert_eq!(lora["losses"].as_array().unwrap().len(), 3);
+    assert!(lora["peak_rss_mb"].as_f64().unwrap() > 10.0);
+    assert!(
+        summary.contains("| lora |") && summary.contains("| svfit |"),
+        "{summary}"
+    );
+    assert!(out.path().join("accuracy_vs_params.png").exists());
+    // A second run reads every run from the cache: the same table.
+    assert_eq!(method_study::run(options()).unwrap(), summary);
 }

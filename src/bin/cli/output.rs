@@ -24,12 +24,15 @@ pub struct TrainOutcome<'a> {
     /// The task's own `--json` fields, after `eval`: the labels, the training set's size.
     pub fields: Vec<(&'static str, serde_json::Value)>,
     pub trainable_parameters: usize,
+    /// Wall time of adding the adapter (calibration and decompositions included).
+    pub init_seconds: f64,
     pub adapter_dir: &'a std::path::Path,
     pub merged_dir: Option<&'a std::path::Path>,
 }
 
 /// Prints the result of `train`: with `json`, one line `{"steps", "final_loss", "losses",
-/// "eval", <the task's fields>, "trainable_parameters", "adapter", "merged", "seconds"}`;
+/// "eval", <the task's fields>, "trainable_parameters", "adapter", "merged", "init_seconds",
+/// "seconds"}`;
 /// otherwise the steps run (or that none were), the evaluation line when there was one, and
 /// where the adapter and the merged model went.
 pub fn print_train(json: bool, o: TrainOutcome<'_>) -> anyhow::Result<()> {
@@ -47,6 +50,7 @@ pub fn print_train(json: bool, o: TrainOutcome<'_>) -> anyhow::Result<()> {
         value.insert("trainable_parameters".into(), json!(o.trainable_parameters));
         value.insert("adapter".into(), json!(o.adapter_dir));
         value.insert("merged".into(), json!(o.merged_dir));
+        value.insert("init_seconds".into(), json!(o.init_seconds));
         value.insert("seconds".into(), json!(report.seconds));
         return print_stdout(&format!("{}\n", Value::Object(value)));
     }

@@ -38,7 +38,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let init_started = std::time::Instant::now();
     add_causal_adapter(&mut task, config, method, &args, &train)?;
+    let init_seconds = init_started.elapsed().as_secs_f64();
     let trainable = task.model().num_trainable_parameters();
     let total = task.model().num_total_parameters();
     let (steps, per_step) = super::steps(&args, train.len());
@@ -75,6 +77,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         eval,
         fields: vec![("train_sequences", json!(train.len()))],
         trainable_parameters: trainable,
+        init_seconds,
         adapter_dir: &adapter_dir,
         merged_dir: merged_dir.as_deref(),
     };

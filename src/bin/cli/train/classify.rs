@@ -57,7 +57,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
     let mut task = ClassifyTask::from_pretrained(&args.model, &labels, opts)
         .with_context(|| format!("loading --model {}", args.model))?;
+    let init_started = std::time::Instant::now();
     add_classify_adapter(&mut task, config, method, &args, &train.examples)?;
+    let init_seconds = init_started.elapsed().as_secs_f64();
     let trainable = task.model().num_trainable_parameters();
     let total = task.model().num_total_parameters();
 
@@ -111,6 +113,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             ("train_examples", json!(train.len())),
         ],
         trainable_parameters: trainable,
+        init_seconds,
         adapter_dir: &adapter_dir,
         merged_dir: merged_dir.as_deref(),
     };
