@@ -32,7 +32,10 @@
 //! a tile reads at most `W + TILE − 1` keys, about `(W + TILE) / T` of the work for
 //! `W + TILE ≪ T`. Left padding raises `s_t` the same way. Inside a tile, a row's keys outside
 //! its own `[s_t, e_t)` get probability 0 (and `dS` 0) without an exponential. The window is
-//! read from the mask alone: nothing else in the op knows of it.
+//! read from the mask alone: nothing else in the op knows of it. Where every tile starts at key
+//! 0 (causal, right padding, no mask) the arithmetic is exactly that of reading from key 0;
+//! otherwise only exact-zero terms are dropped, and the grouping of the remaining sums (gemm's
+//! blocks, the softmax's lanes) may move by f32 rounding.
 //!
 //! Why: as separate candle ops (reshapes, transposes, two matmuls, the softmax) every node of the
 //! graph costs the backward an activation-sized `zeros_like` and `add` for its input's gradient,
