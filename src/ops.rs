@@ -16,6 +16,8 @@
 //! - [`cross_entropy_rows`]: per-row `lse(x_i) − x_i[t_i]` of `[N, V]` logits, without
 //!   materialising a softmax.
 //! - [`swiglu`]: `silu(gate) ⊙ up`, differentiable in both.
+//! - [`geglu`]: `gelu_tanh(gate) ⊙ up` (Gemma 3's MLP activation, candle's `Tensor::gelu`),
+//!   differentiable in both.
 //! - [`rope_reference`]: RoPE with the head transpose in plain candle ops (what the fused RoPE
 //!   inside the Llama model is checked against).
 //!
@@ -38,6 +40,7 @@ pub use crate::kernels::frozen::{
     conv2d_trainable, frozen_conv2d, frozen_matmul, frozen_matmul_weight,
 };
 pub use crate::kernels::frozen_weight::{BaseDType, FrozenWeight, ggml_name};
+pub use crate::kernels::geglu::geglu;
 pub use crate::kernels::gelu::gelu_erf;
 pub use crate::kernels::linear_cross_entropy::{
     frozen_linear_cross_entropy, frozen_linear_cross_entropy_weight,

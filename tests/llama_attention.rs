@@ -3,8 +3,10 @@
 //! causal + padding mask (fully masked rows included), a broadcast padding-only mask and no mask;
 //! the masked-key skipping (query tiles of 32 positions) with lengths off the tile size, left and
 //! right padding, more keys than queries, and an additive bias with mixed masked values that
-//! must not change any result; the plain-ops fallback for other dtypes; and errors naming the
-//! operand of a bad shape. Timing probe at the end (ignored).
+//! must not change any result; sliding-window masks (windows of 1 to past T, with padding,
+//! grouped heads, one head per group, cached keys) whose keys before the window are skipped
+//! (never read, so NaN there changes nothing); the plain-ops fallback for other dtypes; and
+//! errors naming the operand of a bad shape. Timing probe at the end (ignored).
 
 mod common;
 
@@ -185,6 +187,154 @@ fn padded_causal_mask(s: Sizes, left: &[usize], right: &[usize]) -> Tensor {
         }
     }
     Tensor::from_vec(m, (s.b, 1, s.t, s.tk), &Device::Cpu).unwrap()
+}
+
+/// `[b, 1, t, tk]`: query `i` (position `p = tk − t + i`) sees key `j` when `j ≤ p`,
+/// `p − j < window` (a sliding window, as Mistral's and Gemma 3's local layers use), `j` is at
+/// or after batch row `b`'s `left[b]` and before its `tk − right[b]`.
+fn windowed_mask(s: Sizes, window: usize, left: &[usize], right: &[usize]) -> Tensor {
+    let offset = s.tk - s.t;
+    let mut m = vec![0f32; s.b * s.t * s.tk];
+    for b in 0..s.b {
+        for i in 0..s.t {
+            let p = offset + i;
+            for j in 0..s.tk {
+                if j > p || p - j >= window || j < left[b] || j >= s.tk - right[b] {
+                    m[(b * s.t + i) * s.tk + j] = f32::MIN;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (s.b, 1, s.t, s.tk), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn sliding_windows_match_for_windows_and_lengths_off_the_tile_size() {
+    // Windows of one key, shorter than, equal to and just around a tile of 32, and at least T
+    // (plain causal); batch row 1 left-padded by 4 (its first 4 queries see nothing, and under a
+    // window of w its queries up to 3 + w start at the padding), row 0 right-padded by 3.
+    for t in [37, 70] {
+        let s = Sizes {
+            t,
+            tk: t,
+            d: 16,
+            ..SMALL
+        };
+        for window in [1, 2, 7, 31, 32, 33, t, t + 5] {
+            check_sizes(
+                s,
+                Some(&windowed_mask(s, window, &[0, 4], &[3, 0])),
+                &format!("window {window}, T={t}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn sliding_windows_match_with_one_head_per_group_and_long_left_padding() {
+    // G = 1 (a tile's rows are contiguous in q), and batch row 1 left-padded by 35 keys: its
+    // fully masked queries cross a tile boundary, and the next ones start at key 35.
+    let s = Sizes {
+        nh: 2,
+        nkv: 2,
+        t: 70,
+        tk: 70,
+        d: 16,
+        ..SMALL
+    };
+    for window in [1, 5, 20, 40] {
+        check_sizes(
+            s,
+            Some(&windowed_mask(s, window, &[0, 35], &[9, 4])),
+            &format!("G = 1, window {window}"),
+        );
+    }
+}
+
+#[test]
+fn sliding_windows_match_with_cached_keys() {
+    // 20 queries at positions 25..45 over 45 keys under a window of 8: keys before 18 are read by
+    // no query, so their gradients are exactly zero (in the reference too).
+    let s = Sizes {
+        t: 20,
+        tk: 45,
+        d: 16,
+        ..SMALL
+    };
+    let (window, first) = (8, 18);
+    let mask = windowed_mask(s, window, &[0, 20], &[0, 0]);
+    let [_, dk, dv] = check_sizes(s, Some(&mask), "window 8, T_k > T");
+    let dk0 = dk.narrow(2, 0, first).unwrap();
+    let dv0 = dv.narrow(1, 0, first).unwrap();
+    assert!(flat(&dk0).iter().chain(&flat(&dv0)).all(|&x| x == 0.0));
+    // One query (a decoding step) over the cache, with and without padding.
+    let one = Sizes { t: 1, ..s };
+    for window in [1, 8, 45, 60] {
+        check_sizes(
+            one,
+            Some(&windowed_mask(one, window, &[0, 41], &[0, 0])),
+            &format!("one query, window {window}"),
+        );
+    }
+}
+
+#[test]
+fn keys_before_every_window_are_never_read() {
+    // NaN in the keys and values no query sees (the first 18 of 45 under a window of 8 at
+    // positions 25..45) leaves the fused op's context and gradients exactly as with finite
+    // values there: the products skip those keys rather than zeroing their terms (0 · NaN is NaN).
+    let s = Sizes {
+        t: 20,
+        tk: 45,
+        d: 16,
+        ..SMALL
+    };
+    let first = 18;
+    let mask = windowed_mask(s, 8, &[0, 0], &[0, 0]);
+    let run = |poison: bool| {
+        let q = var(&[s.b, s.nh, s.t, s.d], 1, 1.5);
+        let k = var(&[s.b, s.nkv, s.tk, s.d], 2, 1.5);
+        let v = var(&[s.b, s.tk, s.nkv, s.d], 3, 1.0);
+        if poison {
+            let nan_k = Tensor::full(f32::NAN, (s.b, s.nkv, first, s.d), &Device::Cpu).unwrap();
+            let nan_v = Tensor::full(f32::NAN, (s.b, first, s.nkv, s.d), &Device::Cpu).unwrap();
+            k.set(
+                &k.slice_assign(&[0..s.b, 0..s.nkv, 0..first, 0..s.d], &nan_k)
+                    .unwrap(),
+            )
+            .unwrap();
+            v.set(
+                &v.slice_assign(&[0..s.b, 0..first, 0..s.nkv, 0..s.d], &nan_v)
+                    .unwrap(),
+            )
+            .unwrap();
+        }
+        let out = attention_core(&q, &k, &v, Some(&mask), s.nkv).unwrap();
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        let dq = grads.get(q.as_tensor()).unwrap().clone();
+        let dk = grads.get(k.as_tensor()).unwrap().clone();
+        (flat(&out), flat(&dq), flat(&dk))
+    };
+    let (clean, poisoned) = (run(false), run(true));
+    assert!(poisoned.0.iter().all(|x| x.is_finite()));
+    assert_eq!(clean, poisoned);
+}
+
+#[test]
+fn broadcast_masks_with_left_padding_match() {
+    // One mask row for every query (no window can be expressed so): batch row 0 right-padded
+    // by 5 keys, row 1 left-padded by 7, so its queries read keys from 7 on.
+    let s = Sizes {
+        t: 20,
+        tk: 45,
+        d: 16,
+        ..SMALL
+    };
+    let mut m = vec![0f32; s.b * s.tk];
+    m[s.tk - 5..s.tk].fill(f32::MIN);
+    m[s.tk..s.tk + 7].fill(f32::MIN);
+    let broadcast = Tensor::from_vec(m, (s.b, 1, 1, s.tk), &Device::Cpu).unwrap();
+    check_sizes(s, Some(&broadcast), "broadcast left and right padding");
 }
 
 #[test]

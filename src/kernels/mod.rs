@@ -7,7 +7,8 @@
 //! - shared plumbing: [`slices`] (f32 views of storages and tensors), [`saved`] (an op that
 //!   keeps its forward's activations for its backward), [`gemm`], [`fast_exp`], [`simd`]
 //!   (the runtime AVX2 + FMA dispatch), [`blocks`] (outputs written once, in blocks), `cuda`;
-//! - element-wise ops: [`norm`], [`gelu`], [`softmax`], [`cross_entropy`], [`swiglu`], [`rope`];
+//! - element-wise ops: [`norm`], [`gelu`], [`softmax`], [`cross_entropy`], [`swiglu`],
+//!   [`geglu`], [`rope`];
 //! - products: [`frozen_weight`] (a base weight in its stored type, `--base-dtype`), [`lowp`] (a frozen weight in its stored type: f32, bf16, f16, ggml blocks),
 //!   [`frozen`] (matmul and conv with frozen weights), [`linear_lora`] (a frozen
 //!   linear plus its LoRA delta), [`linear_cross_entropy`] (a frozen head and the loss);
@@ -25,6 +26,7 @@ pub(crate) mod fast_exp;
 pub(crate) mod frozen;
 pub(crate) mod frozen_basis;
 pub(crate) mod frozen_weight;
+pub(crate) mod geglu;
 pub(crate) mod gelu;
 pub(crate) mod gemm;
 pub(crate) mod linear_cross_entropy;

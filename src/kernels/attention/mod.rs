@@ -21,13 +21,21 @@
 //! `fast_exp`'s exponential (≤ 2 ulp from libm's, and no slow path for the masked scores
 //! that underflow).
 //!
-//! Masked keys are skipped. For each query position `t` the mask gives the end `e_t` of its
-//! keys, `1 +` its last key whose entry is above `tiles::MASKED` (`T_k` for a fully masked row, which
-//! is uniform over all keys); every probability past `e_t` is exactly 0 in f32, so is every term
-//! of the products that it scales. The query positions go in tiles of up to `tiles::TILE`, all `G`
-//! heads of the group together (they share keys and mask), and every product of a tile runs
-//! over the keys `[0, max e_t)` only: under a causal mask that is `(T + TILE) / 2T` of the work.
-//! Inside a tile, a row's keys past its own `e_t` get probability 0 without an exponential.
+//! Masked keys are skipped. For each query position `t` the mask gives the span `[s_t, e_t)` of
+//! its keys: `s_t` its first key whose entry is above `tiles::MASKED`, `e_t` `1 +` its last
+//! (`[0, T_k)` for a fully masked row, which is uniform over all keys); every probability outside
+//! the span is exactly 0 in f32, so is every term of the products that it scales. The query
+//! positions go in tiles of up to `tiles::TILE`, all `G` heads of the group together (they share
+//! keys and mask), and every product of a tile runs over the keys `[min s_t, max e_t)` only.
+//! Under a causal mask (`s_t = 0`) that is `(T + TILE) / 2T` of the work; under a sliding window
+//! of `W` keys (key `j` visible to query `i` iff `j ≤ i` and `i − j < W`, so `s_t = t − W + 1`)
+//! a tile reads at most `W + TILE − 1` keys, about `(W + TILE) / T` of the work for
+//! `W + TILE ≪ T`. Left padding raises `s_t` the same way. Inside a tile, a row's keys outside
+//! its own `[s_t, e_t)` get probability 0 (and `dS` 0) without an exponential. The window is
+//! read from the mask alone: nothing else in the op knows of it. Where every tile starts at key
+//! 0 (causal, right padding, no mask) the arithmetic is exactly that of reading from key 0;
+//! otherwise only exact-zero terms are dropped, and the grouping of the remaining sums (gemm's
+//! blocks, the softmax's lanes) may move by f32 rounding.
 //!
 //! Why: as separate candle ops (reshapes, transposes, two matmuls, the softmax) every node of the
 //! graph costs the backward an activation-sized `zeros_like` and `add` for its input's gradient,
