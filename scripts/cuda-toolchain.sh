@@ -53,7 +53,7 @@ packages=(
     nvidia-curand==10.4.0.35
 )
 if [ "${CANDLE_PEFT_CUDA_NCCL:-0}" = 1 ]; then
-    packages+=(nvidia-nccl-cu13==2.27.7)
+    packages+=(nvidia-nccl-cu13==2.30.7)
 fi
 
 install_wheel() { # name==version -> unpacked into $dest, keeping the executable bits
