@@ -95,7 +95,7 @@ def make_llama(d, hidden, inter, layers, heads, kv_heads, max_pos, text_words):
                       bos_token_id=1, eos_token_id=2, pad_token_id=3, rms_norm_eps=1e-5,
                       tie_word_embeddings=False)
     torch.manual_seed(SEED)
-    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    LlamaForCausalLM(cfg).save_pretrained(d)
     with open(f"{d}/train.txt", "w") as f:
         f.write(random_text(text_words, SEED + 1))
     return d
@@ -112,7 +112,7 @@ def make_bert(d):
                      num_attention_heads=4, intermediate_size=256, max_position_embeddings=128,
                      num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
     torch.manual_seed(SEED)
-    BertForSequenceClassification(cfg).save_pretrained(d, safe_serialization=True)
+    BertForSequenceClassification(cfg).save_pretrained(d)
     r = random.Random(SEED + 2)
     ws = words()
     with open(f"{d}/train.tsv", "w") as f:
