@@ -163,6 +163,7 @@ pub struct TrainArgs {
 /// opens no GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceArg {
+    /// The CPU (the default).
     Cpu,
     /// A CUDA GPU by ordinal.
     Cuda(usize),
