@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use candle_core::Device;
 use candle_peft::io::atomic::check_writable_file;
 use candle_peft::optim::LoraProMode;
 use candle_peft::train::{OptimizerKind, OutputLock, prepare_output_dir};
@@ -41,6 +42,10 @@ pub struct TrainArgs {
     /// Adapters, gradients and activations stay f32.
     #[arg(long = "base-dtype", default_value = "f32", value_parser = parse_base_dtype)]
     pub base_dtype: BaseDType,
+    /// Where the model runs: cpu (default), cuda (the first GPU) or cuda:N. cuda needs a
+    /// binary built with `--features cuda`.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceArg,
     /// What to train: classify or causal-lm.
     #[arg(long)]
     pub task: String,
@@ -152,6 +157,43 @@ pub struct TrainArgs {
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// `--device`: where the model runs. Kept as a name until the command runs, so parsing the flags
+/// opens no GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// The CPU (the default).
+    Cpu,
+    /// A CUDA GPU by ordinal.
+    Cuda(usize),
+}
+
+impl DeviceArg {
+    /// Opens the device (a CUDA context for `cuda`); fails on a binary built without CUDA.
+    pub fn open(self) -> anyhow::Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda(n) => Device::new_cuda(n).with_context(|| {
+                format!(
+                    "--device cuda:{n} (a GPU needs a binary built with `--features cuda`, \
+                     and the CUDA driver)"
+                )
+            }),
+        }
+    }
+}
+
+fn parse_device(s: &str) -> Result<DeviceArg, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" | "gpu" => Ok(DeviceArg::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceArg::Cuda)
+            .ok_or_else(|| format!("`{s}` is not cpu, cuda or cuda:N")),
+    }
 }
 
 /// `--max-grad-norm`: `None` turns clipping off.
@@ -432,6 +474,10 @@ pub struct EvalArgs {
     /// Adapters, gradients and activations stay f32.
     #[arg(long = "base-dtype", default_value = "f32", value_parser = parse_base_dtype)]
     pub base_dtype: BaseDType,
+    /// Where the model runs: cpu (default), cuda (the first GPU) or cuda:N. cuda needs a
+    /// binary built with `--features cuda`.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceArg,
     /// An adapter folder (PEFT format) to apply to the model.
     #[arg(long)]
     pub adapter: Option<PathBuf>,

@@ -21,8 +21,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         seq_len: args.seq,
         seed: args.seed,
         base_dtype: args.base_dtype,
+        device: args.device.open()?,
         eval_batch: Some(args.batch),
-        ..TaskOptions::default()
     };
     let task = causal_task(&args.model, args.adapter.as_deref(), opts)?;
     let data = task

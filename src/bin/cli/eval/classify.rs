@@ -66,8 +66,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         seq_len: args.seq,
         seed: args.seed,
         base_dtype: args.base_dtype,
+        device: args.device.open()?,
         eval_batch: Some(args.batch),
-        ..TaskOptions::default()
     };
     let mut task = ClassifyTask::from_pretrained(&args.model, labels, opts)
         .with_context(|| format!("loading --model {}", args.model))?;

@@ -24,6 +24,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         seq_len: args.seq,
         seed: args.seed,
         base_dtype: args.base_dtype,
+        device: args.device.open()?,
         ..TaskOptions::default()
     };
     let mut task = CausalLmTask::from_pretrained(&args.model, opts)
