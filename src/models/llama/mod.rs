@@ -51,6 +51,7 @@
 mod cache;
 mod config;
 mod export;
+mod gemma;
 mod layers;
 mod model;
 mod tokenizer;
@@ -59,7 +60,7 @@ pub use crate::kernels::attention::attention_core;
 pub use crate::kernels::rope::rope_reference;
 pub use crate::kernels::swiglu::swiglu;
 pub use cache::KvCache;
-pub use config::{LlamaArch, LlamaConfig, RopeScaling};
+pub use config::{LayerAttention, LlamaArch, LlamaConfig, RopeScaling};
 pub use layers::{LlamaAttention, LlamaDecoderLayer, LlamaMlp};
 pub use model::LlamaForCausalLM;
 pub use tokenizer::load_causal_tokenizer;
