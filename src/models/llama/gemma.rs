@@ -127,7 +127,12 @@ pub(super) fn write_config(cfg: &LlamaConfig, obj: &mut Map<String, Value>) {
     set("hidden_activation", json!("gelu_pytorch_tanh"));
     set("head_dim", json!(cfg.head_dim));
     set("attention_bias", json!(cfg.qkv_bias));
-    set("query_pre_attn_scalar", json!(cfg.query_pre_attn_scalar));
+    // Gemma3TextConfig declares an int and its strict validation refuses `24.0`.
+    let scalar = match cfg.query_pre_attn_scalar {
+        Some(v) if v.fract() == 0.0 && v > 0.0 && v < u64::MAX as f64 => json!(v as u64),
+        other => json!(other),
+    };
+    set("query_pre_attn_scalar", scalar);
     set("sliding_window", json!(cfg.sliding_window));
     set("layer_types", json!(types));
     set(
