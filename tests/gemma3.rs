@@ -378,3 +378,87 @@ fn tiny_gemma_causal_lm_training_lowers_the_loss() {
         after.loss
     );
 }
+
+/// `rms(a − b) / rms(b)`.
+fn rel_rms(a: &Tensor, b: &Tensor) -> f64 {
+    let sq = |t: &Tensor| -> f64 {
+        let s = t
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        f64::from(s).sqrt()
+    };
+    sq(&(a - b).unwrap()) / sq(b)
+}
+
+/// `merge --to gguf` on the 270M file: LoRA on layer 0's q_proj and k_proj. Gemma's q/k rows
+/// are not permuted in GGUF, so ΔW is added as is: the merged weights moved by ΔW up to the
+/// re-quantisation (a permuted ΔW would be off by ~√2 of its size), and the norms (stored as
+/// `1 + w`, copied byte for byte) still load as the base's.
+#[test]
+fn gguf_270m_merge_to_gguf_adds_unpermuted_deltas() {
+    use candle_peft::io::export::merge_adapter_into_gguf;
+    use candle_peft::io::peft_format::write_adapter_dir;
+    use rand::{Rng, SeedableRng};
+
+    let base = common::gemma3_gguf();
+    let tmp = tempfile::tempdir().unwrap();
+    let (hidden, rank, alpha) = (640, 4, 8.0);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut random = |shape: &[usize]| {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.3f32..0.3)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let mut tensors = Vec::new();
+    let mut deltas = Vec::new();
+    for (proj, out) in [("q_proj", 1024), ("k_proj", 256)] {
+        let module = format!("model.layers.0.self_attn.{proj}");
+        let a = random(&[rank, hidden]);
+        let b = random(&[out, rank]);
+        deltas.push((
+            format!("{module}.weight"),
+            (b.matmul(&a).unwrap() * (alpha / rank as f64)).unwrap(),
+        ));
+        tensors.push((format!("base_model.model.{module}.lora_A.weight"), a));
+        tensors.push((format!("base_model.model.{module}.lora_B.weight"), b));
+    }
+    let cfg = candle_peft::AdapterConfig::from_json(&serde_json::json!({
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": ["q_proj", "k_proj"],
+        "layers_to_transform": [0],
+    }))
+    .unwrap();
+    let adapter = tmp.path().join("adapter");
+    write_adapter_dir(&adapter, &cfg, &tensors).unwrap();
+    let out = tmp.path().join("merged.gguf");
+    let report = merge_adapter_into_gguf(&base, &adapter, &out).unwrap();
+    assert_eq!(report.merged.len(), 2);
+
+    let base_t = GgufModel::open(&base)
+        .unwrap()
+        .hf_tensors(DType::F32, &Device::Cpu)
+        .unwrap();
+    let merged = GgufModel::open(&out)
+        .unwrap()
+        .hf_tensors(DType::F32, &Device::Cpu)
+        .unwrap();
+    for (key, delta) in &deltas {
+        let moved = (&merged[key] - &base_t[key]).unwrap();
+        let err = rel_rms(&moved, delta);
+        assert!(err < 0.12, "{key}: moved by ΔW up to {err} (relative rms)");
+    }
+    for name in [
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.0.post_feedforward_layernorm.weight",
+    ] {
+        assert_eq!(max_abs_diff(&merged[name], &base_t[name]), 0.0, "{name}");
+    }
+}

@@ -339,7 +339,7 @@ fn requantise(
 
 /// Merges the adapter in `adapter_dir` into the GGUF file `base_gguf` and writes the merged
 /// model to the GGUF file `out_file` (see the module docs for what is re-quantised, what is
-/// copied and the names). The base must be a `llama` or `qwen2` GGUF, as for loading.
+/// copied and the names). The base must be a `llama`, `qwen2` or `gemma3` GGUF, as for loading.
 pub fn merge_adapter_into_gguf(
     base_gguf: &Path,
     adapter_dir: &Path,

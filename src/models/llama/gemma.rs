@@ -18,7 +18,8 @@ use candle_core::{DType, Tensor};
 use serde_json::{Map, Value, json};
 
 use super::cache::LayerKv;
-use super::config::{Fields, LayerAttention, LlamaConfig, RopeScaling, parse_rope_scaling};
+use super::config::{LayerAttention, LlamaConfig, RopeScaling};
+use super::config_fields::{Fields, parse_rope_scaling};
 use super::layers::{LlamaDecoderLayer, RopeTables, rms_norm};
 use crate::builder::PeftBuilder;
 use crate::error::{PeftError, Result};

@@ -50,7 +50,8 @@
 //! for Gemma 3), RoPE scalings other than `linear` and `llama3`, Gemma's logit soft-capping and
 //! bidirectional attention, and sequences longer than `max_position_embeddings`.
 //!
-//! Files: `config` (config.json parsing), `layers` (RoPE tables, masks, attention, MLP, decoder
+//! Files: `config` (config.json parsing; `config_fields`: typed field access, `rope_scaling`,
+//! `layer_types`), `layers` (RoPE tables, masks, attention, MLP, decoder
 //! layer), `gemma` (Gemma 3's config fields, `(1 + w)` norms and decoder layer), `model`
 //! ([`LlamaForCausalLM`] and its loading), `cache` ([`KvCache`]), `tokenizer`, `export`
 //! (Hugging Face folder export). The fused kernels the layers call (RoPE, SwiGLU, the
@@ -58,6 +59,7 @@
 
 mod cache;
 mod config;
+mod config_fields;
 mod export;
 mod gemma;
 mod layers;
