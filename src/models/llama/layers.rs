@@ -337,9 +337,10 @@ impl LlamaDecoderLayer {
             mlp: LlamaMlp::load(&b.pp("mlp"), cfg)?,
             input_layernorm: norm("input_layernorm")?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
-            gemma_ffn: match gemma {
-                true => Some(GemmaFeedForwardNorms::load(b, cfg)?),
-                false => None,
+            gemma_ffn: if gemma {
+                Some(GemmaFeedForwardNorms::load(b, cfg)?)
+            } else {
+                None
             },
             eps: cfg.rms_norm_eps,
         })

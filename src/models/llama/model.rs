@@ -171,16 +171,16 @@ impl LlamaForCausalLM {
     ) -> Result<LayerInputs> {
         let seq_len = hidden.dim(1)?;
         let need_mask = !cached || seq_len > 1;
-        let full_mask = match need_mask {
-            true => {
-                let span = MaskSpan {
-                    offset,
-                    kv_start: 0,
-                    window: None,
-                };
-                Some(attention_mask_for(hidden, seq_len, span, padding)?)
-            }
-            false => None,
+        let any_full = self.layers.iter().any(|l| l.window().is_none());
+        let full_mask = if need_mask && any_full {
+            let span = MaskSpan {
+                offset,
+                kv_start: 0,
+                window: None,
+            };
+            Some(attention_mask_for(hidden, seq_len, span, padding)?)
+        } else {
+            None
         };
         let window = self.sliding_window();
         let sliding_mask = match window {
