@@ -53,7 +53,9 @@ pub use layer::{LayerHandle, PeftConv2d, PeftLinear};
 pub use linalg::Precision;
 pub use model::{DEFAULT_ADAPTER, PeftModel};
 pub use models::bert::{BertConfig, BertModel};
-pub use models::llama::{KvCache, LlamaConfig, LlamaForCausalLM, load_causal_tokenizer};
+pub use models::llama::{
+    KvCache, LayerAttention, LlamaArch, LlamaConfig, LlamaForCausalLM, load_causal_tokenizer,
+};
 pub use models::{LoadOptions, Pretrained};
 pub use ops::{BaseDType, FrozenWeight};
 pub use optim::lora_pro::{LoraProConfig, LoraProMode};

@@ -2,18 +2,23 @@
 //! `config.json`, the tensors are dequantised to f32 and renamed, and the tokenizer is rebuilt
 //! from the metadata.
 //!
-//! - Architectures: `llama` (Llama, Mistral, SmolLM2 → `LlamaForCausalLM`) and `qwen2`
-//!   (`Qwen2ForCausalLM`, q/k/v bias). Anything else is [`PeftError::Unsupported`] naming it.
+//! - Architectures: `llama` (Llama, Mistral, SmolLM2 → `LlamaForCausalLM`), `qwen2`
+//!   (`Qwen2ForCausalLM`, q/k/v bias) and `gemma3` (`Gemma3ForCausalLM`; the sliding layers'
+//!   RoPE base, `query_pre_attn_scalar` and the 5:1 sliding/full pattern are not in the file and
+//!   take transformers' defaults). Anything else is [`PeftError::Unsupported`] naming it.
 //! - Names: `token_embd` → `model.embed_tokens`, `output_norm` → `model.norm`, `output` →
 //!   `lm_head` (absent: tied embeddings), `blk.N.attn_{q,k,v,output}` →
 //!   `model.layers.N.self_attn.{q,k,v,o}_proj`, `blk.N.ffn_{gate,up,down}` →
 //!   `model.layers.N.mlp.{gate,up,down}_proj`, `blk.N.attn_norm` → `input_layernorm`,
-//!   `blk.N.ffn_norm` → `post_attention_layernorm` (`.weight` and `.bias` alike).
+//!   `blk.N.ffn_norm` → `post_attention_layernorm` (`.weight` and `.bias` alike); Gemma 3's
+//!   norms as [`hf_tensor_name_for`] lists them. llama.cpp stores Gemma's norm weights as
+//!   `1 + w`: the Hugging Face tensors get `w` back (as transformers' GGUF loader does).
 //! - q/k un-permute (`llama` only): llama.cpp's converter reorders the rows of each q/k head from
 //!   Hugging Face's half-split RoPE layout to interleaved pairs,
 //!   `W.reshape(n_head, 2, d/2, in).swap(1, 2)`; the inverse is
 //!   `W.reshape(n_head, d/2, 2, in).swap(1, 2).reshape(out, in)` with `n_head` the query heads
-//!   for q and the key/value heads for k. `qwen2` files keep the Hugging Face layout.
+//!   for q and the key/value heads for k. `qwen2` and `gemma3` files keep the Hugging Face
+//!   layout.
 //! - Tokenizer (`tokenizer.ggml.model = "gpt2"`, byte-level BPE): vocabulary and merges from the
 //!   metadata, the pre-tokenizer chosen by `tokenizer.ggml.pre` as in the model's own
 //!   `tokenizer.json` (SmolLM2's `smollm`: `Digits(individual)` then
@@ -27,7 +32,6 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
 use candle_core::quantized::gguf_file::{Content, Value};
 use serde_json::json;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -42,7 +46,10 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 
 use crate::error::{PeftError, Result};
 
+mod names;
 mod tensors;
+
+pub use names::{hf_tensor_name, hf_tensor_name_for, permute_qk, unpermute_qk};
 
 /// A GGUF architecture this loader maps to a Hugging Face one.
 #[derive(Debug)]
@@ -67,7 +74,20 @@ const GGUF_ARCHS: &[GgufArch] = &[
         model_type: "qwen2",
         permuted_qk: false,
     },
+    GgufArch {
+        name: "gemma3",
+        hf_architecture: "Gemma3ForCausalLM",
+        model_type: "gemma3_text",
+        permuted_qk: false,
+    },
 ];
+
+/// transformers' `Gemma3TextConfig` defaults for what a `gemma3` GGUF does not store: the RoPE
+/// base of the sliding layers, `query_pre_attn_scalar` and the sliding/full layer pattern
+/// (every 6th layer full), as transformers' GGUF loader takes them.
+const GEMMA3_LOCAL_ROPE_THETA: f64 = 10_000.0;
+const GEMMA3_QUERY_PRE_ATTN_SCALAR: u64 = 256;
+const GEMMA3_SLIDING_WINDOW_PATTERN: u64 = 6;
 
 /// llama-3's pre-tokenizer split (as in its tokenizer.json).
 const REGEX_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -149,7 +169,7 @@ impl GgufModel {
         &self.path
     }
 
-    /// `general.architecture` (`llama`, `qwen2`).
+    /// `general.architecture` (`llama`, `qwen2`, `gemma3`).
     pub fn architecture(&self) -> &str {
         self.arch.name
     }
@@ -183,6 +203,18 @@ impl GgufModel {
             };
         }
         Ok(None)
+    }
+
+    /// The Hugging Face name of GGUF tensor `gguf` for this file's architecture (see
+    /// [`hf_tensor_name_for`]), or `None`.
+    pub fn hf_tensor_name(&self, gguf: &str) -> Option<String> {
+        hf_tensor_name_for(self.arch.name, gguf)
+    }
+
+    /// Whether llama.cpp stored the norm weights as `1 + w` (Gemma: its converter adds the
+    /// 1 that Gemma's RMSNorm applies; the Hugging Face tensors hold `w`).
+    pub(crate) fn norms_offset_by_one(&self) -> bool {
+        self.arch.name == "gemma3"
     }
 
     /// The GGUF tensor names, sorted.
@@ -350,6 +382,27 @@ impl GgufModel {
         }
         if self.arch.name == "qwen2" {
             obj.insert("use_sliding_window".into(), json!(false));
+        }
+        if self.arch.name == "gemma3" {
+            obj.remove("hidden_act");
+            obj.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+            obj.insert(
+                "rope_local_base_freq".into(),
+                json!(GEMMA3_LOCAL_ROPE_THETA),
+            );
+            obj.insert(
+                "query_pre_attn_scalar".into(),
+                json!(GEMMA3_QUERY_PRE_ATTN_SCALAR),
+            );
+            obj.insert(
+                "sliding_window_pattern".into(),
+                json!(GEMMA3_SLIDING_WINDOW_PATTERN),
+            );
+            let key = format!("{a}.attention.sliding_window");
+            let window = self
+                .meta_u64(&key)?
+                .ok_or_else(|| self.bad_meta(&key, "missing"))?;
+            obj.insert("sliding_window".into(), json!(window));
         }
         Ok(cfg)
     }
@@ -552,122 +605,5 @@ impl GgufModel {
             obj.insert("chat_template".into(), json!(t));
         }
         Ok(serde_json::Value::Object(obj))
-    }
-}
-
-/// The Hugging Face name of a GGUF tensor of the Llama family, or `None`.
-pub fn hf_tensor_name(gguf: &str) -> Option<String> {
-    let (stem, kind) = gguf.rsplit_once('.')?;
-    if !matches!(kind, "weight" | "bias") {
-        return None;
-    }
-    let top = match stem {
-        "token_embd" => Some("model.embed_tokens"),
-        "output_norm" => Some("model.norm"),
-        "output" => Some("lm_head"),
-        _ => None,
-    };
-    if let Some(top) = top {
-        return Some(format!("{top}.{kind}"));
-    }
-    let rest = stem.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let module = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{module}.{kind}"))
-}
-
-/// Rows of `w` (`[n_head·d, ..]`, a weight or a bias) grouped per head and reordered within
-/// each head by swapping the axes of `w.reshape(n_head, a, b, rest)`.
-fn swap_within_heads(w: &Tensor, n_head: usize, a: usize, b: usize) -> candle_core::Result<Tensor> {
-    let dims = w.dims().to_vec();
-    let rest: usize = dims[1..].iter().product();
-    w.reshape((n_head, a, b, rest))?
-        .transpose(1, 2)?
-        .reshape(dims)
-}
-
-fn head_halves(w: &Tensor, n_head: usize) -> candle_core::Result<usize> {
-    let out = w.dims().first().copied().unwrap_or(0);
-    if n_head == 0 || out % (2 * n_head) != 0 {
-        candle_core::bail!("{out} rows do not split into {n_head} heads of even size");
-    }
-    Ok(out / n_head / 2)
-}
-
-/// Undoes llama.cpp's q/k permutation: interleaved RoPE pairs → Hugging Face's half-split rows.
-pub fn unpermute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
-    let half = head_halves(w, n_head)?;
-    swap_within_heads(w, n_head, half, 2)
-}
-
-/// llama.cpp's q/k permutation (Hugging Face rows → interleaved pairs); the inverse of
-/// [`unpermute_qk`].
-pub fn permute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
-    let half = head_halves(w, n_head)?;
-    swap_within_heads(w, n_head, 2, half)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn names() {
-        assert_eq!(
-            hf_tensor_name("blk.3.attn_output.weight").as_deref(),
-            Some("model.layers.3.self_attn.o_proj.weight")
-        );
-        assert_eq!(
-            hf_tensor_name("blk.0.attn_q.bias").as_deref(),
-            Some("model.layers.0.self_attn.q_proj.bias")
-        );
-        assert_eq!(
-            hf_tensor_name("token_embd.weight").as_deref(),
-            Some("model.embed_tokens.weight")
-        );
-        assert_eq!(
-            hf_tensor_name("output.weight").as_deref(),
-            Some("lm_head.weight")
-        );
-        assert_eq!(hf_tensor_name("rope_freqs.weight"), None);
-        assert_eq!(hf_tensor_name("blk.x.attn_q.weight"), None);
-    }
-
-    #[test]
-    fn permute_round_trip() {
-        // 2 heads of size 4, 3 inputs: rows r = h·4 + i.
-        let w = Tensor::arange(0f32, 24., &Device::Cpu)
-            .unwrap()
-            .reshape((8, 3))
-            .unwrap();
-        let p = permute_qk(&w, 2).unwrap();
-        // llama.cpp: within a head, rows [0, 1, 2, 3] → [0, 2, 1, 3] (pairs (i, i + d/2)).
-        let rows: Vec<f32> = p
-            .narrow(1, 0, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(rows, vec![0., 6., 3., 9., 12., 18., 15., 21.]);
-        let back = unpermute_qk(&p, 2).unwrap();
-        assert_eq!(
-            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            w.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
-        assert!(unpermute_qk(&w, 3).is_err());
     }
 }

@@ -45,6 +45,17 @@ pub fn smollm2_gguf() -> PathBuf {
     path
 }
 
+/// The Gemma 3 270M Q4_K_M GGUF file.
+pub fn gemma3_gguf() -> PathBuf {
+    let path = models_dir().join("gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        path.is_file(),
+        "Gemma 3 270M is missing at {}: run scripts/fetch-models.sh first",
+        path.display()
+    );
+    path
+}
+
 /// A fixture folder under `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -14,7 +14,7 @@
 //! identical to the source, whatever llama.cpp puts there.
 //!
 //! Names: the adapter names modules as Hugging Face does (`model.layers.0.self_attn.q_proj`);
-//! GGUF tensors are matched through [`hf_tensor_name`] (`blk.0.attn_q.weight`). For the `llama`
+//! GGUF tensors are matched through [`GgufModel::hf_tensor_name`] (`blk.0.attn_q.weight`). For the `llama`
 //! architecture llama.cpp stores q and k with the rows of each head permuted for interleaved
 //! RoPE, so their ΔW is permuted the same way ([`permute_qk`]) before it is added. The targeting
 //! checks are the safetensors export's: an adapter module with no GGUF tensor is an error naming
@@ -36,7 +36,7 @@ use rayon::prelude::*;
 use super::plan::{AdapterPlan, MergeBase, Source, delta_for, plan_adapter};
 use crate::adapter::Adapter;
 use crate::error::{PeftError, Result};
-use crate::io::gguf::{GgufModel, hf_tensor_name, permute_qk};
+use crate::io::gguf::{GgufModel, permute_qk};
 use crate::io::peft_format::temp_path;
 
 /// One tensor a GGUF merge re-quantised.
@@ -145,7 +145,9 @@ impl GgufBase {
                 )));
             }
             tensors.push(GgufTensor {
-                name: hf_tensor_name(gguf_name).unwrap_or_else(|| gguf_name.clone()),
+                name: model
+                    .hf_tensor_name(gguf_name)
+                    .unwrap_or_else(|| gguf_name.clone()),
                 gguf_name: gguf_name.clone(),
                 shape: info.shape.dims().to_vec(),
                 dtype,
@@ -337,7 +339,7 @@ fn requantise(
 
 /// Merges the adapter in `adapter_dir` into the GGUF file `base_gguf` and writes the merged
 /// model to the GGUF file `out_file` (see the module docs for what is re-quantised, what is
-/// copied and the names). The base must be a `llama` or `qwen2` GGUF, as for loading.
+/// copied and the names). The base must be a `llama`, `qwen2` or `gemma3` GGUF, as for loading.
 pub fn merge_adapter_into_gguf(
     base_gguf: &Path,
     adapter_dir: &Path,

@@ -11,13 +11,14 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use super::{GgufModel, hf_tensor_name, unpermute_qk};
+use super::{GgufModel, unpermute_qk};
 use crate::error::{PeftError, Result};
 use crate::ops::FrozenWeight;
 
 impl GgufModel {
-    /// Every tensor dequantised to f32, un-permuted where needed, under its Hugging Face name,
-    /// converted to `dtype` on `device`. An unknown tensor name is an error naming it.
+    /// Every tensor dequantised to f32, un-permuted where needed, under its Hugging Face name
+    /// and with its Hugging Face value (Gemma's norms `w`, not the file's `1 + w`), converted to
+    /// `dtype` on `device`. An unknown tensor name is an error naming it.
     pub fn hf_tensors(&self, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
         Ok(self.hf_tensors_keeping(|_| false, dtype, device)?.0)
     }
@@ -35,7 +36,7 @@ impl GgufModel {
         let a = self.arch.name;
         let mut jobs = Vec::with_capacity(self.content.tensor_infos.len());
         for name in self.tensor_names() {
-            let hf = hf_tensor_name(name).ok_or_else(|| {
+            let hf = self.hf_tensor_name(name).ok_or_else(|| {
                 PeftError::Unsupported(format!(
                     "{}: GGUF tensor `{name}` has no Hugging Face equivalent for architecture `{a}`",
                     self.path.display()
@@ -65,6 +66,9 @@ impl GgufModel {
                 if let Some(n_head) = unpermute {
                     w = unpermute_qk(&w, n_head)
                         .map_err(|e| PeftError::layer(name, e.to_string()))?;
+                }
+                if self.norms_offset_by_one() && hf.ends_with("norm.weight") {
+                    w = (w - 1.0)?;
                 }
                 Ok((hf, Loaded::Dense(w.to_dtype(dtype)?.to_device(device)?)))
             })

@@ -13,7 +13,8 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Number of cached positions.
+    /// Number of positions run through the cache (a sliding layer keeps only the last
+    /// `window − 1` of their keys).
     pub fn len(&self) -> usize {
         self.len
     }

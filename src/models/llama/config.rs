@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value, json};
 
+use super::config_fields::{Fields, layer_types, parse_rope_scaling};
 use crate::error::{PeftError, Result};
 
 /// The Hugging Face architecture a config describes.
@@ -16,6 +17,19 @@ pub enum LlamaArch {
     Mistral,
     /// `Qwen2ForCausalLM`: bias on q/k/v.
     Qwen2,
+    /// `Gemma3ForCausalLM` (text only): scaled embeddings, `(1 + w)` RMSNorms around attention
+    /// and MLP, q/k norms, GELU-tanh MLP, sliding and full layers with their own RoPE bases.
+    Gemma3,
+}
+
+/// The span of one decoder layer's attention (transformers' `layer_types`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerAttention {
+    /// `full_attention`: every earlier key.
+    Full,
+    /// `sliding_attention`: the last [`LlamaConfig::sliding_window`] keys (the query's own
+    /// included).
+    Sliding,
 }
 
 /// `(architectures entry, model_type, arch)` of every supported architecture.
@@ -23,6 +37,7 @@ const ARCHITECTURES: &[(&str, &str, LlamaArch)] = &[
     ("LlamaForCausalLM", "llama", LlamaArch::Llama),
     ("MistralForCausalLM", "mistral", LlamaArch::Mistral),
     ("Qwen2ForCausalLM", "qwen2", LlamaArch::Qwen2),
+    ("Gemma3ForCausalLM", "gemma3_text", LlamaArch::Gemma3),
 ];
 
 impl LlamaArch {
@@ -54,6 +69,10 @@ impl LlamaArch {
     }
 
     fn from_model_type(name: &str) -> Option<Self> {
+        // A multimodal `gemma3` config names its text model the same way.
+        if name == "gemma3" {
+            return Some(Self::Gemma3);
+        }
         ARCHITECTURES
             .iter()
             .find(|(_, mt, _)| *mt == name)
@@ -119,6 +138,13 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     /// RoPE frequency rescaling, `None` for the plain frequencies.
     pub rope_scaling: Option<RopeScaling>,
+    /// The RoPE base of the sliding layers when it differs from `rope_theta` (Gemma 3's local
+    /// base, `rope_parameters.sliding_attention.rope_theta`, unscaled); `None`: every layer
+    /// uses `rope_theta` and `rope_scaling`.
+    pub rope_local_theta: Option<f64>,
+    /// Gemma 3's `query_pre_attn_scalar`: attention scores are scaled by its inverse square
+    /// root instead of `1/√head_dim`. `None` for the other architectures.
+    pub query_pre_attn_scalar: Option<f64>,
     /// The context length; longer sequences are refused.
     pub max_position_embeddings: usize,
     /// `lm_head` is the transposed embedding table (no `lm_head.weight`).
@@ -135,79 +161,19 @@ pub struct LlamaConfig {
     pub eos_token_ids: Vec<u32>,
     /// `pad_token_id`.
     pub pad_token_id: Option<u32>,
-    /// The attention window when the model uses one (Mistral's `sliding_window`, Qwen2's when
-    /// `use_sliding_window`). Longer sequences are refused.
+    /// The attention window of the sliding layers (Mistral's `sliding_window`, Qwen2's when
+    /// `use_sliding_window`, Gemma 3's): query `i` sees key `j` iff `i − j < sliding_window`.
+    /// `None`: no layer slides.
     pub sliding_window: Option<usize>,
+    /// Resolved per layer (`num_hidden_layers` entries): the config's `layer_types` when
+    /// present, else the architecture's rule (Mistral: every layer slides; Qwen2: layers from
+    /// `max_window_layers` on; Gemma 3: every `sliding_window_pattern`-th layer is full). All
+    /// [`LayerAttention::Full`] when `sliding_window` is `None`.
+    pub layer_types: Vec<LayerAttention>,
     /// `torch_dtype` (`float32`, `bfloat16`, …), written back on export.
     pub torch_dtype: Option<String>,
     /// The JSON object this config was read from.
     pub source_json: Map<String, Value>,
-}
-
-/// Typed access to config.json fields, with errors naming the field.
-struct Fields<'a>(&'a Map<String, Value>);
-
-impl Fields<'_> {
-    fn present(&self, key: &str) -> Option<&Value> {
-        self.0.get(key).filter(|v| !v.is_null())
-    }
-
-    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .map(Some)
-                .ok_or_else(|| {
-                    PeftError::config(key, format!("expected a non-negative integer, got {v}"))
-                }),
-        }
-    }
-
-    fn usize_req(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?
-            .ok_or_else(|| PeftError::config(key, "missing from config.json"))
-    }
-
-    fn u32_opt(&self, key: &str) -> Result<Option<u32>> {
-        match self.usize_opt(key)? {
-            None => Ok(None),
-            Some(n) => u32::try_from(n)
-                .map(Some)
-                .map_err(|_| PeftError::config(key, format!("{n} is not a token id"))),
-        }
-    }
-
-    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| PeftError::config(key, format!("expected a number, got {v}"))),
-        }
-    }
-
-    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| PeftError::config(key, format!("expected true or false, got {v}"))),
-        }
-    }
-
-    fn str_opt(&self, key: &str) -> Result<Option<&str>> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| PeftError::config(key, format!("expected a string, got {v}"))),
-        }
-    }
 }
 
 /// The architecture named by `architectures` (first entry), else by `model_type`.
@@ -246,79 +212,18 @@ fn detect_architecture(obj: &Map<String, Value>) -> Result<LlamaArch> {
     }
 }
 
-fn parse_rope_scaling(value: Option<&Value>) -> Result<Option<RopeScaling>> {
-    let Some(value) = value.filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    let obj = value.as_object().ok_or_else(|| {
-        PeftError::config("rope_scaling", format!("expected an object, got {value}"))
-    })?;
-    let f = Fields(obj);
-    let kind = match f.str_opt("rope_type")? {
-        Some(k) => k,
-        None => f.str_opt("type")?.unwrap_or("default"),
-    };
-    let factor = |f: &Fields<'_>| -> Result<f64> {
-        let v = f
-            .f64_opt("factor")?
-            .ok_or_else(|| PeftError::config("rope_scaling.factor", "missing"))?;
-        if !(v.is_finite() && v > 0.0) {
-            return Err(PeftError::config(
-                "rope_scaling.factor",
-                format!("must be positive, got {v}"),
-            ));
-        }
-        Ok(v)
-    };
-    match kind {
-        "default" => Ok(None),
-        "linear" => Ok(Some(RopeScaling::Linear {
-            factor: factor(&f)?,
-        })),
-        "llama3" => {
-            let need = |key: &str| -> Result<f64> {
-                f.f64_opt(key)?.ok_or_else(|| {
-                    PeftError::config(format!("rope_scaling.{key}"), "missing for llama3")
-                })
-            };
-            let low = need("low_freq_factor")?;
-            let high = need("high_freq_factor")?;
-            if high <= low {
-                return Err(PeftError::config(
-                    "rope_scaling.high_freq_factor",
-                    format!("must exceed low_freq_factor {low}, got {high}"),
-                ));
-            }
-            Ok(Some(RopeScaling::Llama3 {
-                factor: factor(&f)?,
-                low_freq_factor: low,
-                high_freq_factor: high,
-                original_max_position_embeddings: f
-                    .usize_opt("original_max_position_embeddings")?
-                    .ok_or_else(|| {
-                        PeftError::config(
-                            "rope_scaling.original_max_position_embeddings",
-                            "missing for llama3",
-                        )
-                    })?,
-            }))
-        }
-        other => Err(PeftError::Unsupported(format!(
-            "rope_scaling type `{other}` is not supported (supported: linear, llama3)"
-        ))),
-    }
-}
-
 impl LlamaConfig {
-    /// Reads a Hugging Face `config.json` object. An architecture other than Llama, Mistral or
-    /// Qwen2 is [`PeftError::Unsupported`] naming it.
+    /// Reads a Hugging Face `config.json` object. An architecture other than Llama, Mistral,
+    /// Qwen2 or Gemma 3 is [`PeftError::Unsupported`] naming it.
     pub fn from_json(value: &Value) -> Result<Self> {
         let obj = value.as_object().ok_or_else(|| {
             PeftError::config("config.json", "expected a JSON object at the top level")
         })?;
         let architecture = detect_architecture(obj)?;
         let f = Fields(obj);
-        if let Some(act) = f.str_opt("hidden_act")?
+        if architecture == LlamaArch::Gemma3 {
+            super::gemma::check_config(&f)?;
+        } else if let Some(act) = f.str_opt("hidden_act")?
             && !matches!(act, "silu" | "swish")
         {
             return Err(PeftError::Unsupported(format!(
@@ -331,6 +236,7 @@ impl LlamaConfig {
             LlamaArch::Llama => (2048, None),
             LlamaArch::Mistral => (4096 * 32, Some(8)),
             LlamaArch::Qwen2 => (32768, None),
+            LlamaArch::Gemma3 => (131_072, Some(4)),
         };
         let num_key_value_heads = f
             .usize_opt("num_key_value_heads")?
@@ -338,6 +244,7 @@ impl LlamaConfig {
             .unwrap_or(num_attention_heads);
         let head_dim = match f.usize_opt("head_dim")? {
             Some(d) => d,
+            None if architecture == LlamaArch::Gemma3 => 256,
             None if num_attention_heads > 0 => hidden_size / num_attention_heads,
             None => 0,
         };
@@ -364,7 +271,9 @@ impl LlamaConfig {
             ),
             LlamaArch::Mistral => (false, false, false),
             LlamaArch::Qwen2 => (true, false, false),
+            LlamaArch::Gemma3 => (attention_bias, attention_bias, false),
         };
+        let num_hidden_layers = f.usize_req("num_hidden_layers")?;
         let sliding_window = match architecture {
             LlamaArch::Llama => None,
             LlamaArch::Mistral => f.usize_opt("sliding_window")?,
@@ -375,23 +284,56 @@ impl LlamaConfig {
                     None
                 }
             }
+            LlamaArch::Gemma3 => Some(f.usize_opt("sliding_window")?.unwrap_or(4096)),
         };
+        let layer_types = layer_types(&f, architecture, num_hidden_layers, sliding_window)?;
+        // transformers 5 writes `rope_parameters`; older configs `rope_theta` / `rope_scaling`.
+        let rope_parameters = f.present("rope_parameters");
+        let (rope_theta, rope_scaling, rope_local_theta) = if architecture == LlamaArch::Gemma3 {
+            super::gemma::rope_config(&f)?
+        } else {
+            let nested = rope_parameters.and_then(|p| p.get("rope_theta"));
+            let theta = match f.f64_opt("rope_theta")? {
+                Some(t) => t,
+                None => match nested.filter(|v| !v.is_null()) {
+                    Some(v) => v.as_f64().ok_or_else(|| {
+                        PeftError::config(
+                            "rope_parameters.rope_theta",
+                            format!("expected a number, got {v}"),
+                        )
+                    })?,
+                    None => 10_000.0,
+                },
+            };
+            let scaling = match f.present("rope_scaling") {
+                Some(v) => parse_rope_scaling(Some(v))?,
+                None => parse_rope_scaling(rope_parameters)?,
+            };
+            (theta, scaling, None)
+        };
+        let query_pre_attn_scalar = match architecture {
+            LlamaArch::Gemma3 => Some(f.f64_opt("query_pre_attn_scalar")?.unwrap_or(256.0)),
+            _ => None,
+        };
+        let tie_default = architecture == LlamaArch::Gemma3;
         let cfg = Self {
             architecture,
             vocab_size: f.usize_req("vocab_size")?,
             hidden_size,
             intermediate_size: f.usize_req("intermediate_size")?,
-            num_hidden_layers: f.usize_req("num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
             rms_norm_eps: f.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: f.f64_opt("rope_theta")?.unwrap_or(10_000.0),
-            rope_scaling: parse_rope_scaling(obj.get("rope_scaling"))?,
+            rope_theta,
+            rope_scaling,
+            rope_local_theta,
+            query_pre_attn_scalar,
             max_position_embeddings: f
                 .usize_opt("max_position_embeddings")?
                 .unwrap_or(default_ctx),
-            tie_word_embeddings: f.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+            tie_word_embeddings: f.bool_opt("tie_word_embeddings")?.unwrap_or(tie_default),
             qkv_bias,
             o_bias,
             mlp_bias,
@@ -399,6 +341,7 @@ impl LlamaConfig {
             eos_token_ids,
             pad_token_id: f.u32_opt("pad_token_id")?,
             sliding_window,
+            layer_types,
             torch_dtype: f.str_opt("torch_dtype")?.map(str::to_string),
             source_json: obj.clone(),
         };
@@ -453,10 +396,35 @@ impl LlamaConfig {
                 format!("must be finite and non-negative, got {}", self.rms_norm_eps),
             ));
         }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+        let positive_f = [
+            ("rope_theta", Some(self.rope_theta)),
+            ("rope_local_base_freq", self.rope_local_theta),
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+        ];
+        for (field, value) in positive_f {
+            if let Some(v) = value
+                && !(v.is_finite() && v > 0.0)
+            {
+                return Err(PeftError::config(
+                    field,
+                    format!("must be positive, got {v}"),
+                ));
+            }
+        }
+        if self.sliding_window == Some(0) {
             return Err(PeftError::config(
-                "rope_theta",
-                format!("must be positive, got {}", self.rope_theta),
+                "sliding_window",
+                "must be at least 1, got 0",
+            ));
+        }
+        if self.layer_types.len() != self.num_hidden_layers {
+            return Err(PeftError::config(
+                "layer_types",
+                format!(
+                    "{} entries for num_hidden_layers {}",
+                    self.layer_types.len(),
+                    self.num_hidden_layers
+                ),
             ));
         }
         Ok(())
@@ -530,16 +498,16 @@ impl LlamaConfig {
         if let Some(dtype) = &self.torch_dtype {
             set("torch_dtype", json!(dtype));
         }
+        if arch == LlamaArch::Gemma3 {
+            super::gemma::write_config(self, &mut obj);
+        }
         Value::Object(obj)
     }
 
     /// RoPE frequencies `ω_i`, `i < head_dim/2`, with the config's scaling, computed in f32 as
     /// transformers does.
     pub fn rope_frequencies(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        let base: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32))
-            .collect();
+        let base = self.plain_frequencies(self.rope_theta);
         match &self.rope_scaling {
             None => base,
             Some(RopeScaling::Linear { factor }) => {
@@ -573,6 +541,37 @@ impl LlamaConfig {
                     })
                     .collect()
             }
+        }
+    }
+
+    /// RoPE frequencies of the sliding layers when they differ from
+    /// [`rope_frequencies`](Self::rope_frequencies): unscaled, base `rope_local_theta`.
+    pub fn rope_frequencies_local(&self) -> Option<Vec<f32>> {
+        self.rope_local_theta.map(|t| self.plain_frequencies(t))
+    }
+
+    /// `ω_i = base^(−2i/d)` in f32, as transformers' default RoPE computes them.
+    fn plain_frequencies(&self, theta: f64) -> Vec<f32> {
+        let d = self.head_dim;
+        (0..d / 2)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32))
+            .collect()
+    }
+
+    /// The factor applied to `q·kᵀ`: `query_pre_attn_scalar^(−½)` (Gemma 3), else
+    /// `head_dim^(−½)`.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_dim as f64)
+            .sqrt()
+    }
+
+    /// Whether layer `i` attends over a sliding window (and the window).
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        match self.layer_types.get(i) {
+            Some(LayerAttention::Sliding) => self.sliding_window,
+            _ => None,
         }
     }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde_json::{Map, Value, json};
 
-use super::config::LlamaConfig;
+use super::config::{LlamaArch, LlamaConfig};
 use super::model::LlamaForCausalLM;
 use crate::error::{PeftError, Result};
 use crate::io::gguf::GgufModel;
@@ -116,20 +116,35 @@ impl LlamaForCausalLM {
                 }
             }
             let prefix = format!("model.layers.{i}");
-            out.push((
-                format!("{prefix}.input_layernorm.weight"),
-                l.input_layernorm.clone(),
-            ));
-            out.push((
-                format!("{prefix}.post_attention_layernorm.weight"),
-                l.post_attention_layernorm.clone(),
-            ));
+            let mut norms = vec![
+                ("input_layernorm", &l.input_layernorm),
+                ("post_attention_layernorm", &l.post_attention_layernorm),
+            ];
+            if let Some(ffn) = &l.gemma_ffn {
+                norms.push(("pre_feedforward_layernorm", &ffn.pre));
+                norms.push(("post_feedforward_layernorm", &ffn.post));
+            }
+            if let Some((q, k, _)) = &attn.qk_norms {
+                norms.push(("self_attn.q_norm", q));
+                norms.push(("self_attn.k_norm", k));
+            }
+            for (name, w) in norms {
+                out.push((format!("{prefix}.{name}.weight"), self.hf_norm(w)?));
+            }
         }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        out.push(("model.norm.weight".to_string(), self.hf_norm(&self.norm)?));
         if let Some(head) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), head.handle().weight()?));
         }
         Ok(out)
+    }
+
+    /// A norm weight as Hugging Face stores it (Gemma keeps `1 + w`; see `gemma`).
+    fn hf_norm(&self, kept: &Tensor) -> Result<Tensor> {
+        match self.config.architecture {
+            LlamaArch::Gemma3 => super::gemma::export_norm(kept),
+            _ => Ok(kept.clone()),
+        }
     }
 
     fn check_no_pending_adapters(&self) -> Result<()> {

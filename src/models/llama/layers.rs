@@ -6,7 +6,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::cache::LayerKv;
-use super::config::LlamaConfig;
+use super::config::{LlamaArch, LlamaConfig};
+use super::gemma::{self, GemmaFeedForwardNorms};
 use crate::builder::PeftBuilder;
 use crate::error::Result;
 use crate::kernels::attention;
@@ -73,26 +74,47 @@ fn dtype_min(dtype: DType) -> f64 {
     }
 }
 
-/// The additive attention mask `[B, 1, T, offset + T]`: query `i` (position `offset + i`) sees
-/// key `j` when `j ≤ offset + i` and key `j` is not padding. Masked entries hold the dtype's
-/// minimum once (never summed, so a fully masked row stays finite).
+/// Which keys the queries of one forward see: queries at positions `offset..offset + T`, keys
+/// at positions `kv_start..offset + T` (a sliding layer's cache keeps only the last keys), and
+/// the window of a sliding layer.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct MaskSpan {
+    pub(super) offset: usize,
+    pub(super) kv_start: usize,
+    pub(super) window: Option<usize>,
+}
+
+/// The additive attention mask `[B, 1, T, offset + T − kv_start]`: query `i` (position
+/// `p = offset + i`) sees key `j` (position `q = kv_start + j`) when `q ≤ p`, `p − q < window`
+/// (sliding layers; transformers' `kv_idx > q_idx − sliding_window`) and key `j` is not padding
+/// (`padding` indexes keys from position 0). Masked entries hold the dtype's minimum once (never
+/// summed, so a fully masked row stays finite).
 pub(super) fn attention_mask(
     batch: usize,
     seq_len: usize,
-    offset: usize,
+    span: MaskSpan,
     padding: Option<&[f32]>,
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let kv_len = offset + seq_len;
+    let MaskSpan {
+        offset,
+        kv_start,
+        window,
+    } = span;
+    let total = offset + seq_len;
+    let kv_len = total - kv_start.min(total);
     let min = dtype_min(dtype) as f32;
     let mut mask = vec![0f32; batch * seq_len * kv_len];
     for b in 0..batch {
         for i in 0..seq_len {
             let row = &mut mask[(b * seq_len + i) * kv_len..(b * seq_len + i + 1) * kv_len];
+            let p = offset + i;
             for (j, m) in row.iter_mut().enumerate() {
-                let is_pad = padding.is_some_and(|p| p[b * kv_len + j] == 0.0);
-                if j > offset + i || is_pad {
+                let q = kv_start + j;
+                let is_pad = padding.is_some_and(|pad| pad[b * total + q] == 0.0);
+                let outside = window.is_some_and(|w| q + w <= p);
+                if q > p || outside || is_pad {
                     *m = min;
                 }
             }
@@ -124,12 +146,26 @@ pub struct LlamaAttention {
     pub(super) num_heads: usize,
     pub(super) num_kv_heads: usize,
     pub(super) head_dim: usize,
+    /// The factor on `q·kᵀ`, folded into the queries.
+    pub(super) scale: f64,
+    /// Gemma's per-head q/k norms (`1 + w`, f32) and their epsilon.
+    pub(super) qk_norms: Option<(Tensor, Tensor, f64)>,
+    /// A sliding layer's window: its cache keeps only the keys a later query can see.
+    pub(super) window: Option<usize>,
 }
 
 impl LlamaAttention {
-    pub(super) fn load(b: &PeftBuilder<'_>, cfg: &LlamaConfig) -> Result<Self> {
+    pub(super) fn load(b: &PeftBuilder<'_>, cfg: &LlamaConfig, index: usize) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let q_out = cfg.num_attention_heads * d;
+        let qk_norms = match cfg.architecture {
+            LlamaArch::Gemma3 => Some((
+                gemma::load_norm(b, "q_norm", d)?,
+                gemma::load_norm(b, "k_norm", d)?,
+                cfg.rms_norm_eps,
+            )),
+            _ => None,
+        };
         let kv_out = cfg.num_key_value_heads * d;
         Ok(Self {
             q_proj: b.linear(h, q_out, cfg.qkv_bias, "q_proj")?,
@@ -139,6 +175,9 @@ impl LlamaAttention {
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
+            scale: cfg.attention_scale(),
+            qk_norms,
+            window: cfg.layer_window(index),
         })
     }
 
@@ -165,8 +204,16 @@ impl LlamaAttention {
             .v_proj
             .forward_peft(x)?
             .reshape((bsz, seq_len, nkv, d))?;
-        // 1/√d is folded into the queries: a [B, n_h, T, d] pass instead of one over the scores.
-        let q = apply_rope(&q, rope, 1.0 / (d as f64).sqrt())?;
+        let (q, k) = match &self.qk_norms {
+            Some((qn, kn, eps)) => (
+                gemma::gemma_norm(&q, qn, *eps)?,
+                gemma::gemma_norm(&k, kn, *eps)?,
+            ),
+            None => (q, k),
+        };
+        // The scale is folded into the queries: a [B, n_h, T, d] pass instead of one over the
+        // scores.
+        let q = apply_rope(&q, rope, self.scale)?;
         let k = apply_rope(&k, rope, 1.0)?;
         if kv.is_none() && [&q, &k, &v].iter().all(|t| attention::fused(t)) {
             // Training and evaluation: the fused core (one graph node instead of a dozen, each
@@ -183,7 +230,7 @@ impl LlamaAttention {
                     Some((k0, v0)) => (Tensor::cat(&[&k0, &k], 2)?, Tensor::cat(&[&v0, &v], 2)?),
                     None => (k, v),
                 };
-                *slot = Some((k.detach(), v.detach()));
+                *slot = kept_keys(&k, &v, self.window)?;
                 (k, v)
             }
         };
@@ -203,7 +250,27 @@ impl LlamaAttention {
     }
 }
 
-/// The SwiGLU feed-forward block.
+/// What a sliding layer's cache keeps after a step: the last `window − 1` keys and values, all a
+/// later query can see besides its own (every key for a full layer). Detached: no graph is kept
+/// across steps.
+fn kept_keys(k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<LayerKv> {
+    let len = k.dim(2)?;
+    let keep = window.map_or(len, |w| len.min(w.saturating_sub(1)));
+    if keep == 0 {
+        return Ok(None);
+    }
+    let (k, v) = if keep < len {
+        (
+            k.narrow(2, len - keep, keep)?.contiguous()?,
+            v.narrow(2, len - keep, keep)?.contiguous()?,
+        )
+    } else {
+        (k.clone(), v.clone())
+    };
+    Ok(Some((k.detach(), v.detach())))
+}
+
+/// The feed-forward block: SwiGLU (`down(silu(gate) ⊙ up)`), or Gemma's GELU-tanh variant.
 #[derive(Clone, Debug)]
 pub struct LlamaMlp {
     /// `gate_proj`: `H → intermediate`, through SiLU.
@@ -212,6 +279,8 @@ pub struct LlamaMlp {
     pub up_proj: PeftLinear,
     /// `down_proj`: `intermediate → H`.
     pub down_proj: PeftLinear,
+    /// `down(gelu_tanh(gate) ⊙ up)` (Gemma) instead of SiLU.
+    pub(super) gelu: bool,
 }
 
 impl LlamaMlp {
@@ -221,12 +290,17 @@ impl LlamaMlp {
             gate_proj: b.linear(h, i, cfg.mlp_bias, "gate_proj")?,
             up_proj: b.linear(h, i, cfg.mlp_bias, "up_proj")?,
             down_proj: b.linear(i, h, cfg.mlp_bias, "down_proj")?,
+            gelu: cfg.architecture == LlamaArch::Gemma3,
         })
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward_peft(x)?;
         let up = self.up_proj.forward_peft(x)?;
+        if self.gelu {
+            // candle's `gelu` is the tanh approximation (`gelu_pytorch_tanh`), with a backward.
+            return self.down_proj.forward_peft(&(gate.gelu()? * up)?);
+        }
         self.down_proj.forward_peft(&swiglu(&gate, &up)?)
     }
 }
@@ -238,21 +312,43 @@ pub struct LlamaDecoderLayer {
     pub self_attn: LlamaAttention,
     /// `mlp`.
     pub mlp: LlamaMlp,
+    /// Llama: before the attention and before the MLP; Gemma: before and after the attention
+    /// (`1 + w`, f32).
     pub(super) input_layernorm: Tensor,
     pub(super) post_attention_layernorm: Tensor,
-    eps: f64,
+    /// Gemma's norms before and after the MLP.
+    pub(super) gemma_ffn: Option<GemmaFeedForwardNorms>,
+    pub(super) eps: f64,
 }
 
 impl LlamaDecoderLayer {
-    pub(super) fn load(b: &PeftBuilder<'_>, cfg: &LlamaConfig) -> Result<Self> {
+    pub(super) fn load(b: &PeftBuilder<'_>, cfg: &LlamaConfig, index: usize) -> Result<Self> {
         let h = cfg.hidden_size;
+        let gemma = cfg.architecture == LlamaArch::Gemma3;
+        let norm = |name: &str| -> Result<Tensor> {
+            if gemma {
+                gemma::load_norm(b, name, h)
+            } else {
+                b.pp(name).get(h, "weight")
+            }
+        };
         Ok(Self {
-            self_attn: LlamaAttention::load(&b.pp("self_attn"), cfg)?,
+            self_attn: LlamaAttention::load(&b.pp("self_attn"), cfg, index)?,
             mlp: LlamaMlp::load(&b.pp("mlp"), cfg)?,
-            input_layernorm: b.pp("input_layernorm").get(h, "weight")?,
-            post_attention_layernorm: b.pp("post_attention_layernorm").get(h, "weight")?,
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            gemma_ffn: if gemma {
+                Some(GemmaFeedForwardNorms::load(b, cfg)?)
+            } else {
+                None
+            },
             eps: cfg.rms_norm_eps,
         })
+    }
+
+    /// The layer's sliding window (`None`: full attention).
+    pub fn window(&self) -> Option<usize> {
+        self.self_attn.window
     }
 
     pub(super) fn forward(
@@ -262,6 +358,9 @@ impl LlamaDecoderLayer {
         mask: Option<&Tensor>,
         kv: Option<&mut LayerKv>,
     ) -> Result<Tensor> {
+        if let Some(ffn) = &self.gemma_ffn {
+            return self.forward_gemma(ffn, x, rope, mask, kv);
+        }
         let fused_attn = match kv {
             // Generation appends to the cache: the separate ops below do that.
             Some(_) => None,
@@ -294,18 +393,11 @@ impl LlamaDecoderLayer {
 pub(super) fn attention_mask_for(
     hidden: &Tensor,
     seq_len: usize,
-    offset: usize,
+    span: MaskSpan,
     padding: Option<&[f32]>,
 ) -> Result<Tensor> {
     let bsz = hidden.dim(0)?;
-    attention_mask(
-        bsz,
-        seq_len,
-        offset,
-        padding,
-        hidden.dtype(),
-        hidden.device(),
-    )
+    attention_mask(bsz, seq_len, span, padding, hidden.dtype(), hidden.device())
 }
 
 /// `x + self_attn(RMSNorm(x)·γ)` as one op when `x` is CPU f32 and each projection is a frozen

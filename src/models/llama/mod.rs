@@ -1,6 +1,7 @@
-//! The Llama family as causal language models: Llama (1/2/3), Mistral, Qwen2 (q/k/v bias) and
-//! SmolLM2 (a Llama), built through [`PeftBuilder`] from Hugging Face `config.json` and weight
-//! names, so every projection is adaptable.
+//! The Llama family as causal language models: Llama (1/2/3), Mistral, Qwen2 (q/k/v bias),
+//! SmolLM2 (a Llama) and Gemma 3 (text; its differences are in `gemma`), built through
+//! [`PeftBuilder`] from Hugging Face `config.json` and weight names, so every projection is
+//! adaptable.
 //!
 //! For `x: [B, T, H]`, `n_h` query heads and `n_kv` key/value heads of size `d`:
 //!
@@ -13,8 +14,15 @@
 //!       softmax(q kᵀ/√d + M) v, query head j reading key/value head j / (n_h / n_kv)
 //! RoPE (Hugging Face's half-split form): y = x·cos θ + rotate_half(x)·sin θ,
 //!       θ[p, i] = p·ω_i, ω_i = rope_theta^(−2i/d) (rescaled by `rope_scaling`)
-//! M[b, i, j] = 0 where j ≤ i and key j is not padding, the dtype's most negative value elsewhere
+//! M[b, i, j] = 0 where j ≤ i, key j is not padding and, in a sliding layer, i − j < window;
+//!             the dtype's most negative value elsewhere
 //! ```
+//!
+//! Sliding-window attention (Mistral's `sliding_window`, Qwen2's `use_sliding_window` from
+//! `max_window_layers` on, Gemma 3's `layer_types`): each forward builds one mask for the full
+//! layers and one for the sliding layers, and a sliding layer's KV cache keeps only the last
+//! `window − 1` keys (all a later query can see besides its own). Gemma 3's sliding layers also
+//! have their own RoPE base.
 //!
 //! Weight names: `model.embed_tokens`, `model.layers.N.self_attn.{q,k,v,o}_proj`,
 //! `model.layers.N.mlp.{gate,up,down}_proj`, `model.layers.N.{input,post_attention}_layernorm`,
@@ -38,19 +46,22 @@
 //! (dequantised to f32 and renamed by `crate::io::gguf`). [`LlamaForCausalLM::export_merged`]
 //! writes a Hugging Face folder that transformers and candle-transformers' `llama::Llama` load.
 //!
-//! Not supported (clear errors): other architectures, activations other than SiLU, RoPE
-//! scalings other than `linear` and `llama3`, and sequences longer than a Mistral/Qwen2
-//! `sliding_window` (sliding-window attention is not implemented; below the window it is plain
-//! causal attention).
+//! Not supported (clear errors): other architectures, activations other than SiLU (GELU-tanh
+//! for Gemma 3), RoPE scalings other than `linear` and `llama3`, Gemma's logit soft-capping and
+//! bidirectional attention, and sequences longer than `max_position_embeddings`.
 //!
-//! Files: `config` (config.json parsing), `layers` (RoPE tables, masks, attention, MLP, decoder
-//! layer), `model` ([`LlamaForCausalLM`] and its loading), `cache` ([`KvCache`]), `tokenizer`,
-//! `export` (Hugging Face folder export). The fused kernels the layers call (RoPE, SwiGLU, the
+//! Files: `config` (config.json parsing; `config_fields`: typed field access, `rope_scaling`,
+//! `layer_types`), `layers` (RoPE tables, masks, attention, MLP, decoder
+//! layer), `gemma` (Gemma 3's config fields, `(1 + w)` norms and decoder layer), `model`
+//! ([`LlamaForCausalLM`] and its loading), `cache` ([`KvCache`]), `tokenizer`, `export`
+//! (Hugging Face folder export). The fused kernels the layers call (RoPE, SwiGLU, the
 //! attention core, the attention and MLP block ops) live in the crate-private `crate::kernels`.
 
 mod cache;
 mod config;
+mod config_fields;
 mod export;
+mod gemma;
 mod layers;
 mod model;
 mod tokenizer;
@@ -59,7 +70,7 @@ pub use crate::kernels::attention::attention_core;
 pub use crate::kernels::rope::rope_reference;
 pub use crate::kernels::swiglu::swiglu;
 pub use cache::KvCache;
-pub use config::{LlamaArch, LlamaConfig, RopeScaling};
+pub use config::{LayerAttention, LlamaArch, LlamaConfig, RopeScaling};
 pub use layers::{LlamaAttention, LlamaDecoderLayer, LlamaMlp};
 pub use model::LlamaForCausalLM;
 pub use tokenizer::load_causal_tokenizer;

@@ -7,8 +7,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::cache::KvCache;
-use super::config::LlamaConfig;
-use super::layers::{LlamaDecoderLayer, RopeTables, attention_mask_for, rms_norm};
+use super::config::{LlamaArch, LlamaConfig};
+use super::gemma;
+use super::layers::{LlamaDecoderLayer, MaskSpan, RopeTables, attention_mask_for, rms_norm};
 use crate::builder::PeftBuilder;
 use crate::error::{PeftError, Result};
 use crate::io::gguf::GgufModel;
@@ -27,7 +28,29 @@ pub struct LlamaForCausalLM {
     /// `None` when the head is tied to `embed_tokens`.
     pub(super) lm_head: Option<PeftLinear>,
     rope_freqs: Vec<f32>,
+    /// The sliding layers' frequencies when they differ (Gemma 3's local base).
+    rope_freqs_local: Option<Vec<f32>>,
     pub(super) config: LlamaConfig,
+}
+
+/// Per forward: the attention masks and RoPE tables of the full and the sliding layers.
+struct LayerInputs {
+    full_mask: Option<Tensor>,
+    sliding_mask: Option<Tensor>,
+    rope: RopeTables,
+    rope_local: Option<RopeTables>,
+}
+
+impl LayerInputs {
+    fn for_layer(&self, layer: &LlamaDecoderLayer) -> (&RopeTables, Option<&Tensor>) {
+        match layer.window() {
+            Some(_) => (
+                self.rope_local.as_ref().unwrap_or(&self.rope),
+                self.sliding_mask.as_ref(),
+            ),
+            None => (&self.rope, self.full_mask.as_ref()),
+        }
+    }
 }
 
 impl LlamaForCausalLM {
@@ -39,9 +62,12 @@ impl LlamaForCausalLM {
         let embed_tokens = m.pp("embed_tokens").get((v, h), "weight")?;
         let layers_b = m.pp("layers");
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| LlamaDecoderLayer::load(&layers_b.pp(i), cfg))
+            .map(|i| LlamaDecoderLayer::load(&layers_b.pp(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
-        let norm = m.pp("norm").get(h, "weight")?;
+        let norm = match cfg.architecture {
+            LlamaArch::Gemma3 => gemma::load_norm(&m, "norm", h)?,
+            _ => m.pp("norm").get(h, "weight")?,
+        };
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
@@ -53,6 +79,7 @@ impl LlamaForCausalLM {
             norm,
             lm_head,
             rope_freqs: cfg.rope_frequencies(),
+            rope_freqs_local: cfg.rope_frequencies_local(),
             config: cfg.clone(),
         })
     }
@@ -124,15 +151,73 @@ impl LlamaForCausalLM {
                  (max_position_embeddings)"
             )));
         }
-        if let Some(window) = self.config.sliding_window
-            && total > window
-        {
-            return Err(PeftError::Unsupported(format!(
-                "a sequence of {total} tokens exceeds the model's sliding_window of {window} \
-                     tokens; sliding-window attention is not implemented"
-            )));
-        }
         Ok(())
+    }
+
+    /// The sliding layers' window, when any layer slides.
+    fn sliding_window(&self) -> Option<usize> {
+        self.layers.iter().find_map(LlamaDecoderLayer::window)
+    }
+
+    /// Masks and RoPE tables for queries at `offset..offset + seq_len`. `cached`: keys come from
+    /// a KV cache, where a sliding layer keeps the last `window − 1` keys before this step; a
+    /// single cached query sees every key its layer keeps, so it gets no mask.
+    fn layer_inputs(
+        &self,
+        hidden: &Tensor,
+        offset: usize,
+        padding: Option<&[f32]>,
+        cached: bool,
+    ) -> Result<LayerInputs> {
+        let seq_len = hidden.dim(1)?;
+        let need_mask = !cached || seq_len > 1;
+        let any_full = self.layers.iter().any(|l| l.window().is_none());
+        let full_mask = if need_mask && any_full {
+            let span = MaskSpan {
+                offset,
+                kv_start: 0,
+                window: None,
+            };
+            Some(attention_mask_for(hidden, seq_len, span, padding)?)
+        } else {
+            None
+        };
+        let window = self.sliding_window();
+        let sliding_mask = match window {
+            Some(w) if need_mask => {
+                let kept = if cached {
+                    offset.min(w.saturating_sub(1))
+                } else {
+                    offset
+                };
+                let span = MaskSpan {
+                    offset,
+                    kv_start: offset - kept,
+                    window: Some(w),
+                };
+                Some(attention_mask_for(hidden, seq_len, span, padding)?)
+            }
+            _ => None,
+        };
+        let device = hidden.device();
+        let rope = RopeTables::new(&self.rope_freqs, offset, seq_len, device)?;
+        let rope_local = match (&self.rope_freqs_local, window) {
+            (Some(freqs), Some(_)) => Some(RopeTables::new(freqs, offset, seq_len, device)?),
+            _ => None,
+        };
+        Ok(LayerInputs {
+            full_mask,
+            sliding_mask,
+            rope,
+            rope_local,
+        })
+    }
+
+    fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        match self.config.architecture {
+            LlamaArch::Gemma3 => gemma::gemma_norm(hidden, &self.norm, self.config.rms_norm_eps),
+            _ => rms_norm(hidden, &self.norm, self.config.rms_norm_eps),
+        }
     }
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
@@ -145,10 +230,16 @@ impl LlamaForCausalLM {
             });
         }
         let hidden = self.config.hidden_size;
-        Ok(self
+        let h = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((bsz, seq_len, hidden))?)
+            .reshape((bsz, seq_len, hidden))?;
+        if self.config.architecture == LlamaArch::Gemma3 {
+            // transformers multiplies by √H rounded to a float32 scalar, then to the weights' dtype.
+            let scale = f64::from((hidden as f32).sqrt());
+            return Ok(h.affine(scale, 0.0)?);
+        }
+        Ok(h)
     }
 
     /// The final hidden states `[B, T, H]` (after the last norm) for every position: the
@@ -179,12 +270,12 @@ impl LlamaForCausalLM {
             }
         };
         let mut hidden = self.embed(input_ids)?;
-        let mask = attention_mask_for(&hidden, seq_len, 0, padding.as_deref())?;
-        let rope = RopeTables::new(&self.rope_freqs, 0, seq_len, hidden.device())?;
+        let inputs = self.layer_inputs(&hidden, 0, padding.as_deref(), false)?;
         for layer in &self.layers {
-            hidden = layer.forward(&hidden, &rope, Some(&mask), None)?;
+            let (rope, mask) = inputs.for_layer(layer);
+            hidden = layer.forward(&hidden, rope, mask, None)?;
         }
-        rms_norm(&hidden, &self.norm, self.config.rms_norm_eps)
+        self.final_norm(&hidden)
     }
 
     /// `lm_head(hidden)` in f32: `[.., H]` → `[.., vocab]`. The tied head multiplies by the
@@ -255,17 +346,13 @@ impl LlamaForCausalLM {
             ));
         }
         let mut hidden = self.embed(input_ids)?;
-        let mask = if seq_len > 1 {
-            Some(attention_mask_for(&hidden, seq_len, offset, None)?)
-        } else {
-            None
-        };
-        let rope = RopeTables::new(&self.rope_freqs, offset, seq_len, hidden.device())?;
+        let inputs = self.layer_inputs(&hidden, offset, None, true)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            hidden = layer.forward(&hidden, &rope, mask.as_ref(), Some(kv))?;
+            let (rope, mask) = inputs.for_layer(layer);
+            hidden = layer.forward(&hidden, rope, mask, Some(kv))?;
         }
         cache.len = offset + seq_len;
-        let hidden = rms_norm(&hidden, &self.norm, self.config.rms_norm_eps)?;
+        let hidden = self.final_norm(&hidden)?;
         Ok(self.logits(&hidden)?.detach())
     }
 
