@@ -298,8 +298,7 @@ impl LlamaMlp {
         let gate = self.gate_proj.forward_peft(x)?;
         let up = self.up_proj.forward_peft(x)?;
         if self.gelu {
-            // candle's `gelu` is the tanh approximation (`gelu_pytorch_tanh`), with a backward.
-            return self.down_proj.forward_peft(&(gate.gelu()? * up)?);
+            return self.down_proj.forward_peft(&crate::ops::geglu(&gate, &up)?);
         }
         self.down_proj.forward_peft(&swiglu(&gate, &up)?)
     }
