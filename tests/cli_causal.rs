@@ -395,3 +395,118 @@ fn causal_lm_bad_input_is_named() {
     ]));
     assert!(e.to_lowercase().contains("tokenizer"), "{e}");
 }
+
+/// `generate --json` prints the prompt's and the generated token ids; `--chat` renders the prompt
+/// with SmolLM2's template (transformers' ids); `train --chat-template` masks the user turn; a
+/// model without a template is an error naming it.
+#[test]
+fn generate_ids_chat_prompts_and_chat_template_training() {
+    let tok = candle_peft::load_causal_tokenizer(&common::llama::smollm2_source()).unwrap();
+    let generate = |model: &str, prompt: &str, extra: &[&str]| {
+        let mut cmd = bin();
+        cmd.args([
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ]);
+        cmd.args(extra);
+        cmd
+    };
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let plain = json_line(&run_ok(&mut generate(&gguf(), "ROMEO:\n", &[])));
+    let expected: Vec<u32> = tok.encode("ROMEO:\n", false).unwrap().get_ids().to_vec();
+    assert_eq!(ids(&plain["prompt_ids"]), expected);
+    let generated = ids(&plain["ids"]);
+    assert!(!generated.is_empty() && generated.len() <= 6, "{plain}");
+    assert_eq!(tok.decode(&generated, true).unwrap(), plain["text"]);
+
+    let chat = json_line(&run_ok(&mut generate(&gguf(), "What is 2+2?", &["--chat"])));
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("gemma3").join("smollm2_chat.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        ids(&chat["prompt_ids"]),
+        ids(&fixture["user_generation_prompt_ids"])
+    );
+    assert_eq!(chat["prompt"], "What is 2+2?");
+    assert!(
+        !ids(&chat["ids"]).contains(&2),
+        "<|im_end|> stops generation"
+    );
+
+    let gemma = common::models_dir().join("gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        gemma.is_file(),
+        "{} missing: run scripts/fetch-models.sh",
+        gemma.display()
+    );
+    let gemma = gemma.display().to_string();
+    let e = run_err(&mut generate(&gemma, "hi", &["--chat"]));
+    assert!(
+        e.contains("gemma-3-270m-q4_k_m.gguf") && e.contains("no chat template"),
+        "{e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("pairs.jsonl");
+    let lines: Vec<String> = (0..4)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("What is {i} plus {i}?"), "response": format!("{}", 2 * i)})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let train = |model: &str, out: &str| {
+        let mut cmd = bin();
+        cmd.args([
+            "train",
+            "--task",
+            "causal-lm",
+            "--model",
+            model,
+            "--chat-template",
+            "--data",
+            jsonl.to_str().unwrap(),
+            "--eval-data",
+            jsonl.to_str().unwrap(),
+            "--method",
+            "lora",
+            "--targets",
+            "q_proj,v_proj",
+            "--rank",
+            "2",
+            "--steps",
+            "1",
+            "--batch",
+            "4",
+            "--seq",
+            "64",
+            "--out",
+            dir.path().join(out).to_str().unwrap(),
+            "--json",
+            "--quiet",
+        ]);
+        cmd
+    };
+    let report = json_line(&run_ok(&mut train(&gguf(), "run")));
+    assert_eq!(report["train_sequences"], 4);
+    // Each pair's targets: the one-digit answer, <|im_end|> and "\n".
+    assert_eq!(report["eval"]["tokens"], 12, "{report}");
+    let e = run_err(&mut train(&gemma, "gemma-run"));
+    assert!(
+        e.contains("gemma-3-270m-q4_k_m.gguf") && e.contains("no chat template"),
+        "{e}"
+    );
+}
