@@ -128,3 +128,57 @@ fn metadata_reader_takes_any_architecture() {
     assert_eq!(cfg["add_eos_token"], false);
     assert!(cfg.get("chat_template").is_none());
 }
+
+/// The files a merged export of a GGUF source writes (tokenizer.json, tokenizer_config.json)
+/// load back with the same ids. With `GEMMA_TOKENIZER_EXPORT_DIR` set they are also written
+/// there, for checking them with transformers' `AutoTokenizer.from_pretrained(dir)`.
+#[test]
+fn exported_files_load_with_the_same_ids() {
+    let meta = GgufMetadata::open(&gemma3_270m_gguf()).unwrap();
+    let tok = meta.tokenizer().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dirs = vec![tmp.path().to_path_buf()];
+    if let Some(d) = std::env::var_os("GEMMA_TOKENIZER_EXPORT_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string(false).unwrap()).unwrap();
+        let cfg = meta.tokenizer_config_json().unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&cfg).unwrap(),
+        )
+        .unwrap();
+    }
+    let back = Tokenizer::from_file(tmp.path().join("tokenizer.json")).unwrap();
+    for case in fixture("tokenizer_cases.json")["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(encode(&back, text, true), ids(&case["ids"]), "{text:?}");
+    }
+}
+
+/// The non-Gemma SentencePiece path (transformers' LlamaTokenizer: Metaspace prepending `▁` to
+/// the first word, merges ranked by score, byte fallback, BOS by default) on a tiny GGUF made by
+/// scripts/fixtures/tiny_spm_tokenizer.py.
+#[test]
+fn tiny_llama_sentencepiece_matches_transformers() {
+    let dir = common::fixture("tiny-spm");
+    let tok = GgufMetadata::open(&dir.join("tiny-spm.gguf"))
+        .unwrap()
+        .tokenizer()
+        .unwrap();
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    for case in cases["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(encode(&tok, text, true), ids(&case["ids"]), "{text:?}");
+        let plain = ids(&case["ids_no_special"]);
+        assert_eq!(encode(&tok, text, false), plain, "{text:?}");
+        assert_eq!(
+            tok.decode(&plain, false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+}
