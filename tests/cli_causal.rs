@@ -514,6 +514,21 @@ fn generate_ids_chat_prompts_and_chat_template_training() {
     assert_eq!(report["train_sequences"], 4);
     // Each pair's targets: the one-digit answer, <|im_end|> and "\n".
     assert_eq!(report["eval"]["tokens"], 12, "{report}");
+    // eval --chat-template counts the same targets.
+    let eval = json_line(&run_ok(bin().args([
+        "eval",
+        "--task",
+        "causal-lm",
+        "--model",
+        &gguf(),
+        "--chat-template",
+        "--data",
+        jsonl.to_str().unwrap(),
+        "--seq",
+        "64",
+        "--json",
+    ])));
+    assert_eq!(eval["tokens"], 12, "{eval}");
     let e = run_err(&mut train(&no_template, "no-template-run"));
     assert!(
         e.contains("base-model") && e.contains("no chat template"),

@@ -443,6 +443,10 @@ pub struct EvalArgs {
     /// Data: a TSV of `label<TAB>text` lines (classify), or a text or .jsonl file (causal-lm).
     #[arg(long)]
     pub data: PathBuf,
+    /// causal-lm: read --data as {"prompt", "response"} JSONL rendered with the model's chat
+    /// template (as `train --chat-template` does); perplexity over the assistant's part only.
+    #[arg(long = "chat-template")]
+    pub chat_template: bool,
     /// classify (accuracy) or causal-lm (perplexity).
     #[arg(long, default_value = "classify")]
     pub task: String,

@@ -437,9 +437,15 @@ impl Meta<'_> {
                 decoders.push(Strip::new(' ', 1, 0).into());
             }
             normalizers.push(replace_space()?.into());
-            tokenizer
-                .with_normalizer(Some(NormalizerSequence::new(normalizers)))
-                .map_err(tok_err)?;
+            // A lone normalizer stays unwrapped, so that tokenizer.json reads as transformers'.
+            if normalizers.len() == 1 {
+                let only = normalizers.remove(0);
+                tokenizer.with_normalizer(Some(only)).map_err(tok_err)?;
+            } else {
+                tokenizer
+                    .with_normalizer(Some(NormalizerSequence::new(normalizers)))
+                    .map_err(tok_err)?;
+            }
             let split = Split::new(
                 SplitPattern::String(" ".into()),
                 SplitDelimiterBehavior::MergedWithPrevious,
