@@ -12,6 +12,7 @@ pub mod adapter;
 #[path = "../adapters/mod.rs"]
 pub mod adapters;
 pub mod builder;
+pub mod chat;
 pub mod config;
 pub mod data;
 pub mod data_init;
@@ -43,6 +44,7 @@ pub use adapters::randlora::RandLoraConfig;
 pub use adapters::salt::SaltConfig;
 pub use adapters::svfit::SvfitConfig;
 pub use builder::PeftBuilder;
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{
     CommonFields, ConfigFields, EvaConfig, MethodConfig, ModuleSelector, OneOrMany, PatternMap,
     Targeting,

@@ -395,3 +395,143 @@ fn causal_lm_bad_input_is_named() {
     ]));
     assert!(e.to_lowercase().contains("tokenizer"), "{e}");
 }
+
+/// `generate --json` prints the prompt's and the generated token ids; `--chat` renders the prompt
+/// with SmolLM2's template (transformers' ids); `train --chat-template` masks the user turn; a
+/// model without a template is an error naming it.
+#[test]
+fn generate_ids_chat_prompts_and_chat_template_training() {
+    let tok = candle_peft::load_causal_tokenizer(&common::llama::smollm2_source()).unwrap();
+    let generate = |model: &str, prompt: &str, extra: &[&str]| {
+        let mut cmd = bin();
+        cmd.args([
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ]);
+        cmd.args(extra);
+        cmd
+    };
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let plain = json_line(&run_ok(&mut generate(&gguf(), "ROMEO:\n", &[])));
+    let expected: Vec<u32> = tok.encode("ROMEO:\n", false).unwrap().get_ids().to_vec();
+    assert_eq!(ids(&plain["prompt_ids"]), expected);
+    let generated = ids(&plain["ids"]);
+    assert!(!generated.is_empty() && generated.len() <= 6, "{plain}");
+    assert_eq!(tok.decode(&generated, true).unwrap(), plain["text"]);
+
+    let chat = json_line(&run_ok(&mut generate(&gguf(), "What is 2+2?", &["--chat"])));
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("gemma3").join("smollm2_chat.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        ids(&chat["prompt_ids"]),
+        ids(&fixture["user_generation_prompt_ids"])
+    );
+    assert_eq!(chat["prompt"], "What is 2+2?");
+    assert!(
+        !ids(&chat["ids"]).contains(&2),
+        "<|im_end|> stops generation"
+    );
+
+    // A Llama folder without a chat template (the template is looked up before the weights
+    // load, so empty weights do).
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base-model");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::write(
+        base.join("config.json"),
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": 10, "max_position_embeddings": 16,
+            "rms_norm_eps": 1e-5
+        })
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(base.join("model.safetensors"), b"").unwrap();
+    let no_template = base.display().to_string();
+    let e = run_err(&mut generate(&no_template, "hi", &["--chat"]));
+    assert!(
+        e.contains("base-model") && e.contains("no chat template"),
+        "{e}"
+    );
+
+    let jsonl = dir.path().join("pairs.jsonl");
+    let lines: Vec<String> = (0..4)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("What is {i} plus {i}?"), "response": format!("{}", 2 * i)})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let train = |model: &str, out: &str| {
+        let mut cmd = bin();
+        cmd.args([
+            "train",
+            "--task",
+            "causal-lm",
+            "--model",
+            model,
+            "--chat-template",
+            "--data",
+            jsonl.to_str().unwrap(),
+            "--eval-data",
+            jsonl.to_str().unwrap(),
+            "--method",
+            "lora",
+            "--targets",
+            "q_proj,v_proj",
+            "--rank",
+            "2",
+            "--steps",
+            "1",
+            "--batch",
+            "4",
+            "--seq",
+            "64",
+            "--out",
+            dir.path().join(out).to_str().unwrap(),
+            "--json",
+            "--quiet",
+        ]);
+        cmd
+    };
+    let report = json_line(&run_ok(&mut train(&gguf(), "run")));
+    assert_eq!(report["train_sequences"], 4);
+    // Each pair's targets: the one-digit answer, <|im_end|> and "\n".
+    assert_eq!(report["eval"]["tokens"], 12, "{report}");
+    // eval --chat-template counts the same targets.
+    let eval = json_line(&run_ok(bin().args([
+        "eval",
+        "--task",
+        "causal-lm",
+        "--model",
+        &gguf(),
+        "--chat-template",
+        "--data",
+        jsonl.to_str().unwrap(),
+        "--seq",
+        "64",
+        "--json",
+    ])));
+    assert_eq!(eval["tokens"], 12, "{eval}");
+    let e = run_err(&mut train(&no_template, "no-template-run"));
+    assert!(
+        e.contains("base-model") && e.contains("no chat template"),
+        "{e}"
+    );
+}

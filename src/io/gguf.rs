@@ -19,13 +19,9 @@
 //!   `W.reshape(n_head, d/2, 2, in).swap(1, 2).reshape(out, in)` with `n_head` the query heads
 //!   for q and the key/value heads for k. `qwen2` and `gemma3` files keep the Hugging Face
 //!   layout.
-//! - Tokenizer (`tokenizer.ggml.model = "gpt2"`, byte-level BPE): vocabulary and merges from the
-//!   metadata, the pre-tokenizer chosen by `tokenizer.ggml.pre` as in the model's own
-//!   `tokenizer.json` (SmolLM2's `smollm`: `Digits(individual)` then
-//!   `ByteLevel(add_prefix_space = false)`; candle's `TokenizerFromGguf` falls back to GPT-2's
-//!   pre-tokenizer with a leading space there, so "Hello" becomes "ĠHello"), a byte-level
-//!   decoder, token type 3 (control) as special tokens and type 4 (user-defined) as added tokens,
-//!   and a BOS template when `tokenizer.ggml.add_bos_token` is set.
+//! - Tokenizer: rebuilt from the metadata in `io::gguf::tokenizer` (byte-level BPE and
+//!   SentencePiece vocabularies, as transformers builds them); [`GgufMetadata`] reads it from a
+//!   file of any architecture.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -34,20 +30,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use serde_json::json;
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{BPE, Vocab};
-use tokenizers::normalizers::unicode::NFC;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{PeftError, Result};
 
 mod names;
 mod tensors;
+mod tokenizer;
+
+pub use tokenizer::GgufMetadata;
 
 pub use names::{hf_tensor_name, hf_tensor_name_for, permute_qk, unpermute_qk};
 
@@ -88,15 +78,6 @@ const GGUF_ARCHS: &[GgufArch] = &[
 const GEMMA3_LOCAL_ROPE_THETA: f64 = 10_000.0;
 const GEMMA3_QUERY_PRE_ATTN_SCALAR: u64 = 256;
 const GEMMA3_SLIDING_WINDOW_PATTERN: u64 = 6;
-
-/// llama-3's pre-tokenizer split (as in its tokenizer.json).
-const REGEX_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-/// Qwen2's pre-tokenizer split (single digits).
-const REGEX_QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// GGUF token types (llama.cpp's `llama_token_type`).
-const TOKEN_TYPE_CONTROL: u64 = 3;
-const TOKEN_TYPE_USER_DEFINED: u64 = 4;
 
 /// An open GGUF file: its metadata and tensor directory (tensor data is read on demand).
 #[derive(Debug)]
@@ -266,14 +247,6 @@ impl GgufModel {
         }
     }
 
-    fn meta_bool(&self, key: &str) -> Result<Option<bool>> {
-        match self.meta(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(self.bad_meta(key, &format!("expected a bool, got {v:?}"))),
-        }
-    }
-
     /// `<arch>.<key>`, required.
     fn arch_u64(&self, key: &str) -> Result<u64> {
         let full = format!("{}.{key}", self.arch.name);
@@ -413,197 +386,5 @@ impl GgufModel {
             Some(Value::String(s)) => Some(s.as_str()),
             _ => None,
         }
-    }
-
-    /// The tokenizer rebuilt from the metadata (see the module docs). A file without tokenizer
-    /// metadata, or with a tokenizer kind this rebuild does not cover, is an error naming it.
-    pub fn tokenizer(&self) -> Result<Tokenizer> {
-        let kind = self.meta_str("tokenizer.ggml.model")?.ok_or_else(|| {
-            self.bad_meta(
-                "tokenizer.ggml.model",
-                "no tokenizer (missing `tokenizer.ggml.model`)",
-            )
-        })?;
-        if kind != "gpt2" {
-            return Err(PeftError::Unsupported(format!(
-                "{}: GGUF tokenizer model `{kind}` is not supported (only byte-level BPE, `gpt2`); \
-                 use the Hugging Face folder with its tokenizer.json",
-                self.path.display()
-            )));
-        }
-        let tokens = self
-            .string_array("tokenizer.ggml.tokens")?
-            .ok_or_else(|| self.bad_meta("tokenizer.ggml.tokens", "missing"))?;
-        let merges = self
-            .string_array("tokenizer.ggml.merges")?
-            .ok_or_else(|| self.bad_meta("tokenizer.ggml.merges", "missing"))?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| {
-                        self.bad_meta("tokenizer.ggml.merges", &format!("bad merge `{m}`"))
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let pre = self.meta_str("tokenizer.ggml.pre")?.unwrap_or("default");
-        let tok_err = |e: tokenizers::Error| PeftError::config("tokenizer", e.to_string());
-
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
-        let ignore_merges = match self.meta_bool("tokenizer.ggml.ignore_merges")? {
-            Some(v) => v,
-            None => matches!(pre, "llama3" | "llama-bpe"),
-        };
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(ignore_merges)
-            .build()
-            .map_err(tok_err)?;
-        let mut tokenizer = Tokenizer::new(bpe);
-
-        let split = |regex: &str| -> Result<PreTokenizerWrapper> {
-            let s = Split::new(
-                SplitPattern::Regex(regex.to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(tok_err)?;
-            Ok(s.into())
-        };
-        let pre_tokenizer: PreTokenizerWrapper = match pre {
-            "smollm" => Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])
-            .into(),
-            "default" | "gpt2" | "gpt-2" => ByteLevel::new(false, true, true).into(),
-            "llama3" | "llama-bpe" | "smaug-bpe" => Sequence::new(vec![
-                split(REGEX_LLAMA3)?,
-                ByteLevel::new(false, true, false).into(),
-            ])
-            .into(),
-            "qwen2" => {
-                tokenizer.with_normalizer(Some(NFC)).map_err(tok_err)?;
-                Sequence::new(vec![
-                    split(REGEX_QWEN2)?,
-                    ByteLevel::new(false, false, false).into(),
-                ])
-                .into()
-            }
-            other => {
-                return Err(PeftError::Unsupported(format!(
-                    "{}: GGUF pre-tokenizer `{other}` is not supported (supported: smollm, gpt2, \
-                     llama-bpe, qwen2); use the Hugging Face folder with its tokenizer.json",
-                    self.path.display()
-                )));
-            }
-        };
-        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
-        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-
-        let token_at = |key: &str| -> Result<Option<(u32, String)>> {
-            Ok(self
-                .meta_u64(key)?
-                .and_then(|id| tokens.get(id as usize).map(|t| (id as u32, t.to_string()))))
-        };
-        let add_bos = self
-            .meta_bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(false);
-        match token_at("tokenizer.ggml.bos_token_id")? {
-            Some((id, bos)) if add_bos => {
-                let template = TemplateProcessing::builder()
-                    .try_single(format!("{bos} $A"))
-                    .map_err(|e| PeftError::config("tokenizer", e))?
-                    .try_pair(format!("{bos} $A {bos} $B:1"))
-                    .map_err(|e| PeftError::config("tokenizer", e))?
-                    .special_tokens(vec![(bos.clone(), id)])
-                    .build()
-                    .map_err(|e| PeftError::config("tokenizer", e.to_string()))?;
-                tokenizer.with_post_processor(Some(template));
-            }
-            _ => {
-                tokenizer.with_post_processor(Some(
-                    tokenizers::processors::byte_level::ByteLevel::new(true, false, true),
-                ));
-            }
-        }
-
-        let mut special = Vec::new();
-        let mut added = Vec::new();
-        match self.meta("tokenizer.ggml.token_type") {
-            Some(Value::Array(types)) => {
-                for (id, ty) in types.iter().enumerate() {
-                    let Some(token) = tokens.get(id) else { break };
-                    match value_u64(ty) {
-                        Some(TOKEN_TYPE_CONTROL) => special.push(AddedToken::from(*token, true)),
-                        Some(TOKEN_TYPE_USER_DEFINED) => {
-                            added.push(AddedToken::from(*token, false))
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            _ => {
-                for key in [
-                    "tokenizer.ggml.bos_token_id",
-                    "tokenizer.ggml.eos_token_id",
-                    "tokenizer.ggml.padding_token_id",
-                    "tokenizer.ggml.unknown_token_id",
-                ] {
-                    if let Some((_, t)) = token_at(key)? {
-                        special.push(AddedToken::from(t, true));
-                    }
-                }
-            }
-        }
-        tokenizer.add_special_tokens(special).map_err(tok_err)?;
-        tokenizer.add_tokens(added).map_err(tok_err)?;
-        Ok(tokenizer)
-    }
-
-    /// A `tokenizer_config.json` for the rebuilt tokenizer (special tokens, chat template,
-    /// context length), so that transformers' `AutoTokenizer` loads an export.
-    pub fn tokenizer_config_json(&self) -> Result<serde_json::Value> {
-        let tokens = self
-            .string_array("tokenizer.ggml.tokens")?
-            .unwrap_or_default();
-        let mut obj = serde_json::Map::new();
-        obj.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-        for (name, key) in [
-            ("bos_token", "tokenizer.ggml.bos_token_id"),
-            ("eos_token", "tokenizer.ggml.eos_token_id"),
-            ("pad_token", "tokenizer.ggml.padding_token_id"),
-            ("unk_token", "tokenizer.ggml.unknown_token_id"),
-        ] {
-            if let Some(t) = self.meta_u64(key)?.and_then(|id| tokens.get(id as usize)) {
-                obj.insert(name.into(), json!(t));
-            }
-        }
-        obj.insert(
-            "add_bos_token".into(),
-            json!(
-                self.meta_bool("tokenizer.ggml.add_bos_token")?
-                    .unwrap_or(false)
-            ),
-        );
-        obj.insert(
-            "add_eos_token".into(),
-            json!(
-                self.meta_bool("tokenizer.ggml.add_eos_token")?
-                    .unwrap_or(false)
-            ),
-        );
-        obj.insert("clean_up_tokenization_spaces".into(), json!(false));
-        if let Some(ctx) = self.meta_u64(&format!("{}.context_length", self.arch.name))? {
-            obj.insert("model_max_length".into(), json!(ctx));
-        }
-        if let Some(t) = self.chat_template() {
-            obj.insert("chat_template".into(), json!(t));
-        }
-        Ok(serde_json::Value::Object(obj))
     }
 }

@@ -4,8 +4,14 @@
 //! ```text
 //! text data  : the whole file tokenised once (no special tokens), cut into sequences of seq_len
 //!              (HF run_clm's group_texts); every token after the first is a target
-//! JSONL data : ids = tokens(prompt) ++ tokens(response) ++ [eos], cut to seq_len; only the
-//!              response's tokens (and the eos) are targets: the prompt's labels are masked
+//! JSONL data : one `{"prompt": …, "response": …}` object per line;
+//!              ids = [bos] ++ tokens(prompt) ++ tokens(response) ++ [eos], cut to seq_len
+//!              (bos only when the tokenizer adds one); only the response's tokens (and the
+//!              eos) are targets: the prompt's labels are masked
+//! chat data  : the same pairs rendered by the model's chat template as a user turn and an
+//!              assistant turn; ids = tokens(user turn + assistant opening) ++ tokens(rest),
+//!              special tokens only as the template writes them; the targets are the
+//!              assistant's content and the template's end-of-turn text
 //! logits     = model(ids[.., :T], attention_mask)                          [B, T, V]
 //! loss       = mean over target positions t of −log softmax(logits[b, t−1])[ids[b, t]]
 //! perplexity = exp(total loss / total targets) over a data set
@@ -20,6 +26,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use tokenizers::Tokenizer;
 
 use crate::adapters::AdapterConfig;
+use crate::chat::ChatTemplate;
 use crate::data::{PromptResponse, read_jsonl_pairs, read_text, tokenize_and_chunk};
 use crate::error::{PeftError, Result};
 use crate::generate::{GenerationConfig, generate};
@@ -50,6 +57,22 @@ pub struct LmExample {
 }
 
 impl LmExample {
+    /// Hugging Face's labels for the sequence: the id where the token is a target, −100 (the
+    /// ignored index) where it is context only.
+    pub fn labels(&self) -> Vec<i64> {
+        self.ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                if i < self.loss_from {
+                    -100
+                } else {
+                    i64::from(id)
+                }
+            })
+            .collect()
+    }
+
     /// Number of target tokens.
     pub fn targets(&self) -> usize {
         self.ids.len().saturating_sub(self.loss_from.max(1))
@@ -89,6 +112,8 @@ pub struct CausalLmTask {
     tokenizer: Tokenizer,
     seq_len: usize,
     pad_id: u32,
+    /// The special ids the tokenizer puts before a text (its BOS, when it adds one).
+    prefix_ids: Vec<u32>,
     device: Device,
     eval_batch: usize,
     /// Where the model came from (`None` for a task built with [`CausalLmTask::new`]).
@@ -154,12 +179,23 @@ impl CausalLmTask {
             .pad_token_id
             .or(config.eos_token_ids.first().copied())
             .unwrap_or_else(|| crate::data::pad_id(&tokenizer));
+        let probe = tokenizer
+            .encode("a", true)
+            .map_err(|e| PeftError::config("tokenizer", e.to_string()))?;
+        let prefix_ids = probe
+            .get_ids()
+            .iter()
+            .zip(probe.get_special_tokens_mask())
+            .take_while(|(_, special)| **special == 1)
+            .map(|(id, _)| *id)
+            .collect();
         Ok(Self {
             model,
             config,
             tokenizer,
             seq_len,
             pad_id,
+            prefix_ids,
             device,
             eval_batch: DEFAULT_EVAL_BATCH,
             source: None,
@@ -266,12 +302,41 @@ impl CausalLmTask {
             .collect())
     }
 
+    /// The ids of a plain prompt as the model is fed it: the tokenizer's leading special
+    /// tokens (BOS, when it adds one, as transformers' `tokenizer(prompt)` does), then the text.
+    pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        let mut ids = self.prefix_ids.clone();
+        ids.extend(self.encode(prompt)?);
+        Ok(ids)
+    }
+
+    /// The model's own chat template (see [`ChatTemplate::for_source`]). A model without one,
+    /// or a task built with [`new`](Self::new) (no source to read it from), is an error naming
+    /// the model.
+    pub fn chat_template(&self) -> Result<ChatTemplate> {
+        match &self.source {
+            Some(src) => ChatTemplate::for_source(src),
+            None => Err(PeftError::Unsupported(
+                "this CausalLmTask was built with CausalLmTask::new and has no model source to \
+                 read a chat template from"
+                    .into(),
+            )),
+        }
+    }
+
+    /// The ids of `prompt` asked as a user turn through `template`, with the generation prompt
+    /// (the assistant turn's opening): the rendered text tokenized without added special
+    /// tokens, as transformers' `apply_chat_template(…, tokenize=True)` does.
+    pub fn chat_prompt_ids(&self, template: &ChatTemplate, prompt: &str) -> Result<Vec<u32>> {
+        self.encode(&template.render_prompt(prompt)?)
+    }
+
     /// One example per pair: prompt then response then eos, the prompt masked. A prompt that
     /// leaves no room for a response token within `seq_len` is an error naming the pair.
     pub fn pair_examples(&self, pairs: &[PromptResponse]) -> Result<Vec<LmExample>> {
         let mut out = Vec::with_capacity(pairs.len());
         for (i, pair) in pairs.iter().enumerate() {
-            let mut ids = self.encode(&pair.prompt)?;
+            let mut ids = self.prompt_ids(&pair.prompt)?;
             let loss_from = ids.len().max(1);
             if loss_from >= self.seq_len {
                 return Err(PeftError::config(
@@ -292,6 +357,50 @@ impl CausalLmTask {
             out.push(LmExample { ids, loss_from });
         }
         Ok(out)
+    }
+
+    /// One example per pair rendered by `template` as a user turn and an assistant turn (see
+    /// [`ChatTemplate::render_pair`]): the user turn and the assistant turn's opening are
+    /// masked, the assistant's content and the template's end of turn are the targets. No eos
+    /// is appended: the template writes its own end of turn. A prompt that leaves no room for a
+    /// response token within `seq_len` is an error naming the pair.
+    pub fn chat_pair_examples(
+        &self,
+        pairs: &[PromptResponse],
+        template: &ChatTemplate,
+    ) -> Result<Vec<LmExample>> {
+        let mut out = Vec::with_capacity(pairs.len());
+        for (i, pair) in pairs.iter().enumerate() {
+            let (head, tail) = template.render_pair(&pair.prompt, &pair.response)?;
+            let mut ids = self.encode(&head)?;
+            let loss_from = ids.len().max(1);
+            if loss_from >= self.seq_len {
+                return Err(PeftError::config(
+                    "seq_len",
+                    format!(
+                        "pair {} renders to a prompt of {} tokens: no room for the response in \
+                         {} tokens",
+                        i + 1,
+                        ids.len(),
+                        self.seq_len
+                    ),
+                ));
+            }
+            ids.extend(self.encode(&tail)?);
+            ids.truncate(self.seq_len);
+            out.push(LmExample { ids, loss_from });
+        }
+        Ok(out)
+    }
+
+    /// Reads a prompt/response JSONL file ([`read_jsonl_pairs`]) as chat examples
+    /// ([`chat_pair_examples`](Self::chat_pair_examples)), whatever its extension.
+    pub fn read_chat_examples(
+        &self,
+        path: &Path,
+        template: &ChatTemplate,
+    ) -> Result<Vec<LmExample>> {
+        self.chat_pair_examples(&read_jsonl_pairs(path)?, template)
     }
 
     /// Reads training or evaluation data: `.jsonl` as prompt/response pairs, anything else as
@@ -387,17 +496,23 @@ impl CausalLmTask {
         result
     }
 
-    /// Generates a continuation of `prompt` with the active adapters (eval mode); returns the
-    /// new text only.
+    /// Generates a continuation of `prompt` ([`prompt_ids`](Self::prompt_ids)) with the active
+    /// adapters (eval mode); returns the new text only.
     pub fn generate_text(&self, prompt: &str, config: &GenerationConfig) -> Result<String> {
+        let ids = self.generate_ids(&self.prompt_ids(prompt)?, config)?;
+        self.decode(&ids)
+    }
+
+    /// Generates up to `config.max_new_tokens` ids after `prompt_ids` with the active adapters
+    /// (eval mode); returns the new ids only (a stop token ends generation and is not included).
+    pub fn generate_ids(&self, prompt_ids: &[u32], config: &GenerationConfig) -> Result<Vec<u32>> {
         let was_training = self.model.is_training();
         self.model.eval();
-        let ids = self.encode(prompt);
-        let result = ids.and_then(|ids| generate(self.model.model(), &ids, config));
+        let result = generate(self.model.model(), prompt_ids, config);
         if was_training {
             self.model.train();
         }
-        self.decode(&result?)
+        result
     }
 
     /// The model's end-of-sequence tokens (generation stops at any of them).

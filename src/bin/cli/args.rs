@@ -54,6 +54,11 @@ pub struct TrainArgs {
     /// file of {"prompt", "response"} lines (loss on the response only).
     #[arg(long)]
     pub data: PathBuf,
+    /// causal-lm: read --data (and --eval-data) as {"prompt", "response"} JSONL and render each
+    /// pair with the model's chat template as a user turn and an assistant turn; the loss covers
+    /// the assistant's part only. A model without a template is an error.
+    #[arg(long = "chat-template")]
+    pub chat_template: bool,
     /// Adapter method (`--help` lists every registered method with its `--opt` options).
     #[arg(long, long_help = crate::cli::method_args::methods_help())]
     pub method: String,
@@ -484,6 +489,10 @@ pub struct EvalArgs {
     /// Data: a TSV of `label<TAB>text` lines (classify), or a text or .jsonl file (causal-lm).
     #[arg(long)]
     pub data: PathBuf,
+    /// causal-lm: read --data as {"prompt", "response"} JSONL rendered with the model's chat
+    /// template (as `train --chat-template` does); perplexity over the assistant's part only.
+    #[arg(long = "chat-template")]
+    pub chat_template: bool,
     /// classify (accuracy) or causal-lm (perplexity).
     #[arg(long, default_value = "classify")]
     pub task: String,

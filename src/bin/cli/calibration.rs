@@ -162,7 +162,7 @@ pub fn add_causal_adapter(
     let init = init(method, config, args)?;
     let calib: Option<Vec<LmExample>> = match (&args.calib_data, &init) {
         (_, Init::Plain(_)) | (None, _) => None,
-        (Some(path), _) => Some(read_lm(task, path)?),
+        (Some(path), _) => Some(read_lm(task, path, args.chat_template)?),
     };
     let examples = calib.as_deref().unwrap_or(train);
     let (report, eva) = match init {
@@ -184,7 +184,14 @@ pub fn add_causal_adapter(
     Ok(())
 }
 
-fn read_lm(task: &CausalLmTask, path: &Path) -> anyhow::Result<Vec<LmExample>> {
-    task.read_examples(path, true)
-        .with_context(|| format!("reading --calib-data {}", path.display()))
+/// Calibration examples, rendered with the model's chat template as the training data is under
+/// `--chat-template`.
+fn read_lm(task: &CausalLmTask, path: &Path, chat: bool) -> anyhow::Result<Vec<LmExample>> {
+    let examples = if chat {
+        let template = task.chat_template().context("--chat-template")?;
+        task.read_chat_examples(path, &template)
+    } else {
+        task.read_examples(path, true)
+    };
+    examples.with_context(|| format!("reading --calib-data {}", path.display()))
 }

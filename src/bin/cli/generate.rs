@@ -1,12 +1,15 @@
-//! `candle-peft generate --model <hub id|dir|gguf> [--adapter DIR] --prompt TEXT`: text from a
-//! causal LM, greedy or sampled.
+//! `candle-peft generate --model <hub id|dir|gguf> [--adapter DIR] --prompt TEXT [--chat]`:
+//! text from a causal LM, greedy or sampled; `--chat` asks the prompt as a user turn through the
+//! model's own chat template.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use candle_peft::BaseDType;
+use candle_peft::chat::ChatTemplate;
 use candle_peft::generate::GenerationConfig;
+use candle_peft::io::source;
 use candle_peft::tasks::TaskOptions;
 use clap::Args;
 use serde_json::json;
@@ -27,9 +30,16 @@ pub struct GenerateArgs {
     /// Adapters, gradients and activations stay f32.
     #[arg(long = "base-dtype", default_value = "f32", value_parser = super::args::parse_base_dtype)]
     pub base_dtype: BaseDType,
-    /// The prompt, used as given (no chat template).
+    /// The prompt: used as given (after the tokenizer's BOS, when it adds one), or with --chat
+    /// as a user turn.
     #[arg(long)]
     pub prompt: String,
+    /// Render --prompt with the model's chat template (GGUF `tokenizer.chat_template`, or the
+    /// folder's chat_template.jinja / tokenizer_config.json) as a user turn followed by the
+    /// assistant turn's opening, tokenized without extra special tokens. A model without a
+    /// template is an error.
+    #[arg(long)]
+    pub chat: bool,
     #[arg(long = "max-new-tokens", default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 = greedy decoding.
@@ -40,7 +50,8 @@ pub struct GenerateArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Print one JSON line: {"prompt", "text", "model"}.
+    /// Print one JSON line: {"prompt", "text", "model", "prompt_ids", "ids"} (the token ids fed
+    /// to the model and the generated ones; a stop token is not included).
     #[arg(long)]
     pub json: bool,
 }
@@ -61,6 +72,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         base_dtype: args.base_dtype,
         ..TaskOptions::default()
     };
+    // The template is looked up before the model loads: a model without one fails at once.
+    let template = if args.chat {
+        let src = source::resolve(&args.model)
+            .with_context(|| format!("resolving --model {}", args.model))?;
+        Some(ChatTemplate::for_source(&src).context("--chat")?)
+    } else {
+        None
+    };
     let task = causal_task(&args.model, args.adapter.as_deref(), opts)?;
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
@@ -69,16 +88,30 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         stop_tokens: task.eos_token_ids().to_vec(),
     };
-    let text = task.generate_text(&args.prompt, &config)?;
+    let (shown_prompt, prompt_ids) = if let Some(template) = &template {
+        let rendered = template.render_prompt(&args.prompt)?;
+        let ids = task.encode(&rendered)?;
+        (rendered, ids)
+    } else {
+        (args.prompt.clone(), task.prompt_ids(&args.prompt)?)
+    };
+    let ids = task.generate_ids(&prompt_ids, &config)?;
+    let text = task.decode(&ids)?;
     let mut o = String::new();
     if args.json {
         writeln!(
             o,
             "{}",
-            json!({ "prompt": args.prompt, "text": text, "model": args.model })
+            json!({
+                "prompt": args.prompt,
+                "text": text,
+                "model": args.model,
+                "prompt_ids": prompt_ids,
+                "ids": ids,
+            })
         )?;
     } else {
-        writeln!(o, "{}{}", args.prompt, text)?;
+        writeln!(o, "{shown_prompt}{text}")?;
     }
     print_stdout(&o)
 }

@@ -1,7 +1,7 @@
 //! The tokenizer of a causal-LM source.
 
 use crate::error::{PeftError, Result};
-use crate::io::gguf::GgufModel;
+use crate::io::gguf::GgufMetadata;
 use crate::io::source::{self, ModelSource, SourceKind};
 
 /// The tokenizer of a causal-LM source: `tokenizer.json` of a folder or hub snapshot, or the
@@ -9,7 +9,8 @@ use crate::io::source::{self, ModelSource, SourceKind};
 /// file that is missing.
 pub fn load_causal_tokenizer(src: &ModelSource) -> Result<tokenizers::Tokenizer> {
     if src.kind == SourceKind::Gguf {
-        return GgufModel::open(&src.config)?.tokenizer();
+        // Metadata only: the tokenizer does not depend on the architecture being loadable.
+        return GgufMetadata::open(&src.config)?.tokenizer();
     }
     let path = match &src.tokenizer {
         Some(p) => p.clone(),

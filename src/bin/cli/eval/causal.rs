@@ -25,9 +25,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         eval_batch: Some(args.batch),
     };
     let task = causal_task(&args.model, args.adapter.as_deref(), opts)?;
-    let data = task
-        .read_examples(&args.data, true)
-        .with_context(|| format!("reading --data {}", args.data.display()))?;
+    let data = if args.chat_template {
+        let template = task.chat_template().context("--chat-template")?;
+        task.read_chat_examples(&args.data, &template)
+    } else {
+        task.read_examples(&args.data, true)
+    };
+    let data = data.with_context(|| format!("reading --data {}", args.data.display()))?;
     let r = task.evaluate_lm(&data)?;
     if !r.loss.is_finite() {
         candle_peft::train::check_eval_loss(r.loss, &task.model().layer_weights()?)?;

@@ -19,6 +19,9 @@ use crate::cli::output::print_stdout;
 
 /// `eval --task classify`.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    if args.chat_template {
+        bail!("--chat-template is for --task causal-lm (a classifier has no chat turns)");
+    }
     for (flag, v) in [("--batch", args.batch), ("--seq", args.seq)] {
         if v == 0 {
             bail!("{flag} must be at least 1 (got 0)");

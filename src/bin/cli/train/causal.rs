@@ -1,12 +1,15 @@
 //! `candle-peft train --task causal-lm`: fine-tunes an adapter on a Llama-architecture model.
 //!
 //! Training data is a text file (packed into sequences of `--seq` tokens) or a `.jsonl` file of
-//! `{"prompt", "response"}` pairs (loss on the response only). `--merge` writes `OUT/merged/`, an
+//! `{"prompt", "response"}` pairs (loss on the response only); with `--chat-template` each pair is
+//! rendered by the model's chat template as a user turn and an assistant turn. `--merge` writes `OUT/merged/`, an
 //! HF Llama folder (config.json, model.safetensors, tokenizer.json) that `eval`, `generate`,
 //! candle-transformers and transformers load, also when the base came from a GGUF file.
 
 use anyhow::Context;
 use candle_peft::Trainer;
+use candle_peft::chat::ChatTemplate;
+use candle_peft::io::source;
 use candle_peft::tasks::TaskOptions;
 use candle_peft::tasks::causal_lm::{CausalLmTask, DEFAULT_TARGET_MODULES};
 use serde_json::json;
@@ -27,16 +30,26 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         device: args.device.open()?,
         ..TaskOptions::default()
     };
+    // The template is looked up before the model loads: a model without one fails at once.
+    let template = if args.chat_template {
+        let src = source::resolve(&args.model)
+            .with_context(|| format!("resolving --model {}", args.model))?;
+        Some(ChatTemplate::for_source(&src).context("--chat-template")?)
+    } else {
+        None
+    };
     let mut task = CausalLmTask::from_pretrained(&args.model, opts)
         .with_context(|| format!("loading --model {}", args.model))?;
-    let train = task
-        .read_examples(&args.data, false)
+    let read = |path: &std::path::Path, keep_partial: bool| match &template {
+        Some(t) => task.read_chat_examples(path, t),
+        None => task.read_examples(path, keep_partial),
+    };
+    let train = read(&args.data, false)
         .with_context(|| format!("reading --data {}", args.data.display()))?;
     let eval = match &args.eval_data {
-        Some(p) => Some(
-            task.read_examples(p, true)
-                .with_context(|| format!("reading --eval-data {}", p.display()))?,
-        ),
+        Some(p) => {
+            Some(read(p, true).with_context(|| format!("reading --eval-data {}", p.display()))?)
+        }
         None => None,
     };
     let init_started = std::time::Instant::now();

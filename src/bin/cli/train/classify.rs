@@ -37,6 +37,9 @@ fn read_data(path: &Path, labels: Option<&[String]>, what: &str) -> anyhow::Resu
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let method = check_method(&args.method)?;
     check_args(&args)?;
+    if args.chat_template {
+        anyhow::bail!("--chat-template is for --task causal-lm (a classifier has no chat turns)");
+    }
     let config = adapter_config(&args, method, &classify::DEFAULT_TARGET_MODULES)?;
 
     // A classification export brings its labels; otherwise the training data defines them.
