@@ -462,3 +462,64 @@ fn gguf_270m_merge_to_gguf_adds_unpermuted_deltas() {
         assert_eq!(max_abs_diff(&merged[name], &base_t[name]), 0.0, "{name}");
     }
 }
+
+/// Every method that needs no calibration data (EVA and CorDA share the calibration pass of the
+/// Llama family, tested in tests/calibrated.rs) on the seven projections of the tiny Gemma:
+/// each starts as the identity (the adapted model's loss is the base's) and a few steps of
+/// training lower the loss.
+#[test]
+fn tiny_gemma_trains_with_every_method() {
+    use candle_peft::adapters::METHODS;
+    use candle_peft::optim::LoraProMode;
+    use candle_peft::train::OptimizerKind;
+    let src = source::resolve(common::smollm2_gguf().to_str().unwrap()).unwrap();
+    let tokenizer = candle_peft::load_causal_tokenizer(&src).unwrap();
+    let examples: Vec<LmExample> = (0..8u32)
+        .map(|k| LmExample {
+            ids: (0..12u32).map(|i| (k * 29 + i * 7) % 256).collect(),
+            loss_from: 0,
+        })
+        .collect();
+    let mut tried = Vec::new();
+    for method in METHODS.iter().filter(|m| !m.needs_calibration()) {
+        let (model, cfg) =
+            LlamaForCausalLM::from_source(&tiny_gemma_source(), DType::F32, &Device::Cpu).unwrap();
+        let mut task = CausalLmTask::new(model, cfg, tokenizer.clone(), 12, Device::Cpu).unwrap();
+        let base = task.evaluate_lm(&examples).unwrap().loss;
+        let mut config: Value = serde_json::from_str(method.spec().cli.defaults).unwrap();
+        config["peft_type"] = method.peft_type().into();
+        config["target_modules"] = serde_json::json!(SEVEN);
+        let config = candle_peft::AdapterConfig::from_json(&config).unwrap();
+        task.add_adapter(candle_peft::DEFAULT_ADAPTER, config)
+            .unwrap_or_else(|e| panic!("{method}: {e}"));
+        let start = task.evaluate_lm(&examples).unwrap().loss;
+        assert!(
+            (start - base).abs() < 1e-4 * base,
+            "{method}: starts at loss {start}, the base's is {base}"
+        );
+        let optimizer = if method.uses_lora_pro() {
+            OptimizerKind::LoraPro(LoraProMode::default())
+        } else {
+            OptimizerKind::AdamW
+        };
+        let train = TrainConfig {
+            steps: 8,
+            batch_size: 4,
+            lr: 1e-2,
+            schedule: Schedule::Constant,
+            warmup: Warmup::Steps(0),
+            optimizer,
+            seed: 7,
+            quiet: true,
+            ..TrainConfig::default()
+        };
+        Trainer::new(train)
+            .unwrap()
+            .run(&task, &examples, None)
+            .unwrap_or_else(|e| panic!("{method}: {e}"));
+        let after = task.evaluate_lm(&examples).unwrap().loss;
+        assert!(after < start, "{method}: loss {start:.4} → {after:.4}");
+        tried.push(method.name());
+    }
+    assert_eq!(tried.len(), METHODS.len() - 2, "{tried:?}");
+}
