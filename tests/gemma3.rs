@@ -523,3 +523,52 @@ fn tiny_gemma_trains_with_every_method() {
     }
     assert_eq!(tried.len(), METHODS.len() - 2, "{tried:?}");
 }
+
+#[test]
+fn packed_text_starts_every_gemma_sequence_with_bos() {
+    let text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n\
+                First Citizen:\nYou are all resolved rather to die than to famish?";
+    let opts = |seq_len| candle_peft::TaskOptions {
+        seq_len,
+        ..Default::default()
+    };
+    let gemma =
+        CausalLmTask::from_pretrained(common::gemma3_gguf().to_str().unwrap(), opts(8)).unwrap();
+    let tokens = gemma.encode(text).unwrap();
+    assert!(tokens.len() > 14 && tokens[0] != 2, "{tokens:?}");
+    let examples = gemma.text_examples(text, true).unwrap();
+    // <bos> (id 2) then 7 text tokens each; the text tokens, in order, are the whole text.
+    for e in &examples {
+        assert_eq!((e.ids[0], e.loss_from), (2, 0), "{e:?}");
+        assert!(e.ids.len() <= 8 && e.ids.len() >= 2, "{e:?}");
+        assert_eq!(e.targets(), e.ids.len() - 1);
+    }
+    assert!(
+        examples[..examples.len() - 1]
+            .iter()
+            .all(|e| e.ids.len() == 8)
+    );
+    let tails: Vec<u32> = examples.iter().flat_map(|e| e.ids[1..].to_vec()).collect();
+    assert_eq!(tails, tokens);
+    // Training drops the short last piece.
+    assert_eq!(
+        gemma.text_examples(text, false).unwrap().len(),
+        tokens.len() / 7
+    );
+    // A sequence length with no room after BOS names the field.
+    let tiny = CausalLmTask::from_pretrained(common::gemma3_gguf().to_str().unwrap(), opts(1));
+    let err = tiny.and_then(|t| t.text_examples(text, true)).unwrap_err();
+    assert!(err.to_string().contains("seq_len"), "{err}");
+
+    // SmolLM2's tokenizer adds no BOS: the text is packed as it is.
+    let smol =
+        CausalLmTask::from_pretrained(common::smollm2_gguf().to_str().unwrap(), opts(8)).unwrap();
+    let tokens = smol.encode(text).unwrap();
+    let packed: Vec<u32> = smol
+        .text_examples(text, true)
+        .unwrap()
+        .iter()
+        .flat_map(|e| e.ids.clone())
+        .collect();
+    assert_eq!(packed, tokens);
+}

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! text data  : the whole file tokenised once (no special tokens), cut into sequences of seq_len
-//!              (HF run_clm's group_texts); every token after the first is a target
+//!              (HF run_clm's group_texts); every token after the first is a target. With a
+//!              tokenizer that adds BOS (Gemma): [bos] ++ seq_len − 1 text tokens each, and
+//!              every text token is a target
 //! JSONL data : one `{"prompt": …, "response": …}` object per line;
 //!              ids = [bos] ++ tokens(prompt) ++ tokens(response) ++ [eos], cut to seq_len
 //!              (bos only when the tokenizer adds one); only the response's tokens (and the
@@ -293,11 +295,30 @@ impl CausalLmTask {
 
     /// Packed sequences of `seq_len` from a text; `keep_partial` keeps the shorter last piece
     /// (for evaluation, so no held-out token is dropped).
+    ///
+    /// When the tokenizer starts its inputs with BOS (Gemma, Llama 2), every sequence starts
+    /// with it and holds `seq_len − 1` text tokens: these models only ever saw text after BOS,
+    /// and without it Gemma 3's perplexity on plain English is in the thousands. BOS is context
+    /// only, and every text token is a target (the first one predicted from BOS alone).
+    /// A tokenizer without BOS (SmolLM2, GPT-2) packs the text as HF's `group_texts` does.
     pub fn text_examples(&self, text: &str, keep_partial: bool) -> Result<Vec<LmExample>> {
-        let chunks = tokenize_and_chunk(&self.tokenizer, text, self.seq_len, keep_partial)?;
+        let prefix = &self.prefix_ids;
+        let body = self.seq_len.saturating_sub(prefix.len());
+        if body == 0 {
+            return Err(PeftError::config(
+                "seq_len",
+                format!(
+                    "{} leaves no room for text after the tokenizer's {} leading special token(s)",
+                    self.seq_len,
+                    prefix.len()
+                ),
+            ));
+        }
+        let chunks = tokenize_and_chunk(&self.tokenizer, text, body, keep_partial)?;
         Ok(chunks
             .into_iter()
-            .filter(|c| c.len() >= 2)
+            .map(|chunk| [prefix.as_slice(), &chunk].concat())
+            .filter(|ids| ids.len() >= 2)
             .map(|ids| LmExample { ids, loss_from: 0 })
             .collect())
     }
