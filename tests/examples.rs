@@ -65,25 +65,39 @@ fn method_study_quick_runs_resumes_and_counts_parameters() {
         root: root.to_path_buf(),
     };
     let summary = method_study::run(options()).unwrap();
-    // Quick size: LoRA and SVFit, one rate, one seed, each a dev run and a test run.
-    let runs: Vec<_> = std::fs::read_dir(out.path().join("runs"))
+    // Quick size: LoRA and SVFit, one rate, one seed: each a dev run, and its adapter scored on
+    // the test split (the first seed is not trained twice).
+    let mut runs: Vec<_> = std::fs::read_dir(out.path().join("runs"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(runs.len(), 4, "{runs:?}");
-    let lora_file = runs
-        .iter()
-        .find(|r| r.starts_with("classify-test-lora-"))
-        .unwrap();
-    let lora: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.path().join("runs").join(lora_file)).unwrap(),
-    )
-    .unwrap();
+    runs.sort();
+    assert_eq!(
+        runs,
+        [
+            "classify-dev-lora-lr1e-3-s1.json",
+            "classify-dev-svfit-lr2e-2-s1.json",
+            "classify-test-lora-lr1e-3-s1-eval.json",
+            "classify-test-svfit-lr2e-2-s1-eval.json",
+        ]
+    );
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("runs").join(name)).unwrap())
+            .unwrap()
+    };
+    let lora = read(&runs[0]);
+    let scored = read(&runs[2]);
+    assert_eq!(scored["examples"], 32);
     // LoRA r = 8 on query and value of 6 layers (384 → 384): 12 · 8 · (384 + 384), plus the
     // classifier PEFT trains with it for SEQ_CLS (modules_to_save `classifier`: 384·2 + 2).
     let head = 384 * 2 + 2;
     assert_eq!(lora["trainable_parameters"], 12 * 8 * 768 + head);
-    let acc = lora["eval"]["accuracy"].as_f64().unwrap();
+    // The table's test accuracy is the scored adapter's.
+    let acc = scored["accuracy"].as_f64().unwrap();
+    assert!(
+        summary.contains(&format!("| {acc:.3} ± 0.000 |")),
+        "{summary}"
+    );
     assert!((0.0..=1.0).contains(&acc), "{acc}");
     assert_eq!(lora["losses"].as_array().unwrap().len(), 3);
     assert!(lora["peak_rss_mb"].as_f64().unwrap() > 10.0);
