@@ -36,6 +36,13 @@ mod chart;
 /// Rows of `data/sst2/train.tsv` held out as the dev part that picks learning rates.
 const DEV_ROWS: usize = 500;
 const SEEDS: [u64; 3] = [1, 2, 3];
+/// Tokens per sentence in the classification part, for training and scoring alike.
+const CLASSIFY_SEQ: &str = "64";
+
+/// The cache key of a classification run: `tag` is `dev` or `test`.
+fn classify_key(tag: &str, method: &str, lr: f64, seed: u64) -> String {
+    format!("classify-{tag}-{method}-lr{lr:e}-s{seed}")
+}
 
 /// One method as the study runs it: the CLI flags that set its budget, and its rate grid.
 struct MethodSpec {
@@ -353,7 +360,7 @@ fn classify(study: &Study) -> Result<Vec<ClassifyResult>> {
             "--batch",
             "16",
             "--seq",
-            "64",
+            CLASSIFY_SEQ,
             "--lr",
             &lr.to_string(),
             "--seed",
@@ -367,7 +374,7 @@ fn classify(study: &Study) -> Result<Vec<ClassifyResult>> {
         if m.calibrated {
             args.extend(["--calib-data".to_string(), train.clone()]);
         }
-        study.train(&format!("classify-{tag}-{}-lr{lr:e}-s{seed}", m.name), args)
+        study.train(&classify_key(tag, m.name, lr, seed), args)
     };
     let dev = data.join("dev.tsv").display().to_string();
     let test = data.join("test.tsv").display().to_string();
@@ -393,7 +400,7 @@ fn classify(study: &Study) -> Result<Vec<ClassifyResult>> {
                 // The first seed's dev run at the chosen rate is the same training: score its
                 // saved adapter on the test split instead of training it again.
                 let mut record = run(m, lr, seed, &dev, "dev")?;
-                let key = format!("classify-dev-{}-lr{lr:e}-s{seed}", m.name);
+                let key = classify_key("dev", m.name, lr, seed);
                 let adapter = study.out.join("work").join(&key).join("adapter");
                 let args: Vec<String> = [
                     "eval",
@@ -404,7 +411,7 @@ fn classify(study: &Study) -> Result<Vec<ClassifyResult>> {
                     "--data",
                     &test,
                     "--seq",
-                    "64",
+                    CLASSIFY_SEQ,
                     "--adapter",
                     &adapter.display().to_string(),
                     "--json",
@@ -412,7 +419,7 @@ fn classify(study: &Study) -> Result<Vec<ClassifyResult>> {
                 .map(String::from)
                 .to_vec();
                 let scored = study.cached(
-                    &format!("classify-test-{}-lr{lr:e}-s{seed}-eval", m.name),
+                    &format!("{}-eval", classify_key("test", m.name, lr, seed)),
                     &study.bin,
                     &args,
                 )?;
@@ -581,7 +588,7 @@ fn report(
     if !cls.is_empty() {
         writeln!(
             md,
-            "## Classification: MiniLM on SST-2 ({} steps, batch 16, seq 64)\n",
+            "## Classification: MiniLM on SST-2 ({} steps, batch 16, seq {CLASSIFY_SEQ})\n",
             study.sizes.classify_steps
         )?;
         writeln!(
