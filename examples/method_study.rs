@@ -6,8 +6,9 @@
 //!   grid of three on the dev part (seed 1), then trains with that rate for seeds 2 and 3 (seed
 //!   1's dev run at that rate is the same training, so its saved adapter is reused); all three
 //!   are scored on `data/sst2/valid.tsv`. Same steps, batch, sequence length and schedule for all.
-//! - **lm**: a causal LM (Gemma 3 270M by default) on `data/shakespeare/train.txt`, one seed and
-//!   the two lowest rates of each method's grid; held-out perplexity on the start of
+//! - **lm**: a causal LM (Gemma 3 270M by default) on `data/shakespeare/train.txt`, one seed at
+//!   the lowest rate of each method's grid (with two rates, the lower one won for every method,
+//!   so the second is not run); held-out perplexity on the start of
 //!   `data/shakespeare/valid.txt`, and forgetting: perplexity before and after on SST-2
 //!   movie-review sentences (outside the fine-tuning domain), the knowledge CorDA's KPM mode
 //!   claims to keep.
@@ -15,11 +16,12 @@
 //!
 //! Every finished run is a JSON file in `OUT/runs/`; a rerun skips it, so an interrupted study
 //! resumes. `OUT/summary.md` gets the tables (mean ± std over seeds), `OUT/*.png` the plots.
+//! Runs go `--jobs` at a time (2 by default on two or more cores), one thread each.
 //!
 //! Run: `bash scripts/fetch-models.sh && cargo build --release --bin candle-peft --example
 //! conv_adapters && cargo run --release --example method_study [-- --quick] [--out DIR]
-//! [--parts classify,lm,conv] [--lm-model PATH]`. `--quick` is a smoke run: two methods, a few
-//! steps, one seed, small evaluation sets.
+//! [--parts classify,lm,conv] [--lm-model PATH] [--jobs N]`. `--quick` is a smoke run: two
+//! methods, a few steps, one seed, small evaluation sets.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -50,7 +52,7 @@ struct MethodSpec {
     name: &'static str,
     method: &'static str,
     flags: &'static [&'static str],
-    /// Learning rates tried on the dev part (classification); the LM run uses the middle one.
+    /// Learning rates tried on the dev part (classification); the LM run uses the lowest.
     lrs: [f64; 3],
     /// Needs `--calib-data` (EVA, CorDA).
     calibrated: bool,
@@ -174,10 +176,10 @@ impl Sizes {
             }
         } else {
             Self {
-                classify_steps: 120,
-                lm_steps: 40,
+                classify_steps: 100,
+                lm_steps: 30,
                 lm_seq: 64,
-                lm_rates: 2,
+                lm_rates: 1,
                 eval_rows: None,
                 lm_eval_chars: 6000,
                 ood_sentences: 150,
@@ -195,6 +197,8 @@ struct Study {
     out: PathBuf,
     bin: PathBuf,
     sizes: Sizes,
+    /// Runs at once; each child gets one thread when there are several.
+    jobs: usize,
 }
 
 impl Study {
@@ -211,7 +215,8 @@ impl Study {
         }
         eprintln!("method_study: {key}");
         let started = Instant::now();
-        let (stdout, peak_rss_mb) = run_child(program, args, &self.root)
+        let threads = (self.jobs > 1).then_some(1);
+        let (stdout, peak_rss_mb) = run_child(program, args, &self.root, threads)
             .with_context(|| format!("run {key}: {} {}", program.display(), args.join(" ")))?;
         let mut record: Value = stdout
             .lines()
@@ -250,14 +255,23 @@ impl Study {
 
 /// Runs a child process to its end; its stdout and its own peak resident memory (`wait4`'s
 /// rusage: `getrusage(RUSAGE_CHILDREN)` only keeps the largest child so far).
-fn run_child(program: &Path, args: &[String], cwd: &Path) -> Result<(String, f64)> {
+fn run_child(
+    program: &Path,
+    args: &[String],
+    cwd: &Path,
+    threads: Option<usize>,
+) -> Result<(String, f64)> {
     use std::io::Read;
-    let mut child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .current_dir(cwd)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
+        .stderr(Stdio::inherit());
+    if let Some(n) = threads {
+        command.env("RAYON_NUM_THREADS", n.to_string());
+    }
+    let mut child = command.spawn()?;
     let mut stdout = String::new();
     child
         .stdout
@@ -294,6 +308,44 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 }
 
 /// Writes the first `rows` data rows of a TSV (header kept) to `to`.
+/// `f` over `items` on `jobs` threads, each taking the next item when it is free; the results
+/// come back in `items`' order. The first error stops the handing out of further items.
+fn in_parallel<T: Sync, R: Send>(
+    jobs: usize,
+    items: &[T],
+    f: impl Fn(&T) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let slots: Vec<Mutex<Option<Result<R>>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, items.len().max(1)) {
+            scope.spawn(|| {
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let result = f(item);
+                    failed.fetch_or(result.is_err(), Ordering::Relaxed);
+                    if let Ok(mut slot) = slots[i].lock() {
+                        *slot = Some(result);
+                    }
+                }
+            });
+        }
+    });
+    let mut out = Vec::with_capacity(items.len());
+    for (i, slot) in slots.into_iter().enumerate() {
+        match slot.into_inner() {
+            Ok(Some(r)) => out.push(r?),
+            Ok(None) => bail!("run {i} was not started: an earlier run failed"),
+            Err(_) => bail!("run {i} panicked"),
+        }
+    }
+    Ok(out)
+}
+
 fn head_tsv(from: &Path, to: &Path, skip: usize, rows: Option<usize>) -> Result<()> {
     let text = std::fs::read_to_string(from).with_context(|| format!("{}", from.display()))?;
     let mut lines = text.lines();
@@ -378,63 +430,96 @@ fn classify(study: &Study) -> Result<Vec<ClassifyResult>> {
     };
     let dev = data.join("dev.tsv").display().to_string();
     let test = data.join("test.tsv").display().to_string();
-    let mut results = Vec::new();
-    for m in &s.methods {
-        let mut grid = Vec::new();
-        for &lr in m.lrs.iter().take(s.grid) {
-            let r = run(m, lr, SEEDS[0], &dev, "dev")?;
-            grid.push((lr, f64_at(&r, &["eval", "accuracy"])));
+    // The queue runs the methods in reverse so the slowest (SALT) starts first and no worker
+    // is left alone with it at the end.
+    let grid_runs: Vec<(usize, f64)> = (0..s.methods.len())
+        .rev()
+        .flat_map(|i| s.methods[i].lrs.iter().take(s.grid).map(move |&lr| (i, lr)))
+        .collect();
+    let grid_acc = in_parallel(study.jobs, &grid_runs, |&(i, lr)| {
+        let r = run(s.methods[i], lr, SEEDS[0], &dev, "dev")?;
+        Ok(f64_at(&r, &["eval", "accuracy"]))
+    })?;
+    let grids: Vec<Vec<(f64, f64)>> = (0..s.methods.len())
+        .map(|i| {
+            let mut grid: Vec<(f64, f64)> = grid_runs
+                .iter()
+                .zip(&grid_acc)
+                .filter(|((m, _), _)| *m == i)
+                .map(|(&(_, lr), &acc)| (lr, acc))
+                .collect();
+            grid.sort_by(|a, b| a.0.total_cmp(&b.0));
+            grid
+        })
+        .collect();
+    let chosen: Vec<f64> = s
+        .methods
+        .iter()
+        .zip(&grids)
+        .map(|(m, grid)| {
+            grid.iter()
+                .copied()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map_or(m.lrs[0], |(lr, _)| lr)
+        })
+        .collect();
+    let seed_runs: Vec<(usize, u64)> = (0..s.methods.len())
+        .rev()
+        .flat_map(|i| s.seeds.iter().map(move |&seed| (i, seed)))
+        .collect();
+    let seed_records = in_parallel(study.jobs, &seed_runs, |&(i, seed)| {
+        let (m, lr) = (s.methods[i], chosen[i]);
+        if seed != SEEDS[0] {
+            return run(m, lr, seed, &test, "test");
         }
-        let lr = grid
-            .iter()
-            .copied()
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map_or(m.lrs[0], |(lr, _)| lr);
-        let seeds = s
-            .seeds
-            .iter()
-            .map(|&seed| {
-                if seed != SEEDS[0] {
-                    return run(m, lr, seed, &test, "test");
-                }
-                // The first seed's dev run at the chosen rate is the same training: score its
-                // saved adapter on the test split instead of training it again.
-                let mut record = run(m, lr, seed, &dev, "dev")?;
-                let key = classify_key("dev", m.name, lr, seed);
-                let adapter = study.out.join("work").join(&key).join("adapter");
-                let args: Vec<String> = [
-                    "eval",
-                    "--model",
-                    &model,
-                    "--task",
-                    "classify",
-                    "--data",
-                    &test,
-                    "--seq",
-                    CLASSIFY_SEQ,
-                    "--adapter",
-                    &adapter.display().to_string(),
-                    "--json",
-                ]
-                .map(String::from)
-                .to_vec();
-                let scored = study.cached(
-                    &format!("{}-eval", classify_key("test", m.name, lr, seed)),
-                    &study.bin,
-                    &args,
-                )?;
-                record["eval"] = scored;
-                Ok(record)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        results.push(ClassifyResult {
-            name: m.name,
-            lr,
-            dev: grid,
-            seeds,
-        });
+        // The first seed's dev run at the chosen rate is the same training: score its saved
+        // adapter on the test split instead of training it again.
+        let mut record = run(m, lr, seed, &dev, "dev")?;
+        let key = classify_key("dev", m.name, lr, seed);
+        let adapter = study.out.join("work").join(&key).join("adapter");
+        let args: Vec<String> = [
+            "eval",
+            "--model",
+            &model,
+            "--task",
+            "classify",
+            "--data",
+            &test,
+            "--seq",
+            CLASSIFY_SEQ,
+            "--adapter",
+            &adapter.display().to_string(),
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec();
+        let scored = study.cached(
+            &format!("{}-eval", classify_key("test", m.name, lr, seed)),
+            &study.bin,
+            &args,
+        )?;
+        record["eval"] = scored;
+        Ok(record)
+    })?;
+    let mut by_method: Vec<Vec<(u64, Value)>> = vec![Vec::new(); s.methods.len()];
+    for (&(i, seed), record) in seed_runs.iter().zip(seed_records) {
+        by_method[i].push((seed, record));
     }
-    Ok(results)
+    Ok(s.methods
+        .iter()
+        .zip(grids)
+        .zip(chosen)
+        .zip(by_method)
+        .map(|(((m, dev), lr), mut seeds)| {
+            seeds.sort_by_key(|(seed, _)| *seed);
+            ClassifyResult {
+                name: m.name,
+                lr,
+                dev,
+                seeds: seeds.into_iter().map(|(_, r)| r).collect(),
+            }
+        })
+        .collect())
 }
 
 /// One method's LM outcome: the training record and the out-of-domain perplexity after.
@@ -485,60 +570,81 @@ fn language_model(study: &Study, lm_model: &str) -> Result<(f64, f64, Vec<LmResu
             &["perplexity"],
         ))
     };
-    let base_valid = eval("lm-base-valid", None, "lm_valid.txt")?;
-    let base_ood = eval("lm-base-ood", None, "lm_ood.txt")?;
+    let base = in_parallel(
+        study.jobs,
+        &[
+            ("lm-base-valid", "lm_valid.txt"),
+            ("lm-base-ood", "lm_ood.txt"),
+        ],
+        |&(key, file)| eval(key, None, file),
+    )?;
+    let (base_valid, base_ood) = (base[0], base[1]);
     let train = study
         .root
         .join("data/shakespeare/train.txt")
         .display()
         .to_string();
-    let mut results = Vec::new();
-    for m in &s.methods {
-        for &lr in m.lrs.iter().take(s.lm_rates) {
-            let key = format!("lm-{}-lr{lr:e}", m.name);
-            let mut args: Vec<String> = [
-                "--model",
-                lm_model,
-                "--task",
-                "causal-lm",
-                "--data",
-                &train,
-                "--method",
-                m.method,
-                "--steps",
-                &s.lm_steps.to_string(),
-                "--batch",
-                "4",
-                "--seq",
-                &s.lm_seq.to_string(),
-                "--lr",
-                &lr.to_string(),
-                "--seed",
-                "1",
-                "--eval-data",
-                &path("lm_valid.txt"),
-            ]
-            .map(String::from)
-            .to_vec();
-            args.extend(m.flags.iter().map(|f| f.to_string()));
-            if m.calibrated {
-                args.extend(["--calib-data".to_string(), train.clone()]);
-            }
-            let record = study.train(&key, args)?;
-            let adapter = study.out.join("work").join(&key).join("adapter");
-            let ood_after = eval(
-                &format!("{key}-ood"),
-                Some(&adapter.display().to_string()),
-                "lm_ood.txt",
-            )?;
-            results.push(LmResult {
+    let lm_runs: Vec<(usize, f64)> = (0..s.methods.len())
+        .rev()
+        .flat_map(|i| {
+            s.methods[i]
+                .lrs
+                .iter()
+                .take(s.lm_rates)
+                .map(move |&lr| (i, lr))
+        })
+        .collect();
+    let mut results = in_parallel(study.jobs, &lm_runs, |&(i, lr)| {
+        let m = s.methods[i];
+        let key = format!("lm-{}-lr{lr:e}", m.name);
+        let mut args: Vec<String> = [
+            "--model",
+            lm_model,
+            "--task",
+            "causal-lm",
+            "--data",
+            &train,
+            "--method",
+            m.method,
+            "--steps",
+            &s.lm_steps.to_string(),
+            "--batch",
+            "4",
+            "--seq",
+            &s.lm_seq.to_string(),
+            "--lr",
+            &lr.to_string(),
+            "--seed",
+            "1",
+            "--eval-data",
+            &path("lm_valid.txt"),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(m.flags.iter().map(|f| f.to_string()));
+        if m.calibrated {
+            args.extend(["--calib-data".to_string(), train.clone()]);
+        }
+        let record = study.train(&key, args)?;
+        let adapter = study.out.join("work").join(&key).join("adapter");
+        let ood_after = eval(
+            &format!("{key}-ood"),
+            Some(&adapter.display().to_string()),
+            "lm_ood.txt",
+        )?;
+        Ok((
+            i,
+            LmResult {
                 name: m.name,
                 lr,
                 record,
                 ood_after,
-            });
-        }
-    }
+            },
+        ))
+    })?;
+    // Tables list the methods in their usual order, not the queue's.
+    results.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.lr.total_cmp(&b.1.lr)));
+    let results = results.into_iter().map(|(_, r)| r).collect();
     Ok((base_valid, base_ood, results))
 }
 
@@ -551,9 +657,11 @@ fn conv(study: &Study) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
         );
     }
     let mut by_method: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    for &seed in &study.sizes.seeds {
+    let records = in_parallel(study.jobs, &study.sizes.seeds, |&seed| {
         let args = vec!["--seed".to_string(), seed.to_string(), "--json".to_string()];
-        let r = study.cached(&format!("conv-s{seed}"), &exe, &args)?;
+        study.cached(&format!("conv-s{seed}"), &exe, &args)
+    })?;
+    for r in &records {
         for run in r["runs"].as_array().into_iter().flatten() {
             let name = run["name"].as_str().unwrap_or("?").to_string();
             let params = f64_at(run, &["adapter_params"]);
@@ -799,6 +907,10 @@ pub struct Options {
     pub bin: PathBuf,
     /// The repository root (models/ and data/).
     pub root: PathBuf,
+    /// Runs at once. With more than one, each run gets one thread: on two cores, two
+    /// one-thread runs side by side finish the study about a third sooner than one two-thread
+    /// run at a time, since these small matmuls gain little from a second thread.
+    pub jobs: usize,
 }
 
 /// Runs (or resumes) the study and writes its report; returns the summary's markdown.
@@ -814,6 +926,7 @@ pub fn run(o: Options) -> Result<String> {
         out: o.out,
         bin: o.bin,
         sizes: Sizes::new(o.quick),
+        jobs: o.jobs.max(1),
     };
     let want = |p: &str| o.parts.split(',').any(|x| x == p);
     let cls = if want("classify") {
@@ -840,6 +953,7 @@ fn main() -> Result<()> {
     let mut quick = false;
     let mut out = None;
     let mut parts = "classify,lm,conv".to_string();
+    let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let mut lm_model = root
         .join("models/gemma-3-270m-q4_k_m.gguf")
         .display()
@@ -851,6 +965,13 @@ fn main() -> Result<()> {
             "--out" => out = Some(PathBuf::from(args.next().context("--out needs a folder")?)),
             "--parts" => parts = args.next().context("--parts needs a list")?,
             "--lm-model" => lm_model = args.next().context("--lm-model needs a path")?,
+            "--jobs" => {
+                jobs = args
+                    .next()
+                    .context("--jobs needs a number")?
+                    .parse()
+                    .context("--jobs needs a number")?
+            }
             other => bail!("unknown argument `{other}`"),
         }
     }
@@ -877,6 +998,7 @@ fn main() -> Result<()> {
         lm_model,
         bin,
         root,
+        jobs,
     })?;
     print!("{summary}");
     println!(

@@ -63,6 +63,8 @@ fn method_study_quick_runs_resumes_and_counts_parameters() {
         lm_model: String::new(),
         bin: env!("CARGO_BIN_EXE_candle-peft").into(),
         root: root.to_path_buf(),
+        // Two at once, as the full study runs: the results come back in method order.
+        jobs: 2,
     };
     let summary = method_study::run(options()).unwrap();
     // Quick size: LoRA and SVFit, one rate, one seed: each a dev run, and its adapter scored on
