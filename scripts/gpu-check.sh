@@ -2,14 +2,16 @@
 # The prepared check of the GPU path, in two halves: build here, run on a lent GPU machine
 # (CUDA 13 driver, torch, transformers, peft; no Rust toolchain, no internet).
 #
-#   bash scripts/gpu-check.sh build   # here: a stripped release binary with --features cuda,
+#   bash scripts/gpu-check.sh build   # here: a stripped release binary with --features nccl,
 #                                     # dist/candle-peft-cuda.gz (git-ignored; carry "dist")
 #   bash scripts/gpu-check.sh run     # there: checks it against our CPU path and PEFT
 #
 # `run` puts torch's CUDA 13 libraries (the nvidia-* wheels beside torch: cuBLAS, cuRAND, NVRTC,
 # the runtime) on LD_LIBRARY_PATH, shows what the binary still cannot resolve, then runs
 # scripts/gpu_check.py: LoRA training, forward, backward and merge on a seeded random tiny Llama
-# and BERT, cpu against cuda and against PEFT, and LoRA steps in bf16 timed beside PEFT's.
+# and BERT, cpu against cuda and against PEFT, the NCCL data-parallel path at world size 1
+# against the plain cuda run, and LoRA steps in bf16 timed beside PEFT's. torch's NCCL wheel
+# (nvidia-nccl-cu13) provides libnccl.so.2.
 # Results: one PASS/FAIL line per check, and out/gpu-check/gpu-check.json (GPU_CHECK_WORK moves
 # the folder), copied with the log to $OUT when the device tool sets it. Not yet timed on a GPU:
 # expected a few minutes, most of it the speed comparison (GPU_CHECK_ARGS=--skip-speed leaves
@@ -21,8 +23,9 @@ bin=${CANDLE_PEFT_BIN:-dist/candle-peft-cuda}
 
 case ${1:-} in
 build)
-    eval "$(bash scripts/cuda-toolchain.sh)"
-    cargo build --release --features cuda --bin candle-peft
+    # nccl is cuda plus the data-parallel path, whose world-size-1 run the check includes.
+    eval "$(CANDLE_PEFT_CUDA_NCCL=1 bash scripts/cuda-toolchain.sh)"
+    cargo build --release --features nccl --bin candle-peft
     # Stripped it is ~76 MB, over what one run carries (64 MiB with the tree); gzip makes ~19 MB.
     mkdir -p "$(dirname "$bin")"
     target=${CARGO_TARGET_DIR:-target}

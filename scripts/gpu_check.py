@@ -198,6 +198,24 @@ def llama(bin_, out, steps):
     compare_merge("llama", model, f"{out}/llama-cuda/merged")
 
 
+@check("nccl")
+def nccl(bin_, out, steps):
+    # The data-parallel path (--world-size, NCCL all-reduce of the adapter gradients) with one
+    # rank: the same losses and adapter as the plain cuda run, since a one-rank sum is exact.
+    d = make_llama(f"{out}/tiny-llama-nccl", 128, 256, 2, 4, 2, 256, 4000)
+    data = f"{d}/train.txt"
+    args = ["--steps", str(steps), "--batch", "4", "--seq", "64", "--lr", "1e-2"]
+    plain = train(bin_, d, "causal-lm", data, f"{out}/nccl-plain", "cuda", args)
+    one = train(bin_, d, "causal-lm", data, f"{out}/nccl-w1", "cuda", [*args, "--world-size", "1"])
+    worst_loss = max(rel(a, b) for a, b in zip(plain["losses"], one["losses"]))
+    record("nccl/world-size-1-losses", len(plain["losses"]) == len(one["losses"]) and
+           worst_loss < TOL, plain=plain["losses"], nccl=one["losses"], max_rel=worst_loss)
+    a = load_file(f"{out}/nccl-plain/adapter/adapter_model.safetensors")
+    b = load_file(f"{out}/nccl-w1/adapter/adapter_model.safetensors")
+    worst = max_rel_tensors(a, b)
+    record("nccl/world-size-1-adapter", worst < TOL, tensors=len(a), max_rel=worst)
+
+
 @check("bert")
 def bert(bin_, out, steps):
     from peft import PeftModel
@@ -285,6 +303,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
     llama(a.bin, a.out, a.steps)
+    nccl(a.bin, a.out, a.steps)
     bert(a.bin, a.out, a.steps)
     if not a.skip_speed:
         speed(a.bin, a.out, a.speed_steps, a.speed_batch, a.speed_seq)

@@ -1,6 +1,7 @@
 //! The CLI under bad input and faults: an oversized batch, a locked or reused `--out`, stale and
 //! foreign checkpoints, unwritable outputs, non-finite or integer adapter weights, disagreeing
-//! label maps, misleading messages and help texts, and resume with dropout.
+//! label maps, misleading messages and help texts, resume with dropout, and the data-parallel
+//! flags.
 mod common;
 
 use std::fs;
@@ -185,6 +186,37 @@ fn stale_and_foreign_checkpoints_are_refused() {
     // --overwrite starts afresh and removes the old checkpoints.
     run_ok(&mut train(&data, &out, &["--steps", "1", "--overwrite"]));
     assert!(!out.join("checkpoint-1").exists() && !out.join("checkpoint-2").exists());
+}
+
+#[test]
+fn world_size_flags_are_checked_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::sst2_subset(tmp.path(), "train.tsv", 8);
+    let out = tmp.path().join("run");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--world-size", "0"],
+            "--world-size must be at least 1 (got 0)",
+        ),
+        (
+            &["--world-rank", "1"],
+            "--world-rank is set by `--world-size`'s launcher",
+        ),
+        (
+            &["--world-size", "2", "--world-rank", "2"],
+            "--world-rank 2 is not below --world-size 2",
+        ),
+        // This suite's binary is the CPU build.
+        (
+            &["--world-size", "2"],
+            "needs a binary built with `--features nccl`",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let e = run_err(&mut train(&data, &out, flags));
+        assert!(e.contains(expected), "{flags:?}: {e}");
+        assert!(!out.exists(), "{flags:?} touched --out");
+    }
 }
 
 #[test]

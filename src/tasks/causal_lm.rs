@@ -263,6 +263,11 @@ impl CausalLmTask {
         self.seq_len
     }
 
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Adds a fresh adapter with `task_type` CAUSAL_LM.
     pub fn add_adapter(&mut self, name: &str, config: impl Into<AdapterConfig>) -> Result<()> {
         let mut config = config.into();

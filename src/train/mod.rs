@@ -53,8 +53,11 @@
 
 mod checkpoint;
 mod config;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod optimizer;
 mod outdir;
+pub mod parallel;
 mod progress;
 mod report;
 mod rng;
@@ -68,6 +71,7 @@ pub use checkpoint::{
 };
 pub use config::{OptimizerKind, TrainConfig};
 pub use outdir::{LOCK_FILE, OutputLock, prepare_output_dir};
+pub use parallel::{Collective, ThreadGroup, ThreadRank};
 pub use report::TrainReport;
 pub use rng::{adapter_rng_states, decode_rng, encode_rng, restore_adapter_rng_states};
 pub use task::{EvalRecord, EvalReport, TrainTask, check_eval_loss};

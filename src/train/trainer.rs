@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor, Var};
 use super::checkpoint::{TrainerState, restore_checkpoint, save_checkpoint};
 use super::config::TrainConfig;
 use super::optimizer::Optimizer;
+use super::parallel::{Collective, all_reduce_step, broadcast_from_rank0};
 use super::progress::{Progress, eval_line};
 use super::report::TrainReport;
 use super::sampler::Sampler;
@@ -39,8 +40,50 @@ impl Trainer {
         eval: Option<&[T::Example]>,
     ) -> Result<TrainReport> {
         self.config.validate()?;
-        let mut run = Run::resume_or_start(&self.config, task, train, eval)?;
-        for step in run.report.start_step..self.config.steps {
+        Self::steps(Run::resume_or_start(&self.config, task, train, eval, None)?)
+    }
+
+    /// Trains as one rank of a data-parallel run (see [`super::parallel`]): every rank calls
+    /// this with the same config, task setup and `train`, and its own `ranks` handle. The
+    /// trainable vars start as rank 0's on every rank. Rank 0 evaluates, checkpoints and
+    /// reports progress; the other ranks do none of that (their report has no evals or
+    /// checkpoints). A resume reads the same checkpoint on every rank.
+    pub fn run_data_parallel<T: TrainTask>(
+        &self,
+        task: &T,
+        train: &[T::Example],
+        eval: Option<&[T::Example]>,
+        ranks: &dyn Collective,
+    ) -> Result<TrainReport> {
+        self.config.validate()?;
+        if ranks.rank() >= ranks.world_size() {
+            return Err(PeftError::config(
+                "rank",
+                format!(
+                    "{} is not below the world size {}",
+                    ranks.rank(),
+                    ranks.world_size()
+                ),
+            ));
+        }
+        let quiet = TrainConfig {
+            quiet: true,
+            eval_every: None,
+            checkpoint_every: None,
+            out_dir: None,
+            ..self.config.clone()
+        };
+        let run = if ranks.rank() == 0 {
+            Run::resume_or_start(&self.config, task, train, eval, Some(ranks))?
+        } else {
+            Run::resume_or_start(&quiet, task, train, None, Some(ranks))?
+        };
+        broadcast_from_rank0(ranks, &run.vars)?;
+        Self::steps(run)
+    }
+
+    fn steps<T: TrainTask>(mut run: Run<'_, T>) -> Result<TrainReport> {
+        for step in run.report.start_step..run.cfg.steps {
             let global = run.train_step(step)?;
             run.maybe_eval(global)?;
             run.maybe_checkpoint(global)?;
@@ -75,6 +118,8 @@ struct Run<'a, T: TrainTask> {
     report: TrainReport,
     progress: Progress,
     started: Instant,
+    /// The other ranks of a data-parallel run; `None` trains alone.
+    ranks: Option<&'a dyn Collective>,
 }
 
 impl<'a, T: TrainTask> Run<'a, T> {
@@ -85,6 +130,7 @@ impl<'a, T: TrainTask> Run<'a, T> {
         task: &'a T,
         train: &'a [T::Example],
         eval: Option<&'a [T::Example]>,
+        ranks: Option<&'a dyn Collective>,
     ) -> Result<Self> {
         let vars = task.trainable_vars();
         if vars.is_empty() {
@@ -152,6 +198,7 @@ impl<'a, T: TrainTask> Run<'a, T> {
             report,
             progress,
             started,
+            ranks,
         })
     }
 
@@ -208,13 +255,22 @@ impl<'a, T: TrainTask> Run<'a, T> {
     }
 
     /// The mean gradient over `grad_accum` micro-batches, the sum of their losses and their
-    /// token count. A non-finite loss stops the run before any update.
+    /// token count; in a data-parallel run, over every rank's (see [`super::parallel`]). A
+    /// non-finite loss stops the run before any update.
     fn accumulate(&mut self, global: usize) -> Result<(GradStore, f64, usize)> {
         let mut acc = GradAccumulator::new(&self.vars);
         let mut loss_sum = 0.0;
         let mut tokens = 0;
+        let (rank, world) = self.ranks.map_or((0, 1), |r| (r.rank(), r.world_size()));
         for _ in 0..self.cfg.grad_accum {
-            let idx = self.sampler.next_batch(self.batch_size);
+            // Every rank draws every rank's micro-batch, so the stream stays the same on all.
+            let mut idx = Vec::new();
+            for r in 0..world {
+                let drawn = self.sampler.next_batch(self.batch_size);
+                if r == rank {
+                    idx = drawn;
+                }
+            }
             let batch: Vec<&T::Example> = idx.iter().map(|&i| &self.train[i]).collect();
             let (loss, n_tokens) = self.task.loss(&batch)?;
             let loss = match self.task.regularization_loss()? {
@@ -233,7 +289,11 @@ impl<'a, T: TrainTask> Run<'a, T> {
             loss_sum += value;
             tokens += n_tokens;
         }
-        Ok((acc.finish()?, loss_sum, tokens))
+        let grads = acc.finish()?;
+        match self.ranks {
+            Some(ranks) => all_reduce_step(ranks, &self.vars, grads, loss_sum, tokens),
+            None => Ok((grads, loss_sum, tokens)),
+        }
     }
 
     /// Evaluates after `global` when eval examples are given and it is an `eval_every` step or

@@ -46,6 +46,15 @@ pub struct TrainArgs {
     /// binary built with `--features cuda`.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: DeviceArg,
+    /// Data-parallel training over NCCL on this many GPUs, one process each (rank r on
+    /// cuda:N+r for --device cuda:N): every step covers --batch × --grad-accum examples per GPU,
+    /// the adapter gradients are summed across GPUs, and only the first process writes --out.
+    /// 1 runs the same path on one GPU. Needs a binary built with `--features nccl`.
+    #[arg(long = "world-size")]
+    pub world_size: Option<usize>,
+    /// The rank of a process that --world-size started (its launcher sets it).
+    #[arg(long = "world-rank", hide = true)]
+    pub world_rank: Option<usize>,
     /// What to train: classify or causal-lm.
     #[arg(long)]
     pub task: String,
@@ -412,7 +421,7 @@ fn run_identity(args: &TrainArgs) -> BTreeMap<String, String> {
     }
     let data = std::fs::canonicalize(&args.data).unwrap_or_else(|_| args.data.clone());
     let data_bytes = std::fs::metadata(&args.data).map(|m| m.len()).unwrap_or(0);
-    BTreeMap::from([
+    let mut identity = BTreeMap::from([
         ("task".to_string(), args.task.clone()),
         ("model".to_string(), args.model.clone()),
         ("method".to_string(), args.method.clone()),
@@ -420,7 +429,12 @@ fn run_identity(args: &TrainArgs) -> BTreeMap<String, String> {
         ("data".to_string(), data.display().to_string()),
         ("data_bytes".to_string(), data_bytes.to_string()),
         ("seq".to_string(), args.seq.to_string()),
-    ])
+    ]);
+    // More ranks draw more micro-batches per step: a checkpoint only resumes on as many.
+    if let Some(w) = args.world_size.filter(|&w| w > 1) {
+        identity.insert("world_size".to_string(), w.to_string());
+    }
+    identity
 }
 
 /// FNV-1a 64 of `bytes`, in hex: a stable fingerprint (not a security hash).

@@ -14,12 +14,13 @@ use candle_peft::tasks::TaskOptions;
 use candle_peft::tasks::causal_lm::{CausalLmTask, DEFAULT_TARGET_MODULES};
 use serde_json::json;
 
+use super::ranks::{self, Plan};
 use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, train_config};
 use crate::cli::calibration::add_causal_adapter;
 use crate::cli::output::{TrainOutcome, lm_eval_json, print_train};
 
 /// `train --task causal-lm`.
-pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+pub fn run(args: TrainArgs, plan: Option<&Plan>) -> anyhow::Result<()> {
     let method = check_method(&args.method)?;
     check_args(&args)?;
     let config = adapter_config(&args, method, &DEFAULT_TARGET_MODULES)?;
@@ -27,7 +28,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         seq_len: args.seq,
         seed: args.seed,
         base_dtype: args.base_dtype,
-        device: args.device.open()?,
+        device: plan.map_or(args.device, |p| p.device(args.device)).open()?,
         ..TaskOptions::default()
     };
     // The template is looked up before the model loads: a model without one fails at once.
@@ -71,7 +72,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     let trainer = Trainer::new(train_config(&args, steps))?;
-    let report = trainer.run(&task, &train, eval.as_deref())?;
+    let report = match ranks::join(plan, task.device())? {
+        Some(group) => trainer.run_data_parallel(&task, &train, eval.as_deref(), group.as_ref())?,
+        None => trainer.run(&task, &train, eval.as_deref())?,
+    };
+    if !Plan::writes_output(plan) {
+        return Ok(());
+    }
 
     let adapter_dir = super::save_adapter(&args, |dir| task.save_adapter(dir))?;
     let final_eval = match &eval {

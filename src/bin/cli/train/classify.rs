@@ -13,6 +13,7 @@ use candle_peft::train::EvalReport;
 use candle_peft::{TrainTask, Trainer};
 use serde_json::{Value, json};
 
+use super::ranks::{self, Plan};
 use crate::cli::args::{TrainArgs, adapter_config, check_args, check_method, train_config};
 use crate::cli::calibration::add_classify_adapter;
 use crate::cli::output::{TrainOutcome, print_train};
@@ -34,7 +35,7 @@ fn read_data(path: &Path, labels: Option<&[String]>, what: &str) -> anyhow::Resu
 }
 
 /// `train --task classify`.
-pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+pub fn run(args: TrainArgs, plan: Option<&Plan>) -> anyhow::Result<()> {
     let method = check_method(&args.method)?;
     check_args(&args)?;
     if args.chat_template {
@@ -56,7 +57,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         seq_len: args.seq,
         seed: args.seed,
         base_dtype: args.base_dtype,
-        device: args.device.open()?,
+        device: plan.map_or(args.device, |p| p.device(args.device)).open()?,
         ..TaskOptions::default()
     };
     let mut task = ClassifyTask::from_pretrained(&args.model, &labels, opts)
@@ -82,11 +83,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     let trainer = Trainer::new(train_config(&args, steps))?;
-    let report = trainer.run(
-        &task,
-        &train.examples,
-        eval.as_ref().map(|d| d.examples.as_slice()),
-    )?;
+    let eval_examples = eval.as_ref().map(|d| d.examples.as_slice());
+    let report = match ranks::join(plan, task.device())? {
+        Some(group) => {
+            trainer.run_data_parallel(&task, &train.examples, eval_examples, group.as_ref())?
+        }
+        None => trainer.run(&task, &train.examples, eval_examples)?,
+    };
+    if !Plan::writes_output(plan) {
+        return Ok(());
+    }
 
     let adapter_dir = super::save_adapter(&args, |dir| task.save_adapter(dir))?;
     let final_eval = match &eval {

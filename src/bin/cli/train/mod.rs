@@ -6,6 +6,7 @@
 
 mod causal;
 mod classify;
+mod ranks;
 
 use std::path::{Path, PathBuf};
 
@@ -15,10 +16,20 @@ use super::args::{Task, TrainArgs};
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let task = args.task.parse::<Task>()?;
-    let _out = super::args::prepare_output(&args)?;
+    ranks::check(&args)?;
+    // The ranks a data-parallel run starts leave --out to rank 0.
+    let _out = match args.world_rank {
+        Some(r) if r > 0 => None,
+        _ => Some(super::args::prepare_output(&args)?),
+    };
+    let (plan, launched) = ranks::launch(&args)?;
     match task {
-        Task::Classify => classify::run(args),
-        Task::CausalLm => causal::run(args),
+        Task::Classify => classify::run(args, plan.as_ref())?,
+        Task::CausalLm => causal::run(args, plan.as_ref())?,
+    }
+    match launched {
+        Some(l) => l.finish(),
+        None => Ok(()),
     }
 }
 
