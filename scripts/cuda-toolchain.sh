@@ -87,6 +87,12 @@ for lib in "$prefix"/lib/lib*.so.*; do
     [ -e "$link" ] || ln -s "$base" "$link"
 done
 
+# NCCL's wheel unpacks beside the others (nvidia/nccl/lib, not nvidia/cu13/lib): -lnccl finds it
+# through a link in the one library folder the linker searches.
+if [ -f "$dest/nvidia/nccl/lib/libnccl.so.2" ] && [ ! -e "$prefix/lib/libnccl.so" ]; then
+    ln -s ../../nccl/lib/libnccl.so.2 "$prefix/lib/libnccl.so"
+fi
+
 # The driver library stub (see the header). Symbol names are those cuda.h declares after
 # preprocessing, so the versioned names (cuMemAlloc_v2 …) are the ones exported.
 stub=$prefix/lib/stubs/libcuda.so
