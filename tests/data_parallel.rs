@@ -298,3 +298,32 @@ fn thread_group_sums_in_rank_order_and_names_a_mismatch() {
             .contains("world_size")
     );
 }
+
+#[test]
+fn every_rank_resumes_from_rank_0s_checkpoint_exactly() {
+    let first = tempfile::tempdir().unwrap();
+    let full = TrainConfig {
+        checkpoint_every: Some(6),
+        out_dir: Some(first.path().to_path_buf()),
+        ..config(3, 2)
+    };
+    let uninterrupted = train_ranks(2, &full, false, |_| 5);
+    let second = tempfile::tempdir().unwrap();
+    let resumed_cfg = TrainConfig {
+        resume_from: Some(first.path().join("checkpoint-6")),
+        out_dir: Some(second.path().to_path_buf()),
+        ..full.clone()
+    };
+    // The resumed ranks start from fresh adapters of another seed: the checkpoint must replace
+    // them on every rank, not only on rank 0.
+    let resumed = train_ranks(2, &resumed_cfg, false, |_| 11);
+    for (r, rank) in resumed.iter().enumerate() {
+        assert_eq!(rank.report.start_step, 6, "rank {r}");
+        assert_eq!(rank.loss_calls, 6 * 2, "rank {r}: only steps 7..12 ran");
+        assert_eq!(rank.vars, uninterrupted[r].vars, "rank {r}");
+        assert_eq!(
+            rank.report.losses, uninterrupted[r].report.losses,
+            "rank {r}"
+        );
+    }
+}
