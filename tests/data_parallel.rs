@@ -136,7 +136,7 @@ fn train_ranks(
     eval: bool,
     adapter_seed: impl Fn(usize) -> u64 + Sync,
 ) -> Vec<RankOutcome> {
-    let ranks = ThreadGroup::new(world).unwrap();
+    let ranks = ThreadGroup::ranks(world).unwrap();
     std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .into_iter()
@@ -255,7 +255,7 @@ fn only_rank_0_evaluates_and_checkpoints() {
 
 #[test]
 fn thread_group_sums_in_rank_order_and_names_a_mismatch() {
-    let ranks = ThreadGroup::new(3).unwrap();
+    let ranks = ThreadGroup::ranks(3).unwrap();
     let sums: Vec<candle_peft::Result<Tensor>> = std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .iter()
@@ -274,7 +274,7 @@ fn thread_group_sums_in_rank_order_and_names_a_mismatch() {
     }
     assert_eq!(ranks[2].world_size(), 3);
 
-    let ranks = ThreadGroup::new(2).unwrap();
+    let ranks = ThreadGroup::ranks(2).unwrap();
     let results: Vec<candle_peft::Result<Tensor>> = std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .iter()
@@ -292,7 +292,7 @@ fn thread_group_sums_in_rank_order_and_names_a_mismatch() {
         assert!(err.contains("all-reduce"), "{err}");
     }
     assert!(
-        ThreadGroup::new(0)
+        ThreadGroup::ranks(0)
             .unwrap_err()
             .to_string()
             .contains("world_size")

@@ -44,14 +44,14 @@ pub trait Collective {
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
 }
 
-/// Ranks as threads of one process: [`ThreadGroup::new`] hands out one [`ThreadRank`] per
+/// Ranks as threads of one process: [`ThreadGroup::ranks`] hands out one [`ThreadRank`] per
 /// thread. The sum is taken in rank order, so every rank gets the same bits.
 #[derive(Debug)]
 pub struct ThreadGroup;
 
 impl ThreadGroup {
     /// `world_size` ranks, `ranks[r]` for the thread that runs rank `r`.
-    pub fn new(world_size: usize) -> Result<Vec<ThreadRank>> {
+    pub fn ranks(world_size: usize) -> Result<Vec<ThreadRank>> {
         if world_size == 0 {
             return Err(PeftError::config("world_size", "must be ≥ 1"));
         }
