@@ -15,7 +15,7 @@ use candle_peft::{
     DEFAULT_ADAPTER, EvalReport, PeftModel, Schedule, TrainConfig, TrainReport, TrainTask, Trainer,
     Warmup,
 };
-use common::tiny::{HIDDEN, Tiny, flat, lora_random_b, rand_tensor, rng, tiny_model};
+use common::tiny::{Tiny, flat, lora_random_b, teacher_pairs, tiny_model};
 
 const TOKENS: usize = 5;
 
@@ -26,22 +26,9 @@ struct Example {
 
 /// Inputs and the targets a teacher (the tiny model with another adapter) gives them.
 fn examples(n: usize) -> Vec<Example> {
-    let mut teacher = tiny_model(1, 77);
-    teacher
-        .add_adapter(DEFAULT_ADAPTER, lora_random_b(&["q", "v", "head"], 2, 4.0))
-        .unwrap();
-    let mut r = rng(3);
-    (0..n)
-        .map(|_| {
-            let x = rand_tensor(&mut r, &[TOKENS, HIDDEN], 1.0);
-            let y = teacher
-                .model()
-                .forward(&x.unsqueeze(0).unwrap())
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            Example { x, y }
-        })
+    teacher_pairs(n, 3, TOKENS, &["q", "v", "head"])
+        .into_iter()
+        .map(|(x, y)| Example { x, y })
         .collect()
 }
 

@@ -21,7 +21,8 @@ use candle_peft::{
 };
 use common::tiny as support;
 use common::tiny::{
-    HIDDEN, Tiny, bits, flat, lora_random_b, rand_tensor, rng, single_conv, tiny_model,
+    HIDDEN, Tiny, bits, flat, lora_random_b, rand_tensor, rng, single_conv, teacher_pairs,
+    tiny_model,
 };
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -725,22 +726,9 @@ struct Example {
 }
 
 fn examples(n: usize, seed: u64) -> Vec<Example> {
-    let mut teacher = tiny_model(1, 77);
-    teacher
-        .add_adapter(DEFAULT_ADAPTER, lora_random_b(&["q", "v"], 2, 4.0))
-        .unwrap();
-    let mut r = rng(seed);
-    (0..n)
-        .map(|_| {
-            let x = rand_tensor(&mut r, &[TOKENS, HIDDEN], 1.0);
-            let y = teacher
-                .model()
-                .forward(&x.unsqueeze(0).unwrap())
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            Example { x, y }
-        })
+    teacher_pairs(n, seed, TOKENS, &["q", "v"])
+        .into_iter()
+        .map(|(x, y)| Example { x, y })
         .collect()
 }
 

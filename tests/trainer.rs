@@ -16,7 +16,7 @@ use candle_peft::{
     DEFAULT_ADAPTER, EvalReport, PeftError, PeftModel, Schedule, TrainConfig, TrainReport,
     TrainTask, Trainer, Warmup,
 };
-use common::tiny::{HIDDEN, Tiny, flat, lora_random_b, rand_tensor, rng, tiny_model};
+use common::tiny::{Tiny, flat, lora_random_b, teacher_pairs, tiny_model};
 
 const TOKENS: usize = 5;
 
@@ -27,19 +27,9 @@ struct Example {
 
 /// Examples whose targets come from a teacher: the same tiny model with another adapter.
 fn examples(n: usize, seed: u64) -> Vec<Example> {
-    let teacher = model(77);
-    let mut r = rng(seed);
-    (0..n)
-        .map(|_| {
-            let x = rand_tensor(&mut r, &[TOKENS, HIDDEN], 1.0);
-            let y = teacher
-                .model()
-                .forward(&x.unsqueeze(0).unwrap())
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            Example { x, y }
-        })
+    teacher_pairs(n, seed, TOKENS, &["q", "v", "head"])
+        .into_iter()
+        .map(|(x, y)| Example { x, y })
         .collect()
 }
 

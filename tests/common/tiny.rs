@@ -192,6 +192,37 @@ pub fn tiny_model(weight_seed: u64, adapter_seed: u64) -> PeftModel<Tiny> {
     pm
 }
 
+/// `n` regression pairs `(x [tokens, HIDDEN], y)`: random inputs from `seed` and the outputs a
+/// teacher gives them, the tiny model (weights seed 1) with a random-B LoRA (seed 77, r 2,
+/// α 4) on `teacher_targets`.
+pub fn teacher_pairs(
+    n: usize,
+    seed: u64,
+    tokens: usize,
+    teacher_targets: &[&str],
+) -> Vec<(Tensor, Tensor)> {
+    let mut teacher = tiny_model(1, 77);
+    teacher
+        .add_adapter(
+            candle_peft::DEFAULT_ADAPTER,
+            lora_random_b(teacher_targets, 2, 4.0),
+        )
+        .unwrap();
+    let mut r = rng(seed);
+    (0..n)
+        .map(|_| {
+            let x = rand_tensor(&mut r, &[tokens, HIDDEN], 1.0);
+            let y = teacher
+                .model()
+                .forward(&x.unsqueeze(0).unwrap())
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            (x, y)
+        })
+        .collect()
+}
+
 /// A fixed input `[2, 5, HIDDEN]`.
 pub fn tiny_input(seed: u64) -> Tensor {
     rand_tensor(&mut rng(seed), &[2, 5, HIDDEN], 1.0)
