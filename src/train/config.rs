@@ -30,7 +30,7 @@ pub struct TrainConfig {
     /// Peak learning rate (the schedule scales it).
     pub lr: f64,
     /// Decoupled weight decay, for every trainable except the task's
-    /// [`TrainTask::no_weight_decay_vars`].
+    /// [`TrainTask::no_weight_decay_vars`](super::TrainTask::no_weight_decay_vars).
     pub weight_decay: f64,
     /// Adam's first-moment decay.
     pub beta1: f64,

@@ -9,7 +9,8 @@ use super::task::EvalRecord;
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainReport {
     /// Mean loss of each step (the task's loss plus its regularisation term, see
-    /// [`TrainTask::regularization_loss`]); `losses[i]` is step `i + 1`.
+    /// [`TrainTask::regularization_loss`](super::TrainTask::regularization_loss)); `losses[i]` is
+    /// step `i + 1`.
     pub losses: Vec<f64>,
     /// Learning rate of each step.
     pub lrs: Vec<f64>,

@@ -1,6 +1,6 @@
 //! The Llama family as causal language models: Llama (1/2/3), Mistral, Qwen2 (q/k/v bias),
 //! SmolLM2 (a Llama) and Gemma 3 (text; its differences are in `gemma`), built through
-//! [`PeftBuilder`] from Hugging Face `config.json` and weight names, so every projection is
+//! [`PeftBuilder`](crate::PeftBuilder) from Hugging Face `config.json` and weight names, so every projection is
 //! adaptable.
 //!
 //! For `x: [B, T, H]`, `n_h` query heads and `n_kv` key/value heads of size `d`:
