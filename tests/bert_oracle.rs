@@ -143,3 +143,99 @@ fn bert_prefix_is_detected() {
     let b = plain.model().forward(&ids, None, Some(&mask)).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
 }
+
+/// The self-attention (one fused op for its core) against the same attention written in plain
+/// candle ops (two matmuls, the scaling, the mask and candle-nn's softmax), with padding: the
+/// same context and the same input gradient.
+#[test]
+fn attention_core_matches_plain_candle_ops() {
+    use candle_core::{D, Var};
+    use candle_peft::models::bert::extended_attention_mask;
+    let dir = common::minilm_dir();
+    let (ids, mask) = inputs();
+    let (peft, cfg) = BertModel::from_dir(&dir, &Device::Cpu).unwrap();
+    let model = peft.model();
+    let hidden = model.embeddings().forward(&ids, None).unwrap();
+    let x = Var::from_tensor(&hidden).unwrap();
+    let additive = extended_attention_mask(&mask, ids.dims(), DType::F32).unwrap();
+    let (b, t) = ids.dims2().unwrap();
+    let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
+    let attention = &model.layers()[0].attention;
+    let plain = |x: &Tensor| {
+        let to_heads = |y: Tensor| {
+            y.reshape((b, t, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let q = to_heads(attention.query.forward_peft(x).unwrap());
+        let k = to_heads(attention.key.forward_peft(x).unwrap());
+        let v = to_heads(attention.value.forward_peft(x).unwrap());
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let probs =
+            candle_nn::ops::softmax(&scores.broadcast_add(&additive).unwrap(), D::Minus1).unwrap();
+        probs
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, heads * d))
+            .unwrap()
+    };
+    // A loss that weighs every output differently, so a swapped or misplaced gradient shows.
+    let weights = Tensor::arange(0f32, (b * t * heads * d) as f32, &Device::Cpu)
+        .unwrap()
+        .reshape((b, t, heads * d))
+        .unwrap()
+        .affine(1e-3, -0.5)
+        .unwrap()
+        .sin()
+        .unwrap();
+    let run = |c: Tensor| {
+        let loss = (&c * &weights).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        (c, g)
+    };
+    let (ours, ours_grad) = run(attention.forward(x.as_tensor(), Some(&additive)).unwrap());
+    let (theirs, theirs_grad) = run(plain(x.as_tensor()));
+    assert_eq!(ours.dims(), &[b, t, heads * d]);
+    let scale = theirs
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let dc = max_abs_diff(&ours, &theirs);
+    assert!(
+        dc <= 1e-5 * scale.max(1.0),
+        "context differs by {dc} (max |c| {scale})"
+    );
+    let gscale = theirs_grad
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let dg = max_abs_diff(&ours_grad, &theirs_grad);
+    assert!(gscale > 0.0);
+    assert!(dg <= 1e-5 * gscale, "dL/dx differs by {dg} (max {gscale})");
+    println!("attention core vs plain ops: context {dc:e}, dL/dx {dg:e} (max {gscale:e})");
+
+    // One mask for the whole batch broadcasts over its rows.
+    let row = additive.narrow(0, 1, 1).unwrap();
+    let one = attention.forward(x.as_tensor(), Some(&row)).unwrap();
+    let each = attention
+        .forward(x.as_tensor(), Some(&row.repeat((b, 1, 1, 1)).unwrap()))
+        .unwrap();
+    assert_eq!(max_abs_diff(&one, &each), 0.0);
+    // A per-head mask is not a shape the model takes: an error naming it, not a wrong result.
+    let per_head = additive.repeat((1, heads, 1, 1)).unwrap();
+    let err = attention
+        .forward(x.as_tensor(), Some(&per_head))
+        .unwrap_err();
+    assert!(err.to_string().contains("mask"), "{err}");
+}

@@ -9,9 +9,9 @@
 //! prefix; it is detected and kept, so layer names (and PEFT adapter keys) are
 //! `bert.encoder.layer.N.…`, as PEFT names them for that model.
 //!
-//! The forward uses only ops with a backward (`crate::ops::{norm, masked_softmax}`, whose
-//! backward gives only the input gradient since norm weights and masks are frozen, and erf
-//! GELU), so gradients reach every adapter. The attention mask is
+//! The forward uses only ops with a backward (`crate::ops::{norm, attention_core, gelu_erf}`,
+//! whose backward gives only the input gradients since norm weights and masks are frozen), so
+//! gradients reach every adapter. The attention mask is
 //! additive as in transformers: masked keys get `(1 - mask) · finfo(dtype).min`.
 //! Dropout is not applied (the forward is transformers' `eval()` forward); adapters apply their
 //! own dropout in training.
@@ -368,24 +368,34 @@ impl BertSelfAttention {
         })
     }
 
-    /// `x: [B, T, H]`, `mask`: additive, broadcastable to `[B, heads, T, T]`.
+    /// `x: [B, T, H]`, `mask`: additive, `[B | 1, 1, 1 | T, T]` (what
+    /// [`extended_attention_mask`] gives); another shape is an error naming it.
+    ///
+    /// The core is one fused op ([`crate::ops::attention_core`]): as separate candle ops
+    /// (transposes, two matmuls, the scaling, the softmax) every node costs the backward an
+    /// activation-sized zero-fill and add, and the scores and probabilities stay alive.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (bsz, seq_len, hidden) = x.dims3()?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((bsz, seq_len, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        let (bsz, seq_len, _) = x.dims3()?;
+        let (heads, head_dim) = (self.num_heads, self.head_dim);
+        let split = |t: Tensor| t.reshape((bsz, seq_len, heads, head_dim));
+        let mask = match mask {
+            // One mask for the whole batch: the core takes one per batch row.
+            Some(m) if m.rank() == 4 && m.dim(0)? == 1 && bsz > 1 => {
+                let (_, mh, mq, mk) = m.dims4()?;
+                Some(m.broadcast_as((bsz, mh, mq, mk))?)
+            }
+            m => m.cloned(),
         };
-        let q = heads(self.query.forward_peft(x)?)?;
-        let k = heads(self.key.forward_peft(x)?)?;
-        let v = heads(self.value.forward_peft(x)?)?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let probs = crate::ops::masked_softmax(&scores, mask)?;
-        let context = probs
-            .matmul(&v)?
+        // The core takes q scaled by 1/√d, q and k as `[B, heads, T, d]`, v as projected.
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let q = split(self.query.forward_peft(x)?.affine(scale, 0.0)?)?
             .transpose(1, 2)?
-            .reshape((bsz, seq_len, hidden))?;
-        Ok(context)
+            .contiguous()?;
+        let k = split(self.key.forward_peft(x)?)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = split(self.value.forward_peft(x)?)?;
+        crate::ops::attention_core(&q, &k, &v, mask.as_ref(), heads)
     }
 }
 
@@ -424,7 +434,7 @@ impl BertLayer {
         })
     }
 
-    /// `x: [B, T, H]` → `[B, T, H]`; `mask`: additive, broadcastable to `[B, heads, T, T]`.
+    /// `x: [B, T, H]` → `[B, T, H]`; `mask`: additive, `[B | 1, 1, 1 | T, T]`.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let context = self.attention.forward(x, mask)?;
         let attn = self.attention_output.forward_peft(&context)?;
