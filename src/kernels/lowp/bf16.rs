@@ -2,8 +2,8 @@
 //! adds each pair's sum into one of 16 f32 lanes, twice the multiply-adds of an f32 FMA per
 //! instruction, and reads the weight at half the bytes.
 //!
-//! Both operands must be bf16, so each tile rounds its activation rows (x for `x·Wᵀ`, g for
-//! `g·W`) to bf16, to nearest even, as PyTorch's autocast does; products and sums stay f32.
+//! Both operands must be bf16, so each product rounds its activation rows (x for `x·Wᵀ`, g for
+//! `g·W`) to bf16 once, to nearest even, as PyTorch's autocast does; products and sums stay f32.
 //! Against the exact product on the stored weights, each term `x·w` carries at most the relative
 //! rounding error of x, 2⁻⁹ (half an ulp of an 8-bit significand), so
 //! `|err| ≤ 2⁻⁹·Σ|x||w| + f32 summation error`. The widening path keeps f32 activations and is
@@ -15,16 +15,18 @@
 //!
 //! `x·Wᵀ` reduces along rows that are contiguous in both operands (x's and W's), so it needs no
 //! packing: a 4 × 4 block of dot products keeps 16 accumulators of 16 lanes and sums each
-//! accumulator's lanes at the end. `g·W` reduces along W's rows, across its memory layout, so a
-//! tile interleaves pairs of W rows (`[W[r,c], W[r+1,c]]` for each c) into a packed panel, which
-//! puts `vdpbf16ps`'s pairs along the reduction; a 6 × 64 block of the output then takes one
-//! broadcast pair of g per row and four vectors of the panel per step, like an f32 gemm
-//! micro-kernel.
+//! accumulator's lanes at the end. `g·W` reduces along W's rows, across its memory layout, so
+//! each product first interleaves pairs of W rows (`[W[r,c], W[r+1,c]]` for each c) into packed
+//! panels, one per strip of output columns, which puts `vdpbf16ps`'s pairs along the reduction;
+//! a 6 × 64 block of the output then takes one broadcast pair of g per row and four vectors of
+//! the panel per step, like an f32 gemm micro-kernel. The rounding and the packing are done once
+//! per product, not per tile: every tile along the other dimension reads the same values.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use half::bf16;
+use rayon::prelude::*;
 
 use super::Path;
 use super::convert::x86::round_bf16;
@@ -39,6 +41,8 @@ const GW_M_TILE: usize = 96;
 const GW_C_TILE: usize = 128;
 /// W rows per packed `g·W` panel: 64 pairs × 64 columns of bf16 pairs is 16 KiB, half of L1.
 const GW_R_CHUNK: usize = 128;
+/// Values rounded per task when activations are rounded to bf16 before a product.
+const ROUND_BLOCK: usize = 1 << 15;
 
 /// The raw bits of bf16 values (bf16 is a transparent u16).
 fn bits(v: &[bf16]) -> &[u16] {
@@ -77,6 +81,7 @@ pub(super) fn xwt(
         candle_core::bail!("{op}: bf16 x·Wᵀ operands are not {m}×{k} and {n}×{k}");
     }
     let w = bits(w);
+    let xb = rounded_rows(threads, x, (m, k), k);
     let (mt, nt) = tasks::split(threads, dim(m, XWT_TILE, 16, 4), dim(n, XWT_TILE, 16, 4));
     let (m_tiles, n_tiles) = (m.div_ceil(mt), n.div_ceil(nt));
     let Some(out) = SharedOut::new(dst, m, n) else {
@@ -86,45 +91,87 @@ pub(super) fn xwt(
         let (i0, j0) = (t / n_tiles * mt, t % n_tiles * nt);
         let (i1, j1) = ((i0 + mt).min(m), (j0 + nt).min(n));
         let (mi, width) = (i1 - i0, j1 - j0);
-        tasks::with_scratch(|s| {
-            let xb = tasks::prefix(&mut s.act, mi * k);
-            // SAFETY: check_cpu found AVX512-BF16 (and F, BW, VL).
-            unsafe { round_bf16(&x[i0 * k..i1 * k], xb) };
-            let part = tasks::prefix(&mut s.part, mi * width);
-            // SAFETY: as above; the slices hold mi × k, width × k and mi × width values.
-            if !unsafe { xwt_tile(xb, &w[j0 * k..j1 * k], (mi, width, k), part) } {
-                candle_core::bail!("{op}: bf16 x·Wᵀ tile buffers do not match {mi}×{width}×{k}");
-            }
-            // SAFETY: tile t alone owns rows i0..i1 × columns j0..j1 of the output.
-            unsafe { tasks::store(op, &out, i0..i1, j0..j1, part, accumulate) }
-        })
+        // SAFETY: tile t alone owns rows i0..i1 × columns j0..j1 of the output.
+        let Some(dst) = (unsafe { out.rect(i0..i1, j0..j1) }) else {
+            candle_core::bail!("{op}: a tile outside its {m}×{n} output");
+        };
+        // SAFETY: check_cpu found AVX512-BF16 (and F, BW, VL); xb and w hold mi × k and
+        // width × k values, and `dst` is this tile's rectangle, rows n apart.
+        if !unsafe {
+            xwt_tile(
+                &xb[i0 * k..i1 * k],
+                &w[j0 * k..j1 * k],
+                (mi, width, k),
+                (dst, n),
+                accumulate,
+            )
+        } {
+            candle_core::bail!("{op}: bf16 x·Wᵀ tile buffers do not match {mi}×{width}×{k}");
+        }
+        Ok(())
     })
 }
 
-/// `part (mi × width) = xb (mi × k) · wᵀ (k × width)`; both operands bf16 bits, rows of k.
+/// `src` (`rows × cols` f32) rounded to bf16 bits, each row padded with zeros to `stride`
+/// values, on candle's threads. Done once per product: every tile along the other operand reads
+/// the same rows, and rounding them per tile cost up to 24 passes over the activations.
+fn rounded_rows(
+    threads: Threads,
+    src: &[f32],
+    (rows, cols): (usize, usize),
+    stride: usize,
+) -> Vec<u16> {
+    let mut dst = vec![0u16; rows * stride];
+    let block = (ROUND_BLOCK / stride.max(1)).max(1);
+    let round = |(i, d): (usize, &mut [u16])| {
+        for (r, row) in d.chunks_exact_mut(stride).enumerate() {
+            let at = (i * block + r) * cols;
+            // SAFETY: the callers ran check_cpu, which found AVX512-BF16 (and F, BW, VL).
+            unsafe { round_bf16(&src[at..at + cols], &mut row[..cols]) };
+        }
+    };
+    if threads == Threads::Candle && rows > block && candle_core::utils::get_num_threads() > 1 {
+        dst.par_chunks_mut(block * stride)
+            .enumerate()
+            .for_each(round);
+    } else {
+        dst.chunks_mut(block * stride).enumerate().for_each(round);
+    }
+    dst
+}
+
+/// `out (mi × width, rows os apart) = [out +] xb (mi × k) · wᵀ (k × width)`; both operands
+/// bf16 bits, rows of k. The tile writes straight into the product's output: a tile-sized
+/// buffer copied afterwards cost a pass over the output per product.
+///
+/// # Safety
+/// AVX512-BF16 is present; `out` points at mi rows of width writable f32, os apart, that no
+/// other thread touches during the call.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[must_use]
-fn xwt_tile(
+unsafe fn xwt_tile(
     xb: &[u16],
     w: &[u16],
     (mi, width, k): (usize, usize, usize),
-    part: &mut [f32],
+    (out, os): (*mut f32, usize),
+    add: bool,
 ) -> bool {
-    if xb.len() < mi * k || w.len() < width * k || part.len() < mi * width {
+    if xb.len() < mi * k || w.len() < width * k || os < width {
         return false;
     }
-    let (x, w, out) = (xb.as_ptr(), w.as_ptr(), part.as_mut_ptr());
-    // SAFETY (every call below): rows i..i+MR of x, j..j+NR of w and the MR × NR outputs lie
-    // inside the slices, whose lengths were checked above.
+    let (x, w) = (xb.as_ptr(), w.as_ptr());
+    // SAFETY (every call below): rows i..i+MR of x, j..j+NR of w lie inside the slices, whose
+    // lengths were checked above, and the MR × NR outputs inside the rectangle (the caller's
+    // contract).
     let mut j = 0;
     while j + 4 <= width {
         let mut i = 0;
         while i + 4 <= mi {
-            unsafe { dot::<4, 4>(x.add(i * k), w.add(j * k), k, out.add(i * width + j), width) };
+            unsafe { dot::<4, 4>(x.add(i * k), w.add(j * k), k, out.add(i * os + j), os, add) };
             i += 4;
         }
         while i < mi {
-            unsafe { dot::<1, 4>(x.add(i * k), w.add(j * k), k, out.add(i * width + j), width) };
+            unsafe { dot::<1, 4>(x.add(i * k), w.add(j * k), k, out.add(i * os + j), os, add) };
             i += 1;
         }
         j += 4;
@@ -132,11 +179,11 @@ fn xwt_tile(
     while j < width {
         let mut i = 0;
         while i + 4 <= mi {
-            unsafe { dot::<4, 1>(x.add(i * k), w.add(j * k), k, out.add(i * width + j), width) };
+            unsafe { dot::<4, 1>(x.add(i * k), w.add(j * k), k, out.add(i * os + j), os, add) };
             i += 4;
         }
         while i < mi {
-            unsafe { dot::<1, 1>(x.add(i * k), w.add(j * k), k, out.add(i * width + j), width) };
+            unsafe { dot::<1, 1>(x.add(i * k), w.add(j * k), k, out.add(i * os + j), os, add) };
             i += 1;
         }
         j += 1;
@@ -144,7 +191,7 @@ fn xwt_tile(
     true
 }
 
-/// `out[i·os + j] = Σ_c x[i·k + c] · w[j·k + c]` for i < MR, j < NR.
+/// `out[i·os + j] = [out[i·os + j] +] Σ_c x[i·k + c] · w[j·k + c]` for i < MR, j < NR.
 ///
 /// # Safety
 /// AVX512-BF16 is present; `x` holds MR rows and `w` NR rows of k bf16 values; `out` reaches
@@ -156,6 +203,7 @@ unsafe fn dot<const MR: usize, const NR: usize>(
     k: usize,
     out: *mut f32,
     os: usize,
+    add: bool,
 ) {
     let mut acc = [[_mm512_setzero_ps(); NR]; MR];
     for c in (0..k).step_by(32) {
@@ -185,11 +233,23 @@ unsafe fn dot<const MR: usize, const NR: usize>(
         if NR == 4 {
             let sums = sum4(row[0], row[1], row[2], row[3]);
             // SAFETY: out + i·os .. +4 is inside the output (the caller's contract).
-            unsafe { _mm_storeu_ps(out.add(i * os), sums) };
+            unsafe {
+                let at = out.add(i * os);
+                let sums = if add {
+                    _mm_add_ps(_mm_loadu_ps(at), sums)
+                } else {
+                    sums
+                };
+                _mm_storeu_ps(at, sums)
+            };
         } else {
             for (j, a) in row.iter().enumerate() {
                 // SAFETY: as above.
-                unsafe { *out.add(i * os + j) = _mm512_reduce_add_ps(*a) };
+                unsafe {
+                    let at = out.add(i * os + j);
+                    let sum = _mm512_reduce_add_ps(*a);
+                    *at = if add { *at + sum } else { sum };
+                }
             }
         }
     }
@@ -233,37 +293,35 @@ pub(super) fn gw(
     let Some(out) = SharedOut::new(dst, m, k) else {
         candle_core::bail!("{op}: bf16 g·W output is not {m}×{k}");
     };
+    // g rounded and W packed once per product, not once per tile: every tile of a column strip
+    // reads the same packed W rows, and every tile of a row strip the same rounded g. An odd n
+    // pairs its last row with a zero (a zero column of g, a zero row of the panel).
+    let pairs_all = n.div_ceil(2);
+    let gb = rounded_rows(threads, g, (m, n), 2 * pairs_all);
+    let panels = PackedPanels::new(threads, w, (n, k), ct)?;
     tasks::for_each_tile(threads, m_tiles * c_tiles, |t| {
-        let (i0, c0) = (t / c_tiles * mt, t % c_tiles * ct);
+        let (ti, tc) = (t / c_tiles, t % c_tiles);
+        let (i0, c0) = (ti * mt, tc * ct);
         let (i1, c1) = ((i0 + mt).min(m), (c0 + ct).min(k));
         let (mi, width) = (i1 - i0, c1 - c0);
-        let padded = width.div_ceil(16) * 16;
+        let (panel, padded) = panels.strip(tc);
         tasks::with_scratch(|s| {
             let part = tasks::prefix(&mut s.part, mi * width);
             for r0 in (0..n).step_by(GW_R_CHUNK) {
                 let r1 = (r0 + GW_R_CHUNK).min(n);
-                let pairs = (r1 - r0).div_ceil(2);
-                let gb = tasks::prefix(&mut s.act, mi * pairs * 2);
-                for (i, row) in gb.chunks_exact_mut(pairs * 2).enumerate() {
-                    let src = &g[(i0 + i) * n + r0..(i0 + i) * n + r1];
-                    // SAFETY: check_cpu found AVX512-BF16 (and F, BW, VL).
-                    unsafe { round_bf16(src, row) };
-                    // An odd chunk pairs its last row with a zero (the panel's pad row is 0 too).
-                    row[src.len()..].fill(0);
-                }
-                let panel = tasks::prefix(&mut s.pairs, pairs * padded * 2);
-                // SAFETY: as above.
-                if !unsafe { pack_pairs(w, k, r0..r1, c0..c1, panel, padded) } {
-                    candle_core::bail!("{op}: bf16 g·W panel does not hold rows {r0}..{r1}");
-                }
                 let shape = GwShape {
                     mi,
                     width,
                     padded,
-                    pairs,
+                    pairs: (r1 - r0).div_ceil(2),
+                    g_stride: 2 * pairs_all,
                 };
-                // SAFETY: as above; the buffers were sized for `shape` just above.
-                if !unsafe { gw_tile(gb, panel, shape, part, r0 > 0) } {
+                let rows = &gb[i0 * 2 * pairs_all + r0..];
+                // GW_R_CHUNK is even, so r0 starts a pair.
+                let panel = &panel[r0 / 2 * padded * 2..];
+                // SAFETY: check_cpu found AVX512-BF16 (and F, BW, VL); gw_tile checks that the
+                // slices hold `shape`.
+                if !unsafe { gw_tile(rows, panel, shape, part, r0 > 0) } {
                     candle_core::bail!("{op}: bf16 g·W tile buffers do not match {mi}×{width}");
                 }
             }
@@ -271,6 +329,60 @@ pub(super) fn gw(
             unsafe { tasks::store(op, &out, i0..i1, c0..c1, part, accumulate) }
         })
     })
+}
+
+/// W (`n × k`) packed for `g·W`, one panel per strip of `strip` columns: each holds all row
+/// pairs of its columns (see [`pack_pairs`]), padded to a multiple of 16 columns.
+struct PackedPanels {
+    values: Vec<u16>,
+    strip: usize,
+    k: usize,
+    pairs: usize,
+}
+
+impl PackedPanels {
+    fn new(
+        threads: Threads,
+        w: &[u16],
+        (n, k): (usize, usize),
+        strip: usize,
+    ) -> candle_core::Result<Self> {
+        let pairs = n.div_ceil(2);
+        let per_strip = pairs * strip.div_ceil(16) * 16 * 2;
+        let mut values = vec![0u16; per_strip * k.div_ceil(strip)];
+        let pack = |(j, out): (usize, &mut [u16])| {
+            let cols = j * strip..((j + 1) * strip).min(k);
+            let padded = cols.len().div_ceil(16) * 16;
+            // SAFETY: the callers ran check_cpu, which found AVX512-BF16 (and F, BW, VL).
+            unsafe { pack_pairs(w, k, 0..n, cols, out, padded) }
+        };
+        let parallel = threads == Threads::Candle && candle_core::utils::get_num_threads() > 1;
+        let packed = if parallel && k > strip {
+            values.par_chunks_mut(per_strip).enumerate().all(pack)
+        } else {
+            values.chunks_mut(per_strip).enumerate().all(pack)
+        };
+        if !packed {
+            candle_core::bail!("bf16 g·W: W ({n}×{k}) does not fit its packed panels");
+        }
+        Ok(Self {
+            values,
+            strip,
+            k,
+            pairs,
+        })
+    }
+
+    /// Strip `j`'s panel and its padded width.
+    fn strip(&self, j: usize) -> (&[u16], usize) {
+        let full = self.strip.div_ceil(16) * 16;
+        let width = self.strip.min(self.k - j * self.strip);
+        let start = j * self.pairs * full * 2;
+        (
+            &self.values[start..start + self.pairs * full * 2],
+            width.div_ceil(16) * 16,
+        )
+    }
 }
 
 /// Writes `out[(q·padded + c)·2 + h] = w[(rows.start + 2q + h)·k + cols.start + c]`, zero past
@@ -336,9 +448,11 @@ struct GwShape {
     padded: usize,
     /// Row pairs in the chunk.
     pairs: usize,
+    /// Values from one row of g to the next (at least 2·pairs).
+    g_stride: usize,
 }
 
-/// `part (mi × width) = [part +] gb (mi × 2·pairs) · panel`.
+/// `part (mi × width) = [part +] gb (mi × 2·pairs, rows g_stride apart) · panel`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[must_use]
 fn gw_tile(gb: &[u16], panel: &[u16], s: GwShape, part: &mut [f32], add: bool) -> bool {
@@ -347,8 +461,14 @@ fn gw_tile(gb: &[u16], panel: &[u16], s: GwShape, part: &mut [f32], add: bool) -
         width,
         padded,
         pairs,
+        g_stride,
     } = s;
-    if gb.len() < mi * pairs * 2 || panel.len() < pairs * padded * 2 || part.len() < mi * width {
+    let g_len = mi.saturating_sub(1) * g_stride + pairs * 2;
+    if g_stride < pairs * 2
+        || gb.len() < g_len
+        || panel.len() < pairs * padded * 2
+        || part.len() < mi * width
+    {
         return false;
     }
     let strips = padded / 16;
@@ -361,14 +481,14 @@ fn gw_tile(gb: &[u16], panel: &[u16], s: GwShape, part: &mut [f32], add: bool) -
     let mut i = 0;
     while i < mi {
         let mr = (mi - i).min(6);
-        let a = gb[i * pairs * 2..].as_ptr();
+        let a = gb[i * g_stride..].as_ptr();
         let mut j = 0;
         while j < strips {
             let nr = if j + 4 <= full_strips { 4 } else { 1 };
             let mask = if j < full_strips { 0xFFFF } else { last_mask };
             let args = MicroArgs {
                 a,
-                a_stride: pairs * 2,
+                a_stride: g_stride,
                 pairs,
                 b: panel[j * 32..].as_ptr(),
                 b_stride: padded * 2,

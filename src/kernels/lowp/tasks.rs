@@ -20,10 +20,6 @@ pub(super) struct Scratch {
     pub(super) panel: Vec<f32>,
     /// A tile's product before it goes into `dst`.
     pub(super) part: Vec<f32>,
-    /// Activations rounded to bf16 (the native path).
-    pub(super) act: Vec<u16>,
-    /// Weight rows interleaved in pairs (the native path's `g·W`).
-    pub(super) pairs: Vec<u16>,
     /// Misaligned ggml bytes, copied to an aligned place.
     pub(super) bytes: Vec<u64>,
 }
@@ -144,6 +140,26 @@ impl<'a> SharedOut<'a> {
         Some(unsafe {
             std::slice::from_raw_parts_mut(self.ptr.add(row * self.cols + cols.start), cols.len())
         })
+    }
+}
+
+impl SharedOut<'_> {
+    /// A pointer to `out[rows.start, cols.start]` for a tile that writes the rectangle
+    /// `rows × cols` through it (rows `cols` of the output apart), or None when the rectangle is
+    /// not inside the output.
+    ///
+    /// # Safety
+    /// The rectangle belongs to the calling tile alone, and it writes nothing outside it.
+    pub(super) unsafe fn rect(&self, rows: Range<usize>, cols: Range<usize>) -> Option<*mut f32> {
+        if rows.start > rows.end
+            || rows.end > self.rows
+            || cols.start > cols.end
+            || cols.end > self.cols
+        {
+            return None;
+        }
+        // SAFETY: in bounds (checked above) of the exclusively borrowed `dst`.
+        Some(unsafe { self.ptr.add(rows.start * self.cols + cols.start) })
     }
 }
 
