@@ -81,53 +81,58 @@ pub(super) fn xwt(
         candle_core::bail!("{op}: bf16 x·Wᵀ operands are not {m}×{k} and {n}×{k}");
     }
     let w = bits(w);
-    let xb = rounded_rows(threads, x, (m, k), k);
-    let (mt, nt) = tasks::split(threads, dim(m, XWT_TILE, 16, 4), dim(n, XWT_TILE, 16, 4));
-    let (m_tiles, n_tiles) = (m.div_ceil(mt), n.div_ceil(nt));
-    let Some(out) = SharedOut::new(dst, m, n) else {
-        candle_core::bail!("{op}: bf16 x·Wᵀ output is not {m}×{n}");
-    };
-    tasks::for_each_tile(threads, m_tiles * n_tiles, |t| {
-        let (i0, j0) = (t / n_tiles * mt, t % n_tiles * nt);
-        let (i1, j1) = ((i0 + mt).min(m), (j0 + nt).min(n));
-        let (mi, width) = (i1 - i0, j1 - j0);
-        // SAFETY: tile t alone owns rows i0..i1 × columns j0..j1 of the output.
-        let Some(dst) = (unsafe { out.rect(i0..i1, j0..j1) }) else {
-            candle_core::bail!("{op}: a tile outside its {m}×{n} output");
+    tasks::with_product_scratch(|p| {
+        let xb = rounded_rows(threads, x, (m, k), k, &mut p.act);
+        let (mt, nt) = tasks::split(threads, dim(m, XWT_TILE, 16, 4), dim(n, XWT_TILE, 16, 4));
+        let (m_tiles, n_tiles) = (m.div_ceil(mt), n.div_ceil(nt));
+        let Some(out) = SharedOut::new(dst, m, n) else {
+            candle_core::bail!("{op}: bf16 x·Wᵀ output is not {m}×{n}");
         };
-        // SAFETY: check_cpu found AVX512-BF16 (and F, BW, VL); xb and w hold mi × k and
-        // width × k values, and `dst` is this tile's rectangle, rows n apart.
-        if !unsafe {
-            xwt_tile(
-                &xb[i0 * k..i1 * k],
-                &w[j0 * k..j1 * k],
-                (mi, width, k),
-                (dst, n),
-                accumulate,
-            )
-        } {
-            candle_core::bail!("{op}: bf16 x·Wᵀ tile buffers do not match {mi}×{width}×{k}");
-        }
-        Ok(())
+        tasks::for_each_tile(threads, m_tiles * n_tiles, |t| {
+            let (i0, j0) = (t / n_tiles * mt, t % n_tiles * nt);
+            let (i1, j1) = ((i0 + mt).min(m), (j0 + nt).min(n));
+            let (mi, width) = (i1 - i0, j1 - j0);
+            // SAFETY: tile t alone owns rows i0..i1 × columns j0..j1 of the output.
+            let Some(dst) = (unsafe { out.rect(i0..i1, j0..j1) }) else {
+                candle_core::bail!("{op}: a tile outside its {m}×{n} output");
+            };
+            // SAFETY: check_cpu found AVX512-BF16 (and F, BW, VL); xb and w hold mi × k and
+            // width × k values, and `dst` is this tile's rectangle, rows n apart.
+            if !unsafe {
+                xwt_tile(
+                    &xb[i0 * k..i1 * k],
+                    &w[j0 * k..j1 * k],
+                    (mi, width, k),
+                    (dst, n),
+                    accumulate,
+                )
+            } {
+                candle_core::bail!("{op}: bf16 x·Wᵀ tile buffers do not match {mi}×{width}×{k}");
+            }
+            Ok(())
+        })
     })
 }
 
-/// `src` (`rows × cols` f32) rounded to bf16 bits, each row padded with zeros to `stride`
-/// values, on candle's threads. Done once per product: every tile along the other operand reads
+/// `src` (`rows × cols` f32) rounded to bf16 bits into `buf`, each row padded with zeros to
+/// `stride` values, on candle's threads. Done once per product: every tile along the other operand reads
 /// the same rows, and rounding them per tile cost up to 24 passes over the activations.
-fn rounded_rows(
+fn rounded_rows<'b>(
     threads: Threads,
     src: &[f32],
     (rows, cols): (usize, usize),
     stride: usize,
-) -> Vec<u16> {
-    let mut dst = vec![0u16; rows * stride];
+    buf: &'b mut Vec<u16>,
+) -> &'b [u16] {
+    let dst = tasks::prefix(buf, rows * stride);
     let block = (ROUND_BLOCK / stride.max(1)).max(1);
     let round = |(i, d): (usize, &mut [u16])| {
         for (r, row) in d.chunks_exact_mut(stride).enumerate() {
             let at = (i * block + r) * cols;
             // SAFETY: the callers ran check_cpu, which found AVX512-BF16 (and F, BW, VL).
             unsafe { round_bf16(&src[at..at + cols], &mut row[..cols]) };
+            // The buffer is reused: the padding must be zeroed again.
+            row[cols..].fill(0);
         }
     };
     if threads == Threads::Candle && rows > block && candle_core::utils::get_num_threads() > 1 {
@@ -297,59 +302,63 @@ pub(super) fn gw(
     // reads the same packed W rows, and every tile of a row strip the same rounded g. An odd n
     // pairs its last row with a zero (a zero column of g, a zero row of the panel).
     let pairs_all = n.div_ceil(2);
-    let gb = rounded_rows(threads, g, (m, n), 2 * pairs_all);
-    let panels = PackedPanels::new(threads, w, (n, k), ct)?;
-    tasks::for_each_tile(threads, m_tiles * c_tiles, |t| {
-        let (ti, tc) = (t / c_tiles, t % c_tiles);
-        let (i0, c0) = (ti * mt, tc * ct);
-        let (i1, c1) = ((i0 + mt).min(m), (c0 + ct).min(k));
-        let (mi, width) = (i1 - i0, c1 - c0);
-        let (panel, padded) = panels.strip(tc);
-        tasks::with_scratch(|s| {
-            let part = tasks::prefix(&mut s.part, mi * width);
-            for r0 in (0..n).step_by(GW_R_CHUNK) {
-                let r1 = (r0 + GW_R_CHUNK).min(n);
-                let shape = GwShape {
-                    mi,
-                    width,
-                    padded,
-                    pairs: (r1 - r0).div_ceil(2),
-                    g_stride: 2 * pairs_all,
-                };
-                let rows = &gb[i0 * 2 * pairs_all + r0..];
-                // GW_R_CHUNK is even, so r0 starts a pair.
-                let panel = &panel[r0 / 2 * padded * 2..];
-                // SAFETY: check_cpu found AVX512-BF16 (and F, BW, VL); gw_tile checks that the
-                // slices hold `shape`.
-                if !unsafe { gw_tile(rows, panel, shape, part, r0 > 0) } {
-                    candle_core::bail!("{op}: bf16 g·W tile buffers do not match {mi}×{width}");
+    tasks::with_product_scratch(|p| {
+        let gb = rounded_rows(threads, g, (m, n), 2 * pairs_all, &mut p.act);
+        let panels = PackedPanels::new(threads, w, (n, k), ct, &mut p.pairs)?;
+        tasks::for_each_tile(threads, m_tiles * c_tiles, |t| {
+            let (ti, tc) = (t / c_tiles, t % c_tiles);
+            let (i0, c0) = (ti * mt, tc * ct);
+            let (i1, c1) = ((i0 + mt).min(m), (c0 + ct).min(k));
+            let (mi, width) = (i1 - i0, c1 - c0);
+            let (panel, padded) = panels.strip(tc);
+            tasks::with_scratch(|s| {
+                let part = tasks::prefix(&mut s.part, mi * width);
+                for r0 in (0..n).step_by(GW_R_CHUNK) {
+                    let r1 = (r0 + GW_R_CHUNK).min(n);
+                    let shape = GwShape {
+                        mi,
+                        width,
+                        padded,
+                        pairs: (r1 - r0).div_ceil(2),
+                        g_stride: 2 * pairs_all,
+                    };
+                    let rows = &gb[i0 * 2 * pairs_all + r0..];
+                    // GW_R_CHUNK is even, so r0 starts a pair.
+                    let panel = &panel[r0 / 2 * padded * 2..];
+                    // SAFETY: check_cpu found AVX512-BF16 (and F, BW, VL); gw_tile checks that the
+                    // slices hold `shape`.
+                    if !unsafe { gw_tile(rows, panel, shape, part, r0 > 0) } {
+                        candle_core::bail!("{op}: bf16 g·W tile buffers do not match {mi}×{width}");
+                    }
                 }
-            }
-            // SAFETY: tile t alone owns rows i0..i1 × columns c0..c1 of the output.
-            unsafe { tasks::store(op, &out, i0..i1, c0..c1, part, accumulate) }
+                // SAFETY: tile t alone owns rows i0..i1 × columns c0..c1 of the output.
+                unsafe { tasks::store(op, &out, i0..i1, c0..c1, part, accumulate) }
+            })
         })
     })
 }
 
 /// W (`n × k`) packed for `g·W`, one panel per strip of `strip` columns: each holds all row
 /// pairs of its columns (see [`pack_pairs`]), padded to a multiple of 16 columns.
-struct PackedPanels {
-    values: Vec<u16>,
+struct PackedPanels<'a> {
+    values: &'a [u16],
     strip: usize,
     k: usize,
     pairs: usize,
 }
 
-impl PackedPanels {
+impl<'a> PackedPanels<'a> {
+    /// Packs W into `buf` (grown as needed; pack_pairs writes every value a tile reads).
     fn new(
         threads: Threads,
         w: &[u16],
         (n, k): (usize, usize),
         strip: usize,
+        buf: &'a mut Vec<u16>,
     ) -> candle_core::Result<Self> {
         let pairs = n.div_ceil(2);
         let per_strip = pairs * strip.div_ceil(16) * 16 * 2;
-        let mut values = vec![0u16; per_strip * k.div_ceil(strip)];
+        let values = tasks::prefix(buf, per_strip * k.div_ceil(strip));
         let pack = |(j, out): (usize, &mut [u16])| {
             let cols = j * strip..((j + 1) * strip).min(k);
             let padded = cols.len().div_ceil(16) * 16;
@@ -366,7 +375,7 @@ impl PackedPanels {
             candle_core::bail!("bf16 g·W: W ({n}×{k}) does not fit its packed panels");
         }
         Ok(Self {
-            values,
+            values: &*values,
             strip,
             k,
             pairs,

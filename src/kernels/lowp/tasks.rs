@@ -24,8 +24,28 @@ pub(super) struct Scratch {
     pub(super) bytes: Vec<u64>,
 }
 
+/// Buffers a whole product prepares once for all its tiles (the native bf16 path's rounded
+/// activations and packed weight panels), kept per calling thread. Separate from [`Scratch`]
+/// because a product's tiles may run on the calling thread while these are lent out.
+#[derive(Default)]
+pub(super) struct ProductScratch {
+    /// Activations rounded to bf16.
+    pub(super) act: Vec<u16>,
+    /// Weight rows interleaved in pairs.
+    pub(super) pairs: Vec<u16>,
+}
+
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    static PRODUCT: RefCell<ProductScratch> = RefCell::new(ProductScratch::default());
+}
+
+/// Runs `f` with this thread's product buffers (fresh ones if they are already in use).
+pub(super) fn with_product_scratch<R>(f: impl FnOnce(&mut ProductScratch) -> R) -> R {
+    PRODUCT.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => f(&mut scratch),
+        Err(_) => f(&mut ProductScratch::default()),
+    })
 }
 
 /// Runs `f` with this thread's scratch (a fresh one if it is already in use further up the stack).
