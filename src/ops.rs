@@ -24,6 +24,9 @@
 //! Attention:
 //! - [`attention_core`]: `softmax(q kᵀ + mask) v` with grouped key/value heads, laid out as
 //!   `o_proj`'s input; differentiable in `q`, `k`, `v`.
+//! - [`attention_core_projected`]: the same on the projections as the linear layers give them
+//!   (`[B, T, n·d]`), with q's scaling inside: one graph node where the head split of q and k
+//!   in candle ops would add eight.
 //!
 //! Products with frozen weights (gradient for the input and the trainable factors only):
 //! - [`frozen_matmul`]: `x Wᵀ + b`; [`frozen_matmul_weight`]: the same with `W` kept in its
@@ -34,7 +37,7 @@
 //! - [`frozen_linear_cross_entropy`]: `cross_entropy_rows(x Wᵀ + b, t)` without a `[N, V]`
 //!   logits tensor in the graph.
 
-pub use crate::kernels::attention::attention_core;
+pub use crate::kernels::attention::{attention_core, attention_core_projected};
 pub use crate::kernels::cross_entropy::cross_entropy_rows;
 pub use crate::kernels::frozen::{
     conv2d_trainable, frozen_conv2d, frozen_matmul, frozen_matmul_weight,

@@ -371,13 +371,12 @@ impl BertSelfAttention {
     /// `x: [B, T, H]`, `mask`: additive, `[B | 1, 1, 1 | T, T]` (what
     /// [`extended_attention_mask`] gives); another shape is an error naming it.
     ///
-    /// The core is one fused op ([`crate::ops::attention_core`]): as separate candle ops
-    /// (transposes, two matmuls, the scaling, the softmax) every node costs the backward an
-    /// activation-sized zero-fill and add, and the scores and probabilities stay alive.
+    /// The attention after the projections is one fused op
+    /// ([`crate::ops::attention_core_projected`]): as separate candle ops (the scaling, the head
+    /// split, two matmuls, the softmax) every node costs the backward an activation-sized
+    /// zero-fill and add, and the scores and probabilities stay alive until the backward.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (bsz, seq_len, _) = x.dims3()?;
-        let (heads, head_dim) = (self.num_heads, self.head_dim);
-        let split = |t: Tensor| t.reshape((bsz, seq_len, heads, head_dim));
+        let bsz = x.dim(0)?;
         let mask = match mask {
             // One mask for the whole batch: the core takes one per batch row.
             Some(m) if m.rank() == 4 && m.dim(0)? == 1 && bsz > 1 => {
@@ -386,16 +385,14 @@ impl BertSelfAttention {
             }
             m => m.cloned(),
         };
-        // The core takes q scaled by 1/√d, q and k as `[B, heads, T, d]`, v as projected.
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let q = split(self.query.forward_peft(x)?.affine(scale, 0.0)?)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = split(self.key.forward_peft(x)?)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = split(self.value.forward_peft(x)?)?;
-        crate::ops::attention_core(&q, &k, &v, mask.as_ref(), heads)
+        crate::ops::attention_core_projected(
+            &self.query.forward_peft(x)?,
+            &self.key.forward_peft(x)?,
+            &self.value.forward_peft(x)?,
+            mask.as_ref(),
+            (self.num_heads, self.num_heads),
+            1.0 / (self.head_dim as f64).sqrt(),
+        )
     }
 }
 

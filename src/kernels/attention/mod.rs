@@ -53,7 +53,10 @@ use crate::error::Result;
 use crate::kernels::slices::{f32_slice, with_optional_values, with_values};
 use crate::kernels::softmax::masked_softmax;
 
+mod projected;
 mod tiles;
+
+pub use projected::attention_core_projected;
 
 pub(crate) use tiles::Plan;
 
