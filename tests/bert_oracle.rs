@@ -201,25 +201,13 @@ fn attention_core_matches_plain_candle_ops() {
     let (ours, ours_grad) = run(attention.forward(x.as_tensor(), Some(&additive)).unwrap());
     let (theirs, theirs_grad) = run(plain(x.as_tensor()));
     assert_eq!(ours.dims(), &[b, t, heads * d]);
-    let scale = theirs
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = common::tensors::max_abs(&theirs);
     let dc = max_abs_diff(&ours, &theirs);
     assert!(
         dc <= 1e-5 * scale.max(1.0),
         "context differs by {dc} (max |c| {scale})"
     );
-    let gscale = theirs_grad
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let gscale = common::tensors::max_abs(&theirs_grad);
     let dg = max_abs_diff(&ours_grad, &theirs_grad);
     assert!(gscale > 0.0);
     assert!(dg <= 1e-5 * gscale, "dL/dx differs by {dg} (max {gscale})");

@@ -186,14 +186,6 @@ impl CustomOp3 for AttentionCore {
         _context: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Detached: gradients built from tracked tensors would carry this step's graph into
-        // whatever keeps them, and with it every activation.
-        let (q, k, v) = (
-            q.detach().contiguous()?,
-            k.detach().contiguous()?,
-            v.detach().contiguous()?,
-        );
-        let grad = grad.detach().contiguous()?;
         let dims = self.dims(q.dims(), k.dims(), v.dims())?;
         let expected = [dims.batch, dims.seq, dims.heads * dims.head_dim];
         if grad.dims() != expected {
@@ -202,17 +194,12 @@ impl CustomOp3 for AttentionCore {
                 grad.dims()
             );
         }
-        let (dq, dk, dv) = with_values(OP, "q", &q, |qv| {
-            with_values(OP, "k", &k, |kv| {
-                with_values(OP, "v", &v, |vv| {
-                    with_values(OP, "the context gradient", &grad, |gv| {
-                        with_optional_values(OP, "the mask", self.mask.as_ref(), |mask| {
-                            dims.backward(self.plan(&dims, mask), qv, kv, vv, mask, gv)
-                        })
-                    })
-                })
-            })
-        })?;
+        let (dq, dk, dv) = with_backward_values(
+            OP,
+            [q, k, v, grad],
+            self.mask.as_ref(),
+            |[qv, kv, vv, gv], mask| dims.backward(self.plan(&dims, mask), qv, kv, vv, mask, gv),
+        )?;
         let device = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), device)?),
@@ -220,6 +207,28 @@ impl CustomOp3 for AttentionCore {
             Some(Tensor::from_vec(dv, v.shape(), device)?),
         ))
     }
+}
+
+/// Runs `f` on the values of `[q, k, v, context gradient]` and of the mask, each detached
+/// and made contiguous: gradients built from tracked tensors would carry the step's graph into
+/// whatever keeps them (an optimiser's moments), and with it every activation.
+fn with_backward_values<R>(
+    op: &str,
+    operands: [&Tensor; 4],
+    mask: Option<&Tensor>,
+    f: impl FnOnce([&[f32]; 4], Option<&[f32]>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let [q, k, v, g] = operands.map(|t| t.detach().contiguous());
+    let (q, k, v, g) = (q?, k?, v?, g?);
+    with_values(op, "q", &q, |qv| {
+        with_values(op, "k", &k, |kv| {
+            with_values(op, "v", &v, |vv| {
+                with_values(op, "the context gradient", &g, |gv| {
+                    with_optional_values(op, "the mask", mask, |m| f([qv, kv, vv, gv], m))
+                })
+            })
+        })
+    })
 }
 
 /// Whether the CPU kernel covers `x` (f32 on the CPU); the rest takes the plain ops.

@@ -18,9 +18,9 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{Dims, Plan, check_dims, fused};
+use super::{Dims, Plan, check_dims, fused, with_backward_values};
 use crate::error::Result;
-use crate::kernels::slices::{f32_slice, with_optional_values, with_values};
+use crate::kernels::slices::{f32_slice, with_optional_values};
 
 /// The op's name, for candle and for errors.
 const OP: &str = "attention-projected";
@@ -172,13 +172,6 @@ impl CustomOp3 for ProjectedAttention {
         _context: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Detached: gradients built from tracked tensors would carry this step's graph along.
-        let (q, k, v) = (
-            q.detach().contiguous()?,
-            k.detach().contiguous()?,
-            v.detach().contiguous()?,
-        );
-        let grad = grad.detach().contiguous()?;
         let (dims, qsplit, ksplit) = self.dims(q.dims(), k.dims(), v.dims())?;
         if grad.dims() != q.dims() {
             candle_core::bail!(
@@ -187,23 +180,23 @@ impl CustomOp3 for ProjectedAttention {
                 q.dims()
             );
         }
-        let (dq, dk, dv) = with_values(OP, "q", &q, |qv| {
-            with_values(OP, "k", &k, |kv| {
-                with_values(OP, "v", &v, |vv| {
-                    with_values(OP, "the context gradient", &grad, |gv| {
-                        with_optional_values(OP, "the mask", self.mask.as_ref(), |mask| {
-                            let qh = to_heads(qv, qsplit, self.scale);
-                            let kh = to_heads(kv, ksplit, 1.0);
-                            let plan = self.plan(&dims, mask);
-                            let (dq, dk, dv) = dims.backward(plan, &qh, &kh, vv, mask, gv)?;
-                            // d(s·q)/dq = s.
-                            let dq = from_heads(&dq, qsplit, self.scale);
-                            Ok((dq, from_heads(&dk, ksplit, 1.0), dv))
-                        })
-                    })
-                })
-            })
-        })?;
+        let operands = [q, k, v, grad];
+        let (dq, dk, dv) = with_backward_values(
+            OP,
+            operands,
+            self.mask.as_ref(),
+            |[qv, kv, vv, gv], mask| {
+                let qh = to_heads(qv, qsplit, self.scale);
+                let kh = to_heads(kv, ksplit, 1.0);
+                let (dq, dk, dv) = dims.backward(self.plan(&dims, mask), &qh, &kh, vv, mask, gv)?;
+                // d(s·q)/dq = s.
+                Ok((
+                    from_heads(&dq, qsplit, self.scale),
+                    from_heads(&dk, ksplit, 1.0),
+                    dv,
+                ))
+            },
+        )?;
         let device = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), device)?),
