@@ -15,21 +15,13 @@ use candle_peft::{
     DEFAULT_ADAPTER, EvalReport, PeftModel, Schedule, TrainConfig, TrainReport, TrainTask, Trainer,
     Warmup,
 };
-use common::tiny::{Tiny, flat, lora_random_b, teacher_pairs, tiny_model};
-
-const TOKENS: usize = 5;
-
-struct Example {
-    x: Tensor,
-    y: Tensor,
-}
+use common::tiny::{
+    Example, TEACHER_TOKENS, Tiny, flat, lora_random_b, student_mse, teacher_examples, tiny_model,
+};
 
 /// Inputs and the targets a teacher (the tiny model with another adapter) gives them.
 fn examples(n: usize) -> Vec<Example> {
-    teacher_pairs(n, 3, TOKENS, &["q", "v", "head"])
-        .into_iter()
-        .map(|(x, y)| Example { x, y })
-        .collect()
+    teacher_examples(n, 3, &["q", "v", "head"])
 }
 
 /// Mean squared error of a student: every micro-batch's loss is a mean over equally many
@@ -63,10 +55,10 @@ impl TrainTask for Regression {
 
     fn loss(&self, batch: &[&Example]) -> candle_peft::Result<(Tensor, usize)> {
         self.calls.set(self.calls.get() + 1);
-        let x = Tensor::stack(&batch.iter().map(|e| e.x.clone()).collect::<Vec<_>>(), 0)?;
-        let y = Tensor::stack(&batch.iter().map(|e| e.y.clone()).collect::<Vec<_>>(), 0)?;
-        let pred = self.pm.model().forward(&x)?;
-        Ok((pred.sub(&y)?.sqr()?.mean_all()?, batch.len() * TOKENS))
+        Ok((
+            student_mse(self.pm.model(), batch)?,
+            batch.len() * TEACHER_TOKENS,
+        ))
     }
 
     fn evaluate(&self, examples: &[Example]) -> candle_peft::Result<EvalReport> {
@@ -123,28 +115,27 @@ fn train_ranks(
     eval: bool,
     adapter_seed: impl Fn(usize) -> u64 + Sync,
 ) -> Vec<RankOutcome> {
-    let ranks = ThreadGroup::ranks(world).unwrap();
+    on_each_rank(&ThreadGroup::ranks(world).unwrap(), |rank| {
+        let data = examples(48);
+        let task = Regression::new(adapter_seed(rank.rank()));
+        let held_out = examples(8);
+        let report = Trainer::new(cfg.clone())
+            .unwrap()
+            .run_data_parallel(&task, &data, eval.then_some(&held_out[..]), rank)
+            .unwrap();
+        RankOutcome {
+            report,
+            vars: task.vars(),
+            loss_calls: task.calls.get(),
+        }
+    })
+}
+
+/// Runs `f` for every rank, each on its own thread, and returns the results in rank order.
+fn on_each_rank<T: Send>(ranks: &[ThreadRank], f: impl Fn(&ThreadRank) -> T + Sync) -> Vec<T> {
     std::thread::scope(|s| {
-        let handles: Vec<_> = ranks
-            .into_iter()
-            .map(|rank: ThreadRank| {
-                let adapter_seed = &adapter_seed;
-                s.spawn(move || {
-                    let data = examples(48);
-                    let task = Regression::new(adapter_seed(rank.rank()));
-                    let held_out = examples(8);
-                    let report = Trainer::new(cfg.clone())
-                        .unwrap()
-                        .run_data_parallel(&task, &data, eval.then_some(&held_out[..]), &rank)
-                        .unwrap();
-                    RankOutcome {
-                        report,
-                        vars: task.vars(),
-                        loss_calls: task.calls.get(),
-                    }
-                })
-            })
-            .collect();
+        let f = &f;
+        let handles: Vec<_> = ranks.iter().map(|rank| s.spawn(move || f(rank))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
@@ -243,18 +234,9 @@ fn only_rank_0_evaluates_and_checkpoints() {
 #[test]
 fn thread_group_sums_in_rank_order_and_names_a_mismatch() {
     let ranks = ThreadGroup::ranks(3).unwrap();
-    let sums: Vec<candle_peft::Result<Tensor>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ranks
-            .iter()
-            .map(|rank| {
-                s.spawn(move || {
-                    let r = rank.rank() as f32;
-                    let t = Tensor::new(&[r, 10.0 * r, 0.5], &Device::Cpu)?;
-                    rank.all_reduce_sum(&t)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let sums = on_each_rank(&ranks, |rank| {
+        let r = rank.rank() as f32;
+        rank.all_reduce_sum(&Tensor::new(&[r, 10.0 * r, 0.5], &Device::Cpu)?)
     });
     for s in sums {
         assert_eq!(s.unwrap().to_vec1::<f32>().unwrap(), [3.0, 30.0, 1.5]);
@@ -262,17 +244,9 @@ fn thread_group_sums_in_rank_order_and_names_a_mismatch() {
     assert_eq!(ranks[2].world_size(), 3);
 
     let ranks = ThreadGroup::ranks(2).unwrap();
-    let results: Vec<candle_peft::Result<Tensor>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ranks
-            .iter()
-            .map(|rank| {
-                s.spawn(move || {
-                    let n = 2 + rank.rank();
-                    rank.all_reduce_sum(&Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu)?)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let results = on_each_rank(&ranks, |rank| {
+        let n = 2 + rank.rank();
+        rank.all_reduce_sum(&Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu)?)
     });
     for r in results {
         let err = r.unwrap_err().to_string();

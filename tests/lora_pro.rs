@@ -21,8 +21,8 @@ use candle_peft::{
 };
 use common::tiny as support;
 use common::tiny::{
-    HIDDEN, Tiny, bits, flat, lora_random_b, rand_tensor, rng, single_conv, teacher_pairs,
-    tiny_model,
+    Example, HIDDEN, TEACHER_TOKENS, Tiny, bits, flat, lora_random_b, rand_tensor, rng,
+    single_conv, student_mse, teacher_examples, tiny_model,
 };
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -718,18 +718,8 @@ fn conv_adapters_use_their_flattened_factors() {
 // The trainer: resume, accumulation, loss decrease
 // ---------------------------------------------------------------------------------------------
 
-const TOKENS: usize = 5;
-
-struct Example {
-    x: Tensor,
-    y: Tensor,
-}
-
 fn examples(n: usize, seed: u64) -> Vec<Example> {
-    teacher_pairs(n, seed, TOKENS, &["q", "v"])
-        .into_iter()
-        .map(|(x, y)| Example { x, y })
-        .collect()
+    teacher_examples(n, seed, &["q", "v"])
 }
 
 /// The student: PEFT's default LoRA init (B = 0) on q and v, the head trained whole.
@@ -758,10 +748,10 @@ impl TrainTask for Regression {
 
     fn loss(&self, batch: &[&Example]) -> candle_peft::Result<(Tensor, usize)> {
         self.calls.set(self.calls.get() + 1);
-        let x = Tensor::stack(&batch.iter().map(|e| e.x.clone()).collect::<Vec<_>>(), 0)?;
-        let y = Tensor::stack(&batch.iter().map(|e| e.y.clone()).collect::<Vec<_>>(), 0)?;
-        let pred = self.pm.model().forward(&x)?;
-        Ok((pred.sub(&y)?.sqr()?.mean_all()?, batch.len() * TOKENS))
+        Ok((
+            student_mse(self.pm.model(), batch)?,
+            batch.len() * TEACHER_TOKENS,
+        ))
     }
 
     fn evaluate(&self, _examples: &[Example]) -> candle_peft::Result<EvalReport> {

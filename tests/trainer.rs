@@ -16,21 +16,13 @@ use candle_peft::{
     DEFAULT_ADAPTER, EvalReport, PeftError, PeftModel, Schedule, TrainConfig, TrainReport,
     TrainTask, Trainer, Warmup,
 };
-use common::tiny::{Tiny, flat, lora_random_b, teacher_pairs, tiny_model};
-
-const TOKENS: usize = 5;
-
-struct Example {
-    x: Tensor,
-    y: Tensor,
-}
+use common::tiny::{
+    Example, TEACHER_TOKENS, Tiny, flat, lora_random_b, student_mse, teacher_examples, tiny_model,
+};
 
 /// Examples whose targets come from a teacher: the same tiny model with another adapter.
 fn examples(n: usize, seed: u64) -> Vec<Example> {
-    teacher_pairs(n, seed, TOKENS, &["q", "v", "head"])
-        .into_iter()
-        .map(|(x, y)| Example { x, y })
-        .collect()
+    teacher_examples(n, seed, &["q", "v", "head"])
 }
 
 fn model(adapter_seed: u64) -> PeftModel<Tiny> {
@@ -60,10 +52,7 @@ impl Regression {
     }
 
     fn mse(&self, batch: &[&Example]) -> candle_peft::Result<Tensor> {
-        let x = Tensor::stack(&batch.iter().map(|e| e.x.clone()).collect::<Vec<_>>(), 0)?;
-        let y = Tensor::stack(&batch.iter().map(|e| e.y.clone()).collect::<Vec<_>>(), 0)?;
-        let pred = self.pm.model().forward(&x)?;
-        Ok(pred.sub(&y)?.sqr()?.mean_all()?)
+        student_mse(self.pm.model(), batch)
     }
 }
 
@@ -80,7 +69,7 @@ impl TrainTask for Regression {
         if self.poison_call == Some(call) {
             loss = (loss * f64::NAN)?;
         }
-        Ok((loss, batch.len() * TOKENS))
+        Ok((loss, batch.len() * TEACHER_TOKENS))
     }
 
     fn evaluate(&self, examples: &[Example]) -> candle_peft::Result<EvalReport> {
@@ -183,7 +172,7 @@ fn loss_decreases_and_two_runs_are_identical() {
     assert!((ra.lrs[3] - 2e-2).abs() < 1e-15);
     assert!(ra.lrs[23] < 1e-3);
     assert!(ra.vars_without_grad.is_empty());
-    assert_eq!(ra.tokens, 24 * 2 * 4 * TOKENS);
+    assert_eq!(ra.tokens, 24 * 2 * 4 * TEACHER_TOKENS);
     assert_ne!(before, var_values(&a), "training changed nothing");
 
     // Another seed gives another data order, hence another curve.
@@ -638,7 +627,7 @@ fn batch_larger_than_the_data_is_capped() {
     )
     .unwrap();
     assert_eq!(a.losses, b.losses);
-    assert_eq!(a.tokens, 3 * 12 * TOKENS);
+    assert_eq!(a.tokens, 3 * 12 * TEACHER_TOKENS);
     assert_eq!(var_values(&capped), var_values(&exact));
 }
 

@@ -192,15 +192,18 @@ pub fn tiny_model(weight_seed: u64, adapter_seed: u64) -> PeftModel<Tiny> {
     pm
 }
 
-/// `n` regression pairs `(x [tokens, HIDDEN], y)`: random inputs from `seed` and the outputs a
-/// teacher gives them, the tiny model (weights seed 1) with a random-B LoRA (seed 77, r 2,
-/// α 4) on `teacher_targets`.
-pub fn teacher_pairs(
-    n: usize,
-    seed: u64,
-    tokens: usize,
-    teacher_targets: &[&str],
-) -> Vec<(Tensor, Tensor)> {
+/// Tokens per teacher example.
+pub const TEACHER_TOKENS: usize = 5;
+
+/// One regression example: an input `[TEACHER_TOKENS, HIDDEN]` and its teacher's output.
+pub struct Example {
+    pub x: Tensor,
+    pub y: Tensor,
+}
+
+/// `n` examples: random inputs from `seed` and the outputs a teacher gives them, the tiny
+/// model (weights seed 1) with a random-B LoRA (seed 77, r 2, α 4) on `teacher_targets`.
+pub fn teacher_examples(n: usize, seed: u64, teacher_targets: &[&str]) -> Vec<Example> {
     let mut teacher = tiny_model(1, 77);
     teacher
         .add_adapter(
@@ -211,16 +214,24 @@ pub fn teacher_pairs(
     let mut r = rng(seed);
     (0..n)
         .map(|_| {
-            let x = rand_tensor(&mut r, &[tokens, HIDDEN], 1.0);
+            let x = rand_tensor(&mut r, &[TEACHER_TOKENS, HIDDEN], 1.0);
             let y = teacher
                 .model()
                 .forward(&x.unsqueeze(0).unwrap())
                 .unwrap()
                 .squeeze(0)
                 .unwrap();
-            (x, y)
+            Example { x, y }
         })
         .collect()
+}
+
+/// The mean squared error of `student` on a batch of examples.
+pub fn student_mse(student: &Tiny, batch: &[&Example]) -> candle_peft::Result<Tensor> {
+    let x = Tensor::stack(&batch.iter().map(|e| e.x.clone()).collect::<Vec<_>>(), 0)?;
+    let y = Tensor::stack(&batch.iter().map(|e| e.y.clone()).collect::<Vec<_>>(), 0)?;
+    let pred = student.forward(&x)?;
+    Ok(pred.sub(&y)?.sqr()?.mean_all()?)
 }
 
 /// A fixed input `[2, 5, HIDDEN]`.
