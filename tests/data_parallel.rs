@@ -29,6 +29,8 @@ fn examples(n: usize) -> Vec<Example> {
 struct Regression {
     pm: PeftModel<Tiny>,
     calls: Cell<usize>,
+    /// The loss call (0-based) that returns an error, as a rank that crashes mid-run.
+    fail_call: Option<usize>,
 }
 
 impl Regression {
@@ -39,6 +41,7 @@ impl Regression {
         Self {
             pm,
             calls: Cell::new(0),
+            fail_call: None,
         }
     }
 
@@ -54,7 +57,13 @@ impl TrainTask for Regression {
     type Example = Example;
 
     fn loss(&self, batch: &[&Example]) -> candle_peft::Result<(Tensor, usize)> {
-        self.calls.set(self.calls.get() + 1);
+        let call = self.calls.get();
+        self.calls.set(call + 1);
+        if self.fail_call == Some(call) {
+            return Err(candle_peft::PeftError::Unsupported(
+                "simulated crash".into(),
+            ));
+        }
         Ok((
             student_mse(self.pm.model(), batch)?,
             batch.len() * TEACHER_TOKENS,
@@ -286,5 +295,37 @@ fn every_rank_resumes_from_rank_0s_checkpoint_exactly() {
             rank.report.losses, uninterrupted[r].report.losses,
             "rank {r}"
         );
+    }
+}
+
+/// A rank that fails mid-run stops the others at their next all-reduce with an error naming it,
+/// instead of leaving them waiting for it forever.
+#[test]
+fn a_failed_rank_stops_the_others_with_an_error() {
+    let ranks = ThreadGroup::ranks(3).unwrap();
+    let cfg = config(3, 2);
+    let results = on_each_rank(&ranks, |rank| {
+        let mut task = Regression::new(5);
+        if rank.rank() == 1 {
+            task.fail_call = Some(7);
+        }
+        let data = examples(48);
+        let result = Trainer::new(cfg.clone())
+            .unwrap()
+            .run_data_parallel(&task, &data, None, rank);
+        (result.map(|r| r.global_step), task.calls.get())
+    });
+    let (failed, calls) = &results[1];
+    assert!(
+        failed
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("simulated crash")
+    );
+    assert_eq!(*calls, 8);
+    for (r, (result, _)) in results.iter().enumerate().filter(|(r, _)| *r != 1) {
+        let err = result.as_ref().unwrap_err().to_string();
+        assert!(err.contains("rank 1 stopped"), "rank {r}: {err}");
     }
 }

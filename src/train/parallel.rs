@@ -26,7 +26,7 @@
 //! all-reduce. [`ThreadGroup`] runs ranks as threads of one process (the CPU reference the tests
 //! check against a single rank); `train::nccl` runs them as processes over NCCL (feature `nccl`).
 
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -42,6 +42,11 @@ pub trait Collective {
     /// The element-wise sum of `t` over all ranks. Every rank calls it in the same order with a
     /// tensor of the same shape and dtype; the result is on `t`'s device.
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// Tells the other ranks that this one stopped with an error, so that their next (or
+    /// current) all-reduce returns an error instead of waiting for it forever. The default does
+    /// nothing: for process groups whose launcher stops every rank when one fails (as
+    /// `candle-peft train --world-size` does for NCCL).
+    fn abort(&self) {}
 }
 
 /// Ranks as threads of one process: [`ThreadGroup::ranks`] hands out one [`ThreadRank`] per
@@ -56,8 +61,13 @@ impl ThreadGroup {
             return Err(PeftError::config("world_size", "must be ≥ 1"));
         }
         let shared = Arc::new(Shared {
-            barrier: Barrier::new(world_size),
-            slots: Mutex::new(vec![None; world_size]),
+            state: Mutex::new(State {
+                slots: vec![None; world_size],
+                arrived: 0,
+                generation: 0,
+                aborted_by: None,
+            }),
+            turn: Condvar::new(),
         });
         Ok((0..world_size)
             .map(|rank| ThreadRank {
@@ -71,8 +81,21 @@ impl ThreadGroup {
 
 #[derive(Debug)]
 struct Shared {
-    barrier: Barrier,
-    slots: Mutex<Vec<Option<Tensor>>>,
+    state: Mutex<State>,
+    turn: Condvar,
+}
+
+/// What the ranks share: each rank's tensor, and a barrier that a failed rank can break
+/// (`std::sync::Barrier` cannot be, so one failed rank would leave the others waiting forever).
+#[derive(Debug)]
+struct State {
+    slots: Vec<Option<Tensor>>,
+    /// Ranks waiting at the barrier of this generation.
+    arrived: usize,
+    /// How many times every rank has arrived.
+    generation: u64,
+    /// The rank that stopped with an error, if one did.
+    aborted_by: Option<usize>,
 }
 
 /// One rank of a [`ThreadGroup`].
@@ -84,11 +107,40 @@ pub struct ThreadRank {
 }
 
 impl ThreadRank {
-    fn slots(&self) -> Result<std::sync::MutexGuard<'_, Vec<Option<Tensor>>>> {
+    fn state(&self) -> Result<MutexGuard<'_, State>> {
         self.shared
-            .slots
+            .state
             .lock()
             .map_err(|_| PeftError::Unsupported("a rank of the thread group panicked".into()))
+    }
+
+    fn aborted(rank: usize) -> PeftError {
+        PeftError::Unsupported(format!("all-reduce: rank {rank} stopped with an error"))
+    }
+
+    /// Waits until every rank has arrived, or fails when a rank aborted first.
+    fn barrier(&self) -> Result<()> {
+        let mut state = self.state()?;
+        if let Some(r) = state.aborted_by {
+            return Err(Self::aborted(r));
+        }
+        state.arrived += 1;
+        if state.arrived == self.world_size {
+            state.arrived = 0;
+            state.generation += 1;
+            self.shared.turn.notify_all();
+            return Ok(());
+        }
+        let generation = state.generation;
+        while state.generation == generation {
+            if let Some(r) = state.aborted_by {
+                return Err(Self::aborted(r));
+            }
+            state = self.shared.turn.wait(state).map_err(|_| {
+                PeftError::Unsupported("a rank of the thread group panicked".into())
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -102,21 +154,29 @@ impl Collective for ThreadRank {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        self.slots()?[self.rank] = Some(t.detach());
-        self.shared.barrier.wait();
+        self.state()?.slots[self.rank] = Some(t.detach());
+        self.barrier()?;
         let sum = self.sum_slots(t);
         // Nobody may overwrite a slot before every rank has read them all, failed or not.
-        self.shared.barrier.wait();
+        self.barrier()?;
         sum
+    }
+
+    fn abort(&self) {
+        // A poisoned lock means a rank panicked: the waiting ranks fail on the lock already.
+        if let Ok(mut state) = self.shared.state.lock() {
+            state.aborted_by.get_or_insert(self.rank);
+            self.shared.turn.notify_all();
+        }
     }
 }
 
 impl ThreadRank {
     /// The slots' sum in rank order, checked against this rank's `t`.
     fn sum_slots(&self, t: &Tensor) -> Result<Tensor> {
-        let slots = self.slots()?;
+        let state = self.state()?;
         let mut sum: Option<Tensor> = None;
-        for (r, slot) in slots.iter().enumerate() {
+        for (r, slot) in state.slots.iter().enumerate() {
             let x = slot.as_ref().ok_or_else(|| {
                 PeftError::Unsupported(format!("rank {r} left no tensor in the all-reduce"))
             })?;

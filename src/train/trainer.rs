@@ -73,13 +73,21 @@ impl Trainer {
             out_dir: None,
             ..self.config.clone()
         };
-        let run = if ranks.rank() == 0 {
-            Run::resume_or_start(&self.config, task, train, eval, Some(ranks))?
-        } else {
-            Run::resume_or_start(&quiet, task, train, None, Some(ranks))?
+        let run = || {
+            let run = if ranks.rank() == 0 {
+                Run::resume_or_start(&self.config, task, train, eval, Some(ranks))?
+            } else {
+                Run::resume_or_start(&quiet, task, train, None, Some(ranks))?
+            };
+            broadcast_from_rank0(ranks, &run.vars)?;
+            Self::steps(run)
         };
-        broadcast_from_rank0(ranks, &run.vars)?;
-        Self::steps(run)
+        let result = run();
+        if result.is_err() {
+            // The other ranks would otherwise wait for this one at their next all-reduce.
+            ranks.abort();
+        }
+        result
     }
 
     fn steps<T: TrainTask>(mut run: Run<'_, T>) -> Result<TrainReport> {
