@@ -73,7 +73,7 @@ impl Trainer {
             out_dir: None,
             ..self.config.clone()
         };
-        let run = || {
+        let train_this_rank = || {
             let run = if ranks.rank() == 0 {
                 Run::resume_or_start(&self.config, task, train, eval, Some(ranks))?
             } else {
@@ -82,7 +82,7 @@ impl Trainer {
             broadcast_from_rank0(ranks, &run.vars)?;
             Self::steps(run)
         };
-        let result = run();
+        let result = train_this_rank();
         if result.is_err() {
             // The other ranks would otherwise wait for this one at their next all-reduce.
             ranks.abort();
