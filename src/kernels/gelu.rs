@@ -33,6 +33,33 @@ fn normal_cdf_pdf_block(x: &[f32], cdf: &mut [f32], pdf: &mut [f32]) {
     }
 }
 
+/// `x·Φ(x)` of each value, on rayon's threads: the op's forward on values.
+pub(crate) fn gelu_erf_values(x: &[f32]) -> Vec<f32> {
+    collect_blocks(x.len(), |start, dst| {
+        let xs = &x[start..start + dst.len()];
+        let mut pdf = [0f32; BLOCK];
+        normal_cdf_pdf_block(xs, dst, &mut pdf[..xs.len()]);
+        for (d, &v) in dst.iter_mut().zip(xs) {
+            *d *= v;
+        }
+    })
+}
+
+/// `g·(Φ(x) + x·φ(x))`, the gradient of [`gelu_erf_values`] for the output gradient `g`
+/// (`x`'s length).
+pub(crate) fn gelu_erf_grad_values(x: &[f32], g: &[f32]) -> Vec<f32> {
+    collect_blocks(x.len(), |start, dst| {
+        let end = start + dst.len();
+        let (xb, gb) = (&x[start..end], &g[start..end]);
+        let mut pdf = [0f32; BLOCK];
+        let pdf = &mut pdf[..xb.len()];
+        normal_cdf_pdf_block(xb, dst, pdf);
+        for (((d, &v), &p), &g) in dst.iter_mut().zip(xb).zip(pdf.iter()).zip(gb) {
+            *d = g * (*d + v * p);
+        }
+    })
+}
+
 struct GeluErf;
 
 impl CustomOp1 for GeluErf {
@@ -44,14 +71,7 @@ impl CustomOp1 for GeluErf {
         let shape = layout.shape().clone();
         let mut converted = None;
         let src = f32_input(x, layout, &mut converted)?;
-        let out = collect_blocks(src.len(), |start, dst| {
-            let xs = &src[start..start + dst.len()];
-            let mut pdf = [0f32; BLOCK];
-            normal_cdf_pdf_block(xs, dst, &mut pdf[..xs.len()]);
-            for (d, &v) in dst.iter_mut().zip(xs) {
-                *d *= v;
-            }
-        });
+        let out = gelu_erf_values(src);
         Ok((output_storage(out, &shape, x.dtype())?, shape))
     }
 
@@ -88,16 +108,7 @@ impl candle_core::CustomOp2 for GeluErfGrad {
         let (mut cx, mut cg) = (None, None);
         let (shape, xs, gs) =
             grad_operands("gelu-erf-grad", x, x_layout, g, g_layout, &mut cx, &mut cg)?;
-        let out = collect_blocks(xs.len(), |start, dst| {
-            let end = start + dst.len();
-            let (xb, gb) = (&xs[start..end], &gs[start..end]);
-            let mut pdf = [0f32; BLOCK];
-            let pdf = &mut pdf[..xb.len()];
-            normal_cdf_pdf_block(xb, dst, pdf);
-            for (((d, &v), &p), &g) in dst.iter_mut().zip(xb).zip(pdf.iter()).zip(gb) {
-                *d = g * (*d + v * p);
-            }
-        });
+        let out = gelu_erf_grad_values(xs, gs);
         Ok((output_storage(out, &shape, g.dtype())?, shape))
     }
 

@@ -12,8 +12,9 @@
 //! - products: [`frozen_weight`] (a base weight in its stored type, `--base-dtype`), [`lowp`] (a frozen weight in its stored type: f32, bf16, f16, ggml blocks),
 //!   [`frozen`] (matmul and conv with frozen weights), [`linear_lora`] (a frozen
 //!   linear plus its LoRA delta), [`linear_cross_entropy`] (a frozen head and the loss);
-//! - attention and the decoder blocks: [`attention`], [`block_layers`], [`attn_block`],
-//!   [`mlp_block`].
+//! - attention and the layer blocks: [`attention`], [`block_layers`], [`attn_block`],
+//!   [`mlp_block`] (Llama's pre-norm decoder layer), [`encoder_blocks`] (BERT's post-norm
+//!   encoder layer).
 
 pub(crate) mod attention;
 pub(crate) mod attn_block;
@@ -22,6 +23,7 @@ pub(crate) mod blocks;
 pub(crate) mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+pub(crate) mod encoder_blocks;
 pub(crate) mod fast_exp;
 pub(crate) mod frozen;
 pub(crate) mod frozen_basis;

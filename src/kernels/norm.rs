@@ -59,7 +59,15 @@ impl Norm {
     }
 }
 
-impl Norm {
+/// The per-row arithmetic of one norm kind and epsilon, shared by the op and the fused blocks
+/// that normalise rows of values.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowNorm {
+    pub(crate) kind: NormKind,
+    pub(crate) eps: f64,
+}
+
+impl RowNorm {
     /// `(μ, r)` of one row.
     fn row_stats(&self, row: &[f32]) -> (f32, f32) {
         let mean = self.row_mean(row);
@@ -77,6 +85,61 @@ impl Norm {
     /// it gets the forward's `r` bit for bit.
     fn inv_rms(&self, sum_sq: f64, n: usize) -> f32 {
         (1.0 / (sum_sq / n as f64 + self.eps).sqrt()) as f32
+    }
+
+    /// The normalised rows of `x` (width `gamma.len()`, which must be positive and divide
+    /// `x.len()`), times `γ` (plus `β`).
+    pub(crate) fn forward(&self, x: &[f32], gamma: &[f32], beta: Option<&[f32]>) -> Vec<f32> {
+        let dim = gamma.len();
+        let head = |i: usize| self.row_stats(&x[i * dim..(i + 1) * dim]);
+        let fill = |&(mean, r): &(f32, f32), i: usize, start: usize, dst: &mut [f32]| {
+            let at = i * dim + start;
+            let beta = beta.map(|b| &b[start..]);
+            norm_block(dst, &x[at..], &gamma[start..], beta, mean, r);
+        };
+        collect_rows(x.len() / dim, dim, ROWS_PER_TASK, head, fill)
+    }
+
+    /// `dL/dx` of [`Self::forward`] for the output gradient `g` (`x`'s length), one pass per
+    /// row after its sums. With `c = x − μ` (`x` for RmsNorm), `x̂ = c·r` and `g' = g·γ`, the
+    /// backward in the module doc expands to `dx = r·g' − r·mean(g') − c·r³·mean(g'·c)`: one
+    /// pass for `Σc²` (which gives `r`), `Σg'` and `Σg'·c` (after one for `μ` with LayerNorm),
+    /// then one multiply-add per element.
+    pub(crate) fn backward(&self, x: &[f32], g: &[f32], gamma: &[f32]) -> Vec<f32> {
+        let dim = gamma.len();
+        let n = dim as f64;
+        let head = |i: usize| {
+            let (row, grad) = (&x[i * dim..(i + 1) * dim], &g[i * dim..(i + 1) * dim]);
+            let mean = self.row_mean(row);
+            let sums = norm_grad_sums(row, grad, gamma, mean);
+            let r = self.inv_rms(sums.sq, dim);
+            let r64 = f64::from(r);
+            let shift = match self.kind {
+                NormKind::LayerNorm => (-r64 * sums.g / n) as f32,
+                NormKind::RmsNorm => 0.0,
+            };
+            let slope = (-r64 * r64 * r64 * sums.gc / n) as f32;
+            NormGradRow {
+                mean,
+                r,
+                slope,
+                shift,
+            }
+        };
+        let fill = |row: &NormGradRow, i: usize, start: usize, dst: &mut [f32]| {
+            let at = i * dim + start;
+            norm_grad_block(dst, &x[at..], &g[at..], &gamma[start..], row);
+        };
+        collect_rows(x.len() / dim, dim, ROWS_PER_TASK, head, fill)
+    }
+}
+
+impl Norm {
+    fn rows(&self) -> RowNorm {
+        RowNorm {
+            kind: self.kind,
+            eps: self.eps,
+        }
     }
 
     /// `dx` with candle's tensor ops: what devices other than the CPU run.
@@ -109,19 +172,7 @@ impl CustomOp1 for Norm {
         }
         let out = with_f32_values(self.name(), &self.gamma, dim, |gamma| {
             with_optional_f32_values(self.name(), self.beta.as_ref(), dim, |beta| {
-                let head = |i: usize| self.row_stats(&src[i * dim..(i + 1) * dim]);
-                let fill = |&(mean, r): &(f32, f32), i: usize, start: usize, dst: &mut [f32]| {
-                    let at = i * dim + start;
-                    let beta = beta.map(|b| &b[start..]);
-                    norm_block(dst, &src[at..], &gamma[start..], beta, mean, r);
-                };
-                Ok(collect_rows(
-                    src.len() / dim,
-                    dim,
-                    ROWS_PER_TASK,
-                    head,
-                    fill,
-                ))
+                Ok(self.rows().forward(src, gamma, beta))
             })
         })?;
         Ok((output_storage(out, &shape, x.dtype())?, shape))
@@ -145,10 +196,7 @@ impl CustomOp1 for Norm {
     }
 }
 
-/// `dx` of [`Norm`] from `(x, dL/dy)`, one pass per row after its sums. With `c = x − μ` (`x`
-/// for RmsNorm), `x̂ = c·r` and `g' = g·γ`, the backward in the module doc expands to
-/// `dx = r·g' − r·mean(g') − c·r³·mean(g'·c)`: one pass for `Σc²` (which gives `r`), `Σg'`
-/// and `Σg'·c` (after one for `μ` with LayerNorm), then one multiply-add per element.
+/// `dx` of [`Norm`] from `(x, dL/dy)` ([`RowNorm::backward`]).
 struct NormGrad<'a>(&'a Norm);
 
 impl candle_core::CustomOp2 for NormGrad<'_> {
@@ -178,31 +226,8 @@ impl candle_core::CustomOp2 for NormGrad<'_> {
             return Ok((output_storage(Vec::new(), &shape, x.dtype())?, shape));
         }
         let norm = self.0;
-        let n = dim as f64;
         let out = with_f32_values(self.name(), &norm.gamma, dim, |gamma| {
-            let head = |i: usize| {
-                let (row, grad) = (&xs[i * dim..(i + 1) * dim], &gs[i * dim..(i + 1) * dim]);
-                let mean = norm.row_mean(row);
-                let sums = norm_grad_sums(row, grad, gamma, mean);
-                let r = norm.inv_rms(sums.sq, dim);
-                let r64 = f64::from(r);
-                let shift = match norm.kind {
-                    NormKind::LayerNorm => (-r64 * sums.g / n) as f32,
-                    NormKind::RmsNorm => 0.0,
-                };
-                let slope = (-r64 * r64 * r64 * sums.gc / n) as f32;
-                NormGradRow {
-                    mean,
-                    r,
-                    slope,
-                    shift,
-                }
-            };
-            let fill = |row: &NormGradRow, i: usize, start: usize, dst: &mut [f32]| {
-                let at = i * dim + start;
-                norm_grad_block(dst, &xs[at..], &gs[at..], &gamma[start..], row);
-            };
-            Ok(collect_rows(xs.len() / dim, dim, ROWS_PER_TASK, head, fill))
+            Ok(norm.rows().backward(xs, gs, gamma))
         })?;
         Ok((output_storage(out, &shape, x.dtype())?, shape))
     }

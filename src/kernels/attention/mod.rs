@@ -57,6 +57,7 @@ mod projected;
 mod tiles;
 
 pub use projected::attention_core_projected;
+pub(crate) use projected::{Split, from_heads, to_heads};
 
 pub(crate) use tiles::Plan;
 

@@ -26,12 +26,12 @@ use crate::kernels::slices::{f32_slice, with_optional_values};
 const OP: &str = "attention-projected";
 
 /// The sizes of a `[B, T, n·d]` projection split into `n` heads of `d`.
-#[derive(Clone, Copy)]
-struct Split {
-    batch: usize,
-    seq: usize,
-    heads: usize,
-    head_dim: usize,
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Split {
+    pub(crate) batch: usize,
+    pub(crate) seq: usize,
+    pub(crate) heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 /// `dst = scale · src` (a plain copy for a scale of 1).
@@ -46,7 +46,7 @@ fn copy_scaled(src: &[f32], dst: &mut [f32], scale: f32) {
 }
 
 /// `x: [B, T, n, d]` → `[B, n, T, d]`, each value times `scale`.
-fn to_heads(x: &[f32], s: Split, scale: f32) -> Vec<f32> {
+pub(crate) fn to_heads(x: &[f32], s: Split, scale: f32) -> Vec<f32> {
     let (t, n, d) = (s.seq, s.heads, s.head_dim);
     let mut out = vec![0f32; x.len()];
     if d == 0 {
@@ -65,7 +65,7 @@ fn to_heads(x: &[f32], s: Split, scale: f32) -> Vec<f32> {
 }
 
 /// `x: [B, n, T, d]` → `[B, T, n, d]`, each value times `scale`.
-fn from_heads(x: &[f32], s: Split, scale: f32) -> Vec<f32> {
+pub(crate) fn from_heads(x: &[f32], s: Split, scale: f32) -> Vec<f32> {
     let (t, n, d) = (s.seq, s.heads, s.head_dim);
     let mut out = vec![0f32; x.len()];
     if d == 0 {
