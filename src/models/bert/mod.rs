@@ -33,7 +33,6 @@ mod config;
 
 pub use config::{BertConfig, HiddenAct};
 
-
 /// LayerNorm over the last dim, with a backward for the input only (`crate::ops::norm`).
 #[derive(Clone, Debug)]
 pub struct BertLayerNorm {
@@ -250,18 +249,26 @@ impl BertLayer {
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let attn = match self.fused_attention(x, mask)? {
             Some(attn) => attn,
-            None => {
-                let context = self.attention.forward(x, mask)?;
-                let attn = self.attention_output.forward_peft(&context)?;
-                self.attention_norm.forward(&(attn + x)?)?
-            }
+            None => self.attention_separate(x, mask)?,
         };
-        if let Some(out) = self.fused_feed_forward(&attn)? {
-            return Ok(out);
+        match self.fused_feed_forward(&attn)? {
+            Some(out) => Ok(out),
+            None => self.feed_forward_separate(&attn),
         }
-        let inter = self.act.forward(&self.intermediate.forward_peft(&attn)?)?;
+    }
+
+    /// `LN(x + attention_output(attention(x)))` in separate ops.
+    fn attention_separate(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let context = self.attention.forward(x, mask)?;
+        let attn = self.attention_output.forward_peft(&context)?;
+        self.attention_norm.forward(&(attn + x)?)
+    }
+
+    /// `LN(h + output(act(intermediate(h))))` in separate ops.
+    fn feed_forward_separate(&self, h: &Tensor) -> Result<Tensor> {
+        let inter = self.act.forward(&self.intermediate.forward_peft(h)?)?;
         let out = self.output.forward_peft(&inter)?;
-        self.output_norm.forward(&(out + attn)?)
+        self.output_norm.forward(&(out + h)?)
     }
 
     /// The first half as one op, or `None` when it does not apply.
@@ -553,7 +560,111 @@ pub fn mean_pool(hidden: &Tensor, attention_mask: Option<&Tensor>) -> Result<Ten
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::Var;
+
     use super::*;
+    use crate::LoraConfig;
+    use crate::kernels::test_values::{max_abs, max_diff, tensor};
+
+    /// A one-layer BERT (hidden 12, 3 heads, intermediate 20) with smooth weights, and LoRA
+    /// (rank 2, non-zero factors) on `query`, `value` and the three `dense` layers.
+    fn tiny_bert_with_lora() -> PeftModel<BertModel> {
+        let cfg = BertConfig::from_json_str(
+            r#"{"vocab_size": 32, "hidden_size": 12, "num_hidden_layers": 1,
+                "num_attention_heads": 3, "intermediate_size": 20,
+                "max_position_embeddings": 16}"#,
+        )
+        .unwrap();
+        let (h, i) = (12, 20);
+        let layer = "encoder.layer.0";
+        let mut shapes = vec![
+            ("embeddings.word_embeddings.weight".to_string(), vec![32, h]),
+            ("embeddings.position_embeddings.weight".into(), vec![16, h]),
+            ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+        ];
+        for (name, out, inp) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", i, h),
+            ("output.dense", h, i),
+        ] {
+            shapes.push((format!("{layer}.{name}.weight"), vec![out, inp]));
+            shapes.push((format!("{layer}.{name}.bias"), vec![out]));
+        }
+        let mut tensors: HashMap<String, Tensor> = shapes
+            .into_iter()
+            .enumerate()
+            .map(|(seed, (name, shape))| (name, tensor(&shape, seed as u32)))
+            .collect();
+        for (seed, norm) in ["embeddings", "encoder.layer.0.attention.output"]
+            .into_iter()
+            .chain(["encoder.layer.0.output"])
+            .enumerate()
+        {
+            let gamma = tensor(&[h], 50 + seed as u32).affine(0.5, 1.0).unwrap();
+            tensors.insert(format!("{norm}.LayerNorm.weight"), gamma);
+            tensors.insert(
+                format!("{norm}.LayerNorm.bias"),
+                tensor(&[h], 60 + seed as u32),
+            );
+        }
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let b = PeftBuilder::new(vb);
+        let mut model = PeftModel::new(BertModel::load(&b, &cfg).unwrap(), &b);
+        let lora = LoraConfig::new(&["query", "value", "dense"], 2, 4.0);
+        model.add_adapter("default", lora).unwrap();
+        for (seed, (_, var)) in model.trainable_vars().into_iter().enumerate() {
+            let values = (tensor(var.dims(), 70 + seed as u32) * 0.3).unwrap();
+            var.set(&values).unwrap();
+        }
+        model
+    }
+
+    /// The layer as two fused ops against the same layer in separate ops: output, dL/dx and
+    /// every LoRA factor's gradient, with a mask per batch row and one shared by the batch.
+    #[test]
+    fn fused_layer_matches_the_separate_ops() {
+        let model = tiny_bert_with_lora();
+        model.train();
+        let layer = &model.model().layers()[0];
+        let vars = model.trainable_vars();
+        assert_eq!(vars.len(), 10);
+        let x = Var::from_tensor(&tensor(&[2, 5, 12], 1)).unwrap();
+        let padding = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+        let per_row = extended_attention_mask(&padding, &[2, 5], DType::F32).unwrap();
+        let shared = per_row.narrow(0, 1, 1).unwrap();
+        let weights = tensor(&[2, 5, 12], 3);
+        for mask in [Some(per_row), Some(shared), None] {
+            let xt = x.as_tensor();
+            let mask = mask.as_ref();
+            let attn = layer.fused_attention(xt, mask).unwrap();
+            let attn = attn.expect("f32 LoRA layers take the fused attention block");
+            let fused = layer.fused_feed_forward(&attn).unwrap();
+            let fused = fused.expect("f32 LoRA layers take the fused feed-forward block");
+            let separate = layer
+                .feed_forward_separate(&layer.attention_separate(xt, mask).unwrap())
+                .unwrap();
+            let scale = max_abs(&separate);
+            assert!(max_diff(&fused, &separate) <= 1e-5 * scale);
+            let grads = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap().backward();
+            let (fused_grads, separate_grads) = (grads(&fused).unwrap(), grads(&separate).unwrap());
+            let all = std::iter::once(("x".to_string(), x.clone())).chain(vars.iter().cloned());
+            for (name, v) in all {
+                let f = fused_grads.get(v.as_tensor()).expect("fused gradient");
+                let s = separate_grads
+                    .get(v.as_tensor())
+                    .expect("separate gradient");
+                let scale = max_abs(s);
+                assert!(scale > 0.0, "{name}: zero gradient");
+                let d = max_diff(f, s);
+                assert!(d <= 1e-5 * scale, "{name}: {d} (scale {scale})");
+            }
+        }
+    }
 
     #[test]
     fn mask_values() {
