@@ -30,6 +30,7 @@ use super::attention;
 use super::block_layers::{
     BlockLayers, FusedLinearParts, add_into, rms_backward_into, rms_forward,
 };
+use super::blocks::zeros;
 use super::rope::{RopeAngles, rope_values};
 use super::saved::{SavingKernel, SavingOp};
 use super::slices::{with_optional_values, with_values};
@@ -207,7 +208,7 @@ impl SavingKernel for AttentionBlock {
             let [_, _, _, o_l] = linears else {
                 candle_core::bail!("{OP}: expected four layers");
             };
-            let mut dcontext = vec![0f32; context.len()];
+            let mut dcontext = zeros(context.len());
             let grads = o_l.backward(&context, dout, rows, &mut dcontext, false)?;
             self.layers.put_grads(&mut dpack, 3, grads)?;
             drop(context);

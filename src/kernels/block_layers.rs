@@ -13,6 +13,7 @@
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::blocks::zeros;
 use super::frozen_weight::FrozenWeight;
 use super::linear_lora::{LinearValues, LoraValues};
 use super::slices::f32_slice;
@@ -217,7 +218,7 @@ impl BlockLayers {
         rows: usize,
         output_grads: &[(usize, &[f32])],
     ) -> candle_core::Result<Vec<f32>> {
-        let mut dinput = vec![0f32; input.len()];
+        let mut dinput = zeros(input.len());
         for (n, &(index, dout)) in output_grads.iter().enumerate() {
             let Some(layer) = linears.get(index) else {
                 candle_core::bail!("{}: no layer {index}", self.op);

@@ -91,9 +91,69 @@ pub(crate) fn collect_block_pairs(
     out
 }
 
+/// `len` zeros, written on rayon's tasks. `vec![0.0; len]` zeroes on the calling thread (freed
+/// memory is reused, so that is a real pass over it) while the pool's threads wait; the fused
+/// ops allocate their activation-sized outputs and gradients from the calling thread.
+pub(crate) fn zeros(len: usize) -> Vec<f32> {
+    collect_blocks(len, |_, dst| dst.fill(0.0))
+}
+
+/// `rows` rows of `width` values, row `r` being `scale · src(r)` (zero-padded where `src(r)` is
+/// shorter than `width`), written once on rayon's tasks of at least `min_rows` rows: a gather
+/// (a transpose of heads, a broadcast bias) without first zeroing the output.
+pub(crate) fn gather_rows<'a>(
+    rows: usize,
+    width: usize,
+    min_rows: usize,
+    scale: f32,
+    src: impl Fn(usize) -> &'a [f32] + Sync,
+) -> Vec<f32> {
+    let len = rows * width;
+    let mut out = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
+    }
+    out.spare_capacity_mut()[..len]
+        .par_chunks_exact_mut(width)
+        .enumerate()
+        .with_min_len(min_rows.max(1))
+        .for_each(|(r, dst)| {
+            let row = src(r);
+            let (head, tail) = dst.split_at_mut(row.len().min(width));
+            for (d, &v) in head.iter_mut().zip(row) {
+                d.write(v * scale);
+            }
+            for d in tail {
+                d.write(0.0);
+            }
+        });
+    // SAFETY: the chunks above cover `out[..len]` (`len` is a multiple of `width`, which is
+    // non-zero here) and each chunk's two parts, `head` and `tail`, are written in full.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Writes all of `dst` (at most [`BLOCK`] long: a chunk of `chunks_mut(BLOCK)`) from `buf`.
 fn copy_out(dst: &mut [std::mem::MaybeUninit<f32>], buf: &[f32; BLOCK]) {
     for (d, &v) in dst.iter_mut().zip(buf) {
         d.write(v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_rows_scales_and_pads_each_row() {
+        let src = [1f32, 2., 3., 4., 5.];
+        // Row r reads r + 1 values; width 3 pads the short rows and cuts the long one.
+        let out = gather_rows(4, 3, 1, 2.0, |r| &src[..r + 1]);
+        let expected = [2., 0., 0., 2., 4., 0., 2., 4., 6., 2., 4., 6.];
+        assert_eq!(out, expected);
+        assert!(gather_rows(0, 3, 1, 1.0, |_| &src[..]).is_empty());
+        assert!(gather_rows(3, 0, 1, 1.0, |_| &src[..]).is_empty());
+        let z = zeros(3 * BLOCK + 5);
+        assert!(z.len() == 3 * BLOCK + 5 && z.iter().all(|&v| v == 0.0));
     }
 }

@@ -31,6 +31,7 @@ use candle_core::Tensor;
 
 use super::attention::{self, Split, from_heads, to_heads};
 use super::block_layers::{BlockLayers, FusedLinearParts, add_into};
+use super::blocks::zeros;
 use super::gelu::{gelu_erf_grad_values, gelu_erf_values};
 use super::norm::{NormKind, RowNorm};
 use super::saved::{SavingKernel, SavingOp};
@@ -225,7 +226,7 @@ impl SavingKernel for AttentionBlock {
             let [_, _, _, o_l] = linears else {
                 candle_core::bail!("{ATTENTION_OP}: expected four layers");
             };
-            let mut dcontext = vec![0f32; context.len()];
+            let mut dcontext = zeros(context.len());
             let grads = o_l.backward(&context, &dpre, rows, &mut dcontext, false)?;
             self.layers.put_grads(&mut dpack, 3, grads)?;
             drop(context);
@@ -352,13 +353,13 @@ impl SavingKernel for FeedForwardBlock {
             let [up_l, down_l] = linears else {
                 candle_core::bail!("{FEED_FORWARD_OP}: expected two layers");
             };
-            let mut dact = vec![0f32; act.len()];
+            let mut dact = zeros(act.len());
             let grads = down_l.backward(&act, &dpre, rows, &mut dact, false)?;
             self.layers.put_grads(&mut dpack, 1, grads)?;
             drop(act);
             let dup = gelu_erf_grad_values(&up, &dact);
             drop((up, dact));
-            let mut dy = vec![0f32; y.len()];
+            let mut dy = zeros(y.len());
             let grads = up_l.backward(y, &dup, rows, &mut dy, false)?;
             self.layers.put_grads(&mut dpack, 0, grads)?;
             Ok(dy)

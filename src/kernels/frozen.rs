@@ -8,6 +8,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 
+use super::blocks::zeros;
 use super::frozen_weight::FrozenWeight;
 use super::gemm::Threads;
 use super::slices::f32_slice;
@@ -210,7 +211,7 @@ impl CustomOp1 for StoredMatmul {
         let op = self.name();
         let (m, (out_f, in_f), shape) = stored_plan(op, &self.weight, layout, true)?;
         let x = f32_slice(op, "the input", x, layout)?;
-        let mut y = vec![0f32; m * out_f];
+        let mut y = zeros(m * out_f);
         let guard = self.weight.values()?;
         let w = guard.matrix(op, "the weight", (out_f, in_f))?;
         w.xwt(op, &mut y, x, m, 0..out_f, false, Threads::Candle)?;
@@ -243,7 +244,7 @@ impl CustomOp1 for StoredMatmulGrad {
         let op = self.name();
         let (m, (out_f, in_f), shape) = stored_plan(op, &self.weight, layout, false)?;
         let g = f32_slice(op, "the output gradient", g, layout)?;
-        let mut dx = vec![0f32; m * in_f];
+        let mut dx = zeros(m * in_f);
         let guard = self.weight.values()?;
         let w = guard.matrix(op, "the weight", (out_f, in_f))?;
         w.gw(op, &mut dx, g, m, 0..out_f, false, Threads::Candle)?;

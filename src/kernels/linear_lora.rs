@@ -19,6 +19,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
+use super::blocks::{ROWS_PER_TASK, gather_rows, zeros};
 use super::frozen_weight::FrozenWeight;
 use super::gemm::{self, Strided, Threads};
 use super::lowp::WeightMatrix;
@@ -125,9 +126,15 @@ impl LinearValues<'_> {
         let (out_f, in_f) = (self.out_features, self.in_features);
         self.check_operands()?;
         self.check("the input", x, rows, in_f)?;
-        let mut y = vec![0f32; rows * out_f];
+        // The bias rows are the product's starting values: one parallel pass instead of a
+        // zero-fill on the calling thread and a bias pass after the product.
+        let mut y = match self.bias {
+            Some(bias) => gather_rows(rows, out_f, ROWS_PER_TASK, 1.0, |_| bias),
+            None => zeros(rows * out_f),
+        };
+        let accumulate = self.bias.is_some();
         self.weight
-            .xwt(OP, &mut y, x, rows, 0..out_f, false, Threads::Candle)?;
+            .xwt(OP, &mut y, x, rows, 0..out_f, accumulate, Threads::Candle)?;
         if let Some(l) = &self.lora {
             let h = self.lora_hidden(l, x, rows)?;
             gemm_f32(
@@ -137,11 +144,6 @@ impl LinearValues<'_> {
                 (rows, out_f, l.rank),
                 true,
             )?;
-        }
-        if let Some(bias) = self.bias {
-            for row in y.chunks_exact_mut(out_f) {
-                row.iter_mut().zip(bias).for_each(|(v, &c)| *v += c);
-            }
         }
         Ok(y)
     }
@@ -335,7 +337,7 @@ impl FrozenLinearLora {
                 scaling: s,
             }),
         };
-        let mut grad_x = vec![0f32; rows * in_f];
+        let mut grad_x = zeros(rows * in_f);
         let Some((grad_a, grad_b)) = linear.backward(xv, gv, rows, &mut grad_x, false)? else {
             candle_core::bail!("frozen-linear-lora: no LoRA gradients");
         };

@@ -32,6 +32,7 @@ use rayon::prelude::*;
 use super::block_layers::{
     BlockLayers, FusedLinearParts, ROWS_PER_TASK, add_into, rms_backward_into, rms_forward,
 };
+use super::blocks::zeros;
 use super::fast_exp;
 use super::saved::{SavingKernel, SavingOp};
 use super::slices::with_values;
@@ -96,7 +97,7 @@ impl SavingKernel for MlpBlock {
             };
             let gate = gate_l.forward(&normed, rows)?;
             let up = up_l.forward(&normed, rows)?;
-            let mut act = vec![0f32; rows * inter];
+            let mut act = zeros(rows * inter);
             let chunk = inter * ROWS_PER_TASK;
             act.par_chunks_mut(chunk)
                 .zip(gate.par_chunks(chunk))
@@ -151,7 +152,7 @@ impl SavingKernel for MlpBlock {
             let [_, _, down_l] = linears else {
                 candle_core::bail!("{OP}: expected three layers");
             };
-            let mut dact = vec![0f32; rows * inter];
+            let mut dact = zeros(rows * inter);
             let grads = down_l.backward(&act, dout, rows, &mut dact, false)?;
             self.layers.put_grads(&mut dpack, 2, grads)?;
             // dg and du overwrite g and u: each element reads both before writing.

@@ -16,10 +16,10 @@
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::{Dims, Plan, check_dims, fused, with_backward_values};
 use crate::error::Result;
+use crate::kernels::blocks::gather_rows;
 use crate::kernels::slices::{f32_slice, with_optional_values};
 
 /// The op's name, for candle and for errors.
@@ -34,53 +34,33 @@ pub(crate) struct Split {
     pub(crate) head_dim: usize,
 }
 
-/// `dst = scale · src` (a plain copy for a scale of 1).
-fn copy_scaled(src: &[f32], dst: &mut [f32], scale: f32) {
-    if scale == 1.0 {
-        dst.copy_from_slice(src);
-    } else {
-        for (o, &v) in dst.iter_mut().zip(src) {
-            *o = v * scale;
-        }
-    }
-}
+/// Rows of `d` values per rayon task in the head moves.
+const ROWS_PER_TASK: usize = 256;
 
 /// `x: [B, T, n, d]` → `[B, n, T, d]`, each value times `scale`.
 pub(crate) fn to_heads(x: &[f32], s: Split, scale: f32) -> Vec<f32> {
     let (t, n, d) = (s.seq, s.heads, s.head_dim);
-    let mut out = vec![0f32; x.len()];
-    if d == 0 {
-        return out;
-    }
-    out.par_chunks_exact_mut(t * d)
-        .enumerate()
-        .for_each(|(bh, dst)| {
-            let (b, h) = (bh / n, bh % n);
-            for (ti, row) in dst.chunks_exact_mut(d).enumerate() {
-                let at = ((b * t + ti) * n + h) * d;
-                copy_scaled(&x[at..at + d], row, scale);
-            }
-        });
-    out
+    let rows = s.batch * n * t;
+    gather_rows(rows, d, ROWS_PER_TASK, scale, |r| {
+        // Row r of the output is (b, h, ti).
+        let (bh, ti) = (r / t, r % t);
+        let (b, h) = (bh / n, bh % n);
+        let at = ((b * t + ti) * n + h) * d;
+        x.get(at..at + d).unwrap_or(&[])
+    })
 }
 
 /// `x: [B, n, T, d]` → `[B, T, n, d]`, each value times `scale`.
 pub(crate) fn from_heads(x: &[f32], s: Split, scale: f32) -> Vec<f32> {
     let (t, n, d) = (s.seq, s.heads, s.head_dim);
-    let mut out = vec![0f32; x.len()];
-    if d == 0 {
-        return out;
-    }
-    out.par_chunks_exact_mut(n * d)
-        .enumerate()
-        .for_each(|(bt, dst)| {
-            let (b, ti) = (bt / t, bt % t);
-            for (h, row) in dst.chunks_exact_mut(d).enumerate() {
-                let at = ((b * n + h) * t + ti) * d;
-                copy_scaled(&x[at..at + d], row, scale);
-            }
-        });
-    out
+    let rows = s.batch * t * n;
+    gather_rows(rows, d, ROWS_PER_TASK, scale, |r| {
+        // Row r of the output is (b, ti, h).
+        let (bt, h) = (r / n, r % n);
+        let (b, ti) = (bt / t, bt % t);
+        let at = ((b * n + h) * t + ti) * d;
+        x.get(at..at + d).unwrap_or(&[])
+    })
 }
 
 struct ProjectedAttention {

@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::Dims;
+use crate::kernels::blocks::zeros;
 use crate::kernels::fast_exp;
 use crate::kernels::gemm::{self, Strided, Threads};
 
@@ -413,7 +414,7 @@ impl Dims {
         mask: Option<&[f32]>,
     ) -> candle_core::Result<Vec<f32>> {
         let (rows, d) = (self.group_rows(), self.head_dim);
-        let mut out = vec![0f32; self.batch * self.seq * self.heads * d];
+        let mut out = zeros(self.batch * self.seq * self.heads * d);
         if self.is_empty() {
             // An empty softmax row has no probabilities: nothing is added to the zero context.
             return Ok(out);
@@ -465,9 +466,9 @@ impl Dims {
         grad: &[f32],
     ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let (rows, d, tk) = (self.group_rows(), self.head_dim, self.kv_seq);
-        let mut dq = vec![0f32; q.len()];
-        let mut dk = vec![0f32; k.len()];
-        let mut dv = vec![0f32; v.len()];
+        let mut dq = zeros(q.len());
+        let mut dk = zeros(k.len());
+        let mut dv = zeros(v.len());
         if self.is_empty() {
             // Zero-sized chunks would panic below; the gradients are zero (or empty).
             return Ok((dq, dk, dv));
