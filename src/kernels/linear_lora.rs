@@ -18,8 +18,9 @@
 //! other case (CUDA included) takes the base op plus `forward_delta`.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
-use super::blocks::{ROWS_PER_TASK, gather_rows, zeros};
+use super::blocks::{ROWS_PER_TASK, zeros};
 use super::frozen_weight::FrozenWeight;
 use super::gemm::{self, Strided, Threads};
 use super::lowp::WeightMatrix;
@@ -126,15 +127,9 @@ impl LinearValues<'_> {
         let (out_f, in_f) = (self.out_features, self.in_features);
         self.check_operands()?;
         self.check("the input", x, rows, in_f)?;
-        // The bias rows are the product's starting values: one parallel pass instead of a
-        // zero-fill on the calling thread and a bias pass after the product.
-        let mut y = match self.bias {
-            Some(bias) => gather_rows(rows, out_f, ROWS_PER_TASK, 1.0, |_| bias),
-            None => zeros(rows * out_f),
-        };
-        let accumulate = self.bias.is_some();
+        let mut y = zeros(rows * out_f);
         self.weight
-            .xwt(OP, &mut y, x, rows, 0..out_f, accumulate, Threads::Candle)?;
+            .xwt(OP, &mut y, x, rows, 0..out_f, false, Threads::Candle)?;
         if let Some(l) = &self.lora {
             let h = self.lora_hidden(l, x, rows)?;
             gemm_f32(
@@ -144,6 +139,15 @@ impl LinearValues<'_> {
                 (rows, out_f, l.rank),
                 true,
             )?;
+        }
+        // Added after the products, as the separate frozen matmul adds it, so a fused block and
+        // the separate ops give the same bits.
+        if let Some(bias) = self.bias.filter(|_| out_f > 0) {
+            y.par_chunks_mut(out_f * ROWS_PER_TASK).for_each(|rows| {
+                for row in rows.chunks_exact_mut(out_f) {
+                    row.iter_mut().zip(bias).for_each(|(v, &c)| *v += c);
+                }
+            });
         }
         Ok(y)
     }
