@@ -11,7 +11,7 @@ pub mod llama;
 
 pub use bert::{BertConfig, BertModel, HiddenAct, mean_pool};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::io::source::ModelSource;
 use crate::model::PeftModel;
@@ -70,4 +70,15 @@ pub struct Pretrained<M, C> {
     pub config: C,
     /// The resolved files (folder, hub snapshot or GGUF file), kept for a merged export.
     pub source: ModelSource,
+}
+
+/// The most negative finite value of `dtype` (transformers' `finfo(dtype).min`): what an
+/// additive attention mask puts on masked keys.
+pub(crate) fn dtype_min(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        DType::BF16 => -3.3895313892515355e38,
+        DType::F64 => f64::MIN,
+        _ => f32::MIN as f64,
+    }
 }

@@ -500,16 +500,6 @@ impl BertModel {
     }
 }
 
-/// The most negative finite value of `dtype` (`torch.finfo(dtype).min`).
-fn dtype_min(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => -65504.0,
-        DType::BF16 => -3.3895313892515355e38,
-        DType::F64 => f64::MIN,
-        _ => f32::MIN as f64,
-    }
-}
-
 /// transformers' `get_extended_attention_mask`: `[B, T]` (or `[B, T, T]`) of 1/0 →
 /// `(1 - mask) · finfo(dtype).min`, shaped `[B, 1, 1, T]` (or `[B, 1, T, T]`).
 pub fn extended_attention_mask(mask: &Tensor, ids_dims: &[usize], dtype: DType) -> Result<Tensor> {
@@ -534,7 +524,9 @@ pub fn extended_attention_mask(mask: &Tensor, ids_dims: &[usize], dtype: DType) 
         }
     };
     let inverted = mask.to_dtype(DType::F32)?.affine(-1.0, 1.0)?;
-    Ok(inverted.affine(dtype_min(dtype), 0.0)?.to_dtype(dtype)?)
+    Ok(inverted
+        .affine(crate::models::dtype_min(dtype), 0.0)?
+        .to_dtype(dtype)?)
 }
 
 /// Masked mean pooling over the sequence (sentence-transformers' `mean` pooling):

@@ -64,16 +64,6 @@ fn apply_rope(x: &Tensor, tables: &RopeTables, scale: f64) -> Result<Tensor> {
     crate::kernels::rope::rope(x, &tables.angles(), scale)
 }
 
-/// The most negative finite value of `dtype` (transformers' `finfo(dtype).min`).
-fn dtype_min(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => -65504.0,
-        DType::BF16 => -3.3895313892515355e38,
-        DType::F64 => f64::MIN,
-        _ => f32::MIN as f64,
-    }
-}
-
 /// Which keys the queries of one forward see: queries at positions `offset..offset + T`, keys
 /// at positions `kv_start..offset + T` (a sliding layer's cache keeps only the last keys), and
 /// the window of a sliding layer.
@@ -104,7 +94,7 @@ pub(super) fn attention_mask(
     } = span;
     let total = offset + seq_len;
     let kv_len = total - kv_start.min(total);
-    let min = dtype_min(dtype) as f32;
+    let min = crate::models::dtype_min(dtype) as f32;
     let mut mask = vec![0f32; batch * seq_len * kv_len];
     for b in 0..batch {
         for i in 0..seq_len {
