@@ -184,6 +184,7 @@ impl SavingKernel for AttentionBlock {
         pack: &[f32],
         dout: &[f32],
         saved: Saved,
+        _need_dx: bool,
     ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
         self.check_input(x)?;
         if dout.len() != x.len() {

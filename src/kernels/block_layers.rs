@@ -229,6 +229,26 @@ impl BlockLayers {
         Ok(dinput)
     }
 
+    /// The factor gradients alone of the layers that read `input`, for an `input` that needs no
+    /// gradient: what [`Self::shared_input_backward`] gives besides `dL/d(input)`.
+    pub(crate) fn shared_input_factor_grads(
+        &self,
+        linears: &[LinearValues<'_>],
+        dpack: &mut [f32],
+        input: &[f32],
+        rows: usize,
+        output_grads: &[(usize, &[f32])],
+    ) -> candle_core::Result<()> {
+        for &(index, dout) in output_grads {
+            let Some(layer) = linears.get(index) else {
+                candle_core::bail!("{}: no layer {index}", self.op);
+            };
+            let grads = layer.factor_grads(input, dout, rows)?;
+            self.put_grads(dpack, index, grads)?;
+        }
+        Ok(())
+    }
+
     /// The pack's gradient as a tensor shaped like `pack`, or none for a placeholder.
     pub(crate) fn pack_grad(
         &self,

@@ -21,7 +21,8 @@
 //! first edge a `zeros_like`) on the calling thread while the other cores wait; here the layer
 //! is two nodes. The ops keep what their backward reads (the split `q`, `k`, `v`, the context,
 //! `u`, `a` and the pre-norm sums) from the forward, the memory the graph would hold for them
-//! anyway; a second backward over the same graph recomputes them. CPU and f32 activations
+//! anyway; a second backward over the same graph recomputes them. On an input that tracks no
+//! gradient (the first layer's) the backward skips the products only `dL/dx` needs. CPU and f32 activations
 //! only (the weights in any type the frozen kernels read), and only when each layer is a
 //! frozen linear with at most one LoRA delta; the caller checks that.
 
@@ -209,6 +210,7 @@ impl SavingKernel for AttentionBlock {
         pack: &[f32],
         dout: &[f32],
         saved: Self::Saved,
+        need_dx: bool,
     ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
         let hidden = self.hidden();
         let rows = check_rows(ATTENTION_OP, x, Some(dout), hidden)?;
@@ -237,10 +239,23 @@ impl SavingKernel for AttentionBlock {
             let dq = from_heads(&dq, self.split, self.query_scale());
             let dk = from_heads(&dk, self.split, 1.0);
             let output_grads = [(0, &dq[..]), (1, &dk[..]), (2, &dv[..])];
+            if !need_dx {
+                // The three products g·W for dL/dx are skipped, not the factors' gradients.
+                self.layers.shared_input_factor_grads(
+                    linears,
+                    &mut dpack,
+                    x,
+                    rows,
+                    &output_grads,
+                )?;
+                return Ok(Vec::new());
+            }
             self.layers
                 .shared_input_backward(linears, &mut dpack, x, rows, &output_grads)
         })?;
-        add_into(&mut dx, &dpre);
+        if need_dx {
+            add_into(&mut dx, &dpre);
+        }
         Ok((dx, dpack))
     }
 
@@ -341,6 +356,7 @@ impl SavingKernel for FeedForwardBlock {
         pack: &[f32],
         dout: &[f32],
         saved: Self::Saved,
+        need_dx: bool,
     ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
         let rows = check_rows(FEED_FORWARD_OP, y, Some(dout), self.hidden)?;
         let FeedForwardSaved { up, act, pre_norm } = saved;
@@ -359,12 +375,19 @@ impl SavingKernel for FeedForwardBlock {
             drop(act);
             let dup = gelu_erf_grad_values(&up, &dact);
             drop((up, dact));
+            if !need_dx {
+                let grads = up_l.factor_grads(y, &dup, rows)?;
+                self.layers.put_grads(&mut dpack, 0, grads)?;
+                return Ok(Vec::new());
+            }
             let mut dy = zeros(y.len());
             let grads = up_l.backward(y, &dup, rows, &mut dy, false)?;
             self.layers.put_grads(&mut dpack, 0, grads)?;
             Ok(dy)
         })?;
-        add_into(&mut dy, &dpre);
+        if need_dx {
+            add_into(&mut dy, &dpre);
+        }
         Ok((dy, dpack))
     }
 

@@ -170,6 +170,32 @@ impl LinearValues<'_> {
         self.check("the input gradient", grad_x, rows, in_f)?;
         self.weight
             .gw(OP, grad_x, g, rows, 0..out_f, accumulate, Threads::Candle)?;
+        self.lora_grads(x, g, rows, Some(grad_x))
+    }
+
+    /// The factor gradients of [`Self::backward`] alone, for an input that needs no gradient.
+    pub(crate) fn factor_grads(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        rows: usize,
+    ) -> candle_core::Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let (out_f, in_f) = (self.out_features, self.in_features);
+        self.check_operands()?;
+        self.check("the input", x, rows, in_f)?;
+        self.check("the output gradient", g, rows, out_f)?;
+        self.lora_grads(x, g, rows, None)
+    }
+
+    /// `(dL/dA, dL/dB)` when there is a LoRA delta, adding `u A` to `grad_x` when given.
+    fn lora_grads(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        rows: usize,
+        grad_x: Option<&mut [f32]>,
+    ) -> candle_core::Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let (out_f, in_f) = (self.out_features, self.in_features);
         let Some(l) = &self.lora else {
             return Ok(None);
         };
@@ -183,13 +209,15 @@ impl LinearValues<'_> {
             false,
         )?;
         u.iter_mut().for_each(|v| *v *= l.scaling);
-        gemm_f32(
-            grad_x,
-            Strided::rows(&u, l.rank),
-            Strided::rows(l.a, in_f),
-            (rows, in_f, l.rank),
-            true,
-        )?;
+        if let Some(grad_x) = grad_x {
+            gemm_f32(
+                grad_x,
+                Strided::rows(&u, l.rank),
+                Strided::rows(l.a, in_f),
+                (rows, in_f, l.rank),
+                true,
+            )?;
+        }
         let mut grad_a = vec![0f32; l.rank * in_f];
         gemm_f32(
             &mut grad_a,

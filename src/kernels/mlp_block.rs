@@ -130,6 +130,7 @@ impl SavingKernel for MlpBlock {
         pack: &[f32],
         dout: &[f32],
         saved: Saved,
+        _need_dx: bool,
     ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
         let rows = self.rows(h.len())?;
         let inter = self.intermediate;

@@ -28,13 +28,16 @@ pub(crate) trait SavingKernel: Send + Sync {
     /// The output for `x` and `pack`, and what the backward needs.
     fn forward(&self, x: &[f32], pack: &[f32]) -> candle_core::Result<(Vec<f32>, Self::Saved)>;
 
-    /// `(dL/dx, dL/dpack)` for the output gradient `dout`, from the kept activations.
+    /// `(dL/dx, dL/dpack)` for the output gradient `dout`, from the kept activations. Without
+    /// `need_dx` (`x` tracks no gradient: the first layer's input) the kernel may skip the
+    /// products that only `dL/dx` needs and return any `dL/dx`; it is dropped.
     fn backward(
         &self,
         x: &[f32],
         pack: &[f32],
         dout: &[f32],
         saved: Self::Saved,
+        need_dx: bool,
     ) -> candle_core::Result<(Vec<f32>, Vec<f32>)>;
 
     /// The layers whose operands `pack` holds (they shape the pack's gradient).
@@ -83,6 +86,7 @@ impl<K: SavingKernel> CustomOp2 for SavingOp<K> {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let need_dx = x.track_op();
         let (x, pack) = (x.detach().contiguous()?, pack.detach().contiguous()?);
         let grad = grad.detach().contiguous()?;
         let kept = self.saved.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -93,11 +97,13 @@ impl<K: SavingKernel> CustomOp2 for SavingOp<K> {
                         Some(saved) => saved,
                         None => self.kernel.forward(xv, pv)?.1,
                     };
-                    self.kernel.backward(xv, pv, gv, saved)
+                    self.kernel.backward(xv, pv, gv, saved, need_dx)
                 })
             })
         })?;
-        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
-        Ok((Some(dx), self.kernel.layers().pack_grad(dpack, &pack)?))
+        let dx = need_dx
+            .then(|| Tensor::from_vec(dx, x.shape(), x.device()))
+            .transpose()?;
+        Ok((dx, self.kernel.layers().pack_grad(dpack, &pack)?))
     }
 }

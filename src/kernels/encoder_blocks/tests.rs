@@ -193,3 +193,65 @@ fn a_wrong_norm_size_is_an_error_naming_the_op() {
         "{err}"
     );
 }
+
+/// An input that tracks no gradient (the first layer's): the blocks skip `dL/dx` and still give
+/// the factors' gradients of the separate ops.
+#[test]
+fn blocks_on_an_untracked_input_give_the_factor_gradients() {
+    // Without LoRA in the attention block, the feed-forward block's input is untracked too.
+    untracked_input_case([true, true, false, true]);
+    untracked_input_case([false; 4]);
+}
+
+fn untracked_input_case(attention_lora: [bool; 4]) {
+    let (heads, hidden, inter) = (3, 12, 20);
+    let x = tensor(&[2, 6, hidden], 1);
+    let mask = padding_mask(2, 6, &[(1, 5)]);
+    let (attn, mut vars) = layers([(hidden, hidden); 4], attention_lora, true, DType::F32);
+    let (ff, ff_vars) = layers(
+        [(inter, hidden), (hidden, inter)],
+        [true, false],
+        true,
+        DType::F32,
+    );
+    vars.extend(ff_vars);
+    let (n1, n2) = (norm_parts(hidden), norm_parts(hidden));
+    let y = attention_block_forward(&x, &n1, attn.clone(), heads, Some(&mask))
+        .unwrap()
+        .unwrap();
+    let fused = feed_forward_block_forward(&y, &n2, ff.clone())
+        .unwrap()
+        .unwrap();
+    let scale = 1.0 / ((hidden / heads) as f64).sqrt();
+    let (q, k, v) = (
+        linear(&x, &attn[0]),
+        linear(&x, &attn[1]),
+        linear(&x, &attn[2]),
+    );
+    let c = attention_core_projected(&q, &k, &v, Some(&mask), (heads, heads), scale).unwrap();
+    let y_plain = layer_norm(&(linear(&c, &attn[3]) + &x).unwrap(), &n1);
+    let act = gelu_erf(&linear(&y_plain, &ff[0])).unwrap();
+    let plain = layer_norm(&(linear(&act, &ff[1]) + &y_plain).unwrap(), &n2);
+    assert!(max_diff(&fused, &plain) <= 1e-5 * max_abs(&plain).max(1.0));
+    let weights = tensor(plain.dims(), 3);
+    let grads = |t: &Tensor| {
+        (t * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
+    let (fused_grads, plain_grads) = (grads(&fused), grads(&plain));
+    assert!(fused_grads.get(&x).is_none());
+    for (i, v) in vars.iter().enumerate() {
+        let f = fused_grads.get(v.as_tensor()).expect("fused gradient");
+        let p = plain_grads.get(v.as_tensor()).expect("plain gradient");
+        let scale = max_abs(p).max(1.0);
+        assert!(
+            max_diff(f, p) <= 1e-5 * scale,
+            "factor {i}: {}",
+            max_diff(f, p)
+        );
+    }
+}
