@@ -221,8 +221,14 @@ impl SavingKernel for AttentionBlock {
             let dq = self.rope(&dq, self.heads, self.query_scale(), true)?;
             let dk = self.rope(&dk, self.kv_heads, 1.0, true)?;
             let output_grads = [(0, &dq[..]), (1, &dk[..]), (2, &dv[..])];
-            self.layers
-                .shared_input_backward(linears, &mut dpack, &normed, rows, &output_grads)
+            self.layers.shared_input_backward(
+                linears,
+                &mut dpack,
+                &normed,
+                rows,
+                &output_grads,
+                true,
+            )
         })?;
         rms_backward_into(&mut dx, x, &self.gamma()?, &inv_rms, dout);
         Ok((dx, dpack))

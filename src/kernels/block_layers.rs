@@ -210,6 +210,8 @@ impl BlockLayers {
 
     /// `dL/d(input)` of the layers that all read `input` (the block's normed hidden state), from
     /// each one's output gradient as `(index, dL/dy)`; their factor gradients go into `dpack`.
+    /// Without `need_input` only the factor gradients are computed (the products `g W` that
+    /// only `dL/d(input)` needs are skipped) and the returned vector is empty.
     pub(crate) fn shared_input_backward(
         &self,
         linears: &[LinearValues<'_>],
@@ -217,36 +219,25 @@ impl BlockLayers {
         input: &[f32],
         rows: usize,
         output_grads: &[(usize, &[f32])],
+        need_input: bool,
     ) -> candle_core::Result<Vec<f32>> {
-        let mut dinput = zeros(input.len());
+        let mut dinput = if need_input {
+            zeros(input.len())
+        } else {
+            Vec::new()
+        };
         for (n, &(index, dout)) in output_grads.iter().enumerate() {
             let Some(layer) = linears.get(index) else {
                 candle_core::bail!("{}: no layer {index}", self.op);
             };
-            let grads = layer.backward(input, dout, rows, &mut dinput, n > 0)?;
+            let grads = if need_input {
+                layer.backward(input, dout, rows, &mut dinput, n > 0)?
+            } else {
+                layer.factor_grads(input, dout, rows)?
+            };
             self.put_grads(dpack, index, grads)?;
         }
         Ok(dinput)
-    }
-
-    /// The factor gradients alone of the layers that read `input`, for an `input` that needs no
-    /// gradient: what [`Self::shared_input_backward`] gives besides `dL/d(input)`.
-    pub(crate) fn shared_input_factor_grads(
-        &self,
-        linears: &[LinearValues<'_>],
-        dpack: &mut [f32],
-        input: &[f32],
-        rows: usize,
-        output_grads: &[(usize, &[f32])],
-    ) -> candle_core::Result<()> {
-        for &(index, dout) in output_grads {
-            let Some(layer) = linears.get(index) else {
-                candle_core::bail!("{}: no layer {index}", self.op);
-            };
-            let grads = layer.factor_grads(input, dout, rows)?;
-            self.put_grads(dpack, index, grads)?;
-        }
-        Ok(())
     }
 
     /// The pack's gradient as a tensor shaped like `pack`, or none for a placeholder.

@@ -239,19 +239,10 @@ impl SavingKernel for AttentionBlock {
             let dq = from_heads(&dq, self.split, self.query_scale());
             let dk = from_heads(&dk, self.split, 1.0);
             let output_grads = [(0, &dq[..]), (1, &dk[..]), (2, &dv[..])];
-            if !need_dx {
-                // The three products g·W for dL/dx are skipped, not the factors' gradients.
-                self.layers.shared_input_factor_grads(
-                    linears,
-                    &mut dpack,
-                    x,
-                    rows,
-                    &output_grads,
-                )?;
-                return Ok(Vec::new());
-            }
+            // Without need_dx the three products g·W for dL/dx are skipped, not the factors'
+            // gradients.
             self.layers
-                .shared_input_backward(linears, &mut dpack, x, rows, &output_grads)
+                .shared_input_backward(linears, &mut dpack, x, rows, &output_grads, need_dx)
         })?;
         if need_dx {
             add_into(&mut dx, &dpre);
@@ -366,7 +357,7 @@ impl SavingKernel for FeedForwardBlock {
         drop(pre_norm);
         let mut dpack = vec![0f32; pack.len()];
         let mut dy = self.layers.with_linears(pack, |linears| {
-            let [up_l, down_l] = linears else {
+            let [_, down_l] = linears else {
                 candle_core::bail!("{FEED_FORWARD_OP}: expected two layers");
             };
             let mut dact = zeros(act.len());
@@ -375,15 +366,8 @@ impl SavingKernel for FeedForwardBlock {
             drop(act);
             let dup = gelu_erf_grad_values(&up, &dact);
             drop((up, dact));
-            if !need_dx {
-                let grads = up_l.factor_grads(y, &dup, rows)?;
-                self.layers.put_grads(&mut dpack, 0, grads)?;
-                return Ok(Vec::new());
-            }
-            let mut dy = zeros(y.len());
-            let grads = up_l.backward(y, &dup, rows, &mut dy, false)?;
-            self.layers.put_grads(&mut dpack, 0, grads)?;
-            Ok(dy)
+            self.layers
+                .shared_input_backward(linears, &mut dpack, y, rows, &[(0, &dup)], need_dx)
         })?;
         if need_dx {
             add_into(&mut dy, &dpre);

@@ -174,8 +174,14 @@ impl SavingKernel for MlpBlock {
                     }
                 });
             let output_grads = [(0, &gate[..]), (1, &up[..])];
-            self.layers
-                .shared_input_backward(linears, &mut dpack, &normed, rows, &output_grads)
+            self.layers.shared_input_backward(
+                linears,
+                &mut dpack,
+                &normed,
+                rows,
+                &output_grads,
+                true,
+            )
         })?;
         rms_backward_into(&mut dh, h, &self.gamma()?, &inv_rms, dout);
         Ok((dh, dpack))

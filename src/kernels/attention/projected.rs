@@ -341,35 +341,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use crate::kernels::timing::{best_of, random, reps};
-
-    /// all-MiniLM-L6-v2's attention in minilm-lora-train: batch 16, 12 heads of 32, 64 tokens.
-    #[test]
-    #[ignore]
-    fn projected_attention_at_minilm_shapes() -> Result<()> {
-        let (b, t, n, d) = (16, 64, 12, 32);
-        let q = candle_core::Var::from_tensor(&random(&[b, t, n * d], 1))?;
-        let k = random(&[b, t, n * d], 2);
-        let v = random(&[b, t, n * d], 3);
-        let mask = Tensor::zeros((b, 1, 1, t), DType::F32, &candle_core::Device::Cpu)?;
-        let g = random(&[b, t, n * d], 4);
-        let scale = 1.0 / (d as f64).sqrt();
-        let forward = || attention_core_projected(&q, &k, &v, Some(&mask), (n, n), scale);
-        let fwd = best_of(reps(), forward);
-        let c = forward()?;
-        let loss = (&c * &g)?.sum_all()?;
-        let bwd = best_of(reps(), || loss.backward());
-        // Forward: two products of t·t·d per head; backward: four, plus the recomputed scores.
-        let flops = (b * n * t * t * d * 2) as f64;
-        println!(
-            "attention [{b}, {t}, {n}·{d}]: forward {fwd:?} ({:.1} GFLOP/s), backward {bwd:?} ({:.1} GFLOP/s)",
-            2.0 * flops / fwd.as_secs_f64() / 1e9,
-            5.0 * flops / bwd.as_secs_f64() / 1e9,
-        );
-        Ok(())
-    }
-}
